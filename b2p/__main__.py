@@ -1,0 +1,3 @@
+from b2p.cli import app
+
+app()

@@ -1,0 +1,77 @@
+"""The `b2p` command line: one Typer app whose commands follow the pipeline.
+
+Each command lives in its stage's `commands.py` as a thin function (its docstring is its --help) over an
+importable function that does the work. Heavy libraries (torch, fiftyone) are imported inside the
+commands, so `b2p --help` stays fast. A B2PError becomes one red line and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+
+import typer
+from rich.console import Console
+
+from b2p import __version__
+from b2p.errors import B2PError
+
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="b2p",
+    help="Boxes in, pixel-accurate defect masks out.\n\n"
+    "Pipeline: demo-data | import -> teach -> train -> predict -> evaluate -> browse. "
+    "`dvc repro` chains them (see dvc.yaml); `add-batch` registers a new box-annotated batch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _clear_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except B2PError as e:
+            err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# (command name, module, function) in pipeline order: this list is the CLI's table of contents.
+COMMANDS = [
+    ("demo-data", "b2p.ingest.commands", "demo_data"),
+    ("masks-to-boxes", "b2p.ingest.commands", "masks_to_boxes"),
+    ("import", "b2p.ingest.commands", "import_batch"),
+    ("teach", "b2p.teach.commands", "teach"),
+    ("train", "b2p.student.commands", "train"),
+    ("predict", "b2p.student.commands", "predict"),
+    ("evaluate", "b2p.evaluate.commands", "evaluate"),
+    ("browse", "b2p.browse.commands", "browse"),
+    ("add-batch", "b2p.pipeline.commands", "add_batch"),
+    ("bench-report", "b2p.pipeline.commands", "bench_report"),
+]
+
+for _name, _module, _func in COMMANDS:
+    try:
+        _fn = getattr(importlib.import_module(_module), _func)
+    except (ImportError, AttributeError):
+        continue  # stage not built yet in this checkout
+    app.command(_name)(_clear_errors(_fn))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"b2p {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """Boxes in, pixel-accurate defect masks out."""

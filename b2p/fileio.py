@@ -1,0 +1,119 @@
+"""File primitives every stage shares: atomic writes, safe relative paths, image decoding.
+
+Every output b2p writes goes through `atomic_write`: the bytes land in a temporary file beside the target
+and are renamed over it only once complete, so an interrupted run never leaves a half-written file and
+never destroys the previous version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from b2p.errors import B2PError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """Open a temporary file for binary writing that replaces `path` only when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_write(path) as f:
+        f.write(data)
+
+
+def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 1) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=indent, sort_keys=False) + "\n").encode())
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Read JSON, turning a missing file or a syntax error into a B2PError that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise B2PError(f"{what} not found", path)
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise B2PError(f"{what} is not UTF-8 text", path) from None
+    except json.JSONDecodeError as e:
+        raise B2PError(f"{what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})", path) from None
+
+
+def safe_join(root: str | Path, relative: str, what: str = "path") -> Path:
+    """Join `relative` under `root`, refusing absolute paths and anything that escapes `root` (`../`)."""
+    root = Path(root)
+    rel = Path(relative)
+    if not relative or rel.is_absolute() or relative.startswith(("/", "\\")):
+        raise B2PError(f"{what} {relative!r} must be a relative path inside {root}")
+    resolved_root = root.resolve()
+    resolved = (root / rel).resolve()
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        raise B2PError(f"{what} {relative!r} escapes the folder {root}")
+    return root / rel
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file as HxWx3 uint8 RGB (grayscale is replicated), or raise a B2PError naming it."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise B2PError("image file not found", path)
+    data = np.fromfile(path, dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise B2PError("image file could not be decoded (corrupt or not an image)", path)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file, decoding it fully so a corrupt file is caught here."""
+    img = read_image(path)
+    return img.shape[1], img.shape[0]
+
+
+def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 array (HxW or HxWx3 RGB) as PNG, atomically."""
+    import cv2
+
+    arr = np.asarray(array)
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise B2PError("could not encode PNG", path)
+    write_bytes_atomic(path, buf.tobytes())

@@ -1,0 +1,172 @@
+"""The class list and the label-map format: the one place that defines both.
+
+Label map: a single-channel uint8 PNG the size of its image; 0 is background and every other value is a
+canonical class id (1..K) from the project's class list. Teacher pseudo-masks, manual masks and student
+predictions are all stored this way, one file per image, at
+`<root>/<batch>/labelmaps/<label_map_key(file_name)>.png`.
+
+Class list file (`data/classes.json` by default): `{"classes": [{"id": 1, "name": "crack"}, ...]}` with
+ids 1..K in order. It is shared by every batch: ids never change once given, new classes are appended only
+when asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from b2p.errors import B2PError
+from b2p.fileio import read_json, write_json_atomic, write_png_atomic
+
+BACKGROUND = 0
+MAX_CLASSES = 255  # label maps are uint8
+
+
+@dataclass(frozen=True)
+class ClassList:
+    """Defect class names; the class with id i is names[i - 1]. Id 0 is background."""
+
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(set(self.names)) != len(self.names):
+            raise B2PError(f"class list has duplicate names: {list(self.names)}")
+        if len(self.names) > MAX_CLASSES:
+            raise B2PError(f"at most {MAX_CLASSES} classes fit in a uint8 label map, got {len(self.names)}")
+        for n in self.names:
+            if not n or not n.strip():
+                raise B2PError("class names must be non-empty")
+
+    @property
+    def num_classes(self) -> int:
+        """Defect classes K (the fine head predicts K + 1 with background)."""
+        return len(self.names)
+
+    def id_of(self, name: str) -> int:
+        try:
+            return self.names.index(name) + 1
+        except ValueError:
+            raise B2PError(f"unknown class {name!r}; known: {list(self.names)}") from None
+
+    def name_of(self, class_id: int) -> str:
+        if class_id == BACKGROUND:
+            return "background"
+        if not 1 <= class_id <= len(self.names):
+            raise B2PError(f"unknown class id {class_id}; valid ids are 1..{len(self.names)}")
+        return self.names[class_id - 1]
+
+    def to_coco_categories(self) -> list[dict]:
+        return [{"id": i + 1, "name": n, "supercategory": "defect"} for i, n in enumerate(self.names)]
+
+    def merged_with(self, new_names: Sequence[str], allow_new: bool, source: str | Path | None = None) -> ClassList:
+        """This list with `new_names` appended (ids of existing classes never move).
+
+        Unknown names are an error unless `allow_new`: a batch that renames a class (say `crak` for
+        `crack`) would otherwise silently create a second class.
+        """
+        unknown = [n for n in dict.fromkeys(new_names) if n not in self.names]
+        if unknown and not allow_new and self.names:
+            hints = []
+            for n in unknown:
+                close = difflib.get_close_matches(n, self.names, n=1)
+                hints.append(f"{n!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise B2PError(
+                f"batch introduces classes not in the canonical class list {list(self.names)}: "
+                + ", ".join(hints)
+                + "; fix the batch, or pass --add-classes to append them",
+                source,
+            )
+        return ClassList(self.names + tuple(unknown))
+
+
+def load_class_list(path: str | Path) -> ClassList:
+    data = read_json(path, "class list")
+    try:
+        entries = data["classes"]
+        ids = [int(e["id"]) for e in entries]
+        names = tuple(str(e["name"]) for e in entries)
+    except (TypeError, KeyError, ValueError):
+        raise B2PError('class list must look like {"classes": [{"id": 1, "name": "crack"}, ...]}', path) from None
+    if ids != list(range(1, len(ids) + 1)):
+        raise B2PError(f"class ids must be 1..K in order, got {ids}", path)
+    return ClassList(names)
+
+
+def save_class_list(path: str | Path, classes: ClassList) -> None:
+    write_json_atomic(path, {"classes": [{"id": i + 1, "name": n} for i, n in enumerate(classes.names)]})
+
+
+# --- label-map files -------------------------------------------------------------------------------------
+
+
+def label_map_key(file_name: str) -> str:
+    """File stem of an image's label map: its relative file name with folders flattened, extension dropped."""
+    stem = file_name.rsplit(".", 1)[0] if "." in Path(file_name).name else file_name
+    return stem.replace("\\", "/").replace("/", "__")
+
+
+def label_map_path(root: str | Path, batch: str, file_name: str) -> Path:
+    """Where the label map of image `file_name` of `batch` lives under a mask root (teacher, predictions)."""
+    return Path(root) / batch / "labelmaps" / f"{label_map_key(file_name)}.png"
+
+
+def write_label_map(path: str | Path, label_map: np.ndarray) -> None:
+    lm = np.asarray(label_map)
+    if lm.ndim != 2:
+        raise B2PError(f"label map must be HxW, got shape {lm.shape}", path)
+    if lm.size and (lm.min() < 0 or lm.max() > MAX_CLASSES):
+        raise B2PError("label map values must be in 0..255", path)
+    write_png_atomic(path, lm.astype(np.uint8))
+
+
+def read_label_map(path: str | Path, shape: tuple[int, int] | None = None, num_classes: int | None = None) -> np.ndarray:
+    """Read a label-map PNG as HxW uint8; check its size against `shape` (H, W) and ids against K."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise B2PError("label map not found", path)
+    lm = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if lm is None:
+        raise B2PError("label map could not be decoded", path)
+    if lm.ndim == 3:
+        raise B2PError("label map must be a single-channel PNG (values are class ids)", path)
+    if shape is not None and lm.shape != tuple(shape):
+        raise B2PError(f"label map is {lm.shape[1]}x{lm.shape[0]} but its image is {shape[1]}x{shape[0]}", path)
+    if num_classes is not None and lm.size and int(lm.max()) > num_classes:
+        raise B2PError(f"label map holds class id {int(lm.max())} but only {num_classes} classes exist", path)
+    return lm.astype(np.uint8)
+
+
+# --- painting instance masks into one label map --------------------------------------------------------
+
+
+def paint_label_map(
+    shape: tuple[int, int],
+    masks: Sequence[np.ndarray],
+    class_ids: Sequence[int],
+    scores: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Paint binary instance masks into one HxW label map.
+
+    Overlap rule (pixels claimed by masks of different classes): the smaller mask wins. Masks are painted
+    largest first, so a thin crack inside a big erosion box keeps its pixels: defects are sparse and the
+    smaller, more specific mask is the better evidence. Ties in area go to the higher score, then to the
+    lower class id (a deterministic order).
+    """
+    h, w = shape
+    out = np.zeros((h, w), dtype=np.uint8)
+    if scores is None:
+        scores = [1.0] * len(masks)
+    areas = [int(np.count_nonzero(m)) for m in masks]
+    order = sorted(range(len(masks)), key=lambda i: (-areas[i], scores[i], -class_ids[i]))
+    for i in order:
+        m = np.asarray(masks[i], dtype=bool)
+        if m.shape != (h, w):
+            raise B2PError(f"mask {i} has shape {m.shape}, expected {(h, w)}")
+        out[m] = class_ids[i]
+    return out

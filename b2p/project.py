@@ -1,0 +1,33 @@
+"""How multi-batch commands find their batches: `--imported DIR` plus optional `--batch NAME` options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from b2p.errors import B2PError
+
+
+def parse_batch_names(batch: list[str] | None) -> list[str]:
+    """`--batch a --batch b` and `--batch a,b` (what a DVC list interpolates to) mean the same."""
+    names: list[str] = []
+    for item in batch or []:
+        names += [n.strip() for n in str(item).replace(" ", ",").split(",") if n.strip()]
+    return list(dict.fromkeys(names))
+
+
+def resolve_batch_files(imported_dir: str | Path, batch: list[str] | None = None) -> list[Path]:
+    """Canonical annotation files of the named batches, or of every batch in `imported_dir` (sorted)."""
+    imported_dir = Path(imported_dir)
+    names = parse_batch_names(batch)
+    if not names:
+        files = sorted(imported_dir.glob("*.json"))
+        if not files:
+            raise B2PError("no imported batches here (run `b2p import` first)", imported_dir)
+        return files
+    files = []
+    for n in names:
+        f = imported_dir / f"{n}.json"
+        if not f.is_file():
+            raise B2PError(f"batch {n!r} was never imported (no {f.name}); run `b2p import --batch {n}` first", imported_dir)
+        files.append(f)
+    return files
