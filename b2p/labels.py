@@ -170,3 +170,38 @@ def paint_label_map(
             raise B2PError(f"mask {i} has shape {m.shape}, expected {(h, w)}")
         out[m] = class_ids[i]
     return out
+
+
+# --- colours: one fixed, readable colour per class id (plots, overlays and FiftyOne all use these) ----------
+
+_PALETTE = [
+    (0, 0, 0),  # background
+    (230, 25, 75),  # red
+    (60, 180, 75),  # green
+    (0, 130, 200),  # blue
+    (245, 130, 48),  # orange
+    (145, 30, 180),  # purple
+    (70, 240, 240),  # cyan
+    (240, 50, 230),  # magenta
+    (210, 245, 60),  # lime
+    (255, 225, 25),  # yellow
+    (0, 128, 128),  # teal
+]
+
+
+def class_color(class_id: int) -> tuple[int, int, int]:
+    """RGB colour of a class id; background is black. Stable across runs and tools."""
+    if class_id < len(_PALETTE):
+        return _PALETTE[class_id]
+    rng = np.random.default_rng(class_id)  # deterministic beyond the fixed palette
+    return tuple(int(v) for v in rng.integers(64, 256, 3))
+
+
+def class_color_hex(class_id: int) -> str:
+    return "#%02x%02x%02x" % class_color(class_id)
+
+
+def colorize(label_map: np.ndarray) -> np.ndarray:
+    """HxW label map -> HxWx3 uint8 RGB using `class_color`."""
+    lut = np.array([class_color(i) for i in range(256)], dtype=np.uint8)
+    return lut[np.asarray(label_map, dtype=np.uint8)]
