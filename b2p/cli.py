@@ -36,7 +36,9 @@ def _clear_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except B2PError as e:
-            err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            from rich.markup import escape  # messages quote user data such as "[x=3, y=4]": not markup
+
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

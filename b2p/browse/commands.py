@@ -1,0 +1,85 @@
+"""`b2p browse`: the FiftyOne dataset of images, boxes, manual / teacher / student masks and scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from b2p.errors import B2PError
+
+console = Console()
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def print_summary(summary, console: Console = console) -> None:
+    """Rich tables of a BuildSummary: per-batch coverage, changes, tags, mean scores, views, notes."""
+    t = Table(title=f"FiftyOne dataset {summary.name!r}: {summary.num_samples} samples ({summary.seconds:.1f} s)")
+    for col in ("batch", "images", "manual", "teacher", "student"):
+        t.add_column(col, justify="left" if col == "batch" else "right")
+    for b, c in summary.batches.items():
+        t.add_row(b + ("  (newest)" if b == summary.newest_batch else ""), *(str(c[k]) for k in ("images", "manual", "teacher", "student")))
+    console.print(t)
+    console.print(
+        f"added {summary.added}, updated {summary.updated}, unchanged {summary.unchanged}, removed {summary.removed}"
+    )
+    console.print(
+        "tags: " + ", ".join(f"{k} {summary.tags.get(k, 0)}" for k in ("teacher_miss", "teacher_hallucination"))
+        + "   mean: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary.means.items())
+    )
+    console.print("saved views: " + ", ".join(summary.views))
+    for n in summary.notes:
+        console.print(f"[yellow]note:[/] {n}", highlight=False)
+
+
+def browse(
+    imported: Path = typer.Option(Path("data/imported"), "--imported", help="Folder of canonical batch files."),
+    batch: list[str] = typer.Option(None, "--batch", help="Batch name(s), repeatable or comma-separated; default every batch."),
+    teacher_root: Path = typer.Option(Path("data/teach"), "--teacher-root", help="Teacher outputs (<root>/<batch>/labelmaps/). May be absent."),
+    pred_root: Path = typer.Option(Path("data/predict"), "--pred-root", help="Student predictions (<root>/<batch>/labelmaps/). May be absent."),
+    pred_split: list[str] = typer.Option(
+        None, "--pred-split", help="Splits the predictions cover (repeatable or comma-separated; default all). "
+        "Images of other splits get no student mask instead of an error."),
+    name: str = typer.Option("b2p", "--name", help="FiftyOne dataset name (persistent)."),
+    build_only: bool = typer.Option(False, "--build-only", help="Build/update the dataset and exit without the App."),
+    address: str = typer.Option("127.0.0.1", "--address", help="Address the App listens on (local by default)."),
+    port: int = typer.Option(5151, "--port", help="App port."),
+    database_dir: Path = typer.Option(None, "--database-dir", help="FiftyOne database folder (default: FiftyOne's, or FIFTYONE_DATABASE_DIR)."),
+) -> None:
+    """Build or update a FiftyOne dataset from the pipeline's outputs and open it in the App.
+
+    Reads the canonical batches in --imported, teacher label maps under --teacher-root and student label maps
+    under --pred-root (a missing root leaves that field empty; an existing root missing a label map is an
+    error). Writes the persistent FiftyOne dataset --name: one sample per image (keyed by batch/file, so
+    re-running after a new batch updates it in place) with `boxes`, `manual`/`teacher`/`student` masks,
+    teacher/student IoU against manual masks, teacher-student disagreement, tags teacher_miss /
+    teacher_hallucination and saved views (worst-teacher, student-fixed-teacher, newest-batch,
+    by-disagreement, teacher-errors). Then serves the App at http://ADDRESS:PORT until Ctrl+C, unless
+    --build-only.
+    """
+    from b2p.browse.build import build_dataset
+    from b2p.browse.fo_env import configure_env
+    from b2p.project import parse_batch_names, resolve_batch_files
+    from b2p.splits import SPLITS
+
+    if not 0 < port < 65536:
+        raise B2PError(f"--port must be 1..65535, got {port}")
+    configure_env(database_dir)
+    files = resolve_batch_files(imported, batch)
+    splits = parse_batch_names(pred_split) or list(SPLITS)
+    summary = build_dataset(files, teacher_root, pred_root, name=name, pred_splits=splits)
+    print_summary(summary)
+    if build_only:
+        return
+    from b2p.browse.app import launch
+
+    def ready(url: str, seconds: float) -> None:
+        console.print(f"[bold green]FiftyOne App[/] ready in {seconds:.1f} s at [link={url}]{url}[/link]  (Ctrl+C to stop)")
+
+    console.print(f"starting the FiftyOne App on {address}:{port} ...")
+    launch(name, address=address, port=port, wait=True, on_ready=ready)

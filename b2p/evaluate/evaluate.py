@@ -1,0 +1,280 @@
+"""`b2p evaluate`: score mask sources (student, teacher, box fill, extra roots) against the manual masks.
+
+Inputs: canonical batch files; the images scored are those of the chosen split that carry a manual mask.
+Every mask source is a root in the standard layout (`<root>/<batch>/labelmaps/<key>.png`), except the
+box-fill baseline, which is painted here from the boxes. A source given must be complete: a missing root
+or label map, or one whose size is not its image's, is an error naming the file.
+
+Outputs in `out` (all written atomically):
+- `metrics.json`: one section per source (the `scores` keys plus `images`), and `noise`;
+- `confusion.json`: the raw pooled confusion matrix of every source (rows truth, columns prediction);
+- `per_image.csv`: one row per image and source, each source's worst images first;
+- `plots/per_class_iou.csv`, `plots/confusion_<source>.png`, `plots/summary.png`;
+- `overlays/NN_<batch>__<key>.png`: the worst images side by side (image, manual, teacher, student).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from b2p.dataset import ImageRecord, class_list_of, load_batches
+from b2p.errors import B2PError
+from b2p.evaluate.metrics import ConfusionMatrix, image_binary_scores, scores
+from b2p.evaluate.noise import DEFAULT_MIN_COVER, DEFAULT_SIZE_BINS, NoiseAccumulator, RecoveryAccumulator, true_components
+from b2p.fileio import write_json_atomic, write_text_atomic
+from b2p.labels import ClassList, label_map_key, label_map_path, paint_label_map, read_label_map
+
+STUDENT, TEACHER, BOX = "student", "teacher", "box"
+RESERVED = {STUDENT, TEACHER, BOX, "noise"}
+SPLIT_CHOICES = ("test", "val", "train", "all")
+MAIN_METRICS = ("miou", "anomaly_miou", "binary_iou", "binary_precision", "binary_recall", "binary_f1")
+CSV_FIELDS = (
+    "source", "batch", "file_name", "label_map_key", "binary_iou", "binary_precision", "binary_recall",
+    "binary_f1", "truth_classes", "pred_classes", "anomaly_pixels", "predicted_pixels", "tp", "fp", "fn", "pixels",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MaskSource:
+    """A named set of label maps to score: a mask root in the standard layout, or None for the box fill."""
+
+    name: str
+    root: Path | None
+
+    def label_map_file(self, im: ImageRecord) -> Path:
+        assert self.root is not None
+        return label_map_path(self.root, im.batch, im.file_name)
+
+
+def parse_source(spec: str) -> MaskSource:
+    """`NAME=ROOT` (the `--source` option) -> MaskSource; names are plain words not used by the built-ins."""
+    name, sep, root = spec.partition("=")
+    name, root = name.strip(), root.strip()
+    if not sep or not name or not root:
+        raise B2PError(f"--source must look like NAME=ROOT (e.g. sam_vit_b=data/bench/sam_vit_b), got {spec!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise B2PError(f"source name {name!r} must be letters, digits, '_', '.', '-' (it names files and JSON keys)")
+    if name in RESERVED:
+        raise B2PError(f"source name {name!r} is reserved for the built-in sources {sorted(RESERVED)}; choose another")
+    return MaskSource(name, Path(root))
+
+
+def box_fill_label_map(im: ImageRecord) -> np.ndarray:
+    """The box baseline: every box filled with its class, painted by the label-map overlap rule (HxW uint8).
+
+    Same pixels as the `box` teacher (`b2p.teach.base.box_mask`), computed here so the baseline is always
+    scored even when no box teacher was run.
+    """
+    from b2p.teach.base import box_mask
+
+    shape = (im.height, im.width)
+    masks = [box_mask(np.asarray(b.xyxy), shape) for b in im.boxes]
+    return paint_label_map(shape, masks, [b.category_id for b in im.boxes])
+
+
+def select_images(batches: Sequence, split: str) -> list[ImageRecord]:
+    """Images of `split` ("all" for any split) that carry a manual mask, in batch then file order."""
+    if split not in SPLIT_CHOICES:
+        raise B2PError(f"--split must be one of {list(SPLIT_CHOICES)}, got {split!r}")
+    ims = [im for b in batches for im in b.images if im.has_manual_mask and (split == "all" or im.split == split)]
+    if not ims:
+        names = [b.name for b in batches]
+        raise B2PError(
+            f"no image of split {split!r} in batches {names} has a manual mask, so there is nothing to score "
+            "(manual masks come with `b2p import --masks`)"
+        )
+    return sorted(ims, key=lambda im: (im.batch, im.file_name))
+
+
+def check_sources_complete(sources: Sequence[MaskSource], images: Sequence[ImageRecord]) -> None:
+    """Fail before any work when a root or a label map of a given source is missing (naming it)."""
+    for s in sources:
+        if s.root is None:
+            continue
+        if not s.root.is_dir():
+            raise B2PError(f"mask root of source {s.name!r} not found", s.root)
+        missing = [s.label_map_file(im) for im in images if not s.label_map_file(im).is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more of {len(images)} images)" if len(missing) > 1 else ""
+            raise B2PError(
+                f"label map of source {s.name!r} is missing{more}; every evaluated image needs one "
+                f"(run the stage that writes {s.root})",
+                missing[0],
+            )
+
+
+def load_source_map(source: MaskSource, im: ImageRecord, num_classes: int) -> np.ndarray:
+    """HxW uint8 label map of `im` from `source`, refusing a size other than the image's."""
+    if source.root is None:
+        return box_fill_label_map(im)
+    path = source.label_map_file(im)
+    lm = read_label_map(path, num_classes=num_classes)
+    if lm.shape != (im.height, im.width):
+        raise B2PError(
+            f"label map of source {source.name!r} is {lm.shape[1]}x{lm.shape[0]} but image {im.key} and its "
+            f"manual mask are {im.width}x{im.height}; label maps must be image-size (b2p predict writes them so)",
+            path,
+        )
+    return lm
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate` computed; everything is also in the files under `out`."""
+
+    metrics: dict
+    confusion: dict[str, np.ndarray]
+    rows: list[dict]
+    images: list[ImageRecord]
+    sources: list[MaskSource]
+    classes: ClassList
+    overlays: list[Path] = field(default_factory=list)
+
+
+def _class_presence(lm: np.ndarray, classes: ClassList) -> str:
+    ids = np.flatnonzero(np.bincount(lm.ravel(), minlength=classes.num_classes + 1)[1:]) + 1
+    return ";".join(classes.name_of(int(i)) for i in ids)
+
+
+def _fmt(v: float | int | str | None) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6f}"
+    return str(v)
+
+
+def per_image_csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(r[k]) for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def evaluate(
+    batch_files: Sequence[str | Path],
+    out: str | Path,
+    teacher_root: str | Path | None = "data/teach",
+    pred_root: str | Path | None = "data/predict",
+    extra_sources: Sequence[MaskSource] = (),
+    split: str = "test",
+    box_baseline: bool = True,
+    worst: int = 8,
+    size_bins: Sequence[float] = DEFAULT_SIZE_BINS,
+    min_cover: float = DEFAULT_MIN_COVER,
+    plots: bool = True,
+    progress: bool = True,
+) -> EvalResult:
+    """Score every source on the split's manually masked images and write the outputs to `out`.
+
+    `teacher_root` / `pred_root` None leave that source out. The noise analysis covers every source; the
+    student-vs-teacher recovery needs both. Overlays show the `worst` images by student binary IoU (by the
+    first source's when there is no student); 0 writes none.
+    """
+    batches = load_batches(list(batch_files))
+    classes = class_list_of(batches)
+    k = classes.num_classes
+    images = select_images(batches, split)
+
+    sources: list[MaskSource] = []
+    if pred_root is not None:
+        sources.append(MaskSource(STUDENT, Path(pred_root)))
+    if teacher_root is not None:
+        sources.append(MaskSource(TEACHER, Path(teacher_root)))
+    if box_baseline:
+        sources.append(MaskSource(BOX, None))
+    for s in extra_sources:
+        if s.name in {x.name for x in sources} or s.name in RESERVED:
+            raise B2PError(f"source name {s.name!r} is given twice or is reserved")
+        sources.append(s)
+    if not sources:
+        raise B2PError("nothing to evaluate: no student, teacher, box baseline or --source given")
+    check_sources_complete(sources, images)
+
+    cms = {s.name: ConfusionMatrix(k + 1) for s in sources}
+    noise = {s.name: NoiseAccumulator(classes.names, size_bins, min_cover) for s in sources}
+    names = {s.name for s in sources}
+    recovery = RecoveryAccumulator() if {STUDENT, TEACHER} <= names else None
+    rows: list[dict] = []
+
+    from rich.progress import Progress
+
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"evaluating {len(sources)} sources", total=len(images))
+        for im in images:
+            truth = im.manual_label_map()
+            assert truth is not None
+            comps = true_components(truth, k)
+            maps = {s.name: load_source_map(s, im, k) for s in sources}
+            for s in sources:
+                lm = maps[s.name]
+                cms[s.name].update(lm, truth)
+                noise[s.name].update(truth, lm, comps)
+                b = image_binary_scores(lm, truth)
+                rows.append(
+                    {
+                        "source": s.name,
+                        "batch": im.batch,
+                        "file_name": im.file_name,
+                        "label_map_key": label_map_key(im.file_name),
+                        "binary_iou": b["iou"],
+                        "binary_precision": b["precision"],
+                        "binary_recall": b["recall"],
+                        "binary_f1": b["f1"],
+                        "truth_classes": _class_presence(truth, classes),
+                        "pred_classes": _class_presence(lm, classes),
+                        "anomaly_pixels": int(b["tp"] + b["fn"]),
+                        "predicted_pixels": int(b["tp"] + b["fp"]),
+                        "tp": b["tp"],
+                        "fp": b["fp"],
+                        "fn": b["fn"],
+                        "pixels": int(truth.size),
+                    }
+                )
+            if recovery is not None:
+                recovery.update(truth, maps[TEACHER], maps[STUDENT])
+            bar.advance(task)
+
+    order = {s.name: i for i, s in enumerate(sources)}
+    # each source's worst images first; ties by fewest true pixels found, then by name (stable output)
+    rows.sort(key=lambda r: (order[r["source"]], r["binary_iou"], -r["fn"], r["batch"], r["file_name"]))
+
+    metrics: dict = {}
+    for s in sources:
+        sc = scores(cms[s.name].matrix, classes.names)
+        metrics[s.name] = {**{m: sc[m] for m in MAIN_METRICS}, "images": len(images), "per_class": sc["per_class"]}
+    metrics["noise"] = {s.name: noise[s.name].result() for s in sources}
+    if recovery is not None:
+        metrics["noise"]["student_vs_teacher"] = recovery.result()
+
+    out = Path(out)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(
+        out / "confusion.json",
+        {
+            "split": split,
+            "classes": ["background", *classes.names],
+            "images": [im.key for im in images],
+            "sources": {s.name: str(s.root) if s.root is not None else "box fill (from the boxes)" for s in sources},
+            "matrices": {n: cm.matrix.tolist() for n, cm in cms.items()},
+        },
+    )
+    write_text_atomic(out / "per_image.csv", per_image_csv(rows))
+
+    result = EvalResult(metrics, {n: cm.matrix for n, cm in cms.items()}, rows, images, sources, classes)
+    if plots:
+        from b2p.evaluate.plots import write_overlays, write_plots
+
+        write_plots(out / "plots", result)
+        rank_source = STUDENT if STUDENT in names else sources[0].name
+        result.overlays = write_overlays(out / "overlays", result, rank_source, worst, progress=progress)
+    return result

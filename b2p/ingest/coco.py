@@ -1,0 +1,137 @@
+"""Read a COCO box file into a `SourceBatch`, checking its structure (keys, types, ids, references).
+
+Accepted: the standard COCO detection layout (`images`, `annotations`, `categories`), boxes as
+`bbox: [x, y, w, h]` in pixels, optional `segmentation` (polygons, or RLE with compressed or list counts).
+Extension: an image entry with `"has_manual_mask": true` declares its segmentations complete, so an image
+with that flag and no annotations is a defect-free manual mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from b2p.errors import B2PError
+from b2p.fileio import read_json, sha256_file
+from b2p.ingest.source import SourceAnnotation, SourceBatch, SourceImage, is_int, is_number
+
+
+def _require_list(data: dict, key: str, path: Path) -> list:
+    if key not in data:
+        raise B2PError(f"not a COCO file: the top-level key {key!r} is missing", path)
+    if not isinstance(data[key], list):
+        raise B2PError(f"not a COCO file: {key!r} must be a list, got {type(data[key]).__name__}", path)
+    return data[key]
+
+
+def _entry(obj: Any, kind: str, index: int, path: Path) -> dict:
+    if not isinstance(obj, dict):
+        raise B2PError(f"{kind} #{index} must be an object, got {type(obj).__name__}", path)
+    return obj
+
+
+def _field(obj: dict, key: str, check, type_name: str, where: str, path: Path) -> Any:
+    if key not in obj:
+        raise B2PError(f"{where}: missing key {key!r}", path)
+    if not check(obj[key]):
+        raise B2PError(f"{where}: {key!r} must be {type_name}, got {obj[key]!r}", path)
+    return obj[key]
+
+
+def _check_segmentation(seg: Any, where: str, path: Path) -> Any:
+    """Structure of a COCO segmentation; None when absent or empty. Pixel checks happen in the importer."""
+    if seg is None or seg == [] or seg == {}:
+        return None
+    if isinstance(seg, list):
+        for poly in seg:
+            if not isinstance(poly, list) or not all(is_number(v) for v in poly):
+                raise B2PError(f"{where}: polygon segmentation must be a list of [x1, y1, x2, y2, ...] lists", path)
+            if len(poly) < 6 or len(poly) % 2:
+                raise B2PError(f"{where}: a polygon needs an even number (at least 6) of coordinates, got {len(poly)}", path)
+        return seg
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(is_int(v) and v > 0 for v in size)):
+            raise B2PError(f"{where}: RLE segmentation needs 'size': [height, width], got {size!r}", path)
+        if not (isinstance(counts, str) or (isinstance(counts, list) and all(is_int(v) and v >= 0 for v in counts))):
+            raise B2PError(f"{where}: RLE 'counts' must be a string (compressed) or a list of non-negative ints", path)
+        return seg
+    raise B2PError(f"{where}: segmentation must be polygons (a list) or RLE (an object), got {type(seg).__name__}", path)
+
+
+def read_coco(path: str | Path) -> SourceBatch:
+    """Parse a COCO JSON file; raise a B2PError naming the file and the entry at fault."""
+    path = Path(path)
+    data = read_json(path, "COCO annotation file")
+    if not isinstance(data, dict):
+        raise B2PError(f"not a COCO file: the top level must be an object, got {type(data).__name__}", path)
+    raw_images = _require_list(data, "images", path)
+    raw_anns = _require_list(data, "annotations", path)
+    raw_cats = _require_list(data, "categories", path)
+
+    categories: dict[int, str] = {}
+    for i, c in enumerate(raw_cats):
+        c = _entry(c, "category", i, path)
+        where = f"category #{i}"
+        cid = _field(c, "id", is_int, "an integer", where, path)
+        name = _field(c, "name", lambda v: isinstance(v, str) and v.strip(), "a non-empty string", where, path)
+        if cid <= 0:
+            raise B2PError(f"{where}: category id must be positive (0 is background), got {cid}", path)
+        if cid in categories:
+            raise B2PError(f"duplicate category id {cid}", path)
+        if name in categories.values():
+            raise B2PError(f"duplicate category name {name!r}", path)
+        categories[cid] = name
+
+    images: dict[int, SourceImage] = {}
+    names: set[str] = set()
+    for i, im in enumerate(raw_images):
+        im = _entry(im, "image", i, path)
+        where = f"image #{i}"
+        iid = _field(im, "id", is_int, "an integer", where, path)
+        fname = _field(im, "file_name", lambda v: isinstance(v, str) and v, "a non-empty string", where, path)
+        where = f"image id {iid} ({fname!r})"
+        for key in ("width", "height"):
+            if key in im and not (is_int(im[key]) and im[key] > 0):
+                raise B2PError(f"{where}: {key!r} must be a positive integer, got {im[key]!r}", path)
+        flag = im.get("has_manual_mask", False)
+        if not isinstance(flag, bool):
+            raise B2PError(f"{where}: 'has_manual_mask' must be true or false, got {flag!r}", path)
+        if iid in images:
+            raise B2PError(f"duplicate image id {iid}", path)
+        norm = fname.replace("\\", "/")
+        if norm in names:
+            raise B2PError(f"duplicate image file name {fname!r}", path)
+        names.add(norm)
+        images[iid] = SourceImage(norm, width=im.get("width"), height=im.get("height"), declared_manual_mask=flag, label_file=path)
+
+    seen_ann_ids: set[int] = set()
+    for i, a in enumerate(raw_anns):
+        a = _entry(a, "annotation", i, path)
+        aid = a.get("id", i)
+        if not is_int(aid):
+            raise B2PError(f"annotation #{i}: 'id' must be an integer, got {aid!r}", path)
+        if aid in seen_ann_ids:
+            raise B2PError(f"duplicate annotation id {aid}", path)
+        seen_ann_ids.add(aid)
+        where = f"annotation id {aid}"
+        image_id = _field(a, "image_id", is_int, "an integer", where, path)
+        cat = _field(a, "category_id", is_int, "an integer", where, path)
+        bbox = _field(
+            a, "bbox", lambda v: isinstance(v, list) and len(v) == 4 and all(is_number(x) for x in v), "[x, y, w, h] numbers", where, path
+        )
+        if image_id not in images:
+            raise B2PError(f"{where}: refers to image id {image_id}, which is not in 'images'", path)
+        where = f"{where} (image {images[image_id].file_name!r})"
+        if cat not in categories:
+            raise B2PError(f"{where}: unknown category id {cat}; categories are {sorted(categories)}", path)
+        seg = _check_segmentation(a.get("segmentation"), where, path)
+        images[image_id].annotations.append(SourceAnnotation(cat, tuple(float(v) for v in bbox), where, seg))
+
+    return SourceBatch(
+        format="coco",
+        categories=categories,
+        images=list(images.values()),
+        annotation_file=path,
+        sources=[{"role": "coco", "path": str(path), "sha256": sha256_file(path)}],
+    )

@@ -1,0 +1,214 @@
+"""`b2p masks-to-boxes`: simulate a box annotation from a dataset that has manual masks.
+
+Layout: `ROOT/<CLASS>/Imgs/NAME.jpg` with the manual mask `ROOT/<CLASS>/Imgs/NAME.png` (8-bit, possibly
+anti-aliased; a pixel is defect when its value is >= threshold). Every connected defect component
+(8-connectivity) of at least `min_area` pixels becomes one tight box of the folder's class; smaller
+components are treated as annotation noise (no box, and not part of the manual mask) and counted.
+Folders whose masks are all empty (e.g. MT_Free) hold defect-free images and define no class.
+
+The manual masks are written (one RLE `segmentation` per component, `"has_manual_mask": true` on the
+image) ONLY for images that the split rule puts in the test split, so importing the file with the same
+batch name and fractions reproduces that split and manual masks never reach training.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from b2p.errors import B2PError
+from b2p.fileio import read_image, write_json_atomic
+from b2p.ingest.importer import check_batch_name
+from b2p.ingest.source import progress
+from b2p.masks import rle_encode
+from b2p.splits import SplitRule, unit_hash
+
+MASK_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # the mask is NAME.png, so images are not PNG
+
+
+@dataclass
+class MasksToBoxesResult:
+    out: Path
+    categories: list[str]
+    images: int
+    images_per_class: dict[str, int]  # folder class (or "defect-free") -> images written
+    boxes_per_class: dict[str, int]
+    dropped_per_class: dict[str, int]  # components below min_area
+    test_images: int  # images written with their manual mask
+    free_total: int  # defect-free images found
+    free_kept: int
+    folders: dict[str, str] = field(default_factory=dict)  # folder -> class name or "defect-free"
+
+
+@dataclass
+class _Item:
+    folder: str
+    file_name: str  # relative to ROOT
+    image_path: Path
+    mask_path: Path
+    shape: tuple[int, int]  # (H, W) of the mask
+    binary: np.ndarray | None  # HxW bool, thresholded; None when empty (most images of a defect-free folder)
+
+
+def class_name_of(folder: str, strip_prefix: str = "") -> str:
+    name = folder[len(strip_prefix) :] if strip_prefix and folder.startswith(strip_prefix) else folder
+    return name.lower()
+
+
+def _read_mask(path: Path, threshold: int) -> np.ndarray:
+    import cv2
+
+    m = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise B2PError("mask could not be decoded", path)
+    return m >= threshold
+
+
+def _components(binary: np.ndarray, min_area: int) -> tuple[list[tuple[list[int], int, np.ndarray]], int]:
+    """Kept components as ([x, y, w, h], area, HxW bool mask) in label order, and the number dropped."""
+    import cv2
+
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    kept, dropped = [], 0
+    for k in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[k])
+        if area < min_area:
+            dropped += 1
+            continue
+        kept.append(([x, y, w, h], area, labels == k))
+    return kept, dropped
+
+
+def _class_folders(root: Path, folders: list[str] | None) -> list[str]:
+    if not root.is_dir():
+        raise B2PError("dataset root not found", root)
+    if folders:
+        for f in folders:
+            if not (root / f / "Imgs").is_dir():
+                raise B2PError(f"folder {f!r} has no Imgs/ subfolder", root / f)
+        return list(dict.fromkeys(folders))
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "Imgs").is_dir())
+    if not found:
+        raise B2PError("no class folders here (expected ROOT/<CLASS>/Imgs/NAME.jpg + NAME.png)", root)
+    return found
+
+
+def masks_to_boxes(
+    root: str | Path,
+    out: str | Path,
+    batch: str,
+    *,
+    strip_prefix: str = "",
+    threshold: int = 128,
+    min_area: int = 10,
+    free_images: int | None = None,
+    rule: SplitRule | None = None,
+    folders: list[str] | None = None,
+) -> MasksToBoxesResult:
+    """Write a COCO box file for ROOT (boxes for all images, manual masks for the test split only)."""
+    check_batch_name(batch)
+    rule = rule or SplitRule()
+    root, out = Path(root), Path(out)
+    if not 1 <= threshold <= 255:
+        raise B2PError(f"--threshold must be in 1..255, got {threshold}")
+    if min_area < 1:
+        raise B2PError(f"--min-area must be at least 1, got {min_area}")
+    if free_images is not None and free_images < 0:
+        raise B2PError(f"--free-images must be >= 0, got {free_images}")
+
+    pairs: list[tuple[str, Path, Path]] = []
+    for folder in _class_folders(root, folders):
+        imgs_dir = root / folder / "Imgs"
+        images = sorted(p for p in imgs_dir.iterdir() if p.is_file() and p.suffix.lower() in MASK_IMAGE_EXTENSIONS)
+        stems = {p.stem for p in images}
+        for m in sorted(imgs_dir.glob("*.png")):
+            if m.stem not in stems:
+                raise B2PError("mask has no image of the same name (NAME.jpg)", m)
+        for p in images:
+            mask = p.with_suffix(".png")
+            if not mask.is_file():
+                raise B2PError(f"image has no manual mask {mask.name} beside it", p)
+            pairs.append((folder, p, mask))
+    if not pairs:
+        raise B2PError("no images found (expected ROOT/<CLASS>/Imgs/NAME.jpg + NAME.png)", root)
+
+    items = []
+    for folder, p, m in progress(pairs, "reading masks", total=len(pairs)):
+        binary = _read_mask(m, threshold)
+        items.append(_Item(folder, p.relative_to(root).as_posix(), p, m, binary.shape, binary if binary.any() else None))
+    by_folder: dict[str, list[_Item]] = {}
+    for it in items:
+        by_folder.setdefault(it.folder, []).append(it)
+    free_folders = {f for f, its in by_folder.items() if all(it.binary is None for it in its)}
+    folder_class = {f: ("defect-free" if f in free_folders else class_name_of(f, strip_prefix)) for f in by_folder}
+    categories = sorted({c for f, c in folder_class.items() if f not in free_folders})
+    cat_id = {n: i + 1 for i, n in enumerate(categories)}
+
+    # defect-free images: keep a deterministic subset, chosen by a hash independent of the split hash
+    # (choosing by the split hash would keep only test images)
+    free = [it for it in items if it.folder in free_folders]
+    keep_free = free
+    if free_images is not None and free_images < len(free):
+        keep_free = sorted(free, key=lambda it: unit_hash(f"b2p-free-images:{it.file_name}"))[:free_images]
+    keep = {it.file_name for it in keep_free} | {it.file_name for it in items if it.folder not in free_folders}
+
+    images, annotations = [], []
+    boxes, dropped, per_class_images = Counter(), Counter(), Counter()
+    n_test = 0
+    for it in progress([i for i in items if i.file_name in keep], "boxes from masks", total=len(keep)):
+        h, w = read_image(it.image_path).shape[:2]
+        if it.shape != (h, w):
+            raise B2PError(f"mask is {it.shape[1]}x{it.shape[0]} but its image is {w}x{h}", it.mask_path)
+        cls = folder_class[it.folder]
+        is_test = rule.hash_split(batch, it.file_name) == "test"
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": it.file_name, "width": w, "height": h, "has_manual_mask": is_test})
+        per_class_images[cls] += 1
+        n_test += is_test
+        if it.binary is None:
+            continue
+        kept, n_dropped = _components(it.binary, min_area)
+        dropped[cls] += n_dropped
+        for bbox, area, comp in kept:
+            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[cls], "bbox": bbox, "area": area, "iscrowd": 0}
+            if is_test:
+                ann["segmentation"] = rle_encode(comp)
+            annotations.append(ann)
+            boxes[cls] += 1
+
+    info = {
+        "description": "boxes simulated from manual masks by `b2p masks-to-boxes` (one box per connected component)",
+        "root": str(root),
+        "batch": batch,
+        "threshold": threshold,
+        "min_area": min_area,
+        "connectivity": 8,
+        "strip_prefix": strip_prefix,
+        "split_rule": {"val": rule.val, "test": rule.test, "salt": rule.salt},
+        "manual_masks": "test split only",
+        "free_images": {"found": len(free), "kept": len(keep_free)},
+        "dropped_components": dict(sorted(dropped.items())),
+        "folders": folder_class,
+    }
+    coco = {
+        "info": info,
+        "categories": [{"id": cat_id[n], "name": n, "supercategory": "defect"} for n in categories],
+        "images": images,
+        "annotations": annotations,
+    }
+    write_json_atomic(out, coco)
+    return MasksToBoxesResult(
+        out=out,
+        categories=categories,
+        images=len(images),
+        images_per_class=dict(per_class_images),
+        boxes_per_class={n: boxes[n] for n in categories},
+        dropped_per_class={n: dropped[n] for n in categories},
+        test_images=n_test,
+        free_total=len(free),
+        free_kept=len(keep_free),
+        folders=folder_class,
+    )

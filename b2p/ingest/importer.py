@@ -1,0 +1,279 @@
+"""`b2p import`: one box-annotated batch (COCO or YOLO, optional manual masks) -> the canonical file.
+
+Everything is validated first (structure, every image decoded, every box and mask checked against its
+image, classes matched by name against the shared class list); only then is the canonical annotation file
+written, then the class list, both atomically. A bad input therefore raises a B2PError naming the file
+and the problem, and leaves every previously written file byte-identical.
+
+Manual masks come from PNG label maps (`--masks DIR`, values = the batch's own class ids: COCO category
+id, or YOLO class index + 1; 0 background) or from COCO `segmentation` (polygons or RLE). They are stored
+semantically: one RLE per image and class, painted with `b2p.labels.paint_label_map` (smaller mask wins
+where instances of different classes overlap).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from b2p import __version__
+from b2p.dataset import relative_image_root, save_batch_dict, to_coco_dict
+from b2p.errors import B2PError
+from b2p.fileio import read_image, read_json, safe_join, sha256_file
+from b2p.ingest.coco import read_coco
+from b2p.ingest.source import BOX_TOLERANCE_PX, SourceBatch, SourceImage, check_box, list_images, progress
+from b2p.ingest.yolo import read_yolo, tree_digest
+from b2p.labels import BACKGROUND, ClassList, load_class_list, paint_label_map, read_label_map, save_class_list
+from b2p.masks import polygons_to_mask, rle_decode, rle_encode
+from b2p.splits import SPLITS, SplitRule
+
+BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class ImportResult:
+    out: Path
+    classes_path: Path
+    classes: ClassList
+    new_classes: list[str]
+    classes_written: bool
+    num_images: int
+    num_boxes: int
+    manual_masks: int  # images with a manual mask
+    clipped_boxes: int  # boxes overhanging the image by <= BOX_TOLERANCE_PX, clipped
+    splits: dict[str, int]
+    boxes_per_class: dict[str, int]
+    unlisted_images: int = 0  # COCO: image files in the folder the JSON does not mention (not imported)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_batch_name(batch: str) -> str:
+    if not BATCH_NAME.match(batch or ""):
+        raise B2PError(f"batch name {batch!r} must start with a letter or digit and hold only letters, digits, '.', '_', '-'")
+    return batch
+
+
+def _mask_files(masks_dir: Path) -> dict[str, Path]:
+    """Mask PNGs by relative stem ('sub/a' for masks/sub/a.png)."""
+    if not masks_dir.is_dir():
+        raise B2PError("mask folder not found", masks_dir)
+    return {
+        p.relative_to(masks_dir).with_suffix("").as_posix(): p
+        for p in sorted(masks_dir.rglob("*.png"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def _stem(file_name: str) -> str:
+    return file_name.rsplit(".", 1)[0] if "." in Path(file_name).name else file_name
+
+
+def _decode_segmentation(seg, height: int, width: int, where: str, path: Path) -> np.ndarray:
+    """COCO polygons or RLE (checked for structure by coco.py) -> HxW bool mask of this image's size."""
+    if isinstance(seg, list):
+        return polygons_to_mask(seg, height, width)
+    if list(seg["size"]) != [height, width]:
+        raise B2PError(f"{where}: RLE size {seg['size']} differs from the image size [{height}, {width}] (height, width)", path)
+    if isinstance(seg["counts"], list) and sum(seg["counts"]) != height * width:
+        raise B2PError(f"{where}: RLE counts sum to {sum(seg['counts'])}, not height*width = {height * width}", path)
+    try:
+        m = rle_decode(seg)
+    except Exception as e:  # pycocotools raises assorted errors on corrupt strings
+        raise B2PError(f"{where}: RLE segmentation could not be decoded ({e})", path) from None
+    if m.shape != (height, width):
+        raise B2PError(f"{where}: RLE segmentation decodes to {m.shape}, not the image size {(height, width)}", path)
+    return m
+
+
+def _manual_label_map(
+    im: SourceImage,
+    shape: tuple[int, int],
+    mask_png: Path | None,
+    src: SourceBatch,
+    remap: dict[int, int],
+) -> np.ndarray | None:
+    """The image's manual label map in canonical class ids, or None when it has no manual mask."""
+    segs = [a for a in im.annotations if a.segmentation is not None]
+    src_file = im.label_file or src.annotation_file
+    if mask_png is not None:
+        if segs or im.declared_manual_mask:
+            raise B2PError(
+                f"image {im.file_name!r} has both a mask PNG ({mask_png}) and COCO segmentation / has_manual_mask; give one",
+                src_file,
+            )
+        lm = read_label_map(mask_png, shape=shape)
+        values = [int(v) for v in np.unique(lm) if v != BACKGROUND]
+        unknown = [v for v in values if v not in remap]
+        if unknown:
+            raise B2PError(
+                f"mask value {unknown[0]} is not a class id of this batch (known ids: {sorted(remap)}; "
+                f"{'COCO category ids' if src.format == 'coco' else 'YOLO class index + 1'}, 0 = background)",
+                mask_png,
+            )
+        lut = np.zeros(256, np.uint8)
+        for b, c in remap.items():
+            lut[b] = c
+        return lut[lm]
+    if not segs and not im.declared_manual_mask:
+        return None
+    missing = [a for a in im.annotations if a.segmentation is None]
+    if missing:
+        reason = "the image declares has_manual_mask" if im.declared_manual_mask else "other annotations of this image have one"
+        raise B2PError(
+            f"{missing[0].where}: has no segmentation but {reason}; a manual mask must cover every defect of its image",
+            src_file,
+        )
+    h, w = shape
+    masks = [_decode_segmentation(a.segmentation, h, w, a.where, src_file) for a in im.annotations]
+    return paint_label_map(shape, masks, [remap[a.category_id] for a in im.annotations])
+
+
+def import_batch(
+    batch: str,
+    images_dir: str | Path,
+    *,
+    coco: str | Path | None = None,
+    yolo_labels: str | Path | None = None,
+    yolo_classes: str | Path | None = None,
+    masks_dir: str | Path | None = None,
+    classes_path: str | Path = "data/classes.json",
+    add_classes: bool = False,
+    rule: SplitRule | None = None,
+    out: str | Path | None = None,
+) -> ImportResult:
+    """Validate one batch and write its canonical annotation file (and the class list on first use).
+
+    Returns what was written and counted. Raises B2PError (nothing written) on any bad input.
+    """
+    check_batch_name(batch)
+    rule = rule or SplitRule()
+    images_dir = Path(images_dir)
+    classes_path = Path(classes_path)
+    out = Path(out) if out is not None else Path("data/imported") / f"{batch}.json"
+    if (coco is None) == (yolo_labels is None):
+        raise B2PError("give exactly one box source: --coco FILE, or --yolo-labels DIR with --yolo-classes FILE")
+    if not images_dir.is_dir():
+        raise B2PError("image folder not found", images_dir)
+    if coco is not None:
+        if yolo_classes is not None:
+            raise B2PError("--yolo-classes goes with --yolo-labels, not with --coco")
+        src = read_coco(coco)
+    else:
+        if yolo_classes is None:
+            raise B2PError("--yolo-labels needs --yolo-classes FILE (names, one per line, or a data.yaml)")
+        src = read_yolo(images_dir, yolo_labels, yolo_classes)
+    if not src.images:
+        raise B2PError("the batch holds no images", src.annotation_file)
+
+    # classes: matched by name against the shared list; ids of existing classes never move
+    existing = load_class_list(classes_path) if classes_path.exists() else ClassList(())
+    classes = existing.merged_with(list(src.categories.values()), allow_new=add_classes, source=src.annotation_file)
+    new_classes = list(classes.names[existing.num_classes :])
+    remap = {bid: classes.id_of(name) for bid, name in src.categories.items()}
+
+    masks: dict[str, Path] = {}
+    if masks_dir is not None:
+        masks_dir = Path(masks_dir)
+        masks = _mask_files(masks_dir)
+        stems = {_stem(im.file_name) for im in src.images}
+        for stem, p in masks.items():
+            if stem not in stems:
+                raise B2PError(f"mask has no image {stem}.* in this batch", p)
+
+    images, annotations, manual = [], [], []
+    clipped = 0
+    for idx, im in enumerate(progress(src.images, f"importing {batch}", total=len(src.images)), 1):
+        src_file = im.label_file or src.annotation_file
+        try:
+            img_path = safe_join(images_dir, im.file_name, "image file name")
+        except B2PError as e:
+            raise B2PError(e.problem, src_file) from None
+        h, w = read_image(img_path).shape[:2]
+        if (im.width is not None and im.width != w) or (im.height is not None and im.height != h):
+            raise B2PError(
+                f"image {im.file_name!r} is declared {im.width}x{im.height} but the file is {w}x{h}", src_file
+            )
+        for a in im.annotations:
+            if a.normalized_cxcywh is not None:  # YOLO: pixels once the size is known
+                cx, cy, bw, bh = a.normalized_cxcywh
+                a.xywh = ((cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h)
+            box, was_clipped = check_box(a.xywh, w, h, a.where, src_file)
+            clipped += was_clipped
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": idx,
+                    "category_id": remap[a.category_id],
+                    "bbox": [round(v, 3) for v in box],
+                    "area": round(box[2] * box[3], 3),
+                    "iscrowd": 0,
+                }
+            )
+        lm = _manual_label_map(im, (h, w), masks.get(_stem(im.file_name)), src, remap)
+        if lm is not None:
+            for c in np.unique(lm):
+                if c != BACKGROUND:
+                    manual.append({"image_id": idx, "category_id": int(c), "segmentation": rle_encode(lm == c)})
+        images.append(
+            {
+                "id": idx,
+                "file_name": im.file_name,
+                "width": w,
+                "height": h,
+                "sha256": sha256_file(img_path),
+                "batch": batch,
+                "split": rule.split_of(batch, im.file_name, lm is not None),
+                "has_manual_mask": lm is not None,
+            }
+        )
+
+    warnings = []
+    unlisted = 0
+    if src.format == "coco":
+        unlisted = len(set(list_images(images_dir)) - {im.file_name for im in src.images})
+    rule_info = {"val": rule.val, "test": rule.test, "salt": rule.salt, "manual_masks": rule.manual_masks}
+    if out.is_file():
+        try:
+            old_rule = read_json(out).get("info", {}).get("split_rule")
+        except (B2PError, AttributeError):
+            old_rule = None
+        if old_rule is not None and old_rule != rule_info:
+            warnings.append(f"{out} was imported with split rule {old_rule}; re-importing with {rule_info} moves images between splits")
+    sources = list(src.sources) + [{"role": "images", "path": str(images_dir)}]
+    if masks_dir is not None:
+        sources.append({"role": "masks", "path": str(masks_dir), "sha256": tree_digest(masks_dir, list(masks.values())), "files": len(masks)})
+    split_counts = {s: sum(i["split"] == s for i in images) for s in SPLITS}
+    per_class = {n: sum(a["category_id"] == classes.id_of(n) for a in annotations) for n in classes.names}
+    info = {
+        "source_format": src.format,
+        "sources": sources,
+        "split_rule": rule_info,
+        "box_tolerance_px": BOX_TOLERANCE_PX,
+        "clipped_boxes": clipped,
+        "counts": {"images": len(images), "boxes": len(annotations), "manual_masks": sum(i["has_manual_mask"] for i in images), **split_counts},
+        "b2p_version": __version__,
+    }
+    coco_dict = to_coco_dict(batch, classes, images, annotations, manual, relative_image_root(images_dir, out), info)
+    # all checks passed: annotation file first, then the class list (both atomic)
+    save_batch_dict(out, coco_dict)
+    write_classes = not classes_path.exists() or classes != existing
+    if write_classes:
+        save_class_list(classes_path, classes)
+    return ImportResult(
+        out=out,
+        classes_path=classes_path,
+        classes=classes,
+        new_classes=new_classes,
+        classes_written=write_classes,
+        num_images=len(images),
+        num_boxes=len(annotations),
+        manual_masks=info["counts"]["manual_masks"],
+        clipped_boxes=clipped,
+        splits=split_counts,
+        boxes_per_class=per_class,
+        unlisted_images=unlisted,
+        warnings=warnings,
+    )

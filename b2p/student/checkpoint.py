@@ -1,0 +1,72 @@
+"""model.pt: a plain dict that `torch.load(..., weights_only=True)` reads, and the loader that rebuilds it.
+
+    {"format": "b2p-student", "version": 1, "config": StudentConfig as JSON-able dict,
+     "class_names": [K defect names], "provenance": {backbone, pretrained, source},
+     "state_dict": the EMA weights (backbone included, so predicting needs no backbone download),
+     "info": {epoch, val metrics, ...}}
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from b2p.errors import B2PError
+from b2p.fileio import write_bytes_atomic
+
+FORMAT = "b2p-student"
+VERSION = 1
+MODEL_FILE = "model.pt"
+
+
+def save_checkpoint(
+    path: str | Path, config: Any, class_names: list[str], provenance: dict, state_dict: dict, info: dict | None = None
+) -> None:
+    obj = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "class_names": list(class_names),
+        "provenance": dict(provenance),
+        "state_dict": {k: v.detach().to("cpu").clone() for k, v in state_dict.items()},
+        "info": info or {},
+    }
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise B2PError("trained student not found (run `b2p train` first)", path)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise B2PError(f"could not read the model file ({type(e).__name__}: {str(e).splitlines()[0]})", path) from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise B2PError("not a b2p student model file", path)
+    if ck.get("version") != VERSION:
+        raise B2PError(f"model file version {ck.get('version')} is not supported (expected {VERSION})", path)
+    ck["path"] = str(path)
+    return ck
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the trained student from `path` (model.pt or its folder); returns (model in eval mode, ckpt)."""
+    from b2p.student.model import StudentConfig, build_model
+
+    ck = read_checkpoint(path)
+    config = StudentConfig.from_dict(ck["config"])
+    model = build_model(config, load_weights=False)  # structure only: the state dict holds every weight
+    try:
+        model.load_state_dict(ck["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise B2PError(f"model file does not fit its own config: {str(e).splitlines()[0]}", ck["path"]) from None
+    model.provenance = ck["provenance"]
+    return model.to(device).eval(), ck

@@ -1,0 +1,119 @@
+"""`b2p train` and `b2p predict`: thin Typer commands over b2p.student.train / b2p.student.predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from b2p.errors import B2PError
+
+
+def read_params_section(path: Path | None, section: str) -> dict[str, Any]:
+    """The `section` mapping of a params.yaml file ({} when no file is given or the section is absent)."""
+    if path is None:
+        return {}
+    import yaml
+
+    if not path.is_file():
+        raise B2PError("params file not found", path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise B2PError(f"params file is not valid YAML: {e}", path) from None
+    sec = data.get(section) if isinstance(data, dict) else None
+    if sec is None:
+        return {}
+    if not isinstance(sec, dict):
+        raise B2PError(f"section {section!r} must be a mapping", path)
+    return dict(sec)
+
+
+def _taps(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise B2PError(f"--taps must be comma-separated block indices like 1,2,4,7, got {text!r}") from None
+
+
+def train(
+    imported: Path = typer.Option(Path("data/imported"), "--imported", help="Folder of canonical batch files."),
+    batch: list[str] = typer.Option(None, "--batch", help="Batch name(s), repeatable or comma-separated; default all."),
+    teacher_root: Path = typer.Option(Path("data/teach"), "--teacher-root", help="Root of teacher label maps."),
+    out: Path = typer.Option(Path("data/models/student"), "--out", help="Output model folder."),
+    params: Path = typer.Option(None, "--params", help="YAML file whose `train:` section sets parameters."),
+    arch: str = typer.Option(None, "--arch", help="b2p (Boxes2Pixels student) or unet (from-scratch baseline)."),
+    backbone: str = typer.Option(None, "--backbone", help="efficientnet_lite0 (embedded, default) or dinov2_s/b/l/g."),
+    weights: str = typer.Option(None, "--weights", help="Backbone weights: HF folder, hub id, .pth file, or 'random'."),
+    allow_download: bool = typer.Option(None, "--allow-download/--offline", help="Let a hub id download weights."),
+    adaptation: str = typer.Option(None, "--adaptation", help="bitfit (paper), frozen, or full."),
+    taps: str = typer.Option(None, "--taps", help="Tapped backbone blocks, e.g. 1,2,4,7."),
+    detail_branch: bool = typer.Option(None, "--detail/--no-detail", help="Detail branch on the raw image."),
+    binary_head: bool = typer.Option(None, "--binary-head/--no-binary-head", help="Binary defect head."),
+    input_size: int = typer.Option(None, "--input-size", help="Square input size in px (paper 518)."),
+    epochs: int = typer.Option(None, "--epochs", help="Maximum epochs (paper 200)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per step (paper 1)."),
+    lr: float = typer.Option(None, "--lr", help="AdamW learning rate (5e-4)."),
+    patience: int = typer.Option(None, "--patience", help="Early-stopping patience in epochs (25)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (42)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    feature_cache: str = typer.Option(None, "--feature-cache", help="auto, memory, disk or off (frozen backbone only)."),
+    self_correction_region: str = typer.Option(None, "--self-correction-region", help="all (paper) or boxes."),
+    warmup_epochs: int = typer.Option(None, "--warmup-epochs", help="Epochs before self-correction starts."),
+) -> None:
+    """Train the student on teacher pseudo-masks.
+
+    Reads IMPORTED/<batch>.json (train and val splits) and TEACHER_ROOT/<batch>/labelmaps/*.png; writes
+    OUT/model.pt (config, class list, backbone provenance, EMA weights), OUT/metrics.json (best val
+    metrics against pseudo-masks, epochs, parameter counts, seconds, backbone) and OUT/curves.csv.
+    """
+    from b2p.project import resolve_batch_files
+    from b2p.student.train import TrainParams, train_student
+
+    values = read_params_section(params, "train")
+    cli = dict(
+        arch=arch, backbone=backbone, weights=weights, allow_download=allow_download, adaptation=adaptation,
+        taps=_taps(taps), detail_branch=detail_branch, binary_head=binary_head, input_size=input_size,
+        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device,
+        feature_cache=feature_cache, self_correction_region=self_correction_region, warmup_epochs=warmup_epochs,
+    )
+    values.update({k: v for k, v in cli.items() if v is not None})
+    tp = TrainParams.from_dict(values, params)
+    if tp.epochs < 1 or tp.batch_size < 1:
+        raise B2PError("--epochs and --batch-size must be at least 1")
+    files = resolve_batch_files(imported, batch)
+    train_student(files, teacher_root, out, tp)
+
+
+def predict(
+    model: Path = typer.Option(Path("data/models/student"), "--model", help="Trained model folder (or model.pt)."),
+    imported: Path = typer.Option(Path("data/imported"), "--imported", help="Folder of canonical batch files."),
+    batch: list[str] = typer.Option(None, "--batch", help="Batch name(s); default all."),
+    split: str = typer.Option("test", "--split", help="test, val, train or all."),
+    images: Path = typer.Option(None, "--images", help="Predict every image in this folder instead of batches."),
+    out: Path = typer.Option(Path("data/predict"), "--out", help="Prediction root (batches) or output folder (--images)."),
+    probs: bool = typer.Option(False, "--probs", help="Also write per-image class probabilities (npz, float16)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Predict defect label maps with a trained student.
+
+    Batches: reads IMPORTED/<batch>.json, writes OUT/<batch>/labelmaps/<key>.png for the images of SPLIT,
+    at each image's original size (+ OUT/<batch>/probs/<key>.npz with --probs). Folder: with --images DIR,
+    writes OUT/<key>.png for every image in DIR (+ OUT/probs/<key>.npz).
+    """
+    from b2p.student.predict import items_from_batches, items_from_folder, run_prediction
+
+    if images is not None:
+        items = items_from_folder(images, out, probs)
+    else:
+        from b2p.project import resolve_batch_files
+
+        items = items_from_batches(resolve_batch_files(imported, batch), split, out, probs)
+        if not items:
+            raise B2PError(f"the {split} split of the chosen batches holds no images: nothing to predict")
+    res = run_prediction(model, items, batch_size=batch_size, device=device)
+    typer.echo(f"wrote {res['images']} label maps under {out}")

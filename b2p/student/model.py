@@ -1,0 +1,234 @@
+"""The Boxes2Pixels student: a (mostly frozen) backbone, a hierarchical decoder, a detail branch, two heads.
+
+Architecture (METHOD.md "Student"): the tapped backbone maps are projected to `decoder_dim` channels
+(1x1 conv + BN + ReLU), resized to the finest tap, and fused top-down from the deepest (add, then
+conv3x3-BN-ReLU-conv3x3-BN, add the sum back, ReLU); three up-steps (conv3x3 to 4*C', PixelShuffle x2, BN,
+ReLU) take 256 -> 128 -> 64 -> 32 channels; the result is resized to the detail branch (two stride-2
+conv3x3, H/4, 32 ch), concatenated and mixed (conv3x3 64 -> 64); two heads of the same shape (x2,
+conv3x3 64 -> 32 BN ReLU, x2, conv1x1) give binary (2) and fine (K + 1) logits at the input size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from b2p.errors import B2PError
+from b2p.student.backbones import BACKBONES, DINOV2_SIZES, EFFNET_NAME, build_backbone, default_taps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ADAPTATIONS = ("bitfit", "frozen", "full")
+ARCHS = ("b2p", "unet")
+
+
+@dataclass
+class StudentConfig:
+    """Everything needed to rebuild a student (JSON-serialisable; stored in model.pt)."""
+
+    num_classes: int  # K + 1, background included
+    arch: str = "b2p"  # b2p | unet (the from-scratch baseline)
+    backbone: str = EFFNET_NAME  # dinov2_s | dinov2_b | dinov2_l | dinov2_g | efficientnet_lite0
+    adaptation: str = "bitfit"  # bitfit (bias + norm params train) | frozen | full
+    taps: list[int] | None = None  # None: paper's (1, 2, 4, 7) for DINOv2, (2, 4, 10, 15) for EfficientNet
+    detail_branch: bool = True
+    binary_head: bool = True
+    input_size: int = 518  # square input; DINOv2 needs a multiple of 14
+    decoder_dim: int = 256
+    upsample_steps: int | None = None  # x2 steps of the three up-steps; None: 3 for ViT, to ~H/4 for CNNs
+    unet_base: int = 32
+    # tiny DINOv2 config for tests (hidden_size, num_hidden_layers, ...): always random weights
+    dinov2_config: dict | None = None
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise B2PError(f"arch must be one of {list(ARCHS)}, got {self.arch!r}")
+        if self.backbone not in BACKBONES:
+            raise B2PError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        if self.adaptation not in ADAPTATIONS:
+            raise B2PError(f"adaptation must be one of {list(ADAPTATIONS)}, got {self.adaptation!r}")
+        if self.num_classes < 2:
+            raise B2PError("the student needs at least one defect class")
+        if self.taps is None:
+            self.taps = list(default_taps(self.backbone))
+        self.taps = [int(t) for t in self.taps]
+        if self.input_size < 16:
+            raise B2PError(f"input size {self.input_size} is too small")
+        if self.arch == "b2p" and self.backbone in DINOV2_SIZES:
+            patch = (self.dinov2_config or {}).get("patch_size", 14)
+            if self.input_size % patch:
+                raise B2PError(f"DINOv2 input size must be a multiple of {patch} (e.g. 518, 224), got {self.input_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StudentConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": int(total), "trainable": int(trainable)}
+
+
+def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ResidualFusion(nn.Module):
+    """s = deep + skip; out = ReLU(s + BN(conv(ReLU(BN(conv(s))))))."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        )
+
+    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        s = deep + skip
+        return F.relu(s + self.body(s))
+
+
+class UpStep(nn.Module):
+    """conv3x3 to scale^2 * cout, PixelShuffle(scale), BN, ReLU (scale 1: a plain conv-BN-ReLU)."""
+
+    def __init__(self, cin: int, cout: int, scale: int = 2):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout * scale * scale, 3, padding=1), nn.PixelShuffle(scale), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class HierarchicalDecoder(nn.Module):
+    """Feature maps (shallow first, possibly different strides) -> Bx32x(h)x(w) at about stride 4."""
+
+    def __init__(self, in_channels: list[int], strides: list[float], dim: int = 256, upsample_steps: int | None = None, vit: bool = False):
+        super().__init__()
+        self.proj = nn.ModuleList([_cbr(c, dim, k=1) for c in in_channels])
+        self.fuse = nn.ModuleList([ResidualFusion(dim) for _ in range(len(in_channels) - 1)])
+        finest = min(strides)
+        if upsample_steps is None:
+            # the paper's ViT decoder always doubles three times (37 -> 296 at 518 px); for a CNN double
+            # only as far as stride ~4, the detail branch's resolution
+            upsample_steps = 3 if vit else max(0, min(3, round(math.log2(max(finest, 1) / 4))))
+        self.upsample_steps = int(upsample_steps)
+        chans = [dim, 128, 64, 32]
+        self.up = nn.ModuleList(
+            [UpStep(chans[i], chans[i + 1], 2 if i < self.upsample_steps else 1) for i in range(3)]
+        )
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])
+        p = [proj(f) for proj, f in zip(self.proj, feats)]
+        p = [x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in p]
+        x = p[-1]
+        for i in range(len(p) - 2, -1, -1):  # deepest first
+            x = self.fuse[len(p) - 2 - i](x, p[i])
+        for up in self.up:
+            x = up(x)
+        return x
+
+
+def _head(cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        _cbr(64, 32),
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        nn.Conv2d(32, cout, 1),
+    )
+
+
+class Boxes2PixelsStudent(nn.Module):
+    """forward(x: Bx3xHxW float, normalised) -> {"fine": Bx(K+1)xHxW, "binary": Bx2xHxW or None} logits."""
+
+    def __init__(self, config: StudentConfig, load_weights: bool = True, weights: str | None = None, allow_download: bool = False):
+        super().__init__()
+        self.config = config
+        # load_weights=False: the structure only (a checkpoint's state dict fills it in)
+        src = weights if load_weights else "random"
+        self.backbone, self.provenance = build_backbone(
+            config.backbone, config.taps, src, allow_download, dinov2_config_override=config.dinov2_config
+        )
+        info = self.backbone.info
+        self.decoder = HierarchicalDecoder(
+            info.channels, info.strides, config.decoder_dim, config.upsample_steps, vit=config.backbone in DINOV2_SIZES
+        )
+        self.detail = nn.Sequential(_cbr(3, 24, stride=2), _cbr(24, 32, stride=2)) if config.detail_branch else None
+        self.mixer = _cbr(64 if config.detail_branch else 32, 64)
+        self.fine_head = _head(config.num_classes)
+        self.binary_head = _head(2) if config.binary_head else None
+        self.apply_adaptation()
+
+    # --- adaptation: which backbone parameters train ---
+    def apply_adaptation(self) -> None:
+        mode = self.config.adaptation
+        norm_types = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
+        norm_params = {id(p) for m in self.backbone.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+        for name, p in self.backbone.named_parameters():
+            if mode == "full":
+                p.requires_grad = True
+            elif mode == "frozen":
+                p.requires_grad = False
+            else:  # BitFit as in the paper: names holding "bias" or "norm" (plus BN affine params of CNNs)
+                p.requires_grad = "bias" in name or "norm" in name or id(p) in norm_params
+
+    def train(self, mode: bool = True) -> Boxes2PixelsStudent:
+        super().train(mode)
+        # a frozen or BitFit backbone keeps its running statistics (BN) fixed: batch size 1 would ruin them
+        if self.config.adaptation != "full":
+            self.backbone.eval()
+        return self
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self.config.adaptation == "frozen"
+
+    def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor, feats: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
+        h, w = x.shape[-2:]
+        if feats is None:
+            feats = self.backbone(x)
+        y = self.decoder([f.to(x.dtype) for f in feats])
+        if self.detail is not None:
+            d = self.detail(x)
+            y = F.interpolate(y, size=d.shape[-2:], mode="bilinear", align_corners=False)
+            y = torch.cat([y, d], dim=1)
+        else:
+            y = F.interpolate(y, size=(math.ceil(h / 4), math.ceil(w / 4)), mode="bilinear", align_corners=False)
+        y = self.mixer(y)
+        out = {"fine": F.interpolate(self.fine_head(y), size=(h, w), mode="bilinear", align_corners=False), "binary": None}
+        if self.binary_head is not None:
+            out["binary"] = F.interpolate(self.binary_head(y), size=(h, w), mode="bilinear", align_corners=False)
+        return out
+
+
+def build_model(config: StudentConfig, load_weights: bool = True, weights: str | None = None, allow_download: bool = False) -> nn.Module:
+    """The student described by `config`; `weights` is the backbone weight source (see backbones.py)."""
+    if config.arch == "unet":
+        from b2p.student.unet import SmallUNet
+
+        return SmallUNet(config)
+    return Boxes2PixelsStudent(config, load_weights=load_weights, weights=weights, allow_download=allow_download)
+
+
+def describe_backbone(model: nn.Module) -> str:
+    prov: dict[str, Any] = getattr(model, "provenance", {})
+    if not prov:
+        return "no backbone"
+    kind = "PRETRAINED" if prov.get("pretrained") else "RANDOM WEIGHTS (not pretrained)"
+    return f"{prov.get('backbone')} [{kind}] from {prov.get('source')}"

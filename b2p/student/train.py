@@ -1,0 +1,353 @@
+"""Training the student on teacher pseudo-masks (METHOD.md "Training").
+
+AdamW (lr 5e-4, wd 1e-2) over the trainable parameters, cosine schedule over all steps, gradient clipping
+1.0, an EMA of the weights (0.999) used for validation and saved, mixed precision on a GPU, early stopping
+on validation anomaly mIoU against the pseudo-masks. With a frozen backbone, backbone features are
+computed once per image and cached, so an epoch costs only the decoder.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from b2p.errors import B2PError
+from b2p.fileio import write_bytes_atomic, write_json_atomic
+from b2p.student.checkpoint import MODEL_FILE, save_checkpoint
+from b2p.student.data import FeatureCache, StudentDataset, backbone_fingerprint, gather_samples
+from b2p.student.losses import LossParams, StudentLoss
+from b2p.student.model import StudentConfig, build_model, count_params, describe_backbone
+
+
+@dataclass
+class TrainParams:
+    """The `train:` section of params.yaml (CLI options override)."""
+
+    # model
+    arch: str = "b2p"
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None  # backbone weight source; "random" only when asked (tests, ablations)
+    allow_download: bool = False
+    adaptation: str = "bitfit"
+    taps: list[int] | None = None
+    detail_branch: bool = True
+    binary_head: bool = True
+    input_size: int = 518
+    decoder_dim: int = 256
+    unet_base: int = 32
+    dinov2_config: dict | None = None  # tiny random DINOv2 for tests
+    # optimisation
+    epochs: int = 200
+    batch_size: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(d, (1+t)/(10+t)): short runs still get a useful EMA
+    patience: int = 25
+    seed: int = 42
+    amp: bool = True  # only on a GPU
+    device: str = "auto"  # auto | cpu | cuda
+    feature_cache: str = "auto"  # auto (frozen backbone -> memory) | memory | disk | off
+    cache_dir: str | None = None  # where `disk` keeps features (default data/cache/features)
+    num_workers: int = 0
+    # losses
+    dice_beta: float = 0.4
+    bg_weight: float = 0.4
+    defect_weight: float = 4.0
+    tau: float = 0.9
+    self_correction: bool = True
+    warmup_epochs: int = 0
+    self_correction_region: str = "all"
+    outside_box_bg_weight: float = 1.0
+    w_binary: float = 0.5
+    w_fine: float = 0.5
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> TrainParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise B2PError(f"unknown train parameters {unknown}; known: {sorted(known)}", source)
+        return cls(**d)
+
+    def loss_params(self) -> LossParams:
+        names = {f.name for f in fields(LossParams)}
+        return LossParams(**{k: v for k, v in asdict(self).items() if k in names})
+
+    def student_config(self, num_classes: int) -> StudentConfig:
+        names = {f.name for f in fields(StudentConfig)} - {"num_classes"}
+        return StudentConfig(num_classes=num_classes, **{k: v for k, v in asdict(self).items() if k in names})
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise B2PError("device 'cuda' asked for, but no CUDA GPU is available here")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters and all buffers of a model."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self._pairs = [
+            (pe, p) for pe, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad
+        ]
+        self._buffers = list(zip(self.model.buffers(), model.buffers()))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        for pe, p in self._pairs:
+            pe.lerp_(p.detach(), 1.0 - d)
+        for be, b in self._buffers:
+            if be.dtype.is_floating_point:
+                be.lerp_(b, 1.0 - d)
+            else:
+                be.copy_(b)
+
+
+def _cm_update(cm: Any, logits: torch.Tensor, target: torch.Tensor) -> None:
+    cm.update(logits.argmax(1).cpu().numpy(), target.cpu().numpy())
+
+
+def train_student(
+    batch_files: list[Path],
+    teacher_root: str | Path,
+    out_dir: str | Path,
+    params: TrainParams,
+    console: Console | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train, validate, and write OUT/model.pt, OUT/metrics.json, OUT/curves.csv; returns metrics.json's dict."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from b2p.evaluate.metrics import ConfusionMatrix, scores
+
+    console = console or Console(stderr=True)
+    out_dir = Path(out_dir)
+    t_start = time.perf_counter()
+    seed_everything(params.seed)
+    device = pick_device(params.device)
+
+    train_samples, num_classes = gather_samples(batch_files, teacher_root, ("train",))
+    val_samples, _ = gather_samples(batch_files, teacher_root, ("val",))
+    from b2p.dataset import class_list_of, load_batches
+
+    class_names = list(class_list_of(load_batches(batch_files)).names)
+    if not train_samples:
+        raise B2PError(f"the train split of batches {[p.stem for p in batch_files]} is empty: nothing to train on")
+    if not val_samples:
+        console.print(
+            "[bold yellow]warning:[/] the val split is empty: no validation, no early stopping; "
+            "the EMA model after the last epoch is saved"
+        )
+
+    config = params.student_config(num_classes)
+    model = build_model(config, weights=params.weights, allow_download=params.allow_download).to(device)
+    provenance = dict(model.provenance)
+    pc = count_params(model)
+    console.print(f"[bold]student[/]: {config.arch}, backbone {describe_backbone(model)}")
+    if not provenance.get("pretrained", False) and config.arch == "b2p":
+        console.print("[bold yellow]warning:[/] the backbone has RANDOM weights (explicitly requested); results are not those of a pretrained model")
+    console.print(
+        f"parameters: {pc['total'] / 1e6:.2f} M total, {pc['trainable'] / 1e6:.2f} M trainable "
+        f"({config.adaptation}); {len(train_samples)} train / {len(val_samples)} val images at {config.input_size} px on {device}"
+    )
+
+    loss_fn = StudentLoss(params.loss_params(), num_classes)
+    if params.loss_params().self_correction_region == "boxes":
+        console.print("self-correction restricted to pixels inside boxes")
+
+    # frozen backbone: features once per image (the backbone never changes)
+    cache: FeatureCache | None = None
+    mode = params.feature_cache
+    if mode not in ("auto", "memory", "disk", "off"):
+        raise B2PError(f"feature_cache must be auto, memory, disk or off, got {mode!r}")
+    if getattr(model, "backbone_frozen", False) and mode != "off":
+        disk = (params.cache_dir or "data/cache/features") if mode == "disk" else None
+        cache = FeatureCache(backbone_fingerprint(model), disk)
+        console.print(f"frozen backbone: features are cached ({'disk ' + str(disk) if disk else 'memory'})")
+    elif mode in ("memory", "disk"):
+        console.print(f"[yellow]note:[/] feature cache {mode!r} ignored: the backbone is not frozen (adaptation={config.adaptation})")
+
+    g = torch.Generator().manual_seed(params.seed)
+    ds_train = StudentDataset(train_samples, config.input_size, config.mean, config.std, num_classes)
+    ds_val = StudentDataset(val_samples, config.input_size, config.mean, config.std, num_classes)
+    dl_train = torch.utils.data.DataLoader(ds_train, batch_size=params.batch_size, shuffle=True, generator=g, num_workers=params.num_workers)
+    dl_val = torch.utils.data.DataLoader(ds_val, batch_size=params.batch_size, shuffle=False, num_workers=params.num_workers)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    total_steps = max(1, params.epochs * len(dl_train))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    ema = EMA(model, params.ema_decay, params.ema_warmup)
+    use_amp = params.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    def features(x: torch.Tensor, idx: torch.Tensor, samples) -> list[torch.Tensor] | None:
+        if cache is None:
+            return None
+        per = [cache.get(samples[int(i)].record.sha256) for i in idx]
+        if any(f is None for f in per):
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                fresh = model.backbone_features(x)
+            for j, i in enumerate(idx):
+                if per[j] is None:
+                    cache.put(samples[int(i)].record.sha256, [f[j] for f in fresh])
+                    per[j] = cache.get(samples[int(i)].record.sha256)
+        return [torch.stack([p[t] for p in per]).to(device, torch.float32) for t in range(len(per[0]))]
+
+    curves: list[dict] = []
+    best: dict | None = None
+    best_state: dict | None = None
+    best_epoch, since_best, epochs_run = -1, 0, 0
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+        task = bar.add_task("train", total=params.epochs, info="")
+        for epoch in range(params.epochs):
+            t_ep = time.perf_counter()
+            model.train()
+            sums: dict[str, float] = {}
+            n_steps = 0
+            cm_train = ConfusionMatrix(num_classes)
+            for x, y, bm, idx in dl_train:
+                x, y, bm = x.to(device), y.to(device), bm.to(device)
+                feats = features(x, idx, train_samples)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    out = model(x, feats)
+                loss, parts = loss_fn(out, y, epoch, bm)
+                if not torch.isfinite(loss):
+                    raise B2PError(f"training diverged (loss {float(loss)} at epoch {epoch + 1}); lower lr or check the inputs")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                ema.update()
+                _cm_update(cm_train, out["fine"].detach(), y)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_steps += 1
+            row: dict[str, Any] = {"epoch": epoch + 1}
+            row.update({f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()})
+            tr = scores(cm_train.matrix, class_names)
+            row["train_anomaly_miou"] = tr.get("anomaly_miou")
+            row["train_binary_iou"] = tr.get("binary_iou")
+            row["lr"] = opt.param_groups[0]["lr"]
+            val = _validate(ema.model, dl_val, val_samples, features, loss_fn, epoch, device, use_amp, amp_dtype, num_classes, class_names) if val_samples else None
+            if val is not None:
+                row.update({"val_loss": val["loss"], "val_miou": val["miou"], "val_anomaly_miou": val["anomaly_miou"], "val_binary_iou": val["binary_iou"], "val_binary_f1": val["binary_f1"]})
+            row["seconds"] = time.perf_counter() - t_ep
+            curves.append(row)
+            epochs_run = epoch + 1
+            score = (val["anomaly_miou"] or 0.0) if val is not None else None
+            if val is None or best is None or score > (best["anomaly_miou"] or 0.0):
+                best, best_epoch, since_best = val, epoch + 1, 0
+                best_state = {k: v.detach().to("cpu").clone() for k, v in ema.model.state_dict().items()}
+            else:
+                since_best += 1
+            info = f"loss {row.get('train_loss', float('nan')):.4f}" + (f"  val aMIoU {score:.4f}" if score is not None else "")
+            bar.update(task, advance=1, info=info)
+            if val is not None and since_best >= params.patience:
+                console.print(f"early stop after epoch {epoch + 1}: no val anomaly mIoU gain for {params.patience} epochs")
+                break
+
+    seconds = time.perf_counter() - t_start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "best_epoch": best_epoch,
+        "epochs_run": epochs_run,
+        "val": _jsonable(best) if best is not None else None,
+        "val_note": None if val_samples else "val split empty: no validation, last epoch saved",
+        "final_train": {k: v for k, v in curves[-1].items() if k.startswith("train_")} if curves else {},
+        "params": count_params(model),
+        "train_seconds": round(seconds, 2),
+        "backbone": provenance,
+        "device": str(device),
+        "images": {"train": len(train_samples), "val": len(val_samples)},
+        "feature_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
+    }
+    info = {"best_epoch": best_epoch, "val": metrics["val"], "train_params": asdict(params)}
+    save_checkpoint(out_dir / MODEL_FILE, config, class_names, provenance, best_state, info)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    _write_curves(out_dir / "curves.csv", curves)
+    v = metrics["val"]
+    console.print(
+        f"saved {out_dir / MODEL_FILE} (epoch {best_epoch} of {epochs_run}"
+        + (f", val anomaly mIoU {v['anomaly_miou']:.4f}, binary IoU {v['binary_iou']:.4f}" if v and v.get("anomaly_miou") is not None and v.get("binary_iou") is not None else "")
+        + f") in {seconds:.1f} s; backbone {describe_backbone(model)}"
+    )
+    return metrics
+
+
+@torch.no_grad()
+def _validate(model, dl, samples, features, loss_fn, epoch, device, use_amp, amp_dtype, num_classes, class_names) -> dict:
+    from b2p.evaluate.metrics import ConfusionMatrix, scores
+
+    model.eval()
+    cm = ConfusionMatrix(num_classes)
+    total, n = 0.0, 0
+    for x, y, bm, idx in dl:
+        x, y, bm = x.to(device), y.to(device), bm.to(device)
+        feats = features(x, idx, samples)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            out = model(x, feats)
+        # validation loss without self-correction: the pseudo-labels as they are
+        _, parts = loss_fn(out, y, -1, bm)  # epoch -1: self-correction off
+        total += parts["loss"]
+        n += 1
+        _cm_update(cm, out["fine"].float(), y)
+    s = scores(cm.matrix, class_names)
+    s["loss"] = total / max(n, 1)
+    return s
+
+
+def _jsonable(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(v) for v in d]
+    if isinstance(d, (np.floating, np.integer)):
+        return d.item()
+    return d
+
+
+def _write_curves(path: Path, rows: list[dict]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k])) for k in cols})
+    write_bytes_atomic(path, buf.getvalue().encode())

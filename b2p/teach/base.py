@@ -1,0 +1,377 @@
+"""The teacher interface and the batch loop that turns boxes into pseudo-masks.
+
+A teacher maps one image and its boxes to one binary mask per box (`Teacher.predict`). `teach_batch` runs a
+teacher over every image of a canonical batch (all splits: evaluation scores the teacher on the test split)
+and writes, under `<out_root>/<batch>/`:
+
+  labelmaps/<key>.png  one label map per image (b2p.labels format), masks painted with
+                       `b2p.labels.paint_label_map`: where masks of different boxes overlap, the SMALLER mask
+                       wins (a thin crack inside a big erosion box keeps its pixels); equal areas go to the
+                       higher score, then the lower class id.
+  instances.json       COCO: one annotation per box (`box_id` = the canonical box annotation id,
+                       category_id, RLE segmentation, area, bbox of the mask, `score` = the teacher's score,
+                       `note` when the teacher had to do something special for that box).
+  provenance.json      teacher, settings, checkpoint, versions, counts, time, every per-box note.
+
+Resume: each finished image is written atomically to `.parts/<key>.json` (+ `.png`) with the hash of the
+teacher's settings. A rerun skips images whose part has the same settings hash, image hash and boxes, and
+redoes the rest; the final files above are assembled from the parts only once every image is done, so an
+interrupted or failed run never leaves a half-updated output.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from b2p.dataset import Batch, ImageRecord, load_batch
+from b2p.errors import B2PError
+from b2p.fileio import read_image, read_json, write_json_atomic
+from b2p.labels import label_map_key, label_map_path, paint_label_map, read_label_map, write_label_map
+from b2p.masks import rle_decode, rle_encode
+
+PART_FORMAT = 1
+PARTS_DIR = ".parts"
+
+
+@dataclass
+class TeacherOutput:
+    """What a teacher returns for one image with N boxes.
+
+    masks: NxHxW bool, scores: N float32 in [0, 1], notes: N entries, None where the box was handled
+    normally, else a short text saying what happened instead (a fallback, a degenerate box, ...).
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    notes: list[str | None]
+
+
+@dataclass
+class PseudoMask:
+    """One teacher mask for one box, as stored in instances.json."""
+
+    box_id: int
+    image_id: int
+    category_id: int
+    mask: np.ndarray  # HxW bool
+    score: float
+    note: str | None = None
+
+    def to_coco(self) -> dict:
+        m = np.asarray(self.mask, dtype=bool)
+        ys, xs = np.nonzero(m)
+        bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)] if xs.size else [0, 0, 0, 0]
+        ann = {
+            "id": self.box_id,
+            "box_id": self.box_id,
+            "image_id": self.image_id,
+            "category_id": self.category_id,
+            "segmentation": rle_encode(m),
+            "area": int(m.sum()),
+            "bbox": bbox,
+            "iscrowd": 0,
+            "score": round(float(self.score), 6),
+        }
+        if self.note:
+            ann["note"] = self.note
+        return ann
+
+
+class Teacher(ABC):
+    """Box-prompted mask maker. Subclasses set `name` and implement `predict` and `settings`."""
+
+    name: str = "teacher"
+
+    @abstractmethod
+    def predict(self, image: np.ndarray, boxes: np.ndarray) -> TeacherOutput:
+        """image: HxWx3 uint8 RGB; boxes: Nx4 float XYXY pixels -> TeacherOutput (masks NxHxW bool)."""
+
+    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """Every setting that changes the masks (JSON-able); its hash decides whether resume may reuse work."""
+
+    def provenance(self) -> dict[str, Any]:
+        """Extra facts for provenance.json (checkpoint, device, counters); settings are added by the loop."""
+        return {}
+
+
+def check_inputs(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a teacher's inputs: HxWx3 uint8 image and Nx4 float boxes; returns them as arrays."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise B2PError(f"teacher expects an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    return image, boxes
+
+
+def box_pixel_bounds(box: np.ndarray, shape: tuple[int, int], margin: int = 0) -> tuple[int, int, int, int]:
+    """Integer pixel bounds (x0, y0, x1, y1), end-exclusive, of an XYXY box grown by `margin`, inside the image.
+
+    A COCO box [x, y, w, h] covers pixels x..x+w-1, so XYXY (x, y, x+w, y+h) maps to x0=floor(x), x1=ceil(x+w).
+    """
+    h, w = shape
+    x0 = max(0, int(np.floor(box[0])) - margin)
+    y0 = max(0, int(np.floor(box[1])) - margin)
+    x1 = min(w, int(np.ceil(box[2])) + margin)
+    y1 = min(h, int(np.ceil(box[3])) + margin)
+    return x0, y0, max(x0, x1), max(y0, y1)
+
+
+def clip_to_box(mask: np.ndarray, box: np.ndarray, margin: int = 0) -> np.ndarray:
+    """HxW bool mask with everything outside the box (grown by `margin` px) set to False."""
+    x0, y0, x1, y1 = box_pixel_bounds(box, mask.shape, margin)
+    out = np.zeros_like(mask, dtype=bool)
+    out[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+    return out
+
+
+def box_mask(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """HxW bool mask of the box itself (the trivial pseudo-mask)."""
+    x0, y0, x1, y1 = box_pixel_bounds(box, shape)
+    m = np.zeros(shape, dtype=bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def settings_hash(teacher: Teacher) -> str:
+    blob = json.dumps({"format": PART_FORMAT, "teacher": teacher.name, "settings": teacher.settings()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- the batch loop ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeachReport:
+    """What one `teach_batch` call did."""
+
+    batch: str
+    out_dir: Path
+    images: int
+    boxes: int
+    taught: int  # images the teacher ran on in this call
+    reused: int  # images taken from an earlier (interrupted) run with the same settings
+    notes: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _part_paths(out_dir: Path, im: ImageRecord) -> tuple[Path, Path]:
+    key = label_map_key(im.file_name)
+    return out_dir / PARTS_DIR / f"{key}.json", out_dir / PARTS_DIR / f"{key}.png"
+
+
+def _boxes_signature(im: ImageRecord) -> list:
+    return [[b.id, b.category_id, [round(float(v), 4) for v in b.xywh]] for b in im.boxes]
+
+
+def _load_part(json_path: Path, png_path: Path, im: ImageRecord, shash: str) -> dict | None:
+    """The finished part of image `im` if it matches the current settings, image and boxes, else None."""
+    if not (json_path.is_file() and png_path.is_file()):
+        return None
+    try:
+        part = json.loads(json_path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable part: redo the image
+    if (
+        part.get("format") != PART_FORMAT
+        or part.get("settings_hash") != shash
+        or part.get("image_sha256") != im.sha256
+        or part.get("boxes") != _boxes_signature(im)
+    ):
+        return None
+    return part
+
+
+def _teach_image(teacher: Teacher, im: ImageRecord) -> tuple[list[PseudoMask], np.ndarray]:
+    image = read_image(im.path)
+    if image.shape[:2] != (im.height, im.width):
+        raise B2PError(
+            f"image is {image.shape[1]}x{image.shape[0]} but the batch file says {im.width}x{im.height} "
+            "(changed since import? re-run `b2p import`)",
+            im.path,
+        )
+    boxes = im.boxes_xyxy()
+    if len(boxes):
+        out = teacher.predict(image, boxes)
+        masks, scores, notes = out.masks, out.scores, out.notes
+        if masks.shape != (len(boxes), im.height, im.width):
+            raise RuntimeError(f"teacher {teacher.name} returned masks {masks.shape} for {len(boxes)} boxes")
+    else:
+        masks, scores, notes = np.zeros((0, im.height, im.width), bool), np.zeros(0, np.float32), []
+    pms = [
+        PseudoMask(b.id, im.id, b.category_id, masks[i].astype(bool), float(scores[i]), notes[i])
+        for i, b in enumerate(im.boxes)
+    ]
+    lm = paint_label_map((im.height, im.width), [p.mask for p in pms], [p.category_id for p in pms], [p.score for p in pms])
+    return pms, lm
+
+
+def teach_batch(
+    batch_file: str | Path,
+    out_root: str | Path,
+    teacher: Teacher,
+    resume: bool = True,
+    progress: bool = True,
+    limit: int | None = None,
+) -> TeachReport:
+    """Run `teacher` on every image of the canonical batch `batch_file`; write `<out_root>/<batch>/`.
+
+    `resume=False` redoes every image even when a matching part exists. `limit` stops after that many
+    newly taught images WITHOUT assembling the final files (a deliberate interruption, for tests and
+    benchmarks). Returns a TeachReport.
+    """
+    batch_file = Path(batch_file)
+    if not batch_file.is_file():
+        raise B2PError("batch was never imported (annotation file missing); run `b2p import` first", batch_file)
+    batch = load_batch(batch_file)
+    out_dir = Path(out_root) / batch.name
+    shash = settings_hash(teacher)
+    t0 = time.perf_counter()
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    taught = reused = 0
+    parts: dict[int, dict] = {}
+
+    progress_ctx = _Progress(progress, f"teach {batch.name} ({teacher.name})", len(batch.images))
+    with progress_ctx as advance:
+        for im in batch.images:
+            jpath, ppath = _part_paths(out_dir, im)
+            part = _load_part(jpath, ppath, im, shash) if resume else None
+            if part is None:
+                if limit is not None and taught >= limit:
+                    return TeachReport(batch.name, out_dir, len(batch.images), 0, taught, reused, seconds=time.perf_counter() - t0)
+                pms, lm = _teach_image(teacher, im)
+                part = {
+                    "format": PART_FORMAT,
+                    "settings_hash": shash,
+                    "image_sha256": im.sha256,
+                    "file_name": im.file_name,
+                    "boxes": _boxes_signature(im),
+                    "annotations": [p.to_coco() for p in pms],
+                }
+                write_label_map(ppath, lm)  # png first: a part counts as finished only once its json exists
+                write_json_atomic(jpath, part, indent=None)
+                taught += 1
+            else:
+                reused += 1
+            parts[im.id] = part
+            advance(1)
+
+    # every image is done: assemble the final files from the parts
+    annotations, notes = [], []
+    for im in batch.images:
+        _, ppath = _part_paths(out_dir, im)
+        lm = read_label_map(ppath, shape=(im.height, im.width))
+        write_label_map(label_map_path(out_root, batch.name, im.file_name), lm)
+        for ann in parts[im.id]["annotations"]:
+            annotations.append(ann)
+            if ann.get("note"):
+                notes.append({"box_id": ann["box_id"], "image": im.file_name, "note": ann["note"]})
+    _remove_stale(out_dir, batch)
+    seconds = time.perf_counter() - t0
+    instances = {
+        "info": {"batch": batch.name, "teacher": teacher.name, "settings_hash": shash, "description": "b2p teacher pseudo-masks"},
+        "images": [{"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height, "split": im.split} for im in batch.images],
+        "categories": batch.classes.to_coco_categories(),
+        "annotations": annotations,
+    }
+    write_json_atomic(out_dir / "instances.json", instances, indent=None)
+    n_boxes = len(annotations)
+    empty = sum(1 for a in annotations if a["area"] == 0)
+    prov = {
+        "batch": batch.name,
+        "batch_file": str(batch_file),
+        "teacher": teacher.name,
+        "settings": teacher.settings(),
+        "settings_hash": shash,
+        **teacher.provenance(),
+        "versions": _versions(),
+        "counts": {
+            "images": len(batch.images),
+            "boxes": n_boxes,
+            "images_by_split": {s: len(batch.split(s)) for s in ("train", "val", "test")},
+            "taught_this_run": taught,
+            "reused_from_earlier_run": reused,
+            "boxes_with_notes": len(notes),
+            "empty_masks": empty,
+        },
+        "time": {"started": started, "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 3)},
+        "notes": notes,
+    }
+    write_json_atomic(out_dir / "provenance.json", prov)
+    return TeachReport(batch.name, out_dir, len(batch.images), n_boxes, taught, reused, notes, seconds)
+
+
+def _remove_stale(out_dir: Path, batch: Batch) -> None:
+    """Drop label maps and parts of images no longer in the batch (our own outputs only)."""
+    keep = {label_map_key(im.file_name) for im in batch.images}
+    for folder, suffixes in ((out_dir / "labelmaps", (".png",)), (out_dir / PARTS_DIR, (".png", ".json"))):
+        if folder.is_dir():
+            for f in folder.iterdir():
+                if f.suffix in suffixes and f.stem not in keep and not f.name.startswith("."):
+                    f.unlink()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("b2p", "numpy", "opencv-python-headless", "torch", "segment-anything", "pycocotools"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class _Progress:
+    """A rich progress bar over images, or a no-op."""
+
+    def __init__(self, enabled: bool, description: str, total: int):
+        self.enabled, self.description, self.total = enabled, description, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        self.p.__enter__()
+        task = self.p.add_task(self.description, total=self.total)
+        return lambda n: self.p.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.__exit__(*exc)
+        return False
+
+
+def read_instances(out_dir: str | Path) -> dict:
+    """Read a teacher root's instances.json (for tools downstream)."""
+    return read_json(Path(out_dir) / "instances.json", "teacher instances file")
+
+
+def decode_instances(instances: dict) -> dict[int, np.ndarray]:
+    """box_id -> HxW bool mask of every annotation in an instances.json dict."""
+    return {a["box_id"]: rle_decode(a["segmentation"]) for a in instances["annotations"]}
+
+
+__all__ = [
+    "PseudoMask",
+    "Teacher",
+    "TeacherOutput",
+    "TeachReport",
+    "box_mask",
+    "clip_to_box",
+    "teach_batch",
+    "settings_hash",
+]

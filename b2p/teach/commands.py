@@ -1,0 +1,66 @@
+"""`b2p teach`: box annotations -> teacher pseudo-masks (thin CLI over b2p.teach.base.teach_batch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def teach(
+    batch_files: list[Path] = typer.Argument(..., help="Canonical batch file(s), e.g. data/imported/NAME.json."),
+    out: Path = typer.Option(Path("data/teach"), "--out", help="Teacher root: writes OUT/<batch>/..."),
+    teacher: str = typer.Option(None, "--teacher", help="grabcut (default, no weights) | box (baseline) | sam."),
+    params: Path = typer.Option(None, "--params", help="YAML file whose `teach:` section sets defaults."),
+    sam_model: str = typer.Option(None, "--sam-model", help="SAM size: vit_b (default) | vit_l | vit_h."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="Explicit SAM checkpoint file (a state dict)."),
+    weights_dir: Path = typer.Option(None, "--weights-dir", help="Folder holding official SAM files [$B2P_WEIGHTS_DIR or weights/]."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="SAM embedding cache [data/cache/embeddings]."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the embedding cache."),
+    device: str = typer.Option(None, "--device", help="auto (GPU when available) | cpu | cuda | cuda:N."),
+    mask_select: str = typer.Option(None, "--mask-select", help="SAM candidate choice: box (best fit to the box) | iou | single."),
+    clip_margin: int = typer.Option(None, "--clip-margin", help="SAM masks are clipped to the box grown by this many px [0]."),
+    download: bool = typer.Option(None, "--download/--no-download", help="Download official SAM weights when missing [on]."),
+    grabcut_iters: int = typer.Option(None, "--grabcut-iters", help="GrabCut iterations [5]."),
+    grabcut_context: float = typer.Option(None, "--grabcut-context", help="GrabCut context around the box, fraction of its long side [0.5]."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse images finished by an earlier run with the same settings."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Make one pseudo-mask per box with a teacher (GrabCut, filled box, or box-prompted SAM).
+
+    Reads canonical batch files (`b2p import`) and teaches every image of every split.
+
+    Writes OUT/<batch>/labelmaps/<key>.png (uint8 label maps; where masks overlap, the smaller one wins), OUT/<batch>/instances.json (COCO RLE per box, with box_id and score) and OUT/<batch>/provenance.json (teacher, settings, checkpoint path + sha256, versions, counts, time, per-box notes). An interrupted run continues where it stopped.
+
+    SAM weights: --checkpoint FILE, else the official file in --weights-dir, else a checksum-verified download from the official host (--no-download to forbid it).
+    """
+    from rich.console import Console
+
+    from b2p.teach.base import teach_batch
+    from b2p.teach.config import build_config, make_teacher
+
+    console = Console(stderr=True)
+    cfg = build_config(
+        params,
+        teacher=teacher,
+        sam_model=sam_model,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        weights_dir=str(weights_dir) if weights_dir else None,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        device=device,
+        mask_select=mask_select,
+        clip_margin=clip_margin,
+        download=download,
+        grabcut={"iterations": grabcut_iters, "context_frac": grabcut_context},
+    )
+    if no_cache:
+        cfg.cache_dir = None
+    t = make_teacher(cfg, progress=not quiet)
+    for f in batch_files:
+        r = teach_batch(f, out, t, resume=resume, progress=not quiet)
+        console.print(
+            f"[green]taught[/] {r.batch}: {r.images} images, {r.boxes} boxes with {t.name} "
+            f"({r.taught} taught, {r.reused} reused) in {r.seconds:.1f} s -> {r.out_dir}"
+            + (f"; [yellow]{len(r.notes)} boxes with notes[/] (see provenance.json)" if r.notes else ""),
+            highlight=False,
+        )

@@ -1,0 +1,113 @@
+"""Teach-stage settings: built-in defaults < `params.yaml` section `teach` < command-line options.
+
+`params.yaml` example (every key optional):
+
+    teach:
+      teacher: sam            # grabcut | box | sam
+      sam_model: vit_b        # vit_b | vit_l | vit_h
+      checkpoint: null        # explicit checkpoint file
+      weights_dir: weights
+      cache_dir: data/cache/embeddings
+      device: auto
+      mask_select: box        # box | iou | single
+      clip_margin: 0
+      download: true
+      grabcut: {iterations: 5, context_frac: 0.5, context_px: 8, min_side: 4, min_background: 32, empty: box}
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from b2p.errors import B2PError
+from b2p.teach.base import Teacher
+from b2p.teach.cache import DEFAULT_CACHE_DIR
+from b2p.teach.grabcut import GrabCutSettings
+
+TEACHERS = ("grabcut", "box", "sam")
+
+
+@dataclass
+class TeachConfig:
+    teacher: str = "grabcut"  # needs no download
+    sam_model: str = "vit_b"
+    checkpoint: str | None = None
+    weights_dir: str | None = None  # None: $B2P_WEIGHTS_DIR, else weights/
+    cache_dir: str | None = DEFAULT_CACHE_DIR  # None: no embedding cache
+    device: str = "auto"
+    mask_select: str = "box"
+    clip_margin: int = 0
+    download: bool = True
+    decoder_batch: int = 64
+    grabcut: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.teacher not in TEACHERS:
+            raise B2PError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}")
+
+
+def load_teach_params(path: str | Path) -> dict[str, Any]:
+    """The `teach:` section of a params YAML file ({} when the file has none)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise B2PError("params file not found", path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise B2PError(f"params file is not valid YAML: {e}", path) from None
+    section = data.get("teach", {}) if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        raise B2PError("params section `teach` must be a mapping", path)
+    known = {f.name for f in fields(TeachConfig)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise B2PError(f"unknown keys in params section `teach`: {unknown}; known: {sorted(known)}", path)
+    return section
+
+
+def build_config(params_file: str | Path | None = None, **cli: Any) -> TeachConfig:
+    """Merge defaults, the params file's `teach` section and CLI options (None means "not given")."""
+    merged: dict[str, Any] = asdict(TeachConfig())
+    if params_file is not None:
+        section = load_teach_params(params_file)
+        merged.update({k: v for k, v in section.items() if k != "grabcut"})
+        merged["grabcut"] = {**merged["grabcut"], **(section.get("grabcut") or {})}
+    gc_cli = cli.pop("grabcut", None) or {}
+    merged.update({k: v for k, v in cli.items() if v is not None})
+    merged["grabcut"] = {**merged["grabcut"], **{k: v for k, v in gc_cli.items() if v is not None}}
+    return TeachConfig(**merged)
+
+
+def make_teacher(cfg: TeachConfig, progress: bool = True) -> Teacher:
+    """The teacher `cfg` describes (SAM: checkpoint found/downloaded and loaded here, before any output)."""
+    if cfg.teacher == "box":
+        from b2p.teach.box import BoxTeacher
+
+        return BoxTeacher()
+    if cfg.teacher == "grabcut":
+        from b2p.teach.grabcut import GrabCutTeacher
+
+        known = {f.name for f in fields(GrabCutSettings)}
+        unknown = sorted(set(cfg.grabcut) - known)
+        if unknown:
+            raise B2PError(f"unknown grabcut settings {unknown}; known: {sorted(known)}")
+        try:
+            return GrabCutTeacher(GrabCutSettings(**cfg.grabcut))
+        except TypeError as e:
+            raise B2PError(f"bad grabcut settings: {e}") from None
+    from b2p.teach.sam import SamSettings, SamTeacher
+
+    return SamTeacher(
+        SamSettings(model_type=cfg.sam_model, mask_select=cfg.mask_select, clip_margin=int(cfg.clip_margin)),
+        checkpoint=cfg.checkpoint,
+        weights_dir=cfg.weights_dir,
+        cache_dir=cfg.cache_dir,
+        device=cfg.device,
+        download=cfg.download,
+        decoder_batch=int(cfg.decoder_batch),
+        progress=progress,
+    )

@@ -1,0 +1,110 @@
+"""GrabCut teacher: OpenCV's `cv2.grabCut` initialised from each box, no weights needed.
+
+Per box: crop the image around the box with some context, mark the context (everything outside the box)
+as definite background and the box as probable foreground, run GrabCut, and keep the (probable)
+foreground, which lies inside the box by construction. This is the classic box-supervision teacher
+("Simple Does It", Khoreva et al. 2017).
+
+Degenerate boxes are handled explicitly and every case is recorded as a per-box note (provenance.json):
+  - a box thinner than `min_side` px: GrabCut cannot model its colours; the box is filled, score 0;
+  - a box leaving fewer than `min_background` context pixels (it covers almost the whole image): no
+    background model can be learned; the box is filled, score 0;
+  - GrabCut returns no foreground: the box is filled (`empty="box"`, default) or the mask stays empty
+    (`empty="keep"`); either way it is noted.
+Score: 1.0 where GrabCut made the mask, 0.0 where the box was filled instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from b2p.errors import B2PError
+from b2p.teach.base import Teacher, TeacherOutput, box_mask, box_pixel_bounds, check_inputs
+
+
+@dataclass(frozen=True)
+class GrabCutSettings:
+    iterations: int = 5
+    context_frac: float = 0.5  # context around the box, as a fraction of its longer side ...
+    context_px: int = 8  # ... but at least this many pixels
+    min_side: int = 4
+    min_background: int = 32
+    empty: str = "box"  # what to do when GrabCut finds no foreground: "box" (fill, noted) or "keep"
+    seed: int = 0  # OpenCV's k-means initialisation of the colour models is random
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise B2PError(f"grabcut iterations must be >= 1, got {self.iterations}")
+        if self.context_frac < 0 or self.context_px < 1:
+            raise B2PError("grabcut context must be positive (context_px >= 1, context_frac >= 0)")
+        if self.min_side < 2 or self.min_background < 5:
+            raise B2PError("grabcut min_side must be >= 2 and min_background >= 5 (GMMs need samples)")
+        if self.empty not in ("box", "keep"):
+            raise B2PError(f"grabcut empty must be 'box' or 'keep', got {self.empty!r}")
+
+
+class GrabCutTeacher(Teacher):
+    name = "grabcut"
+
+    def __init__(self, settings: GrabCutSettings | None = None, **overrides: Any):
+        base = settings or GrabCutSettings()
+        self.cfg = GrabCutSettings(**{**asdict(base), **overrides}) if overrides else base
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self.cfg)
+
+    def predict(self, image: np.ndarray, boxes: np.ndarray) -> TeacherOutput:
+        """image: HxWx3 uint8 RGB; boxes: Nx4 float XYXY -> masks NxHxW bool inside each box, scores N."""
+        image, boxes = check_inputs(image, boxes)
+        h, w = image.shape[:2]
+        masks = np.zeros((len(boxes), h, w), dtype=bool)
+        scores = np.zeros(len(boxes), dtype=np.float32)
+        notes: list[str | None] = []
+        for i, box in enumerate(boxes):
+            m, ok, note = self._one(image, box)
+            masks[i], scores[i] = m, 1.0 if ok else 0.0
+            notes.append(note)
+        return TeacherOutput(masks, scores, notes)
+
+    def _one(self, image: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, bool, str | None]:
+        """(mask HxW bool, GrabCut produced it, note)."""
+        import cv2
+
+        c = self.cfg
+        shape = image.shape[:2]
+        x0, y0, x1, y1 = box_pixel_bounds(box, shape)
+        bw, bh = x1 - x0, y1 - y0
+        if min(bw, bh) < c.min_side:
+            return box_mask(box, shape), False, f"grabcut skipped: box {bw}x{bh} px is thinner than min_side={c.min_side}; box filled"
+        ctx = max(c.context_px, int(round(c.context_frac * max(bw, bh))))
+        cx0, cy0 = max(0, x0 - ctx), max(0, y0 - ctx)
+        cx1, cy1 = min(shape[1], x1 + ctx), min(shape[0], y1 + ctx)
+        n_bg = (cx1 - cx0) * (cy1 - cy0) - bw * bh
+        if n_bg < c.min_background:
+            return (
+                box_mask(box, shape),
+                False,
+                f"grabcut skipped: box covers nearly the whole image, only {n_bg} background pixels around it "
+                f"(< min_background={c.min_background}); box filled",
+            )
+        crop = np.ascontiguousarray(image[cy0:cy1, cx0:cx1, ::-1])  # BGR, as OpenCV expects
+        gc = np.full(crop.shape[:2], cv2.GC_BGD, np.uint8)
+        gc[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0] = cv2.GC_PR_FGD
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        cv2.setRNGSeed(c.seed)
+        try:
+            cv2.grabCut(crop, gc, None, bgd, fgd, c.iterations, cv2.GC_INIT_WITH_MASK)
+        except cv2.error as e:
+            msg = str(e).strip().splitlines()[-1][:200]
+            return box_mask(box, shape), False, f"grabcut failed ({msg}); box filled"
+        fg = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
+        mask = np.zeros(shape, dtype=bool)
+        mask[cy0:cy1, cx0:cx1] = fg
+        if not mask.any():
+            if c.empty == "box":
+                return box_mask(box, shape), False, "grabcut found no foreground in the box; box filled"
+            return mask, False, "grabcut found no foreground in the box; mask left empty"
+        return mask, True, None
