@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from b2p.cli import app
 from b2p.dataset import load_batch, save_batch_dict, to_coco_dict
 from b2p.errors import B2PError
-from b2p.fileio import sha256_file, write_png_atomic
+from b2p.fileio import read_image, sha256_file, write_png_atomic
 from b2p.labels import label_map_path, paint_label_map, read_label_map
 from b2p.masks import rle_decode
 from b2p.teach.base import clip_to_box, settings_hash, teach_batch
@@ -109,6 +109,8 @@ def test_outputs_instances_labelmaps_provenance(tmp_path):
     assert prov["counts"]["images"] == 4 and prov["counts"]["boxes"] == 8
     assert prov["counts"]["images_by_split"]["test"] == sum(im.split == "test" for im in batch.images)
     assert "numpy" in prov["versions"] and prov["time"]["seconds"] >= 0
+    preview = read_image(tmp_path / "teach" / "b1" / "preview.png")
+    assert preview.shape == (256, 4 * 256, 3) and preview.std() > 0
 
 
 def test_label_map_overlap_rule_smaller_mask_wins(tmp_path):

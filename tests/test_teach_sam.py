@@ -16,7 +16,7 @@ from conftest import make_synthetic_batch
 from typer.testing import CliRunner
 
 from b2p.cli import app
-from b2p.fileio import sha256_file
+from b2p.fileio import read_image, sha256_file
 from b2p.masks import rle_decode
 from b2p.teach.base import box_pixel_bounds, settings_hash, teach_batch
 from b2p.teach.sam import SamSettings, SamTeacher, _bbox_iou
@@ -62,7 +62,7 @@ def test_one_encoder_call_and_one_decoder_call_per_image(tiny_ckpt, tmp_path):
     t = _teacher(tiny_ckpt, None)
     calls = _count_predict_torch(t)
     img = _image()
-    for n, expected_encoder in ((1, 1), (16, 2)):
+    for n, expected_encoder in ((1, 1), (6, 2)):
         boxes = _boxes(n)
         out = t.predict(img, boxes)
         assert out.masks.shape == (n, 96, 96) and out.masks.dtype == bool
@@ -74,9 +74,9 @@ def test_one_encoder_call_and_one_decoder_call_per_image(tiny_ckpt, tmp_path):
             assert m.sum() == m[y0:y1, x0:x1].sum()  # clipped to its box
     assert len(calls) == 2
     # decoder_batch only splits images with more boxes than it
-    t.decoder_batch = 5
-    t.predict(img, _boxes(12))
-    assert calls[-3:] == [5, 5, 2] and t.encoder_calls == 3
+    t.decoder_batch = 2
+    t.predict(img, _boxes(5))
+    assert calls[-3:] == [2, 2, 1] and t.encoder_calls == 3
 
 
 def test_clipping_to_box_with_margin(tiny_ckpt, monkeypatch):
@@ -126,12 +126,12 @@ def test_mask_selection_rule(tiny_ckpt, monkeypatch):
 
 
 def test_teach_batch_end_to_end_with_cache(tiny_ckpt, tmp_path):
-    batch_file, _ = make_synthetic_batch(tmp_path, n_images=3, size=64)
+    batch_file, _ = make_synthetic_batch(tmp_path, n_images=2, size=64)
     cache = tmp_path / "cache"
     t = _teacher(tiny_ckpt, cache)
     r = teach_batch(batch_file, tmp_path / "teach", t, progress=False)
-    assert (r.images, r.boxes, r.taught) == (3, 6, 3)
-    assert t.encoder_calls == 3 and (t.cache.misses, t.cache.hits) == (3, 0)
+    assert (r.images, r.boxes, r.taught) == (2, 4, 2)
+    assert t.encoder_calls == 2 and (t.cache.misses, t.cache.hits) == (2, 0)
     inst = json.loads((tmp_path / "teach" / "b1" / "instances.json").read_text())
     data = json.loads(batch_file.read_text())
     boxes = {a["id"]: a["bbox"] for a in data["annotations"]}
@@ -143,16 +143,16 @@ def test_teach_batch_end_to_end_with_cache(tiny_ckpt, tmp_path):
     assert prov["teacher"] == "sam" and prov["model_type"] == "test_tiny"
     assert prov["checkpoint"]["sha256"] == sha256_file(tiny_ckpt) and prov["checkpoint"]["path"] == str(tiny_ckpt)
     assert prov["settings"]["checkpoint_sha256"] == sha256_file(tiny_ckpt)
-    assert prov["encoder_calls"] == 3 and prov["embedding_cache"]["misses"] == 3
-    assert len(list(cache.rglob("*.npz"))) == 3
+    assert prov["encoder_calls"] == 2 and prov["embedding_cache"]["misses"] == 2
+    assert len(list(cache.rglob("*.npz"))) == 2
 
     # other decoder settings: images are redone (settings hash differs) but the encoder is skipped
     t2 = _teacher(tiny_ckpt, cache, mask_select="iou")
     r2 = teach_batch(batch_file, tmp_path / "teach", t2, progress=False)
-    assert r2.taught == 3 and t2.encoder_calls == 0 and t2.cache.hits == 3
+    assert r2.taught == 2 and t2.encoder_calls == 0 and t2.cache.hits == 2
     # a cache hit gives the same masks as running the encoder
     t3 = _teacher(tiny_ckpt, None, mask_select="iou")
-    img = np.asarray(__import__("b2p.fileio", fromlist=["read_image"]).read_image(tmp_path / "raw" / "b1" / "images" / "img_000.png"))
+    img = read_image(tmp_path / "raw" / "b1" / "images" / "img_000.png")
     bx = np.array([[5, 5, 40, 40]], np.float32)
     assert np.array_equal(t2.predict(img, bx).masks, t3.predict(img, bx).masks)
     assert t3.encoder_calls == 1 and t2.encoder_calls == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 import urllib.request
@@ -53,7 +54,14 @@ def launch(
         raise B2PError(f"port {port} on {address} is already in use; pass another --port")
     ds = fo.load_dataset(name)
     t0 = time.perf_counter()
-    session = fo.launch_app(ds, remote=True, address=address, port=port, auto=False)
+    # FiftyOne logs ssh-tunnel instructions and a banner for remote sessions; we print the local URL instead
+    session_logger = logging.getLogger("fiftyone.core.session.session")
+    level = session_logger.level
+    session_logger.setLevel(logging.WARNING)
+    try:
+        session = fo.launch_app(ds, remote=True, address=address, port=port, auto=False)
+    finally:
+        session_logger.setLevel(level)
     url = app_url(address, port, name)
     wait_http_ok(app_url(address, port))
     if on_ready:

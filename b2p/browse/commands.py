@@ -34,7 +34,7 @@ def print_summary(summary, console: Console = console) -> None:
     )
     console.print("saved views: " + ", ".join(summary.views))
     for n in summary.notes:
-        console.print(f"[yellow]note:[/] {n}", highlight=False)
+        console.print(f"[yellow]note:[/] {n}", highlight=False, soft_wrap=True)
 
 
 def browse(
@@ -53,14 +53,19 @@ def browse(
 ) -> None:
     """Build or update a FiftyOne dataset from the pipeline's outputs and open it in the App.
 
-    Reads the canonical batches in --imported, teacher label maps under --teacher-root and student label maps
-    under --pred-root (a missing root leaves that field empty; an existing root missing a label map is an
-    error). Writes the persistent FiftyOne dataset --name: one sample per image (keyed by batch/file, so
-    re-running after a new batch updates it in place) with `boxes`, `manual`/`teacher`/`student` masks,
-    teacher/student IoU against manual masks, teacher-student disagreement, tags teacher_miss /
-    teacher_hallucination and saved views (worst-teacher, student-fixed-teacher, newest-batch,
-    by-disagreement, teacher-errors). Then serves the App at http://ADDRESS:PORT until Ctrl+C, unless
-    --build-only.
+    Inputs: canonical batches (--imported), teacher and student label maps (--teacher-root, --pred-root).
+
+    A missing root leaves that mask field empty; an existing root missing a label map is an error.
+
+    Output: the persistent FiftyOne dataset --name, one sample per image keyed by batch/file (updated in place).
+
+    Fields: boxes; manual, teacher, student masks; teacher/student IoU against the manual mask; disagreement.
+
+    Tags: teacher_miss, teacher_hallucination.
+
+    Saved views: worst-teacher, student-fixed-teacher, newest-batch, by-disagreement, teacher-errors.
+
+    Then serves the App at http://ADDRESS:PORT until Ctrl+C, unless --build-only.
     """
     from b2p.browse.build import build_dataset
     from b2p.browse.fo_env import configure_env

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from b2p.errors import B2PError
+
 
 def add_batch(
     source: Path = typer.Argument(..., help="Folder of the batch's images (as `b2p import --images`)."),
@@ -51,33 +53,45 @@ def add_batch(
 
 def bench_report(
     eval_root: Path = typer.Argument(..., help="Evaluation folder: EVAL_ROOT/metrics.json or EVAL_ROOT/<teacher>/<student>/metrics.json."),
-    models: Path = typer.Option(None, "--models", help="Model root laid out like EVAL_ROOT (train's metrics.json: time, params)."),
-    pred_root: Path = typer.Option(None, "--pred-root", help="Prediction root laid out like EVAL_ROOT (predict's timing.json)."),
-    teach_root: Path = typer.Option(None, "--teach-root", help="Teacher root (<teacher>/<batch>/provenance.json; the main job: <batch>/...)."),
+    models: Path = typer.Option(None, "--models", help="Model root laid out like EVAL_ROOT (train's metrics.json and model.pt)."),
+    teach_root: Path = typer.Option(None, "--teach-root", help="Teacher root: <teacher>/<batch>/provenance.json (the main job: <batch>/...)."),
+    imported: Path = typer.Option(None, "--imported", help="Canonical batch files; needed to time inference (--speed-images)."),
+    split: str = typer.Option("test", "--split", help="Split whose images are timed."),
+    speed_images: int = typer.Option(0, "--speed-images", min=0, help="Time each student on this many images (0: skip)."),
+    device: str = typer.Option("auto", "--device", help="Device for the timing: auto, cpu or cuda."),
     out: Path = typer.Option(None, "--out", help="Write OUT/report.json and OUT/report.md (default: print only)."),
     title: str = typer.Option("b2p benchmark", "--title", help="Table title."),
     next_command: str = typer.Option(None, "--next", help="A command to suggest at the end (e.g. the `b2p browse` call)."),
 ) -> None:
     """Collect evaluated runs into one table: each teacher, the box-fill baseline, and every student.
 
-    Reads the `metrics.json` of every run under EVAL_ROOT (written by `b2p evaluate`), plus, where given
-    and present, training figures (MODELS), inference timing (PRED_ROOT) and teacher time (TEACH_ROOT).
-    Prints the table; with --out writes OUT/report.json (rows with every figure) and OUT/report.md.
+    Reads the `metrics.json` of every run under EVAL_ROOT (written by `b2p evaluate`: the paper's mIoU,
+    anomaly mIoU, binary IoU / precision / recall / F1) and, where given and present, training time and
+    parameter counts (MODELS/<run>/metrics.json) and teacher time per image (TEACH_ROOT provenance).
+    With --speed-images N, loads every MODELS/<run>/model.pt and times it on N images of IMPORTED's SPLIT.
+    Prints the table; with --out writes OUT/report.json (every figure) and OUT/report.md.
     A figure that was not recorded shows as '-', never as a guess.
     """
-    from b2p.pipeline.report import build_report, find_runs, print_report, write_report
+    from b2p.pipeline.report import build_report, find_runs, measure_speed, print_report, write_report
 
-    runs = find_runs(eval_root, models, pred_root, teach_root)
+    runs = find_runs(eval_root, models, teach_root)
+    if speed_images:
+        from b2p.pipeline.report import speed_images as pick_images
+
+        if imported is None or models is None:
+            raise B2PError("--speed-images needs --imported (the images) and --models (the students)")
+        images = pick_images(imported, split, speed_images)
+        for r in runs:
+            if r.model_dir is None:
+                raise B2PError(f"no model.pt for run {r.name} to time", models)
+            r.speed = measure_speed(r.model_dir, images, device)
     report = build_report(runs, teach_root, title)
     where: dict[str, str] = {"metrics, per-image scores, plots, overlays": str(eval_root)}
     if models is not None:
         where["model(s)"] = str(models)
-    if pred_root is not None:
-        where["student masks"] = str(pred_root)
     if teach_root is not None:
         where["teacher masks"] = str(teach_root)
     if out is not None:
         j, m = write_report(report, out)
         where["this table"] = f"{m} and {j}"
     print_report(report, next_command, where)
-

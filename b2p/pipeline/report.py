@@ -6,7 +6,7 @@ benchmark suite, pipelines/*/dvc.yaml). Beside each run the report looks for (al
 in the table when a figure is missing rather than inventing one):
 
 - `MODELS_ROOT/<run>/metrics.json`: what `b2p train` recorded (training time, parameter counts, epochs);
-- `PRED_ROOT/<run>/timing.json`: inference speed measured by `b2p predict`;
+- `MODELS_ROOT/<run>/model.pt`: timed here on a few test images for the inference speed (`measure_speed`);
 - `TEACH_ROOT/<teacher>/<batch>/provenance.json`: the teacher's time per image.
 
 Rows: one per teacher (its pseudo-masks scored against the manual masks), the box-fill baseline, and one
@@ -38,8 +38,9 @@ class Run:
     student: str
     eval_dir: Path
     metrics: dict  # evaluate's metrics.json
+    model_dir: Path | None = None  # the trained student, when found
     train: dict = field(default_factory=dict)  # train's metrics.json ({} when not found)
-    timing: dict = field(default_factory=dict)  # predict's timing.json ({} when not found)
+    speed: dict = field(default_factory=dict)  # measure_speed() result ({} when not measured)
 
 
 def _teacher_of_main_run(teach_root: Path | None) -> str:
@@ -50,8 +51,7 @@ def _teacher_of_main_run(teach_root: Path | None) -> str:
     return "+".join(sorted(names)) if names else "teacher"
 
 
-def find_runs(eval_root: str | Path, models_root: str | Path | None = None, pred_root: str | Path | None = None,
-              teach_root: str | Path | None = None) -> list[Run]:
+def find_runs(eval_root: str | Path, models_root: str | Path | None = None, teach_root: str | Path | None = None) -> list[Run]:
     """Every evaluated run under `eval_root` (see the module docstring), sorted by teacher then student."""
     eval_root = Path(eval_root)
     if not eval_root.is_dir():
@@ -71,10 +71,12 @@ def find_runs(eval_root: str | Path, models_root: str | Path | None = None, pred
             raise B2PError("not a `b2p evaluate` metrics file (no `student` section)", d / "metrics.json")
         sub = "" if name == MAIN_RUN else name
         run = Run(name, teacher, student, d, metrics)
-        if models_root is not None and (Path(models_root) / sub / "metrics.json").is_file():
-            run.train = read_json(Path(models_root) / sub / "metrics.json", "training metrics")
-        if pred_root is not None and (Path(pred_root) / sub / "timing.json").is_file():
-            run.timing = read_json(Path(pred_root) / sub / "timing.json", "inference timing")
+        if models_root is not None:
+            mdir = Path(models_root) / sub
+            if (mdir / "metrics.json").is_file():
+                run.train = read_json(mdir / "metrics.json", "training metrics")
+            if (mdir / "model.pt").is_file():
+                run.model_dir = mdir
         runs.append(run)
     return runs
 
@@ -140,11 +142,58 @@ def build_report(runs: list[Run], teach_root: str | Path | None = None, title: s
                 "epochs": _first(r.train, "epochs_run", "epochs"),
                 "params_total": _first(r.train, "params.total", "params_total"),
                 "params_trainable": _first(r.train, "params.trainable", "params_trainable"),
-                "ms_per_image": _first(r.timing, "ms_per_image"),
-                "device": _first(r.timing, "device") or _first(r.train, "device"),
+                "ms_per_image": _first(r.speed, "ms_per_image"),
+                "speed_device": _first(r.speed, "device"),
+                "train_device": _first(r.train, "device"),
             }
         )
     return {"title": title, "metrics": list(METRICS), "rows": rows}
+
+
+def speed_images(imported: str | Path, split: str, n: int) -> list[Path]:
+    """The first `n` images of `split` over the batches in `imported` (sorted by batch, then file name)."""
+    from b2p.dataset import load_batch
+    from b2p.project import resolve_batch_files
+
+    paths: list[Path] = []
+    for f in resolve_batch_files(imported):
+        b = load_batch(f)
+        recs = b.images if split == "all" else b.split(split)
+        paths += [im.path for im in sorted(recs, key=lambda im: im.file_name)]
+    if not paths:
+        raise B2PError(f"no {split} images to time inference on", imported)
+    return paths[:n]
+
+
+def measure_speed(model_dir: Path, images: list[Path], device: str = "auto", warmup: int = 1) -> dict:
+    """Student inference time per image: one image per forward pass, after `warmup` untimed passes.
+
+    Times `b2p.student.predict.predict_images` (preprocessing, forward, resize to the image, argmax),
+    the images decoded beforehand. Returns {"ms_per_image", "images", "device", "threads"}.
+    """
+    import time
+
+    import torch
+
+    from b2p.fileio import read_image
+    from b2p.student.checkpoint import load_student
+    from b2p.student.predict import predict_images
+    from b2p.student.train import pick_device
+
+    dev = pick_device(device)
+    model, _ = load_student(model_dir, dev)
+    arrays = [read_image(p) for p in images]
+    for a in arrays[:warmup]:
+        predict_images(model, [a], dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for a in arrays:
+        predict_images(model, [a], dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    ms = 1000.0 * (time.perf_counter() - t0) / len(arrays)
+    return {"ms_per_image": round(ms, 3), "images": len(arrays), "device": str(dev), "threads": torch.get_num_threads()}
 
 
 def _num(v: Any, fmt: str = "{:.4f}") -> str:

@@ -247,16 +247,17 @@ def _from_hf(source: str, allow_download: bool):
         ) from None
 
 
-def load_dinov2(name: str, weights: str | None = None, allow_download: bool = False):
+def load_dinov2(name: str, weights: str | None = None, allow_download: bool = False, config_overrides: dict | None = None):
     """Build a transformers `Dinov2Model` of size `name` and load its weights.
 
     `weights`: None (search the usual places, see the module docstring), "random" (random init, only for
     tests and ablations), a folder (Hugging Face `save_pretrained` layout), a checkpoint file (.pth/.pt/
-    .safetensors, official or transformers keys) or a hub id. Returns (model, provenance dict).
+    .safetensors, official or transformers keys) or a hub id. `config_overrides` changes the sizes (tiny
+    test models). Returns (model, provenance dict).
     """
     from transformers import Dinov2Model
 
-    cfg = dinov2_config(name)
+    cfg = dinov2_config(name, **(config_overrides or {}))
     hub_id, official_file = DINOV2_SIZES[name][4], DINOV2_SIZES[name][5]
     if weights == "random":
         return Dinov2Model(cfg), {"backbone": name, "pretrained": False, "source": "random init (explicitly requested)"}
@@ -264,26 +265,26 @@ def load_dinov2(name: str, weights: str | None = None, allow_download: bool = Fa
         p = Path(weights)
         if p.is_dir():
             model = _from_hf(str(p), allow_download=False)
-            return _check_size(model, name, p), {"backbone": name, "pretrained": True, "source": f"hf folder {p}"}
+            return _check_size(model, cfg, p), {"backbone": name, "pretrained": True, "source": f"hf folder {p}"}
         if p.is_file():
             model = Dinov2Model(cfg)
             _load_dinov2_state_file(model, p)
             return model, {"backbone": name, "pretrained": True, "source": f"file {p}"}
         if re.fullmatch(r"[\w.-]+/[\w.-]+", weights) and not p.suffix:
             model = _from_hf(weights, allow_download)
-            return _check_size(model, name, weights), {"backbone": name, "pretrained": True, "source": f"hf hub {weights}"}
+            return _check_size(model, cfg, weights), {"backbone": name, "pretrained": True, "source": f"hf hub {weights}"}
         raise B2PError(f"DINOv2 weights {weights!r}: no such file or folder, and not a Hugging Face hub id")
     # search the usual places
     wdir = weights_dir()
     folder = wdir / hub_id.split("/")[1]
     if folder.is_dir():
-        return load_dinov2(name, str(folder))
+        return load_dinov2(name, str(folder), config_overrides=config_overrides)
     for cand in (wdir / official_file, _torch_hub_checkpoint_dir() / official_file):
         if cand.is_file():
-            return load_dinov2(name, str(cand))
+            return load_dinov2(name, str(cand), config_overrides=config_overrides)
     try:
         model = Dinov2Model.from_pretrained(hub_id, local_files_only=not allow_download)
-        return _check_size(model, name, hub_id), {"backbone": name, "pretrained": True, "source": f"hf hub {hub_id}"}
+        return _check_size(model, cfg, hub_id), {"backbone": name, "pretrained": True, "source": f"hf hub {hub_id}"}
     except OSError:
         pass
     raise B2PError(
@@ -294,13 +295,13 @@ def load_dinov2(name: str, weights: str | None = None, allow_download: bool = Fa
     )
 
 
-def _check_size(model, name: str, source: Any):
-    hidden, layers = DINOV2_SIZES[name][0], DINOV2_SIZES[name][1]
+def _check_size(model, cfg, source: Any):
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     c = model.config
     if c.hidden_size != hidden or c.num_hidden_layers != layers:
         raise B2PError(
             f"weights are a DINOv2 with hidden size {c.hidden_size} and {c.num_hidden_layers} blocks, "
-            f"but backbone {name} needs {hidden} and {layers}",
+            f"but the chosen backbone needs {hidden} and {layers}",
             str(source),
         )
     return model
@@ -324,13 +325,9 @@ class BackboneInfo:
 def build_backbone(name: str, taps: list[int], weights: str | None = None, allow_download: bool = False, dinov2_config_override: dict | None = None):
     """Build the backbone module `name` tapping `taps`; returns (module, provenance)."""
     if name in DINOV2_SIZES:
-        if dinov2_config_override is not None:  # tiny test configs: always random
-            from transformers import Dinov2Model
-
-            model = Dinov2Model(dinov2_config(name, **dinov2_config_override))
-            prov = {"backbone": name, "pretrained": False, "source": "random init (explicitly requested, custom config)"}
-        else:
-            model, prov = load_dinov2(name, weights, allow_download)
+        model, prov = load_dinov2(name, weights, allow_download, config_overrides=dinov2_config_override)
+        if dinov2_config_override:
+            prov["config_overrides"] = dict(dinov2_config_override)
         return DinoV2Backbone(model, taps), prov
     if name == EFFNET_NAME:
         mod = EfficientNetLiteBackbone(taps, weights)
@@ -357,14 +354,19 @@ class DinoV2Backbone(_nn().Module):
         p = self.model.config.patch_size
         if h % p or w % p:
             raise B2PError(f"DINOv2 input size must be a multiple of {p}, got {h}x{w}")
-        out = self.model(pixel_values=x, output_hidden_states=True)
-        hs = out.hidden_states  # embeddings, then one per block
+        # run the blocks only up to the deepest tap: later blocks cannot influence the taps (paper: 7 of 12)
+        hid = self.model.embeddings(x)
         norm = self.model.layernorm
         feats = []
-        for t in self.taps:
-            tok = norm(hs[t + 1])[:, 1:, :]  # drop the class token
-            feats.append(tok.transpose(1, 2).reshape(b, -1, h // p, w // p))
-        return feats
+        last = max(self.taps)
+        for i, layer in enumerate(self.model.encoder.layer[: last + 1]):
+            hid = layer(hid)
+            if isinstance(hid, tuple):  # transformers 4.x layers return tuples
+                hid = hid[0]
+            if i in self.taps:
+                tok = norm(hid)[:, 1:, :]  # final LayerNorm as the official get_intermediate_layers; drop CLS
+                feats.append(tok.transpose(1, 2).reshape(b, -1, h // p, w // p))
+        return [feats[sorted(self.taps).index(t)] for t in self.taps]
 
 
 def efficientnet_lite0_weights_file() -> Path:

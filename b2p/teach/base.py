@@ -12,6 +12,7 @@ and writes, under `<out_root>/<batch>/`:
                        category_id, RLE segmentation, area, bbox of the mask, `score` = the teacher's score,
                        `note` when the teacher had to do something special for that box).
   provenance.json      teacher, settings, checkpoint, versions, counts, time, every per-box note.
+  preview.png          up to 8 images (test split first) with the label map in class colours and the boxes.
 
 Resume: each finished image is written atomically to `.parts/<key>.json` (+ `.png`) with the hash of the
 teacher's settings. A rerun skips images whose part has the same settings hash, image hash and boxes, and
@@ -35,8 +36,8 @@ import numpy as np
 
 from b2p.dataset import Batch, ImageRecord, load_batch
 from b2p.errors import B2PError
-from b2p.fileio import read_image, read_json, write_json_atomic
-from b2p.labels import label_map_key, label_map_path, paint_label_map, read_label_map, write_label_map
+from b2p.fileio import read_image, read_json, write_bytes_atomic, write_json_atomic, write_png_atomic
+from b2p.labels import label_map_key, label_map_path, paint_label_map, write_label_map
 from b2p.masks import rle_decode, rle_encode
 
 PART_FORMAT = 1
@@ -69,8 +70,8 @@ class PseudoMask:
 
     def to_coco(self) -> dict:
         m = np.asarray(self.mask, dtype=bool)
-        ys, xs = np.nonzero(m)
-        bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)] if xs.size else [0, 0, 0, 0]
+        cols, rows = np.flatnonzero(m.any(0)), np.flatnonzero(m.any(1))
+        bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)] if cols.size else [0, 0, 0, 0]
         ann = {
             "id": self.box_id,
             "box_id": self.box_id,
@@ -270,13 +271,14 @@ def teach_batch(
     annotations, notes = [], []
     for im in batch.images:
         _, ppath = _part_paths(out_dir, im)
-        lm = read_label_map(ppath, shape=(im.height, im.width))
-        write_label_map(label_map_path(out_root, batch.name, im.file_name), lm)
+        # the part PNG is already a valid label map (write_label_map wrote it): copy its bytes
+        write_bytes_atomic(label_map_path(out_root, batch.name, im.file_name), ppath.read_bytes())
         for ann in parts[im.id]["annotations"]:
             annotations.append(ann)
             if ann.get("note"):
                 notes.append({"box_id": ann["box_id"], "image": im.file_name, "note": ann["note"]})
     _remove_stale(out_dir, batch)
+    write_preview(out_dir / "preview.png", batch, out_root)
     seconds = time.perf_counter() - t0
     instances = {
         "info": {"batch": batch.name, "teacher": teacher.name, "settings_hash": shash, "description": "b2p teacher pseudo-masks"},
@@ -309,6 +311,36 @@ def teach_batch(
     }
     write_json_atomic(out_dir / "provenance.json", prov)
     return TeachReport(batch.name, out_dir, len(batch.images), n_boxes, taught, reused, notes, seconds)
+
+
+def write_preview(path: Path, batch: Batch, out_root: str | Path, n: int = 8, tile: int = 256) -> None:
+    """A picture of the teacher's work: up to `n` images (test split first, where the teacher is scored)
+    with its label map blended in class colours and the boxes drawn, tiled in one PNG."""
+    import cv2
+
+    from b2p.labels import class_color, colorize, read_label_map
+
+    chosen = (batch.split("test") + batch.split("val", "train"))[:n]
+    tiles = []
+    for im in chosen:
+        img = read_image(im.path)
+        lm = read_label_map(label_map_path(out_root, batch.name, im.file_name))
+        blend = np.where(lm[..., None] > 0, (0.45 * img + 0.55 * colorize(lm)).astype(np.uint8), img)
+        scale = tile / max(im.width, im.height)
+        small = cv2.resize(blend, (max(1, round(im.width * scale)), max(1, round(im.height * scale))), interpolation=cv2.INTER_AREA)
+        canvas = np.zeros((tile, tile, 3), np.uint8)
+        canvas[: small.shape[0], : small.shape[1]] = small
+        for b in im.boxes:
+            x0, y0, x1, y1 = (int(round(v * scale)) for v in b.xyxy)
+            cv2.rectangle(canvas, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), class_color(b.category_id), 1)
+        tiles.append(canvas)
+    if tiles:
+        cols = min(4, len(tiles))
+        rows = -(-len(tiles) // cols)
+        grid = np.zeros((rows * tile, cols * tile, 3), np.uint8)
+        for i, t in enumerate(tiles):
+            grid[(i // cols) * tile : (i // cols + 1) * tile, (i % cols) * tile : (i % cols + 1) * tile] = t
+        write_png_atomic(path, grid)
 
 
 def _remove_stale(out_dir: Path, batch: Batch) -> None:

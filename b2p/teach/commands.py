@@ -60,7 +60,7 @@ def teach(
         r = teach_batch(f, out, t, resume=resume, progress=not quiet)
         console.print(
             f"[green]taught[/] {r.batch}: {r.images} images, {r.boxes} boxes with {t.name} "
-            f"({r.taught} taught, {r.reused} reused) in {r.seconds:.1f} s -> {r.out_dir}"
+            f"({r.taught} taught, {r.reused} reused) in {r.seconds:.1f} s -> {r.out_dir} (see preview.png)"
             + (f"; [yellow]{len(r.notes)} boxes with notes[/] (see provenance.json)" if r.notes else ""),
             highlight=False,
         )

@@ -1,0 +1,190 @@
+"""Backbones: parameter counts, every DINOv2 weight-loading path, missing weights, EfficientNet-Lite0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from b2p.errors import B2PError
+from b2p.student import backbones
+from b2p.student.backbones import hf_to_official, load_dinov2, official_to_hf
+from b2p.student.model import StudentConfig, build_model, count_params
+
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, patch_size=8, image_size=32)
+
+
+@pytest.fixture
+def no_weight_places(tmp_path: Path, monkeypatch):
+    """Empty local weights folder and torch.hub cache: nothing can be found unless a test places it."""
+    wdir, hub = tmp_path / "weights", tmp_path / "hub" / "checkpoints"
+    wdir.mkdir()
+    hub.mkdir(parents=True)
+    monkeypatch.setenv("B2P_WEIGHTS_DIR", str(wdir))
+    monkeypatch.setattr(backbones, "_torch_hub_checkpoint_dir", lambda: hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return wdir, hub
+
+
+def _tiny_reference(**extra):
+    from transformers import Dinov2Model
+
+    torch.manual_seed(0)
+    m = Dinov2Model(backbones.dinov2_config("dinov2_s", **TINY, **extra)).eval()
+    with torch.no_grad():  # layer scale starts at 1.0 and biases at 0: make every tensor distinct
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def _same_outputs(a, b) -> bool:
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ya = a.eval()(pixel_values=x, output_hidden_states=True).hidden_states
+        yb = b.eval()(pixel_values=x, output_hidden_states=True).hidden_states
+    return all(torch.equal(u, v) for u, v in zip(ya, yb))
+
+
+def test_dinov2_s_parameter_counts_match_the_paper():
+    # ViT-S/14 sizes, random weights, no download. The paper reports 27.6 M total / 5.6 M trainable,
+    # rounded to 0.1 M, so a correct build lies within 0.05 M; we allow 0.1 M for framework-level extras
+    # (transformers keeps a 384-value mask token the decoder never uses).
+    model = build_model(StudentConfig(num_classes=3, backbone="dinov2_s", input_size=224), weights="random")
+    pc = count_params(model)
+    assert abs(pc["total"] - 27.6e6) < 0.1e6, pc
+    assert abs(pc["trainable"] - 5.6e6) < 0.1e6, pc
+    assert model.provenance["pretrained"] is False
+    # frozen: only the decoder and heads train; full: everything
+    frozen = build_model(StudentConfig(num_classes=3, backbone="dinov2_s", adaptation="frozen", input_size=224), weights="random")
+    bb = sum(p.numel() for p in frozen.backbone.parameters())
+    assert count_params(frozen)["trainable"] == pc["total"] - bb
+    names = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert names and all("bias" in n or "norm" in n for n in names)
+
+
+def test_official_key_conversion_round_trip():
+    m = _tiny_reference()
+    official = hf_to_official(m.state_dict())
+    assert "blocks.0.attn.qkv.weight" in official and official["blocks.0.attn.qkv.weight"].shape == (96, 32)
+    assert "blocks.2.ls1.gamma" in official and "pos_embed" in official and "norm.weight" in official
+    back = official_to_hf(official, set(m.state_dict()))
+    assert set(back) == set(m.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in m.state_dict().items())
+    # SwiGLU (ViT-g) blocks: w12 is split into gate and up halves
+    g = _tiny_reference(use_swiglu_ffn=True)
+    og = hf_to_official(g.state_dict())
+    assert any(k.endswith("mlp.w12.weight") for k in og)
+    back = official_to_hf(og, set(g.state_dict()))
+    assert all(torch.equal(back[k], v) for k, v in g.state_dict().items())
+
+
+def test_load_official_pth_file_and_torch_hub_cache(tmp_path: Path, no_weight_places):
+    _, hub = no_weight_places
+    ref = _tiny_reference()
+    f = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(hf_to_official(ref.state_dict()), f)
+    model, prov = load_dinov2("dinov2_s", str(f), config_overrides=TINY)
+    assert prov["pretrained"] is True and "file" in prov["source"]
+    assert _same_outputs(ref, model)
+    # the same file found in the torch.hub cache without naming it
+    (hub / f.name).write_bytes(f.read_bytes())
+    model, prov = load_dinov2("dinov2_s", None, config_overrides=TINY)
+    assert str(hub) in prov["source"]
+    assert _same_outputs(ref, model)
+
+
+def test_load_hf_folder_and_weights_dir(tmp_path: Path, no_weight_places):
+    wdir, _ = no_weight_places
+    ref = _tiny_reference()
+    folder = tmp_path / "some-folder"
+    ref.save_pretrained(folder)
+    model, prov = load_dinov2("dinov2_s", str(folder), config_overrides=TINY)
+    assert _same_outputs(ref, model) and "hf folder" in prov["source"]
+    # found by name in the local weights folder (the air-gapped layout)
+    ref.save_pretrained(wdir / "dinov2-small")
+    model, prov = load_dinov2("dinov2_s", None, config_overrides=TINY)
+    assert _same_outputs(ref, model) and "dinov2-small" in prov["source"]
+    # a transformers-key safetensors file works too
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "w.safetensors")
+    model, _ = load_dinov2("dinov2_s", str(tmp_path / "w.safetensors"), config_overrides=TINY)
+    assert _same_outputs(ref, model)
+    # the wrong size is refused with a clear message
+    with pytest.raises(B2PError, match="hidden size"):
+        load_dinov2("dinov2_s", str(folder))
+
+
+def test_missing_weights_is_a_clear_error_never_random(no_weight_places):
+    wdir, hub = no_weight_places
+    with pytest.raises(B2PError) as e:
+        load_dinov2("dinov2_s", None)
+    msg = str(e.value)
+    assert "dinov2_vits14_pretrain.pth" in msg and str(wdir) in msg and str(hub) in msg and "dinov2-small" in msg
+    with pytest.raises(B2PError, match="no pretrained weights"):
+        build_model(StudentConfig(num_classes=3, backbone="dinov2_s", input_size=224))
+    with pytest.raises(B2PError, match="no such file"):
+        load_dinov2("dinov2_s", "/nonexistent/dino.pth")
+    with pytest.raises(B2PError):  # hub id not in the local cache, and download not allowed
+        load_dinov2("dinov2_s", "facebook/dinov2-small-not-cached")
+
+
+def test_corrupt_or_mismatched_checkpoint(tmp_path: Path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(B2PError, match="could not read"):
+        load_dinov2("dinov2_s", str(bad), config_overrides=TINY)
+    other = _tiny_reference()
+    sd = hf_to_official(other.state_dict())
+    del sd["blocks.2.attn.proj.weight"]
+    torch.save(sd, tmp_path / "partial.pth")
+    with pytest.raises(B2PError, match="missing"):
+        load_dinov2("dinov2_s", str(tmp_path / "partial.pth"), config_overrides=TINY)
+
+
+def test_efficientnet_lite0_embedded_weights(tmp_path: Path):
+    m = build_model(StudentConfig(num_classes=3, input_size=64))
+    assert m.provenance["pretrained"] is True
+    # the embedded ImageNet weights really are loaded: compare with the packaged file
+    state = torch.load(backbones.efficientnet_lite0_weights_file(), map_location="cpu", weights_only=True)
+    assert torch.equal(m.backbone.net._conv_stem.weight, state["_conv_stem.weight"])
+    assert m.backbone.info.strides == [4.0, 8.0, 16.0, 32.0]
+    with torch.no_grad():
+        out = m.eval()(torch.randn(1, 3, 64, 64))
+    assert out["fine"].shape == (1, 3, 64, 64) and out["binary"].shape == (1, 2, 64, 64)
+    # BitFit on a CNN: only BN affine parameters (and biases) of the backbone train
+    trainable = [n for n, p in m.backbone.named_parameters() if p.requires_grad]
+    assert trainable and all("_bn" in n or "bias" in n for n in trainable)
+    r = build_model(StudentConfig(num_classes=3, input_size=64), weights="random")
+    assert r.provenance["pretrained"] is False
+    assert not torch.equal(r.backbone.net._conv_stem.weight, state["_conv_stem.weight"])
+    torch.save({"x": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(B2PError, match="do not fit"):
+        build_model(StudentConfig(num_classes=3, input_size=64), weights=str(tmp_path / "wrong.pth"))
+
+
+def test_config_validation():
+    with pytest.raises(B2PError, match="multiple of 14"):
+        StudentConfig(num_classes=3, backbone="dinov2_s", input_size=500)
+    with pytest.raises(B2PError):
+        StudentConfig(num_classes=3, adaptation="lora")
+    c = StudentConfig(num_classes=4, backbone="dinov2_b", input_size=224)
+    assert c.taps == [1, 2, 4, 7]
+    assert StudentConfig.from_dict(c.to_dict()) == c
+
+
+def test_dinov2_taps_equal_normed_hidden_states():
+    from b2p.student.backbones import DinoV2Backbone
+
+    ref = _tiny_reference()
+    bb = DinoV2Backbone(ref, [0, 2]).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        feats = bb(x)
+        hs = ref(pixel_values=x, output_hidden_states=True).hidden_states
+    for f, t in zip(feats, [0, 2]):
+        expect = ref.layernorm(hs[t + 1])[:, 1:, :].transpose(1, 2).reshape(1, 32, 4, 4)
+        assert torch.allclose(f, expect, atol=1e-6)
+    with pytest.raises(B2PError):
+        DinoV2Backbone(ref, [0, 3])

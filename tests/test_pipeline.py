@@ -1,0 +1,265 @@
+"""The DVC pipeline (dvc.yaml), the benchmark suite (pipelines/) and `b2p bench-report`.
+
+The slow tests copy the project's dvc.yaml / params.yaml / code into tmp_path, `git init` + `dvc init`
+there, shrink the demo (12 images of 64 px, 1 epoch) and run the real `dvc repro`, asserting which stages
+ran from DVC's own "Running stage" lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from b2p.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: `dvc` and `b2p`
+runner = CliRunner()
+
+MAIN_STAGES = {"demo_data", "import@demo", "teach@demo", "train", "predict", "evaluate", "summary"}
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def _edit_params(path: Path, changes: dict[str, object]) -> None:
+    """Set dotted keys in a params file, keeping its comments (ruamel round trip, as add-batch does)."""
+    from b2p.pipeline.batches import dump_params, load_params
+
+    data = load_params(path)
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path.write_text(dump_params(data))
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(root.parent / "dvc-site-cache"),
+        FIFTYONE_DO_NOT_TRACK="true",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
+    )
+    return env
+
+
+def _run(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=root, env=_env(root), capture_output=True, text=True, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run(root, str(BIN / "dvc"), *args, check=check)
+
+
+def stages_run(p: subprocess.CompletedProcess) -> list[str]:
+    """Stage names from DVC's "Running stage 'NAME':" lines (stages in other dvc.yaml files: 'file:NAME')."""
+    return re.findall(r"Running stage '([^']+)'", p.stdout + p.stderr)
+
+
+def make_project(tmp_path: Path, with_pipelines: bool = False) -> Path:
+    """A fresh copy of the project (dvc.yaml, params.yaml, class list, code) as its own git + DVC repo."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    for f in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / f, root / f)
+    (root / "data").mkdir()
+    shutil.copy(REPO / "data" / "classes.json", root / "data" / "classes.json")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "b2p", root / "b2p", ignore=ignore)  # stages depend on their code
+    if with_pipelines:
+        shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns(
+            "raw", "imported", "teach", "models", "predict", "eval", "results", "classes.json", "dvc.lock", ".gitignore"))
+    _edit_params(root / "params.yaml", {"demo.images": 12, "demo.size": 64, "demo.mask_fraction": 0.4,
+                                        "train.epochs": 1, "train.input_size": 64, "evaluate.worst": 2})
+    _run(root, "git", "init", "-q")
+    dvc(root, "init", "-q")
+    dvc(root, "config", "core.analytics", "false")
+    return root
+
+
+# --- fast checks of the pipeline files ---------------------------------------------------------------------
+
+
+def test_stage_params_exist_and_sections_are_accepted_by_the_commands() -> None:
+    """Every param a stage tracks exists in params.yaml, and each stage's section is valid for its command."""
+    from b2p.student.train import TrainParams
+    from b2p.teach.config import load_teach_params
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, st in stages.items():
+        st = st.get("do", st)
+        for key in st.get("params", []):
+            node = params
+            for part in key.split("."):
+                assert part in node, f"stage {name} tracks {key}, missing from params.yaml"
+                node = node[part]
+    TrainParams.from_dict(params["train"], "params.yaml")
+    load_teach_params(REPO / "params.yaml")
+    # every batch entry is what `b2p import` takes
+    for b, entry in params["batches"].items():
+        assert entry["format"] in ("coco", "yolo")
+        assert set(entry["files"]) <= {"images", "coco", "yolo-labels", "yolo-classes", "masks"}
+
+
+def test_benchmark_pipelines_share_one_dvc_yaml() -> None:
+    """A dataset is only its params.yaml: every pipelines/<dataset>/dvc.yaml is the same file."""
+    files = sorted((REPO / "pipelines").glob("*/dvc.yaml"))
+    assert len(files) >= 2
+    assert len({f.read_text() for f in files}) == 1
+    for f in files:
+        p = yaml.safe_load((f.parent / "params.yaml").read_text())
+        assert {"dataset", "teachers", "students", "train", "evaluate", "report"} <= set(p)
+        for s in p["students"]:
+            assert (REPO / "pipelines" / "students" / f"{s}.yaml").is_file()
+
+
+# --- bench-report on real evaluate outputs ----------------------------------------------------------------
+
+
+def test_bench_report_tables(tmp_path: Path, synthetic_batch) -> None:
+    """Runs laid out <teacher>/<student>: a perfect teacher, a perfect and an empty student."""
+    from b2p.dataset import load_batch
+    from b2p.evaluate.evaluate import evaluate
+    from b2p.labels import label_map_path, write_label_map
+    from b2p.pipeline.report import build_report, find_runs, report_markdown
+
+    batch_file, truth = synthetic_batch
+    b = load_batch(batch_file)
+    roots = {"teach/perfect": truth, "pred/good": truth, "pred/empty": {k: np.zeros_like(v) for k, v in truth.items()}}
+    for root, maps in roots.items():
+        for im in b.images:
+            write_label_map(label_map_path(tmp_path / root, b.name, im.file_name), maps[im.file_name])
+    for student in ("good", "empty"):
+        evaluate([batch_file], tmp_path / "eval" / "perfect" / student, tmp_path / "teach/perfect",
+                 tmp_path / "pred" / student, plots=False, progress=False)
+    runs = find_runs(tmp_path / "eval")
+    assert [r.name for r in runs] == ["perfect/empty", "perfect/good"]
+    rep = build_report(runs)
+    kinds = [(r["kind"], r["name"]) for r in rep["rows"]]
+    assert kinds == [("teacher", "teacher: perfect"), ("baseline", "box fill (no learning)"),
+                     ("student", "empty <- perfect"), ("student", "good <- perfect")]
+    teacher, box, empty, good = rep["rows"]
+    assert teacher["metrics"]["miou"] == pytest.approx(1.0) and good["metrics"]["binary_iou"] == pytest.approx(1.0)
+    assert empty["metrics"]["binary_iou"] == pytest.approx(0.0) and empty["metrics"]["binary_recall"] == pytest.approx(0.0)
+    assert 0 < box["metrics"]["binary_iou"] < 1 and box["metrics"]["binary_recall"] == pytest.approx(1.0)
+    assert good["train_seconds"] is None and good["ms_per_image"] is None  # not recorded: shown as '-'
+    md = report_markdown(rep)
+    assert md.count("\n| ") == 5 and "| good <- perfect | 1.0000 |" in md and "| - |" in md
+    # the CLI writes both files; a folder without runs is a clear error
+    res = runner.invoke(app, ["bench-report", str(tmp_path / "eval"), "--out", str(tmp_path / "results")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "results" / "report.json").read_text())["rows"][3]["name"] == "good <- perfect"
+    assert (tmp_path / "results" / "report.md").read_text() == md
+    res = runner.invoke(app, ["bench-report", str(tmp_path / "teach")])
+    assert res.exit_code == 1 and "no metrics.json" in res.output
+
+
+# --- the main job, end to end -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_main_pipeline_fresh_noop_param_change_and_add_batch(tmp_path: Path, monkeypatch) -> None:
+    root = make_project(tmp_path)
+
+    # 1. a fresh repro runs every stage and writes the metrics; the summary shows the FiftyOne command
+    p = dvc(root, "repro")
+    assert set(stages_run(p)) == MAIN_STAGES, stages_run(p)
+    m = json.loads((root / "data/eval/metrics.json").read_text())
+    for src in ("student", "teacher", "box"):
+        assert 0.0 <= m[src]["miou"] <= 1.0 and m[src]["images"] > 0
+    t = json.loads((root / "data/models/student/metrics.json").read_text())
+    assert t["epochs_run"] == 1 and t["train_seconds"] > 0
+    assert "b2p browse --imported data/imported --teacher-root data/teach --pred-root data/predict" in p.stdout
+    assert "teacher: grabcut" in p.stdout
+    shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
+    files = json.dumps(shown)
+    assert "data/eval/metrics.json" in files and "data/models/student/metrics.json" in files
+    plots = json.loads(dvc(root, "plots", "show", "--json", "-o", str(tmp_path / "plots")).stdout)["data"]
+    assert set(plots) == {"training curves", "per-class IoU", "data/eval/plots/summary.png",
+                          "data/eval/plots/confusion_student.png", "data/eval/plots/confusion_teacher.png"}
+    curve = plots["training curves"][0]["content"]["data"]["values"]
+    assert curve[0]["epoch"] == "1" and float(curve[0]["train_loss"]) > 0
+    assert {v["class"] for v in plots["per-class IoU"][0]["content"]["data"]["values"]} >= {"crack", "spot", "erosion"}
+    assert Path(plots["data/eval/plots/summary.png"][0]["url"]).stat().st_size > 1000
+
+    # 2. nothing changed: nothing runs
+    p = dvc(root, "repro")
+    assert stages_run(p) == [] and "up to date" in p.stdout
+
+    # 3. a train param: train and what follows re-run, import / teach do not
+    imported_before = (root / "data/imported/demo.json").read_bytes()
+    _edit_params(root / "params.yaml", {"train.epochs": 2})
+    p = dvc(root, "repro")
+    assert set(stages_run(p)) == {"train", "predict", "evaluate", "summary"}, stages_run(p)
+    assert json.loads((root / "data/models/student/metrics.json").read_text())["epochs_run"] == 2
+
+    # 4. a new batch (another demo seed): only its own import/teach, then retrain and re-evaluate
+    from b2p.ingest.demo import make_demo_data
+
+    src = tmp_path / "incoming"
+    make_demo_data(src, seed=7, images=8, size=64, mask_fraction=0.4)
+    monkeypatch.chdir(root)
+    params_before = (root / "params.yaml").read_bytes()
+    bad = runner.invoke(app, ["add-batch", str(src / "images"), "--name", "demo", "--coco", str(src / "annotations.json")])
+    assert bad.exit_code == 1 and (root / "params.yaml").read_bytes() == params_before
+    res = runner.invoke(app, ["add-batch", str(src / "images"), "--name", "line2", "--coco", str(src / "annotations.json"),
+                              "--masks", str(src / "masks")])
+    assert res.exit_code == 0, res.output
+    p = dvc(root, "repro")
+    assert set(stages_run(p)) == {"import@line2", "teach@line2", "train", "predict", "evaluate", "summary"}, stages_run(p)
+    assert (root / "data/imported/demo.json").read_bytes() == imported_before
+    assert (root / "data/teach/line2/labelmaps").is_dir()
+    m2 = json.loads((root / "data/eval/metrics.json").read_text())
+    assert m2["student"]["images"] > m["student"]["images"]  # the new batch's test images are scored too
+    assert stages_run(dvc(root, "repro")) == []
+
+
+# --- the benchmark suite ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_benchmark_suite_on_the_demo(tmp_path: Path) -> None:
+    root = make_project(tmp_path, with_pipelines=True)
+    bench = root / "pipelines" / "compare"
+    _edit_params(bench / "params.yaml", {
+        "dataset.prepare": "b2p demo-data --out raw --seed 1 --images 12 --size 64 --mask-fraction 0.4",
+        "students": ["b2p", "unet"], "train.epochs": 1, "train.input_size": 64, "evaluate.worst": 1,
+        "report.speed_images": 2,
+    })
+    p = dvc(root, "repro", "pipelines/compare/dvc.yaml")
+    ran = set(stages_run(p))
+    assert {"pipelines/compare/dvc.yaml:train@grabcut-b2p", "pipelines/compare/dvc.yaml:train@box-unet",
+            "pipelines/compare/dvc.yaml:report"} <= ran, ran
+    assert not any(s.startswith(("demo_data", "train", "pipelines/magnetic-tile")) for s in ran)  # only this suite
+    rep = json.loads((bench / "results/report.json").read_text())
+    rows = {r["name"]: r for r in rep["rows"]}
+    assert set(rows) == {"teacher: box", "teacher: grabcut", "box fill (no learning)",
+                         "b2p <- box", "unet <- box", "b2p <- grabcut", "unet <- grabcut"}
+    # the box teacher is the box fill: same masks, same scores
+    assert rows["teacher: box"]["metrics"] == pytest.approx(rows["box fill (no learning)"]["metrics"])
+    for name, r in rows.items():
+        assert all(0.0 <= v <= 1.0 for v in r["metrics"].values() if v is not None), name
+        if r["kind"] == "student":
+            assert r["train_seconds"] > 0 and r["ms_per_image"] > 0 and r["params_total"] > 0
+    md = (bench / "results/report.md").read_text()
+    assert "| b2p <- grabcut |" in md
+    assert stages_run(dvc(root, "repro", "pipelines/compare/dvc.yaml")) == []
