@@ -255,3 +255,11 @@ def test_vit_b_given_as_vit_l_is_refused_naming_true_size(vit_b_ckpt):
 def test_tiny_checkpoint_is_not_mistaken_for_official(tiny_ckpt):
     with pytest.raises(B2PError, match="is a test_tiny checkpoint, not vit_b"):
         load_sam("vit_b", tiny_ckpt)
+
+
+def test_mirror_env_keeps_official_names_and_checksums(monkeypatch, tmp_path):
+    monkeypatch.setenv("B2P_SAM_BASE_URL", "http://127.0.0.1:9/mirror/")
+    with pytest.raises(B2PError) as e:
+        resolve_checkpoint("vit_b", weights_folder=tmp_path, progress=False)
+    assert "http://127.0.0.1:9/mirror/sam_vit_b_01ec64.pth" in str(e.value)
+    assert list(tmp_path.iterdir()) == []

@@ -5,7 +5,7 @@ Lookup order for `--sam-model TYPE`:
      recorded, not compared with the official one);
   2. the official file name in the local weights folder (`--weights-dir`, else `$B2P_WEIGHTS_DIR`, else
      `weights/`), which must match the official checksum;
-  3. a download from the official host into that folder (unless downloads are off): resumable through an
+  3. a download from the official host (or the mirror in $B2P_SAM_BASE_URL) into that folder (unless downloads are off): resumable through an
      HTTP Range request into `<name>.part`, checksum verified, then renamed into place atomically.
 
 Checksums: the hex suffix of an official file name (`sam_vit_b_01ec64.pth` -> `01ec64`) is the start of the
@@ -18,6 +18,7 @@ with a message saying what it really is.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import os
 import re
@@ -35,6 +36,7 @@ from b2p.fileio import sha256_file
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 DEFAULT_WEIGHTS_DIR = "weights"
 WEIGHTS_DIR_ENV = "B2P_WEIGHTS_DIR"
+MIRROR_ENV = "B2P_SAM_BASE_URL"  # a site mirror of the official folder (same file names and checksums)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,9 @@ def resolve_checkpoint(
     spec = specs.get(model_type)
     if spec is None:
         raise B2PError(f"model {model_type!r} has no official checkpoint; pass --checkpoint FILE")
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror and specs is SAM_CHECKPOINTS:
+        spec = dataclasses.replace(spec, url=mirror.rstrip("/") + "/" + spec.file_name)
     folder = weights_dir(weights_folder)
     path = folder / spec.file_name
     if path.is_file():
