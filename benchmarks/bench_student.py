@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="518,224")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--only", default="", help="comma list: dinov2,effnet,effnet_dim128,unet")
+    ap.add_argument("--only", default="", help="comma list: dinov2,effnet,effnet_dim256,unet")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -93,9 +93,9 @@ def main() -> None:
         if not only or "dinov2" in only:
             bench("DINOv2-S/14 BitFit (RANDOM weights)", StudentConfig(num_classes=3, backbone="dinov2_s", input_size=s), "random", a.steps)
         if not only or "effnet" in only:
-            bench("EffNet-Lite0 BitFit (ImageNet)", StudentConfig(num_classes=3, input_size=s), None, a.steps)
-        if not only or "effnet_dim128" in only:
-            bench("EffNet-Lite0 BitFit dim128 taps4,10,15", StudentConfig(num_classes=3, input_size=s, decoder_dim=128, taps=[4, 10, 15]), None, a.steps)
+            bench("EffNet-Lite0 BitFit (ImageNet, default)", StudentConfig(num_classes=3, input_size=s), None, a.steps)
+        if not only or "effnet_dim256" in only:
+            bench("EffNet-Lite0 BitFit dim256 taps2,4,10,15", StudentConfig(num_classes=3, input_size=s, decoder_dim=256, taps=[2, 4, 10, 15]), None, a.steps)
         if only and "unet" in only:
             cfg = StudentConfig(num_classes=3, arch="unet", input_size=s)
             m = build_model(cfg)

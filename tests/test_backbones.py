@@ -149,7 +149,7 @@ def test_efficientnet_lite0_embedded_weights(tmp_path: Path):
     # the embedded ImageNet weights really are loaded: compare with the packaged file
     state = torch.load(backbones.efficientnet_lite0_weights_file(), map_location="cpu", weights_only=True)
     assert torch.equal(m.backbone.net._conv_stem.weight, state["_conv_stem.weight"])
-    assert m.backbone.info.strides == [4.0, 8.0, 16.0, 32.0]
+    assert m.backbone.info.strides == [8.0, 16.0, 32.0] and m.config.decoder_dim == 128
     with torch.no_grad():
         out = m.eval()(torch.randn(1, 3, 64, 64))
     assert out["fine"].shape == (1, 3, 64, 64) and out["binary"].shape == (1, 2, 64, 64)

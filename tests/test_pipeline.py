@@ -90,7 +90,7 @@ def make_project(tmp_path: Path, with_pipelines: bool = False) -> Path:
     shutil.copytree(REPO / "b2p", root / "b2p", ignore=ignore)  # stages depend on their code
     if with_pipelines:
         shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns(
-            "raw", "imported", "teach", "models", "predict", "eval", "results", "classes.json", "dvc.lock", ".gitignore"))
+            "raw", "imported", "teach", "models", "predict", "eval", "results", "classes.json", "dvc.lock"))
     _edit_params(root / "params.yaml", {"demo.images": 12, "demo.size": 64, "demo.mask_fraction": 0.4,
                                         "train.epochs": 1, "train.input_size": 64, "evaluate.worst": 2})
     _run(root, "git", "init", "-q")
@@ -134,6 +134,24 @@ def test_benchmark_pipelines_share_one_dvc_yaml() -> None:
         assert {"dataset", "teachers", "students", "train", "evaluate", "report"} <= set(p)
         for s in p["students"]:
             assert (REPO / "pipelines" / "students" / f"{s}.yaml").is_file()
+
+
+def test_dvc_parses_every_pipeline(tmp_path: Path) -> None:
+    """DVC itself resolves the root pipeline and each suite (interpolation, foreach / matrix) into stages."""
+    env = {**_env(tmp_path / "x"), "DVC_SITE_CACHE_DIR": str(tmp_path / "site")}
+    out = {}
+    for target in ("dvc.yaml", "pipelines/compare/dvc.yaml", "pipelines/magnetic-tile/dvc.yaml"):
+        p = subprocess.run([str(BIN / "dvc"), "stage", "list", target], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        out[target] = {line.split()[0].rsplit(":", 1)[-1] for line in p.stdout.splitlines() if line.strip()}
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert out["dvc.yaml"] == {"demo_data", "train", "predict", "evaluate", "summary"} | {
+        f"{s}@{b}" for s in ("import", "teach") for b in params["batches"]}
+    for suite in ("compare", "magnetic-tile"):
+        p = yaml.safe_load((REPO / "pipelines" / suite / "params.yaml").read_text())
+        pairs = {f"{t}-{s}" for t in p["teachers"] for s in p["students"]}
+        assert out[f"pipelines/{suite}/dvc.yaml"] == {"prepare", "import", "report"} | {f"teach@{t}" for t in p["teachers"]} | {
+            f"{stage}@{pair}" for stage in ("train", "predict", "evaluate") for pair in pairs}
 
 
 # --- bench-report on real evaluate outputs ----------------------------------------------------------------
@@ -204,6 +222,13 @@ def test_main_pipeline_fresh_noop_param_change_and_add_batch(tmp_path: Path, mon
     assert curve[0]["epoch"] == "1" and float(curve[0]["train_loss"]) > 0
     assert {v["class"] for v in plots["per-class IoU"][0]["content"]["data"]["values"]} >= {"crack", "spot", "erosion"}
     assert Path(plots["data/eval/plots/summary.png"][0]["url"]).stat().st_size > 1000
+
+    # experiments see the same metrics and params (needs a commit)
+    _run(root, "git", "add", "-A")
+    _run(root, "git", "commit", "-qm", "baseline")
+    ws = next(e for e in json.loads(dvc(root, "exp", "show", "--json").stdout) if e["rev"] == "workspace")["data"]
+    assert ws["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
+    assert ws["metrics"]["data/eval/metrics.json"]["data"]["student"]["miou"] == pytest.approx(m["student"]["miou"])
 
     # 2. nothing changed: nothing runs
     p = dvc(root, "repro")

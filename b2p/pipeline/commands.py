@@ -48,7 +48,8 @@ def add_batch(
                       "(every batch is re-imported on the next `dvc repro`)", highlight=False)
     for w in r.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    console.print(f"next: `dvc repro` (imports and teaches {r.name} only, then retrains and re-evaluates)", highlight=False)
+    console.print(f"next: `dvc repro` (imports and teaches {r.name} only, then retrains and re-evaluates); "
+                  f"to version the copied data: `dvc add {r.folder}` and commit {r.folder}.dvc", highlight=False)
 
 
 def bench_report(

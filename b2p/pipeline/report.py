@@ -165,8 +165,9 @@ def speed_images(imported: str | Path, split: str, n: int) -> list[Path]:
     return paths[:n]
 
 
-def measure_speed(model_dir: Path, images: list[Path], device: str = "auto", warmup: int = 1) -> dict:
-    """Student inference time per image: one image per forward pass, after `warmup` untimed passes.
+def measure_speed(model_dir: Path, images: list[Path], device: str = "auto", warmup: int = 3) -> dict:
+    """Student inference time per image: one image per forward pass, after `warmup` untimed passes
+    (the first passes pay for allocator and kernel set-up, which a deployed model pays once).
 
     Times `b2p.student.predict.predict_images` (preprocessing, forward, resize to the image, argmax),
     the images decoded beforehand. Returns {"ms_per_image", "images", "device", "threads"}.
@@ -183,8 +184,8 @@ def measure_speed(model_dir: Path, images: list[Path], device: str = "auto", war
     dev = pick_device(device)
     model, _ = load_student(model_dir, dev)
     arrays = [read_image(p) for p in images]
-    for a in arrays[:warmup]:
-        predict_images(model, [a], dev)
+    for i in range(warmup):
+        predict_images(model, [arrays[i % len(arrays)]], dev)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -35,11 +35,11 @@ class StudentConfig:
     arch: str = "b2p"  # b2p | unet (the from-scratch baseline)
     backbone: str = EFFNET_NAME  # dinov2_s | dinov2_b | dinov2_l | dinov2_g | efficientnet_lite0
     adaptation: str = "bitfit"  # bitfit (bias + norm params train) | frozen | full
-    taps: list[int] | None = None  # None: paper's (1, 2, 4, 7) for DINOv2, (2, 4, 10, 15) for EfficientNet
+    taps: list[int] | None = None  # None: paper's (1, 2, 4, 7) for DINOv2, (4, 10, 15) for EfficientNet
     detail_branch: bool = True
     binary_head: bool = True
     input_size: int = 518  # square input; DINOv2 needs a multiple of 14
-    decoder_dim: int = 256
+    decoder_dim: int | None = None  # None: 256 for DINOv2 (paper), 128 for EfficientNet-Lite0 (measured)
     upsample_steps: int | None = None  # x2 steps of the three up-steps; None: 3 for ViT, to ~H/4 for CNNs
     unet_base: int = 32
     # tiny DINOv2 config for tests (hidden_size, num_hidden_layers, ...): always random weights
@@ -59,6 +59,8 @@ class StudentConfig:
         if self.taps is None:
             self.taps = list(default_taps(self.backbone))
         self.taps = [int(t) for t in self.taps]
+        if self.decoder_dim is None:
+            self.decoder_dim = 128 if self.backbone == EFFNET_NAME else 256
         if self.input_size < 16:
             raise B2PError(f"input size {self.input_size} is too small")
         if self.arch == "b2p" and self.backbone in DINOV2_SIZES:

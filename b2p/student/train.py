@@ -44,7 +44,7 @@ class TrainParams:
     detail_branch: bool = True
     binary_head: bool = True
     input_size: int = 518
-    decoder_dim: int = 256
+    decoder_dim: int | None = None  # 256 for DINOv2 (paper), 128 for EfficientNet-Lite0
     unet_base: int = 32
     dinov2_config: dict | None = None  # tiny random DINOv2 for tests
     # optimisation
