@@ -59,11 +59,7 @@ COMMANDS = [
 ]
 
 for _name, _module, _func in COMMANDS:
-    try:
-        _fn = getattr(importlib.import_module(_module), _func)
-    except (ImportError, AttributeError):
-        continue  # stage not built yet in this checkout
-    app.command(_name)(_clear_errors(_fn))
+    app.command(_name)(_clear_errors(getattr(importlib.import_module(_module), _func)))
 
 
 def _version(value: bool) -> None:

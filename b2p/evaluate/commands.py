@@ -8,29 +8,14 @@ from typing import Any
 import typer
 
 from b2p.errors import B2PError
+from b2p.params import read_params_section
 
 # built-in defaults of the options that can also come from the `evaluate:` section of --params
 _DEFAULTS: dict[str, Any] = {"split": "test", "worst": 8, "size_bins": [0.001, 0.01], "min_cover": 0.5}
 
 
 def _params_section(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    import yaml
-
-    if not path.is_file():
-        raise B2PError("params file not found", path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise B2PError(f"params file is not valid YAML: {e}", path) from None
-    section = data.get("evaluate", {}) if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise B2PError("the `evaluate:` section must be a mapping", path)
-    unknown = sorted(set(section) - set(_DEFAULTS))
-    if unknown:
-        raise B2PError(f"unknown keys in `evaluate:`: {unknown}; known: {sorted(_DEFAULTS)}", path)
-    return section
+    return read_params_section(path, "evaluate", _DEFAULTS)
 
 
 def _size_bins(value: Any) -> list[float]:

@@ -10,32 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 from b2p.errors import B2PError
+from b2p.params import read_params_section
 
 console = Console()
 
 
 def _params_section(params: Path | None, section: str, known: tuple[str, ...]) -> dict[str, Any]:
-    """The `section` of a params.yaml (empty without --params); keys use '_' or '-' as in option names.
-
-    An unknown key is an error: a misspelt `tset: 0.3` must not silently fall back to the default."""
-    if params is None:
-        return {}
-    import yaml
-
-    if not params.is_file():
-        raise B2PError("params file not found", params)
-    try:
-        data = yaml.safe_load(params.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise B2PError(f"params file is not valid YAML: {e}", params) from None
-    sec = data.get(section, {}) if isinstance(data, dict) else None
-    if not isinstance(sec, dict):
-        raise B2PError(f"section {section!r} must be a mapping", params)
-    sec = {str(k).replace("-", "_"): v for k, v in sec.items()}
-    unknown = sorted(set(sec) - set(known))
-    if unknown:
-        raise B2PError(f"section {section!r} has unknown keys {unknown}; known: {list(known)}", params)
-    return sec
+    # an unknown key is an error: a misspelt `tset: 0.3` must not silently fall back to the default
+    return read_params_section(params, section, known)
 
 
 def _pick(cli_value: Any, section: dict, key: str, default: Any) -> Any:

@@ -8,26 +8,7 @@ from typing import Any
 import typer
 
 from b2p.errors import B2PError
-
-
-def read_params_section(path: Path | None, section: str) -> dict[str, Any]:
-    """The `section` mapping of a params.yaml file ({} when no file is given or the section is absent)."""
-    if path is None:
-        return {}
-    import yaml
-
-    if not path.is_file():
-        raise B2PError("params file not found", path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise B2PError(f"params file is not valid YAML: {e}", path) from None
-    sec = data.get(section) if isinstance(data, dict) else None
-    if sec is None:
-        return {}
-    if not isinstance(sec, dict):
-        raise B2PError(f"section {section!r} must be a mapping", path)
-    return dict(sec)
+from b2p.params import read_params_section
 
 
 def _taps(text: str | None) -> list[int] | None:

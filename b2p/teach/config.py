@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from b2p.errors import B2PError
+from b2p.params import read_params_section
 from b2p.teach.base import Teacher
 from b2p.teach.cache import DEFAULT_CACHE_DIR
 from b2p.teach.grabcut import GrabCutSettings
@@ -49,24 +50,8 @@ class TeachConfig:
 
 
 def load_teach_params(path: str | Path) -> dict[str, Any]:
-    """The `teach:` section of a params YAML file ({} when the file has none)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise B2PError("params file not found", path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise B2PError(f"params file is not valid YAML: {e}", path) from None
-    section = data.get("teach", {}) if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise B2PError("params section `teach` must be a mapping", path)
-    known = {f.name for f in fields(TeachConfig)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise B2PError(f"unknown keys in params section `teach`: {unknown}; known: {sorted(known)}", path)
-    return section
+    """The `teach:` section of a params YAML file ({} when the file has none); unknown keys are an error."""
+    return read_params_section(path, "teach", [f.name for f in fields(TeachConfig)])
 
 
 def build_config(params_file: str | Path | None = None, **cli: Any) -> TeachConfig:
