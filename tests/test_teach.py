@@ -295,3 +295,22 @@ def test_cli_sam_without_weights_offline_message(tmp_path, monkeypatch):
     )
     assert r.exit_code == 1
     assert "sam_vit_b_01ec64.pth" in r.output and not (tmp_path / "t").exists()
+
+
+def test_grabcut_min_context_ratio_fills_boxes_with_too_little_context():
+    """A box covering most of the image leaves a thin context border: with min_context_ratio the box is
+    filled and noted; a small box with ample context is still cut by GrabCut."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(100, 140, size=(64, 64, 3), dtype=np.uint8)
+    img[20:30, 20:30] = 20  # a dark blob inside the small box
+    big = np.array([[2.0, 2.0, 62.0, 62.0]])
+    small = np.array([[16.0, 16.0, 34.0, 34.0]])
+    out = GrabCutTeacher(min_context_ratio=1.0).predict(img, big)
+    assert out.masks[0].sum() == 60 * 60 and out.scores[0] == 0.0
+    assert "min_context_ratio" in out.notes[0]
+    off = GrabCutTeacher().predict(img, big)  # default off: GrabCut runs and does not fill the whole box
+    assert off.masks[0].sum() < 60 * 60
+    cut = GrabCutTeacher(min_context_ratio=1.0).predict(img, small)
+    assert cut.scores[0] == 1.0 and cut.masks[0][20:30, 20:30].mean() > 0.9 and cut.masks[0].sum() < 18 * 18
+    with pytest.raises(B2PError):
+        GrabCutTeacher(min_context_ratio=-1)

@@ -170,10 +170,17 @@ def register_batch(params_path: str | Path, name: str, entry: dict) -> None:
     if trailing is not None:
         _push_trailing_comment(batches, trailing)
     text = dump_params(data)
-    # the rewrite must parse back to the same mapping plus the new entry (guards against any round-trip slip)
-    check = _yaml().load(text)
-    if dict(check["batches"][name]) != entry:
-        raise B2PError("internal error: params.yaml round trip changed the new entry; file left untouched", params_path)
+    # the rewrite must parse (with a plain YAML reader) to the old mapping plus the new entry: a guard
+    # against any round-trip slip, since DVC and every stage read this file
+    import yaml
+
+    before = yaml.safe_load(params_path.read_text()) or {}
+    after = yaml.safe_load(text)
+    new_entry = after.get("batches", {}).pop(name, None)
+    if not after.get("batches"):
+        after.pop("batches", None)
+    if new_entry != entry or after != {k: v for k, v in before.items() if not (k == "batches" and not v)}:
+        raise B2PError("internal error: rewriting params.yaml would change more than the new entry; file left untouched", params_path)
     write_bytes_atomic(params_path, text.encode())
 
 

@@ -9,6 +9,8 @@ Degenerate boxes are handled explicitly and every case is recorded as a per-box 
   - a box thinner than `min_side` px: GrabCut cannot model its colours; the box is filled, score 0;
   - a box leaving fewer than `min_background` context pixels (it covers almost the whole image): no
     background model can be learned; the box is filled, score 0;
+  - with `min_context_ratio` > 0, a box whose context has fewer pixels than that ratio times its own
+    area: the background model is too poor to trust; the box is filled, score 0;
   - GrabCut returns no foreground: the box is filled (`empty="box"`, default) or the mask stays empty
     (`empty="keep"`); either way it is noted.
 Score: 1.0 where GrabCut made the mask, 0.0 where the box was filled instead.
@@ -32,6 +34,11 @@ class GrabCutSettings:
     context_px: int = 8  # ... but at least this many pixels
     min_side: int = 4
     min_background: int = 32
+    # fill the box when the context around it has fewer than this many pixels per box pixel (0 = off):
+    # a background colour model estimated from a thin, image-clipped border cannot explain a box that
+    # covers a large part of the image (e.g. whole-tile "uneven" regions), and GrabCut then cuts the box
+    # along texture; the annotator's box is the better mask there
+    min_context_ratio: float = 0.0
     empty: str = "box"  # what to do when GrabCut finds no foreground: "box" (fill, noted) or "keep"
     seed: int = 0  # OpenCV's k-means initialisation of the colour models is random
 
@@ -42,6 +49,8 @@ class GrabCutSettings:
             raise B2PError("grabcut context must be positive (context_px >= 1, context_frac >= 0)")
         if self.min_side < 2 or self.min_background < 5:
             raise B2PError("grabcut min_side must be >= 2 and min_background >= 5 (GMMs need samples)")
+        if self.min_context_ratio < 0:
+            raise B2PError(f"grabcut min_context_ratio must be >= 0, got {self.min_context_ratio}")
         if self.empty not in ("box", "keep"):
             raise B2PError(f"grabcut empty must be 'box' or 'keep', got {self.empty!r}")
 
@@ -89,6 +98,13 @@ class GrabCutTeacher(Teacher):
                 False,
                 f"grabcut skipped: box covers nearly the whole image, only {n_bg} background pixels around it "
                 f"(< min_background={c.min_background}); box filled",
+            )
+        if n_bg < c.min_context_ratio * bw * bh:
+            return (
+                box_mask(box, shape),
+                False,
+                f"grabcut skipped: {n_bg} context pixels for a {bw}x{bh} box "
+                f"(< min_context_ratio={c.min_context_ratio} per box pixel); box filled",
             )
         crop = np.ascontiguousarray(image[cy0:cy1, cx0:cx1, ::-1])  # BGR, as OpenCV expects
         gc = np.full(crop.shape[:2], cv2.GC_BGD, np.uint8)
