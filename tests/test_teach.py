@@ -314,3 +314,25 @@ def test_grabcut_min_context_ratio_fills_boxes_with_too_little_context():
     assert cut.scores[0] == 1.0 and cut.masks[0][20:30, 20:30].mean() > 0.9 and cut.masks[0].sum() < 18 * 18
     with pytest.raises(B2PError):
         GrabCutTeacher(min_context_ratio=-1)
+
+
+def test_grabcut_min_fill_treats_a_collapsed_mask_as_empty(monkeypatch):
+    """GrabCut keeping a few pixels of a large box is a collapse: with min_fill it is handled like an
+    empty result (box filled or kept empty, noted); without it the few pixels are returned."""
+    import cv2
+
+    def collapse(img, mask, rect, bgd, fgd, iters, mode):  # GrabCut that keeps one pixel of the box
+        fg = np.argwhere(mask == cv2.GC_PR_FGD)[0]
+        mask[mask == cv2.GC_PR_FGD] = cv2.GC_PR_BGD
+        mask[tuple(fg)] = cv2.GC_FGD
+
+    monkeypatch.setattr(cv2, "grabCut", collapse)
+    img = np.full((64, 64, 3), 120, np.uint8)
+    box = np.array([[20.0, 20.0, 40.0, 40.0]])
+    assert GrabCutTeacher().predict(img, box).masks[0].sum() == 1
+    filled = GrabCutTeacher(min_fill=0.02).predict(img, box)
+    assert filled.masks[0].sum() == 400 and filled.scores[0] == 0.0 and "min_fill" in filled.notes[0]
+    kept = GrabCutTeacher(min_fill=0.02, empty="keep").predict(img, box)
+    assert kept.masks[0].sum() == 0 and "min_fill" in kept.notes[0]
+    with pytest.raises(B2PError):
+        GrabCutTeacher(min_fill=1.5)

@@ -11,7 +11,7 @@ Degenerate boxes are handled explicitly and every case is recorded as a per-box 
     background model can be learned; the box is filled, score 0;
   - with `min_context_ratio` > 0, a box whose context has fewer pixels than that ratio times its own
     area: the background model is too poor to trust; the box is filled, score 0;
-  - GrabCut returns no foreground: the box is filled (`empty="box"`, default) or the mask stays empty
+  - GrabCut returns no foreground (or, with `min_fill` > 0, less than that fraction of the box): the box is filled (`empty="box"`, default) or the mask stays empty
     (`empty="keep"`); either way it is noted.
 Score: 1.0 where GrabCut made the mask, 0.0 where the box was filled instead.
 """
@@ -39,6 +39,10 @@ class GrabCutSettings:
     # covers a large part of the image (e.g. whole-tile "uneven" regions), and GrabCut then cuts the box
     # along texture; the annotator's box is the better mask there
     min_context_ratio: float = 0.0
+    # a GrabCut mask holding less than this fraction of its box is a collapse, handled like an empty result
+    # (0 = off): on low-contrast grayscale textures GrabCut can shrink to a handful of pixels, which no tight
+    # box around a real defect allows (the defect touches all four sides of its box)
+    min_fill: float = 0.0
     empty: str = "box"  # what to do when GrabCut finds no foreground: "box" (fill, noted) or "keep"
     seed: int = 0  # OpenCV's k-means initialisation of the colour models is random
 
@@ -49,6 +53,8 @@ class GrabCutSettings:
             raise B2PError("grabcut context must be positive (context_px >= 1, context_frac >= 0)")
         if self.min_side < 2 or self.min_background < 5:
             raise B2PError("grabcut min_side must be >= 2 and min_background >= 5 (GMMs need samples)")
+        if not 0 <= self.min_fill < 1:
+            raise B2PError(f"grabcut min_fill must be in [0, 1), got {self.min_fill}")
         if self.min_context_ratio < 0:
             raise B2PError(f"grabcut min_context_ratio must be >= 0, got {self.min_context_ratio}")
         if self.empty not in ("box", "keep"):
@@ -119,8 +125,10 @@ class GrabCutTeacher(Teacher):
         fg = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
         mask = np.zeros(shape, dtype=bool)
         mask[cy0:cy1, cx0:cx1] = fg
-        if not mask.any():
+        kept = int(mask.sum())
+        if kept == 0 or kept < c.min_fill * bw * bh:
+            what = "no foreground" if kept == 0 else f"only {kept} px ({kept / (bw * bh):.1%} of the box, < min_fill={c.min_fill})"
             if c.empty == "box":
-                return box_mask(box, shape), False, "grabcut found no foreground in the box; box filled"
-            return mask, False, "grabcut found no foreground in the box; mask left empty"
+                return box_mask(box, shape), False, f"grabcut found {what} in the box; box filled"
+            return np.zeros(shape, dtype=bool), False, f"grabcut found {what} in the box; mask left empty"
         return mask, True, None
