@@ -31,3 +31,17 @@ def resolve_batch_files(imported_dir: str | Path, batch: list[str] | None = None
             raise B2PError(f"batch {n!r} was never imported (no {f.name}); run `b2p import --batch {n}` first", imported_dir)
         files.append(f)
     return files
+
+
+WEIGHTS_DIR_ENV = "B2P_WEIGHTS_DIR"
+DEFAULT_WEIGHTS_DIR = "weights"
+
+
+def weights_dir(explicit: str | Path | None = None) -> Path:
+    """The local model-weights folder (SAM and DINOv2 files): the explicit one, else $B2P_WEIGHTS_DIR,
+    else `weights/`. Air-gapped sites put the official files here."""
+    import os
+
+    if explicit is not None:
+        return Path(explicit)
+    return Path(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)

@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from b2p.errors import B2PError
 from b2p.params import read_params_section
 
 console = Console()

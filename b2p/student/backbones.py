@@ -16,15 +16,14 @@ cache (`~/.cache/torch/hub/checkpoints/dinov2_vits14_pretrain.pth`, what
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from b2p.errors import B2PError
+from b2p.project import weights_dir
 
-WEIGHTS_DIR_ENV = "B2P_WEIGHTS_DIR"
 
 # name -> (hidden, layers, heads, swiglu, hf hub id, official torch.hub file)
 DINOV2_SIZES: dict[str, tuple[int, int, int, bool, str, str]] = {
@@ -39,10 +38,6 @@ BACKBONES = (*DINOV2_SIZES, EFFNET_NAME)
 # as fast as also tapping stride 4 (block 2) with a 256-channel decoder (see the README's student numbers)
 EFFNET_DEFAULT_TAPS = (4, 10, 15)
 DINOV2_DEFAULT_TAPS = (1, 2, 4, 7)  # the paper's 0-based block outputs
-
-
-def weights_dir() -> Path:
-    return Path(os.environ.get(WEIGHTS_DIR_ENV) or "weights")
 
 
 def _torch_hub_checkpoint_dir() -> Path:

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from b2p.errors import B2PError
+from b2p.project import WEIGHTS_DIR_ENV, weights_dir
 from b2p.fileio import sha256_file
 
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-DEFAULT_WEIGHTS_DIR = "weights"
-WEIGHTS_DIR_ENV = "B2P_WEIGHTS_DIR"
 MIRROR_ENV = "B2P_SAM_BASE_URL"  # a site mirror of the official folder (same file names and checksums)
 
 
@@ -91,13 +90,6 @@ class ResolvedCheckpoint:
     path: Path
     sha256: str
     source: str  # "checkpoint option", "weights folder" or "downloaded from URL"
-
-
-def weights_dir(explicit: str | Path | None = None) -> Path:
-    """The local weights folder: the explicit one, else $B2P_WEIGHTS_DIR, else `weights/`."""
-    if explicit is not None:
-        return Path(explicit)
-    return Path(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
 
 
 def check_model_type(model_type: str) -> None:
