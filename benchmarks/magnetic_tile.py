@@ -62,8 +62,8 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
         f.flush()
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     dt = time.perf_counter() - t
-    if rc != 0:
-        sys.exit(f"failed ({rc}): {' '.join(cmd)}; see {log}")
+    if rc != 0:  # raised, not sys.exit: a worker thread's SystemExit would not stop the benchmark
+        raise RuntimeError(f"failed ({rc}): {' '.join(cmd)}; see {log}")
     print(f"{dt:8.1f} s  {' '.join(cmd[:3])} ... -> {log.name}", flush=True)
     return dt
 
@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--self-correction-region", default=None, help="all (paper) | boxes")
     ap.add_argument("--outside-box-bg-weight", type=float, default=None)
+    ap.add_argument("--grabcut-min-fill", type=float, default=None, help="teach.grabcut.min_fill (0 = off)")
+    ap.add_argument("--grabcut-min-context-ratio", type=float, default=None, help="teach.grabcut.min_context_ratio")
     ap.add_argument("--teachers", default=",".join(TEACHERS))
     ap.add_argument("--students", default="b2p,b2p-nosc,unet")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (OMP_NUM_THREADS)")
@@ -110,10 +112,13 @@ def main() -> None:
          "--classes", str(w / "data/classes.json"), "--out", str(w / "data/imported/mt.json")], w / "logs/import.log", env)
 
     # 2. teachers (resume off: a stale folder must not pass for a fresh timing)
+    gc = {k: v for k, v in (("min_fill", args.grabcut_min_fill), ("min_context_ratio", args.grabcut_min_context_ratio)) if v is not None}
+    (w / "params").mkdir(exist_ok=True)
+    (w / "params/teach.yaml").write_text(yaml.safe_dump({"teach": {"grabcut": gc}}, sort_keys=False))
     for t in teachers:
         times[f"teach/{t}"] = run(
             [*b2p, "teach", str(w / "data/imported/mt.json"), "--out", str(w / "teach" / t), "--teacher", t,
-             "--no-resume", "--quiet"], w / f"logs/teach_{t}.log", env)
+             "--params", str(w / "params/teach.yaml"), "--no-resume", "--quiet"], w / f"logs/teach_{t}.log", env)
 
     # 3. students: train + predict the test split, two at a time
     params = student_params(args)
@@ -134,7 +139,10 @@ def main() -> None:
 
     pairs = [(t, s) for t in teachers for s in students if s in params]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
-        list(ex.map(train_predict, pairs))
+        futures = [ex.submit(train_predict, p) for p in pairs]
+        errors = [str(f.exception()) for f in futures if f.exception() is not None]
+    if errors:
+        sys.exit("benchmark stopped:\n" + "\n".join(errors))
 
     # 4. evaluate: one run per teacher, its students as sources
     for t in teachers:
