@@ -1,6 +1,6 @@
 """End-to-end benchmark on the Magnetic-Tile defect dataset, driven through the `b2p` commands.
 
-    python benchmarks/magnetic_tile.py --work /tmp/mt-bench [--dataset /work/shared/datasets/magnetic-tile]
+    python benchmarks/magnetic_tile.py --work /tmp/mt-bench [--dataset ../shared/datasets/magnetic-tile]
         [--free-images 60] [--input-size 160] [--epochs 12] [--threads 1] [--jobs 2] [--seed 42]
 
 Stages (each a `b2p` command, timed): masks-to-boxes + import (boxes simulated from the manual masks, manual
@@ -71,7 +71,7 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--dataset", type=Path, default=Path("/work/shared/datasets/magnetic-tile"))
+    ap.add_argument("--dataset", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic-tile")
     ap.add_argument("--free-images", type=int, default=60)
     ap.add_argument("--val", type=float, default=0.15)
     ap.add_argument("--test", type=float, default=0.15)

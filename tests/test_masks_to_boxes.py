@@ -18,7 +18,8 @@ from b2p.splits import SplitRule
 
 runner = CliRunner()
 H, W = 40, 56
-REAL = Path("/work/shared/datasets/magnetic-tile")
+# the dataset lies in shared/ beside the repository (as in CI); never copied into it
+REAL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic-tile"
 
 
 def _jpg(path: Path, seed: int) -> None:
