@@ -170,26 +170,35 @@ def test_bench_report_tables(tmp_path: Path, synthetic_batch) -> None:
     for root, maps in roots.items():
         for im in b.images:
             write_label_map(label_map_path(tmp_path / root, b.name, im.file_name), maps[im.file_name])
+    from b2p.evaluate.evaluate import MaskSource
+    from b2p.pipeline.report import BOXED_SOURCE
+
     for student in ("good", "empty"):
+        # the empty student's box-guided masks are perfect: a row of their own, right after the student
+        boxed = [MaskSource(BOXED_SOURCE, tmp_path / "pred/good")] if student == "empty" else []
         evaluate([batch_file], tmp_path / "eval" / "perfect" / student, tmp_path / "teach/perfect",
-                 tmp_path / "pred" / student, plots=False, progress=False)
+                 tmp_path / "pred" / student, extra_sources=boxed, plots=False, progress=False)
     runs = find_runs(tmp_path / "eval")
     assert [r.name for r in runs] == ["perfect/empty", "perfect/good"]
     rep = build_report(runs)
     kinds = [(r["kind"], r["name"]) for r in rep["rows"]]
     assert kinds == [("teacher", "teacher: perfect"), ("baseline", "box fill (no learning)"),
-                     ("student", "empty <- perfect"), ("student", "good <- perfect")]
+                     ("student", "empty <- perfect"), ("student+boxes", "empty <- perfect (+ boxes)"),
+                     ("student", "good <- perfect")]
+    assert rep["rows"][3]["metrics"]["binary_iou"] == pytest.approx(1.0)
+    del rep["rows"][3]
     teacher, box, empty, good = rep["rows"]
     assert teacher["metrics"]["miou"] == pytest.approx(1.0) and good["metrics"]["binary_iou"] == pytest.approx(1.0)
     assert empty["metrics"]["binary_iou"] == pytest.approx(0.0) and empty["metrics"]["binary_recall"] == pytest.approx(0.0)
     assert 0 < box["metrics"]["binary_iou"] < 1 and box["metrics"]["binary_recall"] == pytest.approx(1.0)
     assert good["train_seconds"] is None and good["ms_per_image"] is None  # not recorded: shown as '-'
-    md = report_markdown(rep)
-    assert md.count("\n| ") == 5 and "| good <- perfect | 1.0000 |" in md and "| - |" in md
+    md = report_markdown(build_report(runs))
+    assert md.count("\n| ") == 6 and "| good <- perfect | 1.0000 |" in md and "| - |" in md
+    assert "| empty <- perfect (+ boxes) | 1.0000 |" in md
     # the CLI writes both files; a folder without runs is a clear error
     res = runner.invoke(app, ["bench-report", str(tmp_path / "eval"), "--out", str(tmp_path / "results")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "results" / "report.json").read_text())["rows"][3]["name"] == "good <- perfect"
+    assert json.loads((tmp_path / "results" / "report.json").read_text())["rows"][4]["name"] == "good <- perfect"
     assert (tmp_path / "results" / "report.md").read_text() == md
     res = runner.invoke(app, ["bench-report", str(tmp_path / "teach")])
     assert res.exit_code == 1 and "no metrics.json" in res.output
@@ -286,8 +295,12 @@ def test_benchmark_suite_on_the_demo(tmp_path: Path) -> None:
     assert not any(s.startswith(("demo_data", "train", "pipelines/magnetic-tile")) for s in ran)  # only this suite
     rep = json.loads((bench / "results/report.json").read_text())
     rows = {r["name"]: r for r in rep["rows"]}
-    assert set(rows) == {"teacher: box", "teacher: grabcut", "box fill (no learning)",
-                         "b2p <- box", "unet <- box", "b2p <- grabcut", "unet <- grabcut"}
+    students = {"b2p <- box", "unet <- box", "b2p <- grabcut", "unet <- grabcut"}
+    assert set(rows) == {"teacher: box", "teacher: grabcut", "box fill (no learning)"} | students | {
+        f"{s} (+ boxes)" for s in students}
+    # box-guided masks never leave the boxes: they cannot find a defect pixel the box fill misses
+    for s in students:
+        assert rows[f"{s} (+ boxes)"]["metrics"]["binary_recall"] <= rows["box fill (no learning)"]["metrics"]["binary_recall"] + 1e-9
     # the box teacher is the box fill: same masks, same scores
     assert rows["teacher: box"]["metrics"] == pytest.approx(rows["box fill (no learning)"]["metrics"])
     for name, r in rows.items():

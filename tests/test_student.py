@@ -98,14 +98,62 @@ def test_checkpoint_round_trip_identical_predictions(tmp_path: Path):
 
 def test_frozen_backbone_uses_feature_cache(taught, tmp_path: Path):
     path, teach, _ = taught
-    m = train_student([path], teach, tmp_path / "f", tiny_params(epochs=2, adaptation="frozen", feature_cache="disk", cache_dir=str(tmp_path / "cache")), progress=False)
+    m = train_student([path], teach, tmp_path / "f", tiny_params(epochs=2, adaptation="frozen", feature_cache="disk", cache_dir=str(tmp_path / "cache"), augment="none"), progress=False)
     n = m["images"]["train"] + m["images"]["val"]
     assert m["feature_cache"]["misses"] == n  # each image's features computed once
     assert m["feature_cache"]["hits"] >= n  # and reused in the second epoch
     assert len(list((tmp_path / "cache").glob("*.pt"))) == n
     # a second run reads the disk cache: no recomputation
-    m2 = train_student([path], teach, tmp_path / "f2", tiny_params(epochs=1, adaptation="frozen", feature_cache="disk", cache_dir=str(tmp_path / "cache")), progress=False)
+    m2 = train_student([path], teach, tmp_path / "f2", tiny_params(epochs=1, adaptation="frozen", feature_cache="disk", cache_dir=str(tmp_path / "cache"), augment="none"), progress=False)
     assert m2["feature_cache"]["misses"] == 0
+    # flipped training images have features of their own (never the unflipped image's); val is never flipped
+    m3 = train_student([path], teach, tmp_path / "f3", tiny_params(epochs=4, adaptation="frozen", augment="flips"), progress=False)
+    n_train, n_val = m3["images"]["train"], m3["images"]["val"]
+    assert n_train + n_val < m3["feature_cache"]["misses"] <= 4 * n_train + n_val
+
+
+def test_flip_augmentation_moves_image_labels_and_boxes_together(taught):
+    from b2p.student.data import StudentDataset, gather_samples
+
+    path, teach, _ = taught
+    samples, k = gather_samples([path], teach, ("train", "val", "test"))
+    plain = StudentDataset(samples, 32, (0.5,) * 3, (0.25,) * 3, k, augment="none")
+    flipped = StudentDataset(samples, 32, (0.5,) * 3, (0.25,) * 3, k, augment="flips")
+    torch.manual_seed(0)
+    codes = set()
+    for i in range(len(samples)):
+        x0, y0, b0, _, c0 = plain[i]
+        for _ in range(3):
+            x, y, b, idx, code = flipped[i]
+            assert c0 == 0 and idx == i
+            codes.add(code)
+            dims = [d for bit, d in ((1, -1), (2, -2)) if code & bit]
+            ex, ey, eb = (x0.flip(dims), y0.flip(dims), b0.flip(dims)) if dims else (x0, y0, b0)
+            assert torch.equal(x, ex) and torch.equal(y, ey) and torch.equal(b, eb)
+    assert codes == {0, 1, 2, 3}
+    with pytest.raises(Exception, match="augment must be"):
+        StudentDataset(samples, 32, (0.5,) * 3, (0.25,) * 3, k, augment="rotate")
+
+
+def test_within_boxes_keeps_student_pixels_inside_boxes_with_the_box_class():
+    from b2p.student.predict import within_boxes
+
+    p = np.zeros((20, 30), dtype=np.float32)
+    p[2:8, 2:8] = 0.9  # a confident blob, half of it outside box 1
+    p[12:15, 20:23] = 0.3  # a weak blob: box 2 finds nothing above 0.5
+    p[13, 21] = 0.4
+    p[0, 29] = 0.99  # confident, but in no box
+    boxes = np.array([[0, 0, 5, 10], [18, 10, 26, 18], [3, 3, 5, 5]], dtype=np.float32)
+    lm, rescued = within_boxes(p, boxes, np.array([1, 2, 2]), threshold=0.5, relative=0.5)
+    assert rescued == 1
+    expect = np.zeros((20, 30), dtype=np.uint8)
+    expect[2:8, 2:5] = 1  # box 1: the blob clipped to the box, class 1
+    expect[3:5, 3:5] = 2  # box 3 lies inside box 1: the smaller mask wins
+    expect[12:15, 20:23] = 2  # box 2, rescued: pixels >= 0.5 x its max (0.4) -> the whole weak blob
+    assert np.array_equal(lm, expect)
+    # no boxes: nothing, whatever the student says
+    lm0, r0 = within_boxes(p, np.zeros((0, 4)), np.zeros(0, dtype=np.int64))
+    assert r0 == 0 and not lm0.any()
 
 
 def test_cli_train_and_predict(taught, tmp_path: Path):
@@ -147,6 +195,24 @@ def test_cli_train_and_predict(taught, tmp_path: Path):
     r = runner.invoke(app, ["predict", "--model", str(model_dir), "--images", str(folder), "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert read_label_map(out / "big.png").shape == (50, 70)
+    # box-guided masks: nothing outside the boxes, only the box's class inside, every box non-empty
+    boxed = tmp_path / "boxed"
+    r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--split", "all", "--out", str(tmp_path / "pred2"), "--boxes-out", str(boxed)])
+    assert r.exit_code == 0, r.output
+    from b2p.teach.base import box_mask
+
+    for rec in b.images:
+        lm = read_label_map(label_map_path(boxed, b.name, rec.file_name), shape=(rec.height, rec.width))
+        inside = np.zeros(lm.shape, dtype=bool)
+        for box in rec.boxes:
+            m = box_mask(np.asarray(box.xyxy), lm.shape)
+            inside |= m
+            assert np.isin(lm[m], [0, *[bb.category_id for bb in rec.boxes]]).all()
+        assert not lm[~inside].any()
+        if len(rec.boxes) == 1:
+            assert lm.any() and set(np.unique(lm)) <= {0, rec.boxes[0].category_id}
+    r = runner.invoke(app, ["predict", "--model", str(model_dir), "--images", str(folder), "--out", str(out), "--boxes-out", str(boxed)])
+    assert r.exit_code == 1 and "--boxes-out needs box annotations" in r.output
 
 
 def test_cli_errors(taught, tmp_path: Path):

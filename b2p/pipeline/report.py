@@ -10,7 +10,7 @@ in the table when a figure is missing rather than inventing one):
 - `TEACH_ROOT/<teacher>/<batch>/provenance.json`: the teacher's time per image.
 
 Rows: one per teacher (its pseudo-masks scored against the manual masks), the box-fill baseline, and one
-per trained student. Metrics are the paper's (mIoU, anomaly mIoU, binary IoU / precision / recall / F1),
+per trained student, plus one for its box-guided masks when evaluate scored them (section `student_boxes`). Metrics are the paper's (mIoU, anomaly mIoU, binary IoU / precision / recall / F1),
 all pooled over the evaluated split (see b2p/evaluate/metrics.py).
 """
 
@@ -27,6 +27,8 @@ from b2p.fileio import read_json, write_json_atomic, write_text_atomic
 METRICS = ("miou", "anomaly_miou", "binary_iou", "binary_precision", "binary_recall", "binary_f1")
 METRIC_HEADS = ("mIoU", "anomaly mIoU", "binary IoU", "binary P", "binary R", "binary F1")
 MAIN_RUN = "main"
+# evaluate's section for the student's box-guided masks (`b2p predict --boxes-out`, `--source student_boxes=...`)
+BOXED_SOURCE = "student_boxes"
 
 
 @dataclass
@@ -128,26 +130,33 @@ def build_report(runs: list[Run], teach_root: str | Path | None = None, title: s
     if box_row is not None:
         rows.append(box_row)
     for r in runs:
-        s = r.metrics["student"]
-        rows.append(
-            {
-                "kind": "student",
-                "name": r.student if r.name == MAIN_RUN else f"{r.student} <- {r.teacher}",
-                "run": r.name,
-                "teacher": r.teacher,
-                "student": r.student,
-                "metrics": {m: s.get(m) for m in METRICS},
-                "images": s.get("images"),
-                "train_seconds": _first(r.train, "train_seconds", "seconds", "time.seconds"),
-                "epochs": _first(r.train, "epochs_run", "epochs"),
-                "params_total": _first(r.train, "params.total", "params_total"),
-                "params_trainable": _first(r.train, "params.trainable", "params_trainable"),
-                "ms_per_image": _first(r.speed, "ms_per_image"),
-                "speed_device": _first(r.speed, "device"),
-                "train_device": _first(r.train, "device"),
-            }
-        )
+        rows.append(_student_row(r, "student"))
+        if BOXED_SOURCE in r.metrics:
+            rows.append(_student_row(r, BOXED_SOURCE))
     return {"title": title, "metrics": list(METRICS), "rows": rows}
+
+
+def _student_row(r: Run, section: str) -> dict:
+    """A student's row: its plain predictions (`student`) or its box-guided masks (`BOXED_SOURCE`)."""
+    s = r.metrics[section]
+    name = r.student if r.name == MAIN_RUN else f"{r.student} <- {r.teacher}"
+    boxed = section == BOXED_SOURCE
+    return {
+        "kind": "student+boxes" if boxed else "student",
+        "name": f"{name} (+ boxes)" if boxed else name,
+        "run": r.name,
+        "teacher": r.teacher,
+        "student": r.student,
+        "metrics": {m: s.get(m) for m in METRICS},
+        "images": s.get("images"),
+        "train_seconds": _first(r.train, "train_seconds", "seconds", "time.seconds"),
+        "epochs": _first(r.train, "epochs_run", "epochs"),
+        "params_total": _first(r.train, "params.total", "params_total"),
+        "params_trainable": _first(r.train, "params.trainable", "params_trainable"),
+        "ms_per_image": _first(r.speed, "ms_per_image"),
+        "speed_device": _first(r.speed, "device"),
+        "train_device": _first(r.train, "device"),
+    }
 
 
 def speed_images(imported: str | Path, split: str, n: int) -> list[Path]:

@@ -24,7 +24,9 @@ def train(
     batch: list[str] = typer.Option(None, "--batch", help="Batch name(s), repeatable or comma-separated; default all."),
     teacher_root: Path = typer.Option(Path("data/teach"), "--teacher-root", help="Root of teacher label maps."),
     out: Path = typer.Option(Path("data/models/student"), "--out", help="Output model folder."),
-    params: Path = typer.Option(None, "--params", help="YAML file whose `train:` section sets parameters."),
+    params: list[Path] = typer.Option(
+        None, "--params", help="YAML file whose `train:` section sets parameters; repeatable, later files win."
+    ),
     arch: str = typer.Option(None, "--arch", help="b2p (Boxes2Pixels student) or unet (from-scratch baseline)."),
     backbone: str = typer.Option(None, "--backbone", help="efficientnet_lite0 (embedded, default) or dinov2_s/b/l/g."),
     weights: str = typer.Option(None, "--weights", help="Backbone weights: HF folder, hub id, .pth file, or 'random'."),
@@ -53,7 +55,9 @@ def train(
     from b2p.project import resolve_batch_files
     from b2p.student.train import TrainParams, train_student
 
-    values = read_params_section(params, "train")
+    values: dict = {}
+    for p in params or []:  # e.g. the dataset's params.yaml, then a student variant's file
+        values.update(read_params_section(p, "train"))
     cli = dict(
         arch=arch, backbone=backbone, weights=weights, allow_download=allow_download, adaptation=adaptation,
         taps=_taps(taps), detail_branch=detail_branch, binary_head=binary_head, input_size=input_size,
@@ -61,7 +65,7 @@ def train(
         feature_cache=feature_cache, self_correction_region=self_correction_region, warmup_epochs=warmup_epochs,
     )
     values.update({k: v for k, v in cli.items() if v is not None})
-    tp = TrainParams.from_dict(values, params)
+    tp = TrainParams.from_dict(values, ", ".join(str(p) for p in params or []) or None)
     if tp.epochs < 1 or tp.batch_size < 1:
         raise B2PError("--epochs and --batch-size must be at least 1")
     files = resolve_batch_files(imported, batch)
@@ -78,22 +82,32 @@ def predict(
     probs: bool = typer.Option(False, "--probs", help="Also write per-image class probabilities (npz, float16)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    boxes_out: Path = typer.Option(
+        None, "--boxes-out", help="Also write box-guided label maps here: the student's defect pixels inside each annotated box, with the box's class."
+    ),
+    box_threshold: float = typer.Option(0.5, "--box-threshold", min=0.0, max=1.0, help="p(defect) a pixel needs inside a box (--boxes-out)."),
 ) -> None:
     """Predict defect label maps with a trained student.
 
     Batches: reads IMPORTED/<batch>.json, writes OUT/<batch>/labelmaps/<key>.png for the images of SPLIT,
     at each image's original size (+ OUT/<batch>/probs/<key>.npz with --probs). Folder: with --images DIR,
     writes OUT/<key>.png for every image in DIR (+ OUT/probs/<key>.npz).
+
+    With --boxes-out ROOT (batches only), also ROOT/<batch>/labelmaps/<key>.png: every annotated box turned
+    into a mask by the student (its pixels above --box-threshold, or the box's most likely pixels when none
+    is), background outside the boxes: the student used as a better teacher for the annotated images.
     """
     from b2p.student.predict import items_from_batches, items_from_folder, run_prediction
 
     if images is not None:
+        if boxes_out is not None:
+            raise B2PError("--boxes-out needs box annotations: use it with batches (--imported), not --images")
         items = items_from_folder(images, out, probs)
     else:
         from b2p.project import resolve_batch_files
 
-        items = items_from_batches(resolve_batch_files(imported, batch), split, out, probs)
+        items = items_from_batches(resolve_batch_files(imported, batch), split, out, probs, boxes_out)
         if not items:
             raise B2PError(f"the {split} split of the chosen batches holds no images: nothing to predict")
-    res = run_prediction(model, items, batch_size=batch_size, device=device)
-    typer.echo(f"wrote {res['images']} label maps under {out}")
+    res = run_prediction(model, items, batch_size=batch_size, device=device, box_threshold=box_threshold)
+    typer.echo(f"wrote {res['images']} label maps under {out}" + (f" and box-guided ones under {boxes_out}" if boxes_out else ""))

@@ -1,7 +1,8 @@
 """Training data of the student: images, teacher label maps and box-union masks, plus a feature cache.
 
 Every image is resized to the model's square input (bilinear; labels and box masks nearest), normalised
-with the model's mean/std. The box-union mask marks pixels inside any annotated box: outside it the
+with the model's mean/std. Training may flip image, labels and box mask together (left-right and up-down,
+each with probability 1/2): defects have no preferred orientation, and a few hundred images are few. The box-union mask marks pixels inside any annotated box: outside it the
 pseudo-label is background with near certainty (used by the `boxes` self-correction region).
 """
 
@@ -72,11 +73,21 @@ def resize_nearest(arr: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(arr.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
 
 
-class StudentDataset(torch.utils.data.Dataset):
-    """item i -> (image 3xSxS float32, target SxS int64, box mask SxS bool, index)."""
+AUGMENTATIONS = ("none", "flips")
 
-    def __init__(self, samples: list[Sample], size: int, mean, std, num_classes: int):
+
+class StudentDataset(torch.utils.data.Dataset):
+    """item i -> (image 3xSxS float32, target SxS int64, box mask SxS bool, index, flip code).
+
+    The flip code (bit 0 left-right, bit 1 up-down) keys cached frozen-backbone features, which belong
+    to the flipped image, not the original one.
+    """
+
+    def __init__(self, samples: list[Sample], size: int, mean, std, num_classes: int, augment: str = "none"):
+        if augment not in AUGMENTATIONS:
+            raise B2PError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
         self.samples, self.size, self.mean, self.std, self.num_classes = samples, size, mean, std, num_classes
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -93,7 +104,14 @@ class StudentDataset(torch.utils.data.Dataset):
         x = prepare_image(img, self.size, self.mean, self.std)
         y = torch.from_numpy(resize_nearest(lm, self.size).astype(np.int64))
         bm = torch.from_numpy(resize_nearest(box_union_mask(s.record), self.size).astype(bool))
-        return x, y, bm, i
+        code = 0
+        if self.augment == "flips":
+            # torch's global generator: seeded by the trainer, so a run is reproducible
+            for bit, dim in ((1, -1), (2, -2)):
+                if bool(torch.rand(()) < 0.5):
+                    x, y, bm = x.flip(dim), y.flip(dim), bm.flip(dim)
+                    code |= bit
+        return x, y, bm, i, code
 
 
 class FeatureCache:

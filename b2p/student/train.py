@@ -62,6 +62,7 @@ class TrainParams:
     feature_cache: str = "auto"  # auto (frozen backbone -> memory) | memory | disk | off
     cache_dir: str | None = None  # where `disk` keeps features (default data/cache/features)
     num_workers: int = 0
+    augment: str = "flips"  # none | flips (random left-right and up-down flips of the training images)
     # losses
     dice_beta: float = 0.4
     bg_weight: float = 0.4
@@ -197,7 +198,7 @@ def train_student(
         console.print(f"[yellow]note:[/] feature cache {mode!r} ignored: the backbone is not frozen (adaptation={config.adaptation})")
 
     g = torch.Generator().manual_seed(params.seed)
-    ds_train = StudentDataset(train_samples, config.input_size, config.mean, config.std, num_classes)
+    ds_train = StudentDataset(train_samples, config.input_size, config.mean, config.std, num_classes, params.augment)
     ds_val = StudentDataset(val_samples, config.input_size, config.mean, config.std, num_classes)
     dl_train = torch.utils.data.DataLoader(ds_train, batch_size=params.batch_size, shuffle=True, generator=g, num_workers=params.num_workers)
     dl_val = torch.utils.data.DataLoader(ds_val, batch_size=params.batch_size, shuffle=False, num_workers=params.num_workers)
@@ -211,17 +212,18 @@ def train_student(
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    def features(x: torch.Tensor, idx: torch.Tensor, samples) -> list[torch.Tensor] | None:
+    def features(x: torch.Tensor, idx: torch.Tensor, flips: torch.Tensor, samples) -> list[torch.Tensor] | None:
         if cache is None:
             return None
-        per = [cache.get(samples[int(i)].record.sha256) for i in idx]
+        keys = [samples[int(i)].record.sha256 + (f"/flip{int(c)}" if int(c) else "") for i, c in zip(idx, flips)]
+        per = [cache.get(k) for k in keys]
         if any(f is None for f in per):
             with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 fresh = model.backbone_features(x)
-            for j, i in enumerate(idx):
+            for j, k in enumerate(keys):
                 if per[j] is None:
-                    cache.put(samples[int(i)].record.sha256, [f[j] for f in fresh])
-                    per[j] = cache.get(samples[int(i)].record.sha256)
+                    cache.put(k, [f[j] for f in fresh])
+                    per[j] = cache.get(k)
         return [torch.stack([p[t] for p in per]).to(device, torch.float32) for t in range(len(per[0]))]
 
     curves: list[dict] = []
@@ -237,9 +239,9 @@ def train_student(
             sums: dict[str, float] = {}
             n_steps = 0
             cm_train = ConfusionMatrix(num_classes)
-            for x, y, bm, idx in dl_train:
+            for x, y, bm, idx, flips in dl_train:
                 x, y, bm = x.to(device), y.to(device), bm.to(device)
-                feats = features(x, idx, train_samples)
+                feats = features(x, idx, flips, train_samples)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     out = model(x, feats)
                 loss, parts = loss_fn(out, y, epoch, bm)
@@ -316,9 +318,9 @@ def _validate(model, dl, samples, features, loss_fn, epoch, device, use_amp, amp
     model.eval()
     cm = ConfusionMatrix(num_classes)
     total, n = 0.0, 0
-    for x, y, bm, idx in dl:
+    for x, y, bm, idx, flips in dl:
         x, y, bm = x.to(device), y.to(device), bm.to(device)
-        feats = features(x, idx, samples)
+        feats = features(x, idx, flips, samples)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             out = model(x, feats)
         # validation loss without self-correction: the pseudo-labels as they are
