@@ -62,7 +62,7 @@ class TrainParams:
     feature_cache: str = "auto"  # auto (frozen backbone -> memory) | memory | disk | off
     cache_dir: str | None = None  # where `disk` keeps features (default data/cache/features)
     num_workers: int = 0
-    augment: str = "flips"  # none | flips (random left-right and up-down flips of the training images)
+    augment: str = "none"  # none | flips (random left-right and up-down flips of the training images)
     # losses
     dice_beta: float = 0.4
     bg_weight: float = 0.4
