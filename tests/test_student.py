@@ -171,6 +171,13 @@ def test_cli_train_and_predict(taught, tmp_path: Path):
     for f in ("model.pt", "metrics.json", "curves.csv"):
         assert (model_dir / f).is_file()
     assert json.loads((model_dir / "metrics.json").read_text())["epochs_run"] == 1  # CLI overrides params.yaml
+    # layered params files: the later file's keys win over the earlier file's
+    later = tmp_path / "variant.yaml"
+    later.write_text("train:\n  epochs: 2\n")
+    r = runner.invoke(app, ["train", "--imported", str(imported), "--teacher-root", str(teach), "--out", str(tmp_path / "layered"),
+                            "--params", str(params), "--params", str(later)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "layered" / "metrics.json").read_text())["epochs_run"] == 2
     # predict every split, with probabilities
     pred = tmp_path / "pred"
     r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--split", "all", "--out", str(pred), "--probs"])
@@ -229,6 +236,14 @@ def test_cli_errors(taught, tmp_path: Path):
     params.write_text("train:\n  epochz: 3\n")
     r = runner.invoke(app, ["train", "--imported", str(path.parent), "--teacher-root", str(teach), "--params", str(params)])
     assert r.exit_code == 1 and "epochz" in r.output
+    # an unknown augmentation in the later of two layered params files: refused naming the files
+    aug = tmp_path / "aug.yaml"
+    aug.write_text("train:\n  augment: rotate\n")
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("train:\n  epochs: 1\n")
+    r = runner.invoke(app, ["train", "--imported", str(path.parent), "--teacher-root", str(teach), "--out", str(tmp_path / "m"),
+                            "--params", str(ok), "--params", str(aug)])
+    assert r.exit_code == 1 and "augment must be one of" in r.output and "aug.yaml" in r.output
     # no model yet
     r = runner.invoke(app, ["predict", "--model", str(tmp_path / "none"), "--images", str(tmp_path)])
     assert r.exit_code == 1

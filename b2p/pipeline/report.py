@@ -10,8 +10,9 @@ in the table when a figure is missing rather than inventing one):
 - `TEACH_ROOT/<teacher>/<batch>/provenance.json`: the teacher's time per image.
 
 Rows: one per teacher (its pseudo-masks scored against the manual masks), the box-fill baseline, and one
-per trained student, plus one for its box-guided masks when evaluate scored them (section `student_boxes`). Metrics are the paper's (mIoU, anomaly mIoU, binary IoU / precision / recall / F1),
-all pooled over the evaluated split (see b2p/evaluate/metrics.py).
+per trained student, plus one for its box-guided masks when evaluate scored them (section `student_boxes`).
+Metrics are the paper's (mIoU, anomaly mIoU, binary IoU / precision / recall / F1), all pooled over the
+evaluated split (see b2p/evaluate/metrics.py).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Every image is resized to the model's square input (bilinear; labels and box masks nearest), normalised
 with the model's mean/std. Training may flip image, labels and box mask together (left-right and up-down,
-each with probability 1/2): defects have no preferred orientation, and a few hundred images are few. The box-union mask marks pixels inside any annotated box: outside it the
-pseudo-label is background with near certainty (used by the `boxes` self-correction region).
+each with probability 1/2): defects have no preferred orientation, and a few hundred images are few. The
+box-union mask marks pixels inside any annotated box: outside it the pseudo-label is background with near
+certainty (used by the `boxes` self-correction region).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from rich.console import Console
 from b2p.errors import B2PError
 from b2p.fileio import write_bytes_atomic, write_json_atomic
 from b2p.student.checkpoint import MODEL_FILE, save_checkpoint
-from b2p.student.data import FeatureCache, StudentDataset, backbone_fingerprint, gather_samples
+from b2p.student.data import AUGMENTATIONS, FeatureCache, StudentDataset, backbone_fingerprint, gather_samples
 from b2p.student.losses import LossParams, StudentLoss
 from b2p.student.model import StudentConfig, build_model, count_params, describe_backbone
 
@@ -81,6 +81,8 @@ class TrainParams:
         unknown = sorted(set(d) - known)
         if unknown:
             raise B2PError(f"unknown train parameters {unknown}; known: {sorted(known)}", source)
+        if d.get("augment", "none") not in AUGMENTATIONS:  # checked here, before any model is built
+            raise B2PError(f"train.augment must be one of {list(AUGMENTATIONS)}, got {d['augment']!r}", source)
         return cls(**d)
 
     def loss_params(self) -> LossParams:
