@@ -17,17 +17,21 @@ XYWH in pixels, already validated to lie inside the image with positive size. Ma
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from b2p.errors import B2PError
+from b2p.errors import B2PError, Problems
 from b2p.fileio import read_json, write_json_atomic
 from b2p.labels import ClassList
 
 FORMAT_VERSION = 1
+# a batch name becomes a folder name under every output root: no separators, no leading dot
+BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass
@@ -126,19 +130,98 @@ def relative_image_root(image_root: str | Path, annotation_path: str | Path) -> 
         return str(image_root)
 
 
+def check_batch_name(batch: str) -> str:
+    if not isinstance(batch, str) or not BATCH_NAME.match(batch):
+        raise B2PError(f"batch name {batch!r} must start with a letter or digit and hold only letters, digits, '.', '_', '-'")
+    return batch
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def load_batch(path: str | Path) -> Batch:
-    """Read a canonical annotation file written by `b2p import`."""
+    """Read and validate a canonical annotation file written by `b2p import`.
+
+    This is the one place that checks the file every later stage trusts: a hand-edited or corrupted file
+    is refused here, with every problem listed and the file named, never a KeyError downstream or a
+    label map painted with a class id that does not exist. Checked: the batch name (it becomes a folder
+    name, so `../x` must not escape), class ids 1..K, image ids, file names (normalised, inside the image
+    folder, one label-map file each), sizes, splits, hashes, and every box and manual mask against its
+    image and the class list.
+    """
+    from b2p.fileio import safe_join
+    from b2p.ingest.source import BOX_TOLERANCE_PX, normalize_file_name
+    from b2p.labels import label_map_key_clashes
+    from b2p.splits import SPLITS
+
     path = Path(path)
     data = read_json(path, "canonical annotation file")
-    if not isinstance(data, dict) or data.get("info", {}).get("b2p_format") != FORMAT_VERSION:
+    if not isinstance(data, dict) or not isinstance(data.get("info"), dict) or data["info"].get("b2p_format") != FORMAT_VERSION:
         raise B2PError("not a b2p canonical annotation file (run `b2p import` to make one)", path)
     info = data["info"]
+    p = Problems(path, "canonical annotation file")
+    for key in ("categories", "images", "annotations"):
+        if not isinstance(data.get(key), list):
+            p.add(f"{key!r} must be a list")
+    if not isinstance(data.get("manual_masks", []), list):
+        p.add("'manual_masks' must be a list")
+    try:
+        check_batch_name(info.get("batch"))
+    except B2PError as e:
+        p.add(f"info.batch: {e.problem}")
+    if not isinstance(info.get("image_root"), str) or not info["image_root"]:
+        p.add("info.image_root must be a non-empty string")
+    p.check()
+
     root = Path(info["image_root"])
     if not root.is_absolute():
         root = path.parent / root
-    classes = ClassList(tuple(c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])))
+    cats = data["categories"]
+    if not all(isinstance(c, dict) and _is_int(c.get("id")) and isinstance(c.get("name"), str) for c in cats):
+        raise B2PError("every category needs an integer 'id' and a string 'name'", path)
+    ids = sorted(c["id"] for c in cats)
+    if ids != list(range(1, len(ids) + 1)):
+        raise B2PError(f"category ids must be 1..K, got {ids}", path)
+    try:
+        classes = ClassList(tuple(c["name"] for c in sorted(cats, key=lambda c: c["id"])))
+    except B2PError as e:
+        raise B2PError(e.problem, path) from None
+    k = classes.num_classes
+
     by_id: dict[int, ImageRecord] = {}
-    for im in data["images"]:
+    for i, im in enumerate(data["images"]):
+        where = f"images[{i}]"
+        if not isinstance(im, dict):
+            p.add(f"{where} must be an object")
+            continue
+        bad = [key for key, ok in (
+            ("id", _is_int(im.get("id"))),
+            ("file_name", isinstance(im.get("file_name"), str)),
+            ("width", _is_int(im.get("width")) and im.get("width", 0) > 0),
+            ("height", _is_int(im.get("height")) and im.get("height", 0) > 0),
+            ("split", im.get("split") in SPLITS),
+            ("sha256", isinstance(im.get("sha256"), str) and len(im["sha256"]) == 64),
+            ("batch", im.get("batch") == info.get("batch")),
+            ("has_manual_mask", isinstance(im.get("has_manual_mask", False), bool)),
+        ) if not ok]
+        if bad:
+            p.add(f"{where}: missing or invalid {', '.join(bad)} (got {', '.join(f'{b}={im.get(b)!r}' for b in bad)})")
+            continue
+        try:
+            if normalize_file_name(im["file_name"]) != im["file_name"]:
+                raise B2PError(f"image file name {im['file_name']!r} is not in normal form (expected {normalize_file_name(im['file_name'])!r})")
+            safe_join(root, im["file_name"], "image file name")
+        except B2PError as e:
+            p.add(f"{where}: {e.problem}")
+            continue
+        if im["id"] in by_id:
+            p.add(f"{where}: duplicate image id {im['id']}")
+            continue
         by_id[im["id"]] = ImageRecord(
             id=im["id"],
             file_name=im["file_name"],
@@ -150,10 +233,50 @@ def load_batch(path: str | Path) -> Batch:
             sha256=im["sha256"],
             has_manual_mask=bool(im.get("has_manual_mask", False)),
         )
-    for a in data["annotations"]:
-        by_id[a["image_id"]].boxes.append(Box(a["id"], a["category_id"], tuple(a["bbox"])))
-    for m in data.get("manual_masks", []):
-        by_id[m["image_id"]].manual_rles.append((m["category_id"], m["segmentation"]))
+    for group in label_map_key_clashes([r.file_name for r in by_id.values()]):
+        p.add(f"images {group} would share one label-map file")
+    seen_ann: set[int] = set()
+    for i, a in enumerate(data["annotations"]):
+        where = f"annotations[{i}]"
+        if not (isinstance(a, dict) and _is_int(a.get("id")) and _is_int(a.get("image_id")) and _is_int(a.get("category_id"))):
+            p.add(f"{where}: needs integer 'id', 'image_id' and 'category_id'")
+            continue
+        where = f"annotation id {a['id']}"
+        im = by_id.get(a["image_id"])
+        box = a.get("bbox")
+        if a["id"] in seen_ann:
+            p.add(f"{where}: duplicate annotation id")
+        elif im is None:
+            p.add(f"{where}: refers to image id {a['image_id']}, which is not in 'images'")
+        elif not 1 <= a["category_id"] <= k:
+            p.add(f"{where}: category id {a['category_id']} is not a class id (1..{k})")
+        elif not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            p.add(f"{where}: 'bbox' must be [x, y, w, h] finite numbers, got {box!r}")
+        elif box[2] <= 0 or box[3] <= 0 or box[0] < -BOX_TOLERANCE_PX or box[1] < -BOX_TOLERANCE_PX or (
+            box[0] + box[2] > im.width + BOX_TOLERANCE_PX or box[1] + box[3] > im.height + BOX_TOLERANCE_PX
+        ):
+            p.add(f"{where}: box {box} is empty or outside its {im.width}x{im.height} image")
+        else:
+            im.boxes.append(Box(a["id"], a["category_id"], tuple(float(v) for v in box)))
+        seen_ann.add(a["id"])
+    for i, m in enumerate(data.get("manual_masks", [])):
+        where = f"manual_masks[{i}]"
+        if not (isinstance(m, dict) and _is_int(m.get("image_id")) and _is_int(m.get("category_id"))):
+            p.add(f"{where}: needs integer 'image_id' and 'category_id'")
+            continue
+        im = by_id.get(m["image_id"])
+        seg = m.get("segmentation")
+        if im is None:
+            p.add(f"{where}: refers to image id {m['image_id']}, which is not in 'images'")
+        elif not 1 <= m["category_id"] <= k:
+            p.add(f"{where}: category id {m['category_id']} is not a class id (1..{k})")
+        elif not im.has_manual_mask:
+            p.add(f"{where}: image id {im.id} does not declare has_manual_mask")
+        elif not (isinstance(seg, dict) and seg.get("size") == [im.height, im.width] and isinstance(seg.get("counts"), str | list)):
+            p.add(f"{where}: 'segmentation' must be an RLE of the image size [{im.height}, {im.width}]")
+        else:
+            im.manual_rles.append((m["category_id"], seg))
+    p.check()
     return Batch(info["batch"], classes, list(by_id.values()), path, info)
 
 

@@ -16,3 +16,29 @@ class B2PError(Exception):
         self.path = Path(path) if path is not None else None
         self.problem = message
         super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class Problems:
+    """Collects every problem of one input, so a user fixes them all in one round instead of one per run.
+
+    `check()` raises one B2PError listing the first `shown` problems and the total count, naming `path`.
+    """
+
+    def __init__(self, path: str | Path | None = None, what: str = "input", shown: int = 20):
+        self.path, self.what, self.shown = path, what, shown
+        self.items: list[str] = []
+
+    def add(self, problem: str) -> None:
+        self.items.append(problem)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def check(self) -> None:
+        if not self.items:
+            return
+        if len(self.items) == 1:
+            raise B2PError(self.items[0], self.path)
+        lines = "\n  ".join(self.items[: self.shown])
+        more = f"\n  ... and {len(self.items) - self.shown} more" if len(self.items) > self.shown else ""
+        raise B2PError(f"{len(self.items)} problems in this {self.what}:\n  {lines}{more}", self.path)

@@ -21,13 +21,38 @@ import numpy as np
 from b2p.errors import B2PError
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: POSIX has no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(path: Path) -> int:
+    """Permission bits an output gets: those of the file it replaces, else 0666 minus the umask (what
+    `open()` would give). mkstemp makes 0600 files, which a team sharing a project folder cannot read."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+def make_dir_like_mkdir(path: Path) -> None:
+    """Give a folder made by `tempfile.mkdtemp` (0700) the mode `mkdir` would have given it."""
+    os.chmod(path, 0o777 & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
-    """Open a temporary file for binary writing that replaces `path` only when the block succeeds."""
+    """Open a temporary file for binary writing that replaces `path` only when the block succeeds.
+
+    The new file keeps the mode of the one it replaces, else gets the process umask's (0644 under 022).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode(path))
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

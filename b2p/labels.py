@@ -109,6 +109,32 @@ def label_map_key(file_name: str) -> str:
     return stem.replace("\\", "/").replace("/", "__")
 
 
+def label_map_key_clashes(file_names: Sequence[str]) -> list[list[str]]:
+    """Groups of image file names that would share one label-map file (each group sorted).
+
+    `label_map_key` drops the extension and flattens folders, so `a.png` + `a.jpg` or `a/b.png` + `a__b.png`
+    map to one key; so do names differing only in case on a case-insensitive file system (macOS,
+    Windows). One image's masks would silently replace another's, so such a batch is refused.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in file_names:
+        groups.setdefault(label_map_key(name).casefold(), []).append(name)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def check_label_map_keys(file_names: Sequence[str], source: str | Path | None = None) -> None:
+    """Raise a B2PError naming `source` when two images of one batch would share a label-map file."""
+    clashes = label_map_key_clashes(file_names)
+    if clashes:
+        shown = "; ".join(" + ".join(repr(n) for n in g) for g in clashes[:10])
+        more = f" (and {len(clashes) - 10} more groups)" if len(clashes) > 10 else ""
+        raise B2PError(
+            f"{len(clashes)} group(s) of images would share one label-map file: {shown}{more}. Label maps are "
+            "named by the file name without extension, folders joined by '__', case ignored: rename the images",
+            source,
+        )
+
+
 def label_map_path(root: str | Path, batch: str, file_name: str) -> Path:
     """Where the label map of image `file_name` of `batch` lives under a mask root (teacher, predictions)."""
     return Path(root) / batch / "labelmaps" / f"{label_map_key(file_name)}.png"
@@ -130,11 +156,22 @@ def read_label_map(path: str | Path, shape: tuple[int, int] | None = None, num_c
     path = Path(path)
     if not path.is_file():
         raise B2PError("label map not found", path)
-    lm = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size == 0:
+        raise B2PError("label map is an empty (0-byte) file", path)
+    lm = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if lm is None:
-        raise B2PError("label map could not be decoded", path)
+        raise B2PError("label map could not be decoded (corrupt or not an image)", path)
     if lm.ndim == 3:
         raise B2PError("label map must be a single-channel PNG (values are class ids)", path)
+    if lm.dtype != np.uint8:
+        # a 16-bit PNG must not wrap modulo 256 (257 would become class 1): accept it only when every
+        # value already fits a uint8 label map
+        if not np.issubdtype(lm.dtype, np.integer):
+            raise B2PError(f"label map holds {lm.dtype} values; it must be an 8-bit PNG of class ids", path)
+        if lm.size and (int(lm.min()) < 0 or int(lm.max()) > MAX_CLASSES):
+            bad = int(lm.max()) if int(lm.max()) > MAX_CLASSES else int(lm.min())
+            raise B2PError(f"label map holds value {bad} ({lm.dtype} PNG); class ids must be 0..{MAX_CLASSES}", path)
     if shape is not None and lm.shape != tuple(shape):
         raise B2PError(f"label map is {lm.shape[1]}x{lm.shape[0]} but its image is {shape[1]}x{shape[0]}", path)
     if num_classes is not None and lm.size and int(lm.max()) > num_classes:

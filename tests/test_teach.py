@@ -247,7 +247,7 @@ def test_undecodable_image_fails_clearly_and_keeps_previous_outputs(tmp_path):
     bad.write_bytes(b"garbage, not a png")
     with pytest.raises(B2PError) as e:
         teach_batch(batch_file, out, GrabCutTeacher(), progress=False)
-    assert "img_001.png" in str(e.value) and "could not be decoded" in str(e.value)
+    assert "img_001.png" in str(e.value) and "changed since `b2p import`" in str(e.value)
     after = {p: p.read_bytes() for p in (out / "b1").rglob("*") if p.is_file() and ".parts" not in p.parts}
     assert after == before
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from b2p.errors import B2PError
 from b2p.fileio import read_json, sha256_file
-from b2p.ingest.source import SourceAnnotation, SourceBatch, SourceImage, is_int, is_number
+from b2p.ingest.source import SourceAnnotation, SourceBatch, SourceImage, is_int, is_number, normalize_file_name
 
 
 def _require_list(data: dict, key: str, path: Path) -> list:
@@ -99,9 +99,12 @@ def read_coco(path: str | Path) -> SourceBatch:
             raise B2PError(f"{where}: 'has_manual_mask' must be true or false, got {flag!r}", path)
         if iid in images:
             raise B2PError(f"duplicate image id {iid}", path)
-        norm = fname.replace("\\", "/")
+        try:
+            norm = normalize_file_name(fname)
+        except B2PError as e:
+            raise B2PError(f"{where}: {e.problem}", path) from None
         if norm in names:
-            raise B2PError(f"duplicate image file name {fname!r}", path)
+            raise B2PError(f"{where}: duplicate image file name {fname!r} (the same file as {norm!r} listed before)", path)
         names.add(norm)
         images[iid] = SourceImage(norm, width=im.get("width"), height=im.get("height"), declared_manual_mask=flag, label_file=path)
 

@@ -61,7 +61,8 @@ def class_name_of(folder: str, strip_prefix: str = "") -> str:
 def _read_mask(path: Path, threshold: int) -> np.ndarray:
     import cv2
 
-    m = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    data = np.fromfile(path, dtype=np.uint8)
+    m = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
     if m is None:
         raise B2PError("mask could not be decoded", path)
     return m >= threshold

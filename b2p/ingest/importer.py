@@ -13,25 +13,21 @@ where instances of different classes overlap).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from b2p import __version__
-from b2p.dataset import relative_image_root, save_batch_dict, to_coco_dict
+from b2p.dataset import check_batch_name, relative_image_root, save_batch_dict, to_coco_dict
 from b2p.errors import B2PError
 from b2p.fileio import read_image, read_json, safe_join, sha256_file
 from b2p.ingest.coco import read_coco
 from b2p.ingest.source import BOX_TOLERANCE_PX, SourceBatch, SourceImage, check_box, list_images, progress
 from b2p.ingest.yolo import read_yolo, tree_digest
-from b2p.labels import BACKGROUND, ClassList, load_class_list, paint_label_map, read_label_map, save_class_list
+from b2p.labels import BACKGROUND, ClassList, check_label_map_keys, load_class_list, paint_label_map, read_label_map, save_class_list
 from b2p.masks import polygons_to_mask, rle_decode, rle_encode
 from b2p.splits import SPLITS, SplitRule
-
-BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
 
 @dataclass
 class ImportResult:
@@ -48,12 +44,6 @@ class ImportResult:
     boxes_per_class: dict[str, int]
     unlisted_images: int = 0  # COCO: image files in the folder the JSON does not mention (not imported)
     warnings: list[str] = field(default_factory=list)
-
-
-def check_batch_name(batch: str) -> str:
-    if not BATCH_NAME.match(batch or ""):
-        raise B2PError(f"batch name {batch!r} must start with a letter or digit and hold only letters, digits, '.', '_', '-'")
-    return batch
 
 
 def _mask_files(masks_dir: Path) -> dict[str, Path]:
@@ -167,6 +157,7 @@ def import_batch(
         src = read_yolo(images_dir, yolo_labels, yolo_classes)
     if not src.images:
         raise B2PError("the batch holds no images", src.annotation_file)
+    check_label_map_keys([im.file_name for im in src.images], src.annotation_file)
 
     # classes: matched by name against the shared list; ids of existing classes never move
     existing = load_class_list(classes_path) if classes_path.exists() else ClassList(())

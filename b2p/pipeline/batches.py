@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from b2p.errors import B2PError
-from b2p.fileio import write_bytes_atomic
+from b2p.fileio import make_dir_like_mkdir, write_bytes_atomic
 
 # Stricter than the importer's batch-name rule: the name becomes a DVC stage key (`teach@NAME`) and a
 # folder name, and is interpolated unquoted into shell commands; dots are refused so `${key}` paths and
@@ -281,6 +281,7 @@ def add_batch(
     # 2. copy into a hidden scratch folder beside the target, then rename it into place (atomic on one fs)
     raw_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=raw_root))
+    make_dir_like_mkdir(tmp)  # mkdtemp gives 0700: the team sharing the project must read the batch
     old_classes = classes.read_bytes() if classes.is_file() else None
     renamed = False
     try:

@@ -53,8 +53,35 @@ def read_checkpoint(path: str | Path) -> dict:
         raise B2PError("not a b2p student model file", path)
     if ck.get("version") != VERSION:
         raise B2PError(f"model file version {ck.get('version')} is not supported (expected {VERSION})", path)
+    check_checkpoint(ck, path)
     ck["path"] = str(path)
     return ck
+
+
+def check_checkpoint(ck: dict, path: str | Path) -> None:
+    """Refuse a model file whose parts are missing or contradict each other (class names vs class count)."""
+    missing = [k for k, t in (("config", dict), ("class_names", list), ("state_dict", dict), ("provenance", dict)) if not isinstance(ck.get(k), t)]
+    if missing:
+        raise B2PError(f"model file lacks or has a malformed {', '.join(missing)} (not written by `b2p train`?)", path)
+    names, k = ck["class_names"], ck["config"].get("num_classes")
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise B2PError(f"model file's class names {names} must be distinct non-empty strings", path)
+    if k != len(names) + 1:  # config.num_classes counts background
+        raise B2PError(f"model file holds {len(names)} class names {names} but its config says {k} classes (background included)", path)
+
+
+def check_class_lists(model_names: list[str], batch_names: list[str], model_path: str | Path) -> None:
+    """A model predicts class ids; they mean the same classes only if the batch's list starts with the model's.
+
+    A batch list may have appended classes since training (the model never predicts them); any other
+    difference (another order, a renamed class) would silently give pixels the wrong class.
+    """
+    if list(batch_names[: len(model_names)]) != list(model_names):
+        raise B2PError(
+            f"the model was trained on classes {list(model_names)} (ids 1..{len(model_names)}) but the batches' class "
+            f"list is {list(batch_names)}: class ids would mean other classes; retrain on these batches",
+            model_path,
+        )
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu"):

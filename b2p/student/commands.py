@@ -102,11 +102,21 @@ def predict(
     if images is not None:
         if boxes_out is not None:
             raise B2PError("--boxes-out needs box annotations: use it with batches (--imported), not --images")
+        from b2p.ingest.source import list_images
+        from b2p.labels import check_label_map_keys
+
+        check_label_map_keys(list_images(images) if images.is_dir() else [], images)
         items = items_from_folder(images, out, probs)
     else:
         from b2p.project import resolve_batch_files
 
-        items = items_from_batches(resolve_batch_files(imported, batch), split, out, probs, boxes_out)
+        from b2p.dataset import class_list_of, load_batches
+        from b2p.student.checkpoint import check_class_lists, read_checkpoint
+
+        files = resolve_batch_files(imported, batch)
+        ck = read_checkpoint(model)
+        check_class_lists(ck["class_names"], list(class_list_of(load_batches(files)).names), ck["path"])
+        items = items_from_batches(files, split, out, probs, boxes_out)
         if not items:
             raise B2PError(f"the {split} split of the chosen batches holds no images: nothing to predict")
     res = run_prediction(model, items, batch_size=batch_size, device=device, box_threshold=box_threshold)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import platform
+import shutil
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -36,12 +38,14 @@ import numpy as np
 
 from b2p.dataset import Batch, ImageRecord, load_batch
 from b2p.errors import B2PError
-from b2p.fileio import read_image, read_json, write_bytes_atomic, write_json_atomic, write_png_atomic
+from b2p.fileio import read_image, read_json, sha256_file, write_bytes_atomic, write_json_atomic, write_png_atomic
 from b2p.labels import label_map_key, label_map_path, paint_label_map, write_label_map
 from b2p.masks import rle_decode, rle_encode
 
 PART_FORMAT = 1
 PARTS_DIR = ".parts"
+STAGING_DIR = ".staging"
+COMPLETE_MARKER = "COMPLETE"
 
 
 @dataclass
@@ -236,6 +240,7 @@ def teach_batch(
         raise B2PError("batch was never imported (annotation file missing); run `b2p import` first", batch_file)
     batch = load_batch(batch_file)
     out_dir = Path(out_root) / batch.name
+    commit_staged_outputs(out_dir)  # an assembly killed earlier: finish it, or drop it when incomplete
     shash = settings_hash(teacher)
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -245,6 +250,7 @@ def teach_batch(
     progress_ctx = _Progress(progress, f"teach {batch.name} ({teacher.name})", len(batch.images))
     with progress_ctx as advance:
         for im in batch.images:
+            _check_unchanged(im)  # a part made from the old pixels must not be reused
             jpath, ppath = _part_paths(out_dir, im)
             part = _load_part(jpath, ppath, im, shash) if resume else None
             if part is None:
@@ -267,18 +273,19 @@ def teach_batch(
             parts[im.id] = part
             advance(1)
 
-    # every image is done: assemble the final files from the parts
+    # every image is done: assemble the final files from the parts in a staging folder, then swap it in
+    staging = out_dir / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)
     annotations, notes = [], []
     for im in batch.images:
         _, ppath = _part_paths(out_dir, im)
         # the part PNG is already a valid label map (write_label_map wrote it): copy its bytes
-        write_bytes_atomic(label_map_path(out_root, batch.name, im.file_name), ppath.read_bytes())
+        write_bytes_atomic(staging / "labelmaps" / f"{label_map_key(im.file_name)}.png", ppath.read_bytes())
         for ann in parts[im.id]["annotations"]:
             annotations.append(ann)
             if ann.get("note"):
                 notes.append({"box_id": ann["box_id"], "image": im.file_name, "note": ann["note"]})
-    _remove_stale(out_dir, batch)
-    write_preview(out_dir / "preview.png", batch, out_root)
+    write_preview(staging / "preview.png", batch, out_root, label_root=staging / "labelmaps")
     seconds = time.perf_counter() - t0
     instances = {
         "info": {"batch": batch.name, "teacher": teacher.name, "settings_hash": shash, "description": "b2p teacher pseudo-masks"},
@@ -286,7 +293,7 @@ def teach_batch(
         "categories": batch.classes.to_coco_categories(),
         "annotations": annotations,
     }
-    write_json_atomic(out_dir / "instances.json", instances, indent=None)
+    write_json_atomic(staging / "instances.json", instances, indent=None)
     n_boxes = len(annotations)
     empty = sum(1 for a in annotations if a["area"] == 0)
     prov = {
@@ -309,13 +316,52 @@ def teach_batch(
         "time": {"started": started, "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 3)},
         "notes": notes,
     }
-    write_json_atomic(out_dir / "provenance.json", prov)
+    write_json_atomic(staging / "provenance.json", prov)
+    write_bytes_atomic(staging / COMPLETE_MARKER, b"")
+    commit_staged_outputs(out_dir)
+    _remove_stale(out_dir, batch)
     return TeachReport(batch.name, out_dir, len(batch.images), n_boxes, taught, reused, notes, seconds)
 
 
-def write_preview(path: Path, batch: Batch, out_root: str | Path, n: int = 8, tile: int = 256) -> None:
+def _check_unchanged(im: ImageRecord) -> None:
+    if not im.path.is_file():
+        raise B2PError(f"image {im.file_name!r} of batch {im.batch!r} not found (moved since import?)", im.path)
+    if sha256_file(im.path) != im.sha256:
+        raise B2PError(f"image changed since `b2p import` (sha256 differs from the batch file); re-run `b2p import --batch {im.batch}`", im.path)
+
+
+def commit_staged_outputs(out_dir: Path) -> None:
+    """Move a completely assembled staging folder into place, or delete an incomplete one.
+
+    The final files (labelmaps/, instances.json, provenance.json, preview.png) must change together: a
+    kill during assembly must not leave new label maps beside the old instances.json. Assembly therefore
+    writes them all under `.staging/` and marks it complete; only then are they renamed into place. Each
+    step below can be repeated, so a kill during the renames is finished by the next run.
+    """
+    staging = out_dir / STAGING_DIR
+    if not staging.is_dir():
+        return
+    if not (staging / COMPLETE_MARKER).is_file():
+        shutil.rmtree(staging)  # killed before it was complete: the old outputs are still whole
+        return
+    new, old, final = staging / "labelmaps", staging / "labelmaps.old", out_dir / "labelmaps"
+    if new.is_dir():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(new, final)
+    for name in ("preview.png", "instances.json", "provenance.json"):
+        if (staging / name).is_file():
+            os.replace(staging / name, out_dir / name)
+    shutil.rmtree(staging)
+
+
+def write_preview(
+    path: Path, batch: Batch, out_root: str | Path, n: int = 8, tile: int = 256, label_root: Path | None = None
+) -> None:
     """A picture of the teacher's work: up to `n` images (test split first, where the teacher is scored)
-    with its label map blended in class colours and the boxes drawn, tiled in one PNG."""
+    with its label map blended in class colours and the boxes drawn, tiled in one PNG. Label maps come
+    from `out_root`'s final folder, or from `label_root` (a folder of <key>.png) when given."""
     import cv2
 
     from b2p.labels import class_color, colorize, read_label_map
@@ -324,7 +370,8 @@ def write_preview(path: Path, batch: Batch, out_root: str | Path, n: int = 8, ti
     tiles = []
     for im in chosen:
         img = read_image(im.path)
-        lm = read_label_map(label_map_path(out_root, batch.name, im.file_name))
+        lm_path = label_map_path(out_root, batch.name, im.file_name) if label_root is None else label_root / f"{label_map_key(im.file_name)}.png"
+        lm = read_label_map(lm_path)
         blend = np.where(lm[..., None] > 0, (0.45 * img + 0.55 * colorize(lm)).astype(np.uint8), img)
         scale = tile / max(im.width, im.height)
         small = cv2.resize(blend, (max(1, round(im.width * scale)), max(1, round(im.height * scale))), interpolation=cv2.INTER_AREA)
@@ -344,12 +391,14 @@ def write_preview(path: Path, batch: Batch, out_root: str | Path, n: int = 8, ti
 
 
 def _remove_stale(out_dir: Path, batch: Batch) -> None:
-    """Drop label maps and parts of images no longer in the batch (our own outputs only)."""
+    """Drop parts of images no longer in the batch, and temporary files a killed run left (our own only)."""
     keep = {label_map_key(im.file_name) for im in batch.images}
-    for folder, suffixes in ((out_dir / "labelmaps", (".png",)), (out_dir / PARTS_DIR, (".png", ".json"))):
+    for folder in (out_dir, out_dir / PARTS_DIR):
         if folder.is_dir():
             for f in folder.iterdir():
-                if f.suffix in suffixes and f.stem not in keep and not f.name.startswith("."):
+                stale_part = folder.name == PARTS_DIR and f.suffix in (".png", ".json") and f.stem not in keep
+                killed_write = f.name.startswith(".") and f.name.endswith(".tmp")  # atomic_write's temp name
+                if f.is_file() and (stale_part and not f.name.startswith(".") or killed_write):
                     f.unlink()
 
 

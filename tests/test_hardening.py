@@ -1,0 +1,235 @@
+"""Hostile input, one test per hardening item of issue 16: the bad input exits with code 1, the message
+names the file and the problem, and every earlier output stays byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from b2p.cli import app
+from b2p.fileio import sha256_file, write_png_atomic
+from conftest import make_synthetic_batch
+
+runner = CliRunner()
+W, H = 32, 24
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _snapshot(*roots: Path) -> dict[Path, bytes]:
+    """Every file under the given files/folders with its bytes (what must not change)."""
+    out = {}
+    for r in roots:
+        files = [r] if r.is_file() else sorted(p for p in r.rglob("*") if p.is_file()) if r.is_dir() else []
+        out.update({p: p.read_bytes() for p in files})
+    return out
+
+
+def _images(folder: Path, names: list[str]) -> None:
+    rng = np.random.default_rng(1)
+    for n in names:
+        img = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
+        (folder / n).parent.mkdir(parents=True, exist_ok=True)
+        if n.endswith(".png"):
+            write_png_atomic(folder / n, img)
+        else:
+            cv2.imwrite(str(folder / n), img)
+
+
+def _coco_file(path: Path, names: list[str], boxes: list[list[float]] | None = None) -> Path:
+    boxes = boxes or [[2, 2, 8, 6]] * len(names)
+    coco = {
+        "images": [{"id": i + 1, "file_name": n, "width": W, "height": H} for i, n in enumerate(names)],
+        "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": b} for i, b in enumerate(boxes)],
+        "categories": [{"id": 1, "name": "crack"}, {"id": 2, "name": "spot"}],
+    }
+    path.write_text(json.dumps(coco))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> dict:
+    """A good batch already imported (out + class list): the earlier outputs a bad input must not touch."""
+    img = tmp_path / "images"
+    _images(img, ["ok.png"])
+    classes, out = tmp_path / "classes.json", tmp_path / "imported" / "b1.json"
+    r = _cli("import", "--batch", "b1", "--images", img, "--coco", _coco_file(tmp_path / "ok.json", ["ok.png"]),
+             "--classes", classes, "--out", out)
+    assert r.exit_code == 0, r.output
+    return {"root": tmp_path, "classes": classes, "out": out}
+
+
+def _import_refused(project: dict, names: list[str], *, masks: Path | None = None, expect: tuple[str, ...]) -> str:
+    root = project["root"]
+    img = root / "bad_images"
+    _images(img, names)
+    ann = _coco_file(root / "bad.json", names)
+    before = _snapshot(project["out"], project["classes"])
+    args = ["import", "--batch", "b1", "--images", img, "--coco", ann, "--classes", project["classes"], "--out", project["out"]]
+    r = _cli(*args, *(["--masks", masks] if masks else []))
+    assert r.exit_code == 1, r.output
+    for text in expect:
+        assert text in r.output, r.output
+    assert _snapshot(project["out"], project["classes"]) == before
+    return r.output
+
+
+# --- 1. two images must never share one label map ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("names", [["img_000.png", "img_000.jpg"], ["a/b.png", "a__b.png"], ["Img.png", "img.png"]])
+def test_colliding_label_map_names_are_refused(project, names):
+    _import_refused(project, names, expect=("bad.json", "share one label-map file", repr(names[0])))
+
+
+# --- 3. 16-bit masks must not wrap modulo 256 --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [257, 300])
+def test_16bit_mask_value_is_refused_not_wrapped(project, value):
+    masks = project["root"] / "masks"
+    masks.mkdir()
+    lm = np.zeros((H, W), np.uint16)
+    lm[2:8, 2:10] = value
+    cv2.imwrite(str(masks / "m.png"), lm)
+    _import_refused(project, ["m.png"], masks=masks, expect=("m.png", f"value {value}", "uint16"))
+
+
+def test_16bit_mask_with_small_values_is_read_exactly(tmp_path):
+    from b2p.labels import read_label_map
+
+    lm = np.zeros((H, W), np.uint16)
+    lm[2:8, 2:10] = 2
+    cv2.imwrite(str(tmp_path / "m.png"), lm)
+    out = read_label_map(tmp_path / "m.png")
+    assert out.dtype == np.uint8 and np.array_equal(out, lm.astype(np.uint8))
+
+
+# --- 4. one file, two spellings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dup", ["./ok2.png", "sub/../ok2.png", ".//ok2.png"])
+def test_two_spellings_of_one_image_are_duplicates(project, dup):
+    root = project["root"]
+    img = root / "bad_images"
+    _images(img, ["ok2.png"])
+    ann = _coco_file(root / "bad.json", ["ok2.png", dup])
+    before = _snapshot(project["out"], project["classes"])
+    r = _cli("import", "--batch", "b1", "--images", img, "--coco", ann, "--classes", project["classes"], "--out", project["out"])
+    assert r.exit_code == 1 and "bad.json" in r.output and "duplicate image file name" in r.output, r.output
+    assert _snapshot(project["out"], project["classes"]) == before
+
+
+def test_nul_byte_in_file_name_is_one_clear_error(project):
+    root = project["root"]
+    ann = _coco_file(root / "bad.json", ["a\x00.png"])
+    before = _snapshot(project["out"], project["classes"])
+    r = _cli("import", "--batch", "b1", "--images", root / "images", "--coco", ann, "--classes", project["classes"], "--out", project["out"])
+    assert r.exit_code == 1 and "bad.json" in r.output and "NUL byte" in r.output, r.output
+    assert _snapshot(project["out"], project["classes"]) == before
+
+
+# --- 8. outputs follow the umask ---------------------------------------------------------------------------
+
+
+def test_outputs_are_created_with_the_process_umask(tmp_path):
+    from b2p.fileio import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        img = tmp_path / "images"
+        _images(img, ["ok.png"])
+        out, classes = tmp_path / "imported" / "b1.json", tmp_path / "classes.json"
+        r = _cli("import", "--batch", "b1", "--images", img, "--coco", _coco_file(tmp_path / "ok.json", ["ok.png"]),
+                 "--classes", classes, "--out", out)
+        assert r.exit_code == 0, r.output
+        assert (out.stat().st_mode & 0o777, classes.stat().st_mode & 0o777) == (0o644, 0o644)
+        os.umask(0o077)
+        write_text_atomic(tmp_path / "private.txt", "x")
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+        # a replaced file keeps its own mode (params.yaml must not turn 0600, nor 0644 turn 0600)
+        write_text_atomic(out, "{}")
+        assert out.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_add_batch_folder_and_params_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        src = tmp_path / "src"
+        _images(src, ["a.png"])
+        params = tmp_path / "params.yaml"
+        params.write_text("batches: {}\n")
+        params.chmod(0o664)
+        r = _cli("add-batch", src, "--name", "line7", "--coco", _coco_file(tmp_path / "a.json", ["a.png"]), "--params", params,
+                 "--raw-root", tmp_path / "raw", "--classes", tmp_path / "classes.json")
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / "raw" / "line7").stat().st_mode & 0o777 == 0o755
+        assert params.stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)
+
+
+# --- 6. the canonical file is validated on load ------------------------------------------------------------
+
+
+def _edit_batch(batch_file: Path, edit) -> None:
+    d = json.loads(batch_file.read_text())
+    edit(d)
+    batch_file.write_text(json.dumps(d))
+
+
+def _taught(tmp_path: Path) -> tuple[Path, Path, dict]:
+    batch_file, _ = make_synthetic_batch(tmp_path, n_images=3, size=32)
+    out = tmp_path / "teach"
+    r = _cli("teach", batch_file, "--out", out, "--teacher", "box", "--quiet")
+    assert r.exit_code == 0, r.output
+    return batch_file, out, _snapshot(tmp_path / "teach")
+
+
+HAND_EDITS = {
+    "escaping_batch_name": (lambda d: (d["info"].__setitem__("batch", "../escaped"), [im.__setitem__("batch", "../escaped") for im in d["images"]]), "info.batch"),
+    "unknown_category": (lambda d: d["annotations"][0].__setitem__("category_id", 99), "category id 99"),
+    "missing_split": (lambda d: d["images"][1].pop("split"), "split"),
+    "string_width": (lambda d: d["images"][0].__setitem__("width", "wide"), "width"),
+    "bbox_not_numbers": (lambda d: d["annotations"][2].__setitem__("bbox", ["x", 1, 2, 3]), "'bbox'"),
+    "dangling_image_id": (lambda d: d["annotations"][1].__setitem__("image_id", 77), "image id 77"),
+    "escaping_file_name": (lambda d: d["images"][0].__setitem__("file_name", "../../etc/passwd"), "escapes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HAND_EDITS))
+def test_hand_edited_batch_file_is_refused_on_load(tmp_path, case):
+    batch_file, out, before = _taught(tmp_path)
+    edit, text = HAND_EDITS[case]
+    _edit_batch(batch_file, edit)
+    r = _cli("teach", batch_file, "--out", out, "--teacher", "box", "--quiet")
+    assert r.exit_code == 1, r.output
+    assert batch_file.name in r.output and text in r.output, r.output
+    assert _snapshot(tmp_path / "teach") == before
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_every_problem_of_a_hand_edited_file_is_listed(tmp_path):
+    batch_file, out, _ = _taught(tmp_path)
+    _edit_batch(batch_file, lambda d: [a.__setitem__("category_id", 50 + i) for i, a in enumerate(d["annotations"])])
+    r = _cli("teach", batch_file, "--out", out, "--teacher", "box", "--quiet")
+    assert r.exit_code == 1 and "6 problems" in r.output and "category id 50" in r.output and "category id 55" in r.output, r.output
+
+
+def test_image_changed_after_import_is_not_resumed_from_stale_masks(tmp_path):
+    batch_file, out, before = _taught(tmp_path)
+    img = tmp_path / "raw" / "b1" / "images" / "img_001.png"
+    write_png_atomic(img, np.zeros((32, 32, 3), np.uint8))
+    r = _cli("teach", batch_file, "--out", out, "--teacher", "box", "--quiet")
+    assert r.exit_code == 1 and "img_001.png" in r.output and "changed since" in r.output, r.output
+    assert _snapshot(tmp_path / "teach") == before
