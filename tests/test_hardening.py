@@ -233,3 +233,131 @@ def test_image_changed_after_import_is_not_resumed_from_stale_masks(tmp_path):
     r = _cli("teach", batch_file, "--out", out, "--teacher", "box", "--quiet")
     assert r.exit_code == 1 and "img_001.png" in r.output and "changed since" in r.output, r.output
     assert _snapshot(tmp_path / "teach") == before
+
+
+# --- 2. a model predicts only batches whose class ids mean the same classes --------------------------------
+
+
+def _tiny_model(path: Path, class_names: list[str], num_classes: int | None = None) -> Path:
+    from b2p.student.checkpoint import save_checkpoint
+    from b2p.student.model import StudentConfig, build_model
+
+    cfg = StudentConfig(num_classes=len(class_names) + 1, arch="unet", unet_base=4, input_size=32)
+    model = build_model(cfg)
+    save_checkpoint(path / "model.pt", cfg, class_names, model.provenance, model.state_dict())
+    if num_classes is not None:  # a hand-made file whose class names contradict its class count
+        import torch
+
+        ck = torch.load(path / "model.pt", weights_only=True)
+        ck["config"]["num_classes"] = num_classes
+        torch.save(ck, path / "model.pt")
+    return path
+
+
+@pytest.fixture
+def predicted(tmp_path: Path) -> dict:
+    batch_file, _ = make_synthetic_batch(tmp_path, n_images=3, size=32)  # classes crack, spot
+    model = _tiny_model(tmp_path / "good", ["crack", "spot"])
+    pred = tmp_path / "pred"
+    r = _cli("predict", "--model", model, "--imported", batch_file.parent, "--split", "all", "--out", pred, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    return {"root": tmp_path, "imported": batch_file.parent, "pred": pred, "before": _snapshot(pred)}
+
+
+def _predict_refused(p: dict, model: Path, *expect: str) -> None:
+    r = _cli("predict", "--model", model, "--imported", p["imported"], "--split", "all", "--out", p["pred"], "--device", "cpu")
+    assert r.exit_code == 1, r.output
+    for text in expect:
+        assert text in r.output, r.output
+    assert _snapshot(p["pred"]) == p["before"]
+
+
+def test_predict_refuses_a_model_trained_on_another_class_order(predicted):
+    model = _tiny_model(predicted["root"] / "swapped", ["spot", "crack"])
+    _predict_refused(predicted, model, "model.pt", "trained on classes ['spot', 'crack']", "['crack', 'spot']")
+
+
+def test_predict_accepts_classes_appended_after_training(predicted):
+    imported = predicted["imported"]
+    _edit_batch(imported / "b1.json", lambda d: d["categories"].append({"id": 3, "name": "erosion", "supercategory": "defect"}))
+    model = _tiny_model(predicted["root"] / "older", ["crack", "spot"])
+    r = _cli("predict", "--model", model, "--imported", imported, "--split", "all", "--out", predicted["root"] / "p2", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+
+
+def test_model_whose_class_names_contradict_its_class_count_is_refused(predicted):
+    model = _tiny_model(predicted["root"] / "liar", ["crack", "spot"], num_classes=5)
+    _predict_refused(predicted, model, "model.pt", "2 class names", "5 classes")
+
+
+@pytest.mark.parametrize("damage", ["empty", "missing_keys", "garbage"])
+def test_damaged_model_file_is_one_clear_error(predicted, damage):
+    import torch
+
+    model = predicted["root"] / "bad"
+    model.mkdir()
+    if damage == "empty":
+        (model / "model.pt").write_bytes(b"")
+    elif damage == "garbage":
+        (model / "model.pt").write_bytes(b"not a torch file at all")
+    else:
+        torch.save({"format": "b2p-student", "version": 1, "config": {"num_classes": 3}}, model / "model.pt")
+    _predict_refused(predicted, model, "model.pt")
+
+
+# --- 5. teach's final files change together ----------------------------------------------------------------
+
+
+def test_teach_assembly_killed_midway_leaves_old_outputs_whole(tmp_path, monkeypatch):
+    import b2p.teach.base as base
+
+    batch_file, out, before = _taught(tmp_path)
+    real = base.write_json_atomic
+    calls = []
+
+    def dies_on_provenance(path, obj, indent=1):  # the moment a kill -9 hurt most: label maps written, provenance not
+        if Path(path).name == "provenance.json":
+            calls.append(path)
+            raise KeyboardInterrupt
+        return real(path, obj, indent)
+
+    monkeypatch.setattr(base, "write_json_atomic", dies_on_provenance)
+    from b2p.teach.grabcut import GrabCutTeacher
+
+    with pytest.raises(KeyboardInterrupt):
+        base.teach_batch(batch_file, out, GrabCutTeacher(), progress=False)
+    assert calls
+    def final(snap):
+        return {p: b for p, b in snap.items() if ".parts" not in p.parts and ".staging" not in p.parts}
+
+    assert final(_snapshot(out)) == final(before)  # the old label maps, instances and provenance, all of them
+    # a (crash-left) temporary file and the staging folder are gone after the next successful run
+    (out / "b1" / ".parts" / ".x.json.123.tmp").write_bytes(b"half")
+    monkeypatch.setattr(base, "write_json_atomic", real)
+    base.teach_batch(batch_file, out, GrabCutTeacher(), progress=False)
+    left = [p.name for p in (out / "b1").rglob("*") if p.name.endswith(".tmp") or p.name == ".staging"]
+    assert left == []
+    prov = json.loads((out / "b1" / "provenance.json").read_text())
+    assert prov["teacher"] == "grabcut" and prov["counts"]["reused_from_earlier_run"] == 3
+
+
+def test_teach_finishes_an_assembly_completed_before_a_kill(tmp_path):
+    """A kill between 'staging complete' and the renames: the next run moves the new files in first."""
+    from b2p.teach.base import COMPLETE_MARKER, STAGING_DIR, commit_staged_outputs
+
+    batch_file, out, before = _taught(tmp_path)
+    staging = out / "b1" / STAGING_DIR
+    (staging / "labelmaps").mkdir(parents=True)
+    for p in (out / "b1" / "labelmaps").iterdir():
+        (staging / "labelmaps" / p.name).write_bytes(b"new " + p.name.encode())
+    (staging / "instances.json").write_text('{"new": 1}')
+    (staging / COMPLETE_MARKER).write_bytes(b"")
+    commit_staged_outputs(out / "b1")
+    assert not staging.exists()
+    assert (out / "b1" / "instances.json").read_text() == '{"new": 1}'
+    assert all(p.read_bytes() == b"new " + p.name.encode() for p in (out / "b1" / "labelmaps").iterdir())
+    # incomplete staging (no marker): dropped, the outputs stay as they are
+    (staging / "labelmaps").mkdir(parents=True)
+    (staging / "instances.json").write_text('{"newer": 1}')
+    commit_staged_outputs(out / "b1")
+    assert not staging.exists() and (out / "b1" / "instances.json").read_text() == '{"new": 1}'

@@ -48,7 +48,8 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise B2PError(f"could not read the model file ({type(e).__name__}: {str(e).splitlines()[0]})", path) from None
+        reason = (str(e).splitlines() or ["empty or truncated file"])[0]  # EOFError has no message
+        raise B2PError(f"could not read the model file ({type(e).__name__}: {reason})", path) from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise B2PError("not a b2p student model file", path)
     if ck.get("version") != VERSION:
