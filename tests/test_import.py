@@ -497,4 +497,4 @@ def test_params_yaml_sets_split_and_cli_overrides(coco_batch: dict, tmp_path: Pa
     assert {im.split for im in load_batch(out).images} == {"train"}
     params.write_text("import:\n  tset: 0.3\n")
     r = _cli(*base)
-    assert r.exit_code == 1 and "unknown keys in params section `import`: ['tset']" in r.output and "params.yaml" in r.output
+    assert r.exit_code == 1 and "import.tset: unknown key (did you mean 'test'?)" in r.output and "params.yaml" in r.output

@@ -243,7 +243,7 @@ def test_cli_errors(taught, tmp_path: Path):
     ok.write_text("train:\n  epochs: 1\n")
     r = runner.invoke(app, ["train", "--imported", str(path.parent), "--teacher-root", str(teach), "--out", str(tmp_path / "m"),
                             "--params", str(ok), "--params", str(aug)])
-    assert r.exit_code == 1 and "augment must be one of" in r.output and "aug.yaml" in r.output
+    assert r.exit_code == 1 and "train.augment: must be one of" in r.output and "aug.yaml" in r.output
     # no model yet
     r = runner.invoke(app, ["predict", "--model", str(tmp_path / "none"), "--images", str(tmp_path)])
     assert r.exit_code == 1

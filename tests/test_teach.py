@@ -284,7 +284,7 @@ def test_cli_default_grabcut_params_and_overrides(tmp_path):
     r = runner.invoke(app, ["teach", str(batch_file), "--out", str(tmp_path / "t4"), "--params", str(params)])
     assert r.exit_code == 1 and "techer" in r.output and not (tmp_path / "t4").exists()
     r = runner.invoke(app, ["teach", str(batch_file), "--out", str(tmp_path / "t5"), "--teacher", "magic"])
-    assert r.exit_code == 1 and "unknown teacher" in r.output
+    assert r.exit_code == 1 and "--teacher: teach.teacher: must be one of" in r.output
 
 
 def test_cli_sam_without_weights_offline_message(tmp_path, monkeypatch):

@@ -8,16 +8,6 @@ from typing import Any
 import typer
 
 from b2p.errors import B2PError
-from b2p.params import read_params_section
-
-# built-in defaults of the options that can also come from the `evaluate:` section of --params
-_DEFAULTS: dict[str, Any] = {"split": "test", "worst": 8, "size_bins": [0.001, 0.01], "min_cover": 0.5}
-
-
-def _params_section(path: Path | None) -> dict:
-    return read_params_section(path, "evaluate", _DEFAULTS)
-
-
 def _size_bins(value: Any) -> list[float]:
     items = value.split(",") if isinstance(value, str) else list(value)
     try:
@@ -84,6 +74,7 @@ def evaluate(
     ),
     params: Path = typer.Option(None, help="YAML file whose `evaluate:` section sets defaults (CLI options win)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip plots and overlays (metrics and CSV only)."),
+    set_: list[str] = typer.Option(None, "--set", help="Any `evaluate:` key, KEY=VALUE; repeatable; wins over everything."),
 ) -> None:
     """Score student predictions, teacher pseudo-masks, the box-fill baseline and --source roots against the manual masks.
 
@@ -96,29 +87,20 @@ def evaluate(
     from b2p.evaluate.evaluate import evaluate as run_evaluate
     from b2p.evaluate.evaluate import parse_source
     from b2p.project import resolve_batch_files
+    from b2p.schema import resolve
 
-    cfg = {**_DEFAULTS, **_params_section(params)}
-    for key, value in (("split", split), ("worst", worst), ("size_bins", size_bins), ("min_cover", min_cover)):
-        if value is not None:
-            cfg[key] = value
-    try:
-        worst_n = int(cfg["worst"])
-        cover = float(cfg["min_cover"])
-    except (TypeError, ValueError):
-        raise B2PError(f"evaluate.worst must be an integer and evaluate.min_cover a number, got {cfg}") from None
-    if worst_n < 0 or not 0 <= cover <= 1:
-        raise B2PError(f"evaluate.worst must be >= 0 and evaluate.min_cover in [0, 1], got {worst_n}, {cover}")
+    cfg = resolve("evaluate", params, {"split": split, "worst": worst, "size_bins": size_bins, "min_cover": min_cover}, set_)
     result = run_evaluate(
         resolve_batch_files(imported, batch),
         out,
         teacher_root=None if no_teacher else teacher_root,
         pred_root=None if no_student else pred_root,
         extra_sources=[parse_source(s) for s in source or []],
-        split=str(cfg["split"]),
+        split=cfg.split,
         box_baseline=not no_box,
-        worst=worst_n,
-        size_bins=_size_bins(cfg["size_bins"]),
-        min_cover=cover,
+        worst=cfg.worst,
+        size_bins=_size_bins(cfg.size_bins),
+        min_cover=cfg.min_cover,
         plots=not no_plots,
     )
     print_summary(result)

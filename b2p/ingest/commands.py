@@ -9,21 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from b2p.params import read_params_section
 
 console = Console()
-
-
-def _params_section(params: Path | None, section: str, known: tuple[str, ...]) -> dict[str, Any]:
-    # an unknown key is an error: a misspelt `tset: 0.3` must not silently fall back to the default
-    return read_params_section(params, section, known)
-
-
-def _pick(cli_value: Any, section: dict, key: str, default: Any) -> Any:
-    """CLI option beats params.yaml beats the default."""
-    if cli_value is not None:
-        return cli_value
-    return section.get(key, default)
 
 
 def import_batch(
@@ -41,6 +28,7 @@ def import_batch(
     salt: str = typer.Option(None, "--salt", help="Salt of the split hash (default b2p)."),
     out: Path = typer.Option(None, "--out", help="Canonical file to write (default data/imported/NAME.json)."),
     params: Path = typer.Option(None, "--params", help="params.yaml: its 'import' section sets val, test, salt, manual_masks_split."),
+    set_: list[str] = typer.Option(None, "--set", help="Any `import:` key, KEY=VALUE; repeatable; wins over everything."),
 ) -> None:
     """Import one box-annotated batch into a canonical annotation file.
 
@@ -51,15 +39,10 @@ def import_batch(
     Splits: a hash of batch name + file name (fractions --val/--test), so adding batches never moves an image; images with a manual mask go to test unless --manual-masks-split hash.
     """
     from b2p.ingest.importer import import_batch as run_import
-    from b2p.splits import SplitRule
+    from b2p.schema import resolve
 
-    sec = _params_section(params, "import", ("val", "test", "salt", "manual_masks_split"))
-    rule = SplitRule(
-        val=float(_pick(val, sec, "val", 0.15)),
-        test=float(_pick(test, sec, "test", 0.15)),
-        salt=str(_pick(salt, sec, "salt", "b2p")),
-        manual_masks=str(_pick(manual_masks_split, sec, "manual_masks_split", "test")),
-    )
+    options = {"val": val, "test": test, "salt": salt, "manual_masks_split": manual_masks_split}
+    rule = resolve("import", params, options, set_).split_rule()
     r = run_import(
         batch,
         images,
@@ -130,30 +113,26 @@ def masks_to_boxes(
     salt: str = typer.Option(None, "--salt", help="Split salt (must match `b2p import`) (default b2p)."),
     folder: list[str] = typer.Option(None, "--folder", help="Only these class folders (repeatable or comma-separated) (default all)."),
     params: Path = typer.Option(None, "--params", help="params.yaml: its 'masks_to_boxes' section sets the options above."),
+    set_: list[str] = typer.Option(None, "--set", help="Any `masks_to_boxes:` key, KEY=VALUE; repeatable; wins over everything."),
 ) -> None:
     """Simulate box annotation for a dataset with manual masks (one box per connected defect component).
 
     Each class folder's connected mask components (8-connectivity, mask >= --threshold) become tight boxes of that class (folder name minus --strip-prefix, lower-cased); components under --min-area pixels are dropped (no box, not in the manual mask) and counted. Folders whose masks are all empty (e.g. MT_Free) give defect-free images. Output: a COCO JSON with file names relative to ROOT and boxes for every image; manual masks (RLE segmentation per component, "has_manual_mask": true) ONLY for images the split rule puts in test. Then `b2p import --images ROOT --coco OUT --batch NAME --val V --test T` with the same fractions gives the same split, so manual masks never reach training.
     """
     from b2p.ingest.from_masks import masks_to_boxes as run
-    from b2p.splits import SplitRule
+    from b2p.schema import resolve
 
-    sec = _params_section(
-        params, "masks_to_boxes", ("strip_prefix", "threshold", "min_area", "free_images", "val", "test", "salt")
-    )
-    rule = SplitRule(
-        val=float(_pick(val, sec, "val", 0.15)), test=float(_pick(test, sec, "test", 0.15)), salt=str(_pick(salt, sec, "salt", "b2p"))
-    )
-    free = _pick(free_images, sec, "free_images", None)
+    options = dict(strip_prefix=strip_prefix, threshold=threshold, min_area=min_area, free_images=free_images, val=val, test=test, salt=salt)
+    p = resolve("masks_to_boxes", params, options, set_)
     r = run(
         root,
         out,
         batch,
-        strip_prefix=str(_pick(strip_prefix, sec, "strip_prefix", "")),
-        threshold=int(_pick(threshold, sec, "threshold", 128)),
-        min_area=int(_pick(min_area, sec, "min_area", 10)),
-        free_images=None if free is None else int(free),
-        rule=rule,
+        strip_prefix=p.strip_prefix,
+        threshold=p.threshold,
+        min_area=p.min_area,
+        free_images=p.free_images,
+        rule=p.split_rule(),
         folders=[f.strip() for item in folder or [] for f in item.split(",") if f.strip()] or None,
     )
     t = Table(title=f"{root} -> {r.out}")

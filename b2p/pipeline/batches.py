@@ -200,6 +200,14 @@ def check_name(name: str) -> str:
     return name
 
 
+def import_rule(params: Path):
+    """The split rule `dvc repro` will import with: params.yaml's `import:` section (so the counts add-batch
+    prints are the ones the pipeline will produce)."""
+    from b2p.schema import resolve
+
+    return resolve("import", params if params.is_file() else None).split_rule()
+
+
 def _copy_images(src: Path, dst: Path) -> int:
     """Copy every image file under `src` (relative paths kept); other files are left behind."""
     from b2p.ingest.source import list_images
@@ -274,6 +282,7 @@ def add_batch(
             masks_dir=masks,
             classes_path=scratch_classes,
             add_classes=add_classes,
+            rule=import_rule(params),
             out=Path(scratch) / f"{name}.json",
         )
         new_class_list = result.classes

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from b2p.errors import B2PError
-from b2p.params import read_params_section
 
 
 def _taps(text: str | None) -> list[int] | None:
@@ -45,29 +44,30 @@ def train(
     feature_cache: str = typer.Option(None, "--feature-cache", help="auto, memory, disk or off (frozen backbone only)."),
     self_correction_region: str = typer.Option(None, "--self-correction-region", help="all (paper) or boxes."),
     warmup_epochs: int = typer.Option(None, "--warmup-epochs", help="Epochs before self-correction starts."),
+    set_: list[str] = typer.Option(None, "--set", help="Any `train:` key, KEY=VALUE (YAML value); repeatable; wins over everything."),
 ) -> None:
     """Train the student on teacher pseudo-masks.
 
     Reads IMPORTED/<batch>.json (train and val splits) and TEACHER_ROOT/<batch>/labelmaps/*.png; writes
     OUT/model.pt (config, class list, backbone provenance, EMA weights), OUT/metrics.json (best val
     metrics against pseudo-masks, epochs, parameter counts, seconds, backbone) and OUT/curves.csv.
+
+    Parameters: defaults < each --params file < the options above < --set KEY=VALUE. Every `train:` key
+    (b2p/schema.py) can be given with --set, e.g. --set tau=0.8 --set augment=flips; types and ranges are
+    checked and every problem is reported at once.
     """
     from b2p.project import resolve_batch_files
-    from b2p.student.train import TrainParams, train_student
+    from b2p.schema import train_params
+    from b2p.student.train import train_student
 
-    values: dict = {}
-    for p in params or []:  # e.g. the dataset's params.yaml, then a student variant's file
-        values.update(read_params_section(p, "train"))
     cli = dict(
         arch=arch, backbone=backbone, weights=weights, allow_download=allow_download, adaptation=adaptation,
         taps=_taps(taps), detail_branch=detail_branch, binary_head=binary_head, input_size=input_size,
         epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device,
         feature_cache=feature_cache, self_correction_region=self_correction_region, warmup_epochs=warmup_epochs,
     )
-    values.update({k: v for k, v in cli.items() if v is not None})
-    tp = TrainParams.from_dict(values, ", ".join(str(p) for p in params or []) or None)
-    if tp.epochs < 1 or tp.batch_size < 1:
-        raise B2PError("--epochs and --batch-size must be at least 1")
+    # defaults < each --params file (e.g. the dataset's params.yaml, then a student variant's) < options < --set
+    tp = train_params(params, cli, set_)
     files = resolve_batch_files(imported, batch)
     train_student(files, teacher_root, out, tp)
 
@@ -97,7 +97,12 @@ def predict(
     into a mask by the student (its pixels above --box-threshold, or the box's most likely pixels when none
     is), background outside the boxes: the student used as a better teacher for the annotated images.
     """
+    from b2p.schema import check_finite
     from b2p.student.predict import items_from_batches, items_from_folder, run_prediction
+
+    check_finite(box_threshold, "--box-threshold")
+    if batch_size < 1:
+        raise B2PError(f"--batch-size must be at least 1, got {batch_size}")
 
     if images is not None:
         if boxes_out is not None:

@@ -25,6 +25,7 @@ def teach(
     grabcut_context: float = typer.Option(None, "--grabcut-context", help="GrabCut context around the box, fraction of its long side [0.5]."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse images finished by an earlier run with the same settings."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    set_: list[str] = typer.Option(None, "--set", help="Any `teach:` key, KEY=VALUE (YAML value), e.g. grabcut.min_fill=0.1; repeatable."),
 ) -> None:
     """Make one pseudo-mask per box with a teacher (GrabCut, filled box, or box-prompted SAM).
 
@@ -42,6 +43,7 @@ def teach(
     console = Console(stderr=True)
     cfg = build_config(
         params,
+        sets=set_,
         teacher=teacher,
         sam_model=sam_model,
         checkpoint=str(checkpoint) if checkpoint else None,

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +54,15 @@ def load_teach_params(path: str | Path) -> dict[str, Any]:
     return read_params_section(path, "teach", [f.name for f in fields(TeachConfig)])
 
 
-def build_config(params_file: str | Path | None = None, **cli: Any) -> TeachConfig:
-    """Merge defaults, the params file's `teach` section and CLI options (None means "not given")."""
-    merged: dict[str, Any] = asdict(TeachConfig())
-    if params_file is not None:
-        section = load_teach_params(params_file)
-        merged.update({k: v for k, v in section.items() if k != "grabcut"})
-        merged["grabcut"] = {**merged["grabcut"], **(section.get("grabcut") or {})}
-    gc_cli = cli.pop("grabcut", None) or {}
-    merged.update({k: v for k, v in cli.items() if v is not None})
-    merged["grabcut"] = {**merged["grabcut"], **{k: v for k, v in gc_cli.items() if v is not None}}
-    return TeachConfig(**merged)
+def build_config(params_file: str | Path | None = None, sets: list[str] | None = None, **cli: Any) -> TeachConfig:
+    """Merge defaults, the params file's `teach` section, CLI options (None means "not given") and
+    `--set KEY=VALUE` items; typed and range-checked by the teach schema (b2p/schema.py)."""
+    from b2p.schema import teach_config
+
+    gc = cli.pop("grabcut", None) or {}
+    options = {**cli, **{f"grabcut.{k}": v for k, v in gc.items()}}
+    flags = {"grabcut.iterations": "--grabcut-iters", "grabcut.context_frac": "--grabcut-context"}
+    return teach_config(params_file, options, sets, flags)
 
 
 def make_teacher(cfg: TeachConfig, progress: bool = True) -> Teacher:

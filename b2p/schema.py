@@ -1,0 +1,415 @@
+"""One typed parameter schema per stage, and the one merge rule: defaults < params files < command line.
+
+Every stage that reads a `params.yaml` section (import, masks_to_boxes, teach, train, evaluate) resolves
+its settings here, so the CLI, `params.yaml`, `dvc exp run -S` and the benchmark suite all get the same
+checks. Values are coerced to the declared type (YAML reads `lr: 5e-4` as a string: it becomes the float
+5e-4) and checked against the ranges below; NaN, infinities, unknown keys and wrong types are refused.
+Every problem is reported at once, each naming the file (or command-line option) and the key.
+
+The schemas are built from the dataclasses the stages already use (`TrainParams`, `TeachConfig`,
+`GrabCutSettings`) so each key is declared once, where it is used; this module adds only the ranges and
+the allowed choices (`CONSTRAINTS`), keyed by field name. A field added to one of those dataclasses is
+typed-checked at once, with no change here.
+
+Command line: each stage command takes its usual options plus a generic, repeatable `--set KEY=VALUE`
+(VALUE is read as YAML: `--set lr=5e-4`, `--set taps=[1,2,4]`, `--set grabcut.iterations=3`), so any key
+can be overridden without editing a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+
+from b2p.errors import B2PError
+
+COMMAND_LINE = "command line"
+
+# lax coercion from YAML/CLI text ("5e-4" -> 0.0005, "3" -> 3, "true" -> True); no NaN / inf anywhere
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True, validate_default=True)
+
+
+def _choices(values: Callable[[], Sequence[str]]) -> Callable[[Any], Any]:
+    """A check that a value is one of `values()` (looked up late: the owning module keeps the list)."""
+
+    def check(v: Any) -> Any:
+        allowed = tuple(values())
+        if v is not None and v not in allowed:
+            raise ValueError(f"must be one of {list(allowed)}, got {v!r}")
+        return v
+
+    return check
+
+
+def _comma_list(v: Any) -> Any:
+    """`1,2,4` (a CLI or YAML string) -> [1, 2, 4] items, for list fields."""
+    if isinstance(v, str):
+        return [t for t in v.replace(" ", "").strip("[]").split(",") if t]
+    return v
+
+
+def _model_choices(name: str) -> Callable[[], Sequence[str]]:
+    def values() -> Sequence[str]:
+        import importlib
+
+        module, attr = name.rsplit(".", 1)
+        return getattr(importlib.import_module(module), attr)
+
+    return values
+
+
+# Ranges and choices by field name, per schema. Field(...) keywords: ge / gt / le / lt; "choices": a
+# callable giving the allowed strings (kept in the module that uses them).
+CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
+    "train": {
+        "arch": {"choices": _model_choices("b2p.student.model.ARCHS")},
+        "adaptation": {"choices": _model_choices("b2p.student.model.ADAPTATIONS")},
+        "backbone": {"choices": _model_choices("b2p.student.backbones.BACKBONES")},
+        "augment": {"choices": _model_choices("b2p.student.data.AUGMENTATIONS")},
+        "feature_cache": {"choices": lambda: ("auto", "memory", "disk", "off")},
+        "self_correction_region": {"choices": lambda: ("all", "boxes")},
+        "input_size": {"ge": 16},
+        "decoder_dim": {"ge": 1},
+        "unet_base": {"ge": 1},
+        "epochs": {"ge": 1},
+        "batch_size": {"ge": 1},
+        "lr": {"gt": 0, "le": 1},
+        "weight_decay": {"ge": 0},
+        "grad_clip": {"gt": 0},
+        "ema_decay": {"ge": 0, "lt": 1},
+        "patience": {"ge": 1},
+        "seed": {"ge": 0},
+        "num_workers": {"ge": 0},
+        "dice_beta": {"ge": 0, "le": 1},
+        "bg_weight": {"ge": 0},
+        "defect_weight": {"ge": 0},
+        "tau": {"ge": 0, "le": 1},
+        "warmup_epochs": {"ge": 0},
+        "outside_box_bg_weight": {"ge": 0},
+        "w_binary": {"ge": 0},
+        "w_fine": {"ge": 0},
+    },
+    "teach": {
+        "teacher": {"choices": _model_choices("b2p.teach.config.TEACHERS")},
+        "sam_model": {"choices": lambda: ("vit_b", "vit_l", "vit_h")},
+        "mask_select": {"choices": lambda: ("box", "iou", "single")},
+        "clip_margin": {"ge": 0},
+        "decoder_batch": {"ge": 1},
+    },
+    "grabcut": {
+        "iterations": {"ge": 1},
+        "context_frac": {"ge": 0},
+        "context_px": {"ge": 1},
+        "min_side": {"ge": 2},
+        "min_background": {"ge": 5},
+        "min_context_ratio": {"ge": 0},
+        "min_fill": {"ge": 0, "lt": 1},
+        "empty": {"choices": lambda: ("box", "keep")},
+    },
+}
+
+
+def _annotated(hint: Any, rule: dict[str, Any]) -> Any:
+    rule = dict(rule)
+    choices = rule.pop("choices", None)
+    meta: list[Any] = []
+    if rule:
+        meta.append(Field(**rule))
+    if choices is not None:
+        meta.append(BeforeValidator(_choices(choices)))
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is list or (args and any(typing.get_origin(a) is list for a in args)):
+        meta.append(BeforeValidator(_comma_list))
+    return Annotated[(hint, *meta)] if meta else hint
+
+
+def model_of_dataclass(cls: type, constraints: Mapping[str, dict[str, Any]], name: str, nested: Mapping[str, Any] | None = None) -> type[BaseModel]:
+    """A pydantic model with `cls`'s fields, types and defaults, plus `constraints`; `nested` replaces the
+    type of a field (a dict of settings that has its own schema)."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        hint = (nested or {}).get(f.name, hints[f.name])
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = Field(default_factory=f.default_factory)
+        else:
+            default = ...
+        fields[f.name] = (_annotated(hint, constraints.get(f.name, {})), default)
+    return create_model(name, __config__=_CONFIG, **fields)
+
+
+# --- stage schemas that have no dataclass of their own ------------------------------------------------------
+
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class ImportParams(BaseModel):
+    """`import:` - the hashed split rule (the same for every batch)."""
+
+    model_config = _CONFIG
+    val: Fraction = 0.15
+    test: Fraction = 0.15
+    salt: str = "b2p"
+    manual_masks_split: typing.Literal["test", "hash"] = "test"
+
+    def split_rule(self):
+        from b2p.splits import SplitRule
+
+        return SplitRule(val=self.val, test=self.test, salt=self.salt, manual_masks=self.manual_masks_split)
+
+
+class MasksToBoxesParams(BaseModel):
+    """`masks_to_boxes:` - simulated box annotation of a dataset with manual masks."""
+
+    model_config = _CONFIG
+    strip_prefix: str = ""
+    threshold: Annotated[int, Field(ge=1, le=255)] = 128
+    min_area: Annotated[int, Field(ge=1)] = 10
+    free_images: Annotated[int, Field(ge=0)] | None = None
+    val: Fraction = 0.15
+    test: Fraction = 0.15
+    salt: str = "b2p"
+
+    def split_rule(self):
+        from b2p.splits import SplitRule
+
+        return SplitRule(val=self.val, test=self.test, salt=self.salt)
+
+
+class EvaluateParams(BaseModel):
+    """`evaluate:` - which split is scored, and the report's options."""
+
+    model_config = _CONFIG
+    split: typing.Literal["test", "val", "train", "all"] = "test"
+    worst: Annotated[int, Field(ge=0)] = 8
+    size_bins: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], BeforeValidator(_comma_list)] = [0.001, 0.01]
+    min_cover: Fraction = 0.5
+
+
+class PredictParams(BaseModel):
+    """`predict:` - read by dvc.yaml into `b2p predict` options (checked here with the rest of the file)."""
+
+    model_config = _CONFIG
+    split: typing.Literal["test", "val", "train", "all"] = "test"
+    batch_size: Annotated[int, Field(ge=1)] = 4
+    device: str = "auto"
+    box_threshold: Fraction = 0.5
+
+
+@functools.cache
+def schema(stage: str) -> type[BaseModel]:
+    """The pydantic model of a params section (built once; train/teach from their dataclasses)."""
+    if stage == "import":
+        return ImportParams
+    if stage == "masks_to_boxes":
+        return MasksToBoxesParams
+    if stage == "evaluate":
+        return EvaluateParams
+    if stage == "predict":
+        return PredictParams
+    if stage == "teach":
+        from b2p.teach.config import TeachConfig
+        from b2p.teach.grabcut import GrabCutSettings
+
+        grabcut = model_of_dataclass(GrabCutSettings, CONSTRAINTS["grabcut"], "GrabCutParams")
+        return model_of_dataclass(TeachConfig, CONSTRAINTS["teach"], "TeachParams", nested={"grabcut": grabcut})
+    if stage == "train":
+        from b2p.student.train import TrainParams
+
+        return model_of_dataclass(TrainParams, CONSTRAINTS["train"], "TrainParamsSchema")
+    raise KeyError(f"no parameter schema for stage {stage!r}")
+
+
+STAGES = ("masks_to_boxes", "import", "teach", "train", "predict", "evaluate")
+
+
+# --- merging and validating --------------------------------------------------------------------------------
+
+
+def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
+    """`--set a=1 --set grabcut.iterations=3` -> {"a": 1, "grabcut": {"iterations": 3}} (values read as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise B2PError(f"--set needs KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # let the schema say what is wrong with it
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise B2PError(f"--set {item!r}: {p!r} is not a group of settings")
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict, layer: Mapping, origin: str, origins: dict[str, str], prefix: str = "") -> None:
+    for k, v in layer.items():
+        k = str(k).replace("-", "_")
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _merge(base[k], v, origin, origins, f"{prefix}{k}.")
+        else:
+            base[k] = dict(v) if isinstance(v, Mapping) else v
+            origins[f"{prefix}{k}"] = origin
+            if isinstance(v, Mapping):
+                for sub in v:
+                    origins[f"{prefix}{k}.{sub}"] = origin
+
+
+def _origin_of(key: str, origins: Mapping[str, str]) -> str:
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in origins:
+            return origins[".".join(parts[:n])]
+    return "default"
+
+
+def _describe(err: dict, model: type[BaseModel]) -> str:
+    if err["type"] == "extra_forbidden":
+        field = str(err["loc"][-1])
+        known = list(model.model_fields) if len(err["loc"]) == 1 else []
+        close = difflib.get_close_matches(field, known, n=1)
+        return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if err["type"] not in ("missing",) and "input" in err and not msg.endswith(repr(err["input"])):
+        msg += f", got {err['input']!r}"
+    return msg
+
+
+def validate(stage: str, values: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> BaseModel:
+    """Check `values` against the stage's schema; one B2PError listing every problem, each naming where
+    the key was set (`params.yaml: train.lr: ...`)."""
+    model = schema(stage)
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as e:
+        origins = origins or {}
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(section)"
+            lines.append(f"{_origin_of(key, origins)}: {stage}.{key}: {_describe(err, model)}")
+        if len(lines) == 1:
+            raise B2PError(f"invalid parameter {lines[0]}") from None
+        raise B2PError(f"{len(lines)} invalid parameters:\n  " + "\n  ".join(lines)) from None
+
+
+def resolve(
+    stage: str,
+    files: Sequence[str | Path | None] | str | Path | None = None,
+    options: Mapping[str, Any] | None = None,
+    sets: Sequence[str] | None = None,
+    section: str | None = None,
+    flags: Mapping[str, str] | None = None,
+) -> BaseModel:
+    """The stage's settings: schema defaults < each params file's section (later files win) < command-line
+    options that were given (None = not given) < `--set KEY=VALUE` items. Returns the validated model.
+
+    `options` maps keys (dotted for nested groups) to option values; `flags` names the option of a key
+    whose flag is not `--key-with-dashes`, so an error can name what the user typed."""
+    from b2p.params import read_params_section
+
+    if files is None or isinstance(files, str | Path):
+        files = [files]
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for f in files:
+        if f is not None:
+            _merge(values, read_params_section(f, section or stage), str(f), origins)
+    for key, value in (options or {}).items():  # dotted keys reach nested groups ("grabcut.iterations")
+        if value is None or (isinstance(value, Mapping) and not _drop_none(dict(value))):
+            continue
+        flag = (flags or {}).get(key, "--" + key.replace("_", "-"))
+        *parents, leaf = key.split(".")
+        layer: dict[str, Any] = {leaf: _drop_none(dict(value)) if isinstance(value, Mapping) else value}
+        for p in reversed(parents):
+            layer = {p: layer}
+        _merge(values, layer, f"{COMMAND_LINE} {flag}", origins)
+    for item in sets or []:
+        _merge(values, parse_sets([item]), f"{COMMAND_LINE} --set {item}", origins)
+    return validate(stage, values, origins)
+
+
+def check_params_file(path: str | Path, stages: Sequence[str] = STAGES) -> dict[str, BaseModel]:
+    """Validate every stage section a params file holds (sections of other tools are left alone).
+
+    For the suite and CI: one B2PError listing every problem of every section, naming the file."""
+    from b2p.params import read_params_section
+
+    found: dict[str, BaseModel] = {}
+    problems: list[str] = []
+    for stage in stages:
+        section = read_params_section(path, stage)
+        if not section:
+            continue
+        try:
+            found[stage] = validate(stage, section, {k: str(path) for k in section})
+        except B2PError as e:
+            problems += [line.strip() for line in str(e).splitlines()[1:]] or [str(e).removeprefix("invalid parameter ")]
+    if problems:
+        raise B2PError(f"{len(problems)} invalid parameter(s):\n  " + "\n  ".join(problems))
+    return found
+
+
+def _drop_none(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _drop_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def check_finite(value: float, what: str) -> float:
+    """For a lone numeric option outside any schema (NaN passes every `<` / `>` check)."""
+    if not math.isfinite(value):
+        raise B2PError(f"{what} must be a finite number, got {value}")
+    return value
+
+
+# --- using the result --------------------------------------------------------------------------------------
+
+
+def train_params(files: Sequence[str | Path] | None, options: Mapping[str, Any] | None = None, sets: Sequence[str] | None = None):
+    """`TrainParams` (b2p.student.train) from params files, CLI options and --set items, validated."""
+    from b2p.student.train import TrainParams
+
+    m = resolve("train", list(files or []), options, sets)
+    return TrainParams(**dict(m))
+
+
+def teach_config(
+    file: str | Path | None,
+    options: Mapping[str, Any] | None = None,
+    sets: Sequence[str] | None = None,
+    flags: Mapping[str, str] | None = None,
+):
+    """`TeachConfig` (b2p.teach.config) from a params file, CLI options and --set items, validated."""
+    from b2p.teach.config import TeachConfig
+
+    m = resolve("teach", file, options, sets, flags=flags)
+    d = dict(m)
+    d["grabcut"] = m.grabcut.model_dump()
+    return TeachConfig(**d)
