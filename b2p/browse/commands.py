@@ -37,6 +37,17 @@ def print_summary(summary, console: Console = console) -> None:
         console.print(f"[yellow]note:[/] {n}", highlight=False, soft_wrap=True)
 
 
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
 def browse(
     imported: Path = typer.Option(Path("data/imported"), "--imported", help="Folder of canonical batch files."),
     batch: list[str] = typer.Option(None, "--batch", help="Batch name(s), repeatable or comma-separated; default every batch."),
@@ -50,6 +61,7 @@ def browse(
     address: str = typer.Option("127.0.0.1", "--address", help="Address the App listens on (local by default)."),
     port: int = typer.Option(5151, "--port", help="App port."),
     database_dir: Path = typer.Option(None, "--database-dir", help="FiftyOne database folder (default: FiftyOne's, or FIFTYONE_DATABASE_DIR)."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow an --address other machines can reach (the App has no login)."),
 ) -> None:
     """Build or update a FiftyOne dataset from the pipeline's outputs and open it in the App.
 
@@ -67,13 +79,22 @@ def browse(
 
     Then serves the App at http://ADDRESS:PORT until Ctrl+C, unless --build-only.
     """
+    import importlib.util
+
+    if importlib.util.find_spec("fiftyone") is None:
+        raise B2PError('`b2p browse` needs FiftyOne, an optional extra: pip install -e ".[app]" (or pip install "b2p[app]")')
+    if not 0 < port < 65536:
+        raise B2PError(f"--port must be 1..65535, got {port}")
+    if not build_only and not allow_remote and not _is_loopback(address):
+        raise B2PError(
+            f"--address {address} would serve the FiftyOne App, which has no login, to other machines; "
+            "add --allow-remote if that is what you want (or keep the default 127.0.0.1)"
+        )
     from b2p.browse.build import build_dataset
     from b2p.browse.fo_env import configure_env
     from b2p.project import parse_batch_names, resolve_batch_files
     from b2p.splits import SPLITS
 
-    if not 0 < port < 65536:
-        raise B2PError(f"--port must be 1..65535, got {port}")
     configure_env(database_dir)
     files = resolve_batch_files(imported, batch)
     splits = parse_batch_names(pred_split) or list(SPLITS)
