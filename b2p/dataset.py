@@ -30,6 +30,9 @@ from b2p.fileio import read_json, write_json_atomic
 from b2p.labels import ClassList
 
 FORMAT_VERSION = 1
+# Boxes may overhang the image by at most this many pixels (rounding in annotation tools); they are clipped.
+# Anything further outside is refused: it means the box belongs to another image size or is corrupt.
+BOX_TOLERANCE_PX = 0.5
 # a batch name becomes a folder name under every output root: no separators, no leading dot
 BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -154,8 +157,7 @@ def load_batch(path: str | Path) -> Batch:
     folder, one label-map file each), sizes, splits, hashes, and every box and manual mask against its
     image and the class list.
     """
-    from b2p.fileio import safe_join
-    from b2p.ingest.source import BOX_TOLERANCE_PX, normalize_file_name
+    from b2p.fileio import normalize_file_name, safe_join
     from b2p.labels import label_map_key_clashes
     from b2p.splits import SPLITS
 

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import posixpath
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +102,23 @@ def safe_join(root: str | Path, relative: str, what: str = "path") -> Path:
     if resolved != resolved_root and resolved_root not in resolved.parents:
         raise B2PError(f"{what} {relative!r} escapes the folder {root}")
     return root / rel
+
+
+def normalize_file_name(name: str) -> str:
+    """The one spelling of an image's relative file name: '/'-separated, no `.` or empty parts.
+
+    `./a.png`, `a//b.png` and `a\\b.png` name the same file as `a.png` / `a/b.png`; without this the
+    duplicate check passes them and one image lands in two splits. Refuses NUL bytes, absolute paths
+    and names leaving the image folder (the problem only: callers add the file at fault).
+    """
+    if "\x00" in name:
+        raise B2PError(f"image file name {name!r} holds a NUL byte")
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or norm in (".", ""):
+        raise B2PError(f"image file name {name!r} must be a relative path inside the image folder")
+    if norm == ".." or norm.startswith("../"):
+        raise B2PError(f"image file name {name!r} escapes the image folder")
+    return norm
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

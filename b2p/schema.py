@@ -57,13 +57,7 @@ def _comma_list(v: Any) -> Any:
 
 
 def _model_choices(name: str) -> Callable[[], Sequence[str]]:
-    def values() -> Sequence[str]:
-        import importlib
-
-        module, attr = name.rsplit(".", 1)
-        return getattr(importlib.import_module(module), attr)
-
-    return values
+    return lambda: _attr(name)
 
 
 # Ranges and choices by field name, per schema. Field(...) keywords: ge / gt / le / lt; "choices": a
@@ -218,17 +212,24 @@ def schema(stage: str) -> type[BaseModel]:
         return EvaluateParams
     if stage == "predict":
         return PredictParams
+    # the dataclasses are looked up by name, so that a stage loads only its own code (teach never imports
+    # the student) and its DVC dependencies stay exactly the code it runs (tests/test_dvc_deps.py)
     if stage == "teach":
-        from b2p.teach.config import TeachConfig
-        from b2p.teach.grabcut import GrabCutSettings
-
-        grabcut = model_of_dataclass(GrabCutSettings, CONSTRAINTS["grabcut"], "GrabCutParams")
-        return model_of_dataclass(TeachConfig, CONSTRAINTS["teach"], "TeachParams", nested={"grabcut": grabcut})
+        grabcut = model_of_dataclass(_attr("b2p.teach.grabcut.GrabCutSettings"), CONSTRAINTS["grabcut"], "GrabCutParams")
+        return model_of_dataclass(_attr("b2p.teach.config.TeachConfig"), CONSTRAINTS["teach"], "TeachParams", nested={"grabcut": grabcut})
     if stage == "train":
-        from b2p.student.train import TrainParams
-
-        return model_of_dataclass(TrainParams, CONSTRAINTS["train"], "TrainParamsSchema")
+        return model_of_dataclass(_attr(TRAIN_PARAMS), CONSTRAINTS["train"], "TrainParamsSchema")
     raise KeyError(f"no parameter schema for stage {stage!r}")
+
+
+TRAIN_PARAMS = "b2p.student.train.TrainParams"
+
+
+def _attr(dotted: str) -> Any:
+    import importlib
+
+    module, name = dotted.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
 
 
 STAGES = ("masks_to_boxes", "import", "teach", "train", "predict", "evaluate")
@@ -394,10 +395,8 @@ def check_finite(value: float, what: str) -> float:
 
 def train_params(files: Sequence[str | Path] | None, options: Mapping[str, Any] | None = None, sets: Sequence[str] | None = None):
     """`TrainParams` (b2p.student.train) from params files, CLI options and --set items, validated."""
-    from b2p.student.train import TrainParams
-
     m = resolve("train", list(files or []), options, sets)
-    return TrainParams(**dict(m))
+    return _attr(TRAIN_PARAMS)(**dict(m))
 
 
 def teach_config(
@@ -407,9 +406,7 @@ def teach_config(
     flags: Mapping[str, str] | None = None,
 ):
     """`TeachConfig` (b2p.teach.config) from a params file, CLI options and --set items, validated."""
-    from b2p.teach.config import TeachConfig
-
     m = resolve("teach", file, options, sets, flags=flags)
     d = dict(m)
     d["grabcut"] = m.grabcut.model_dump()
-    return TeachConfig(**d)
+    return _attr("b2p.teach.config.TeachConfig")(**d)

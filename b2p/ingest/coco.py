@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from b2p.errors import B2PError
-from b2p.fileio import read_json, sha256_file
-from b2p.ingest.source import SourceAnnotation, SourceBatch, SourceImage, is_int, is_number, normalize_file_name
+from b2p.fileio import normalize_file_name, read_json, sha256_file
+from b2p.ingest.source import SourceAnnotation, SourceBatch, SourceImage, is_int, is_number
 
 
 def _require_list(data: dict, key: str, path: Path) -> list:

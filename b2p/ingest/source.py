@@ -8,19 +8,16 @@ Class ids here are the batch's own (COCO category id, or YOLO class index + 1), 
 from __future__ import annotations
 
 import math
-import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from b2p.dataset import BOX_TOLERANCE_PX
 from b2p.errors import B2PError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-# Boxes may overhang the image by at most this many pixels (rounding in annotation tools); they are clipped.
-# Anything further outside is refused: it means the box belongs to another image size or is corrupt.
-BOX_TOLERANCE_PX = 0.5
 
 
 @dataclass
@@ -77,23 +74,6 @@ def check_box(
     if clipped[2] <= 0 or clipped[3] <= 0:
         raise B2PError(f"{where}: box {list(xywh)} has no area inside the {width}x{height} image", path)
     return clipped, clipped != (x, y, w, h)
-
-
-def normalize_file_name(name: str) -> str:
-    """The one spelling of an image's relative file name: '/'-separated, no `.` or empty parts.
-
-    `./a.png`, `a//b.png` and `a\\b.png` name the same file as `a.png` / `a/b.png`; without this the
-    duplicate check passes them and one image lands in two splits. Refuses NUL bytes, absolute paths
-    and names leaving the image folder (the problem only: callers add the file at fault).
-    """
-    if "\x00" in name:
-        raise B2PError(f"image file name {name!r} holds a NUL byte")
-    norm = posixpath.normpath(name.replace("\\", "/"))
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or norm in (".", ""):
-        raise B2PError(f"image file name {name!r} must be a relative path inside the image folder")
-    if norm == ".." or norm.startswith("../"):
-        raise B2PError(f"image file name {name!r} escapes the image folder")
-    return norm
 
 
 def list_images(folder: Path) -> list[str]:
