@@ -12,6 +12,7 @@ import importlib
 from collections.abc import Callable
 
 import typer
+import typer.core
 from rich.console import Console
 
 from b2p import __version__
@@ -19,7 +20,32 @@ from b2p.errors import B2PError
 
 err_console = Console(stderr=True)
 
+# click's UsageError as typer raises it (recent typer vendors its own click, so `click.UsageError` is
+# another class); BadParameter derives from it in every version
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _UsageErrorsExit1(typer.core.TyperGroup):
+    """Usage errors (an unknown option, a value of the wrong type) exit with code 1 like every other
+    refused input, not click's 2: scripts and DVC need one code meaning "bad input, nothing done"."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _UsageError as e:
+            e.exit_code = 1
+            raise
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _UsageError as e:
+            e.exit_code = 1
+            raise
+
+
 app = typer.Typer(
+    cls=_UsageErrorsExit1,
     name="b2p",
     help="Boxes in, pixel-accurate defect masks out.\n\n"
     "Pipeline: demo-data | import -> teach -> train -> predict -> evaluate -> browse. "

@@ -21,15 +21,17 @@ class B2PError(Exception):
 class Problems:
     """Collects every problem of one input, so a user fixes them all in one round instead of one per run.
 
-    `check()` raises one B2PError listing the first `shown` problems and the total count, naming `path`.
+    `check()` raises one B2PError listing the first `shown` problems and the total count, naming `path`
+    (a single problem is raised as it is). A problem found in another file keeps that file's name.
     """
 
     def __init__(self, path: str | Path | None = None, what: str = "input", shown: int = 20):
-        self.path, self.what, self.shown = path, what, shown
-        self.items: list[str] = []
+        self.path = Path(path) if path is not None else None
+        self.what, self.shown = what, shown
+        self.items: list[B2PError] = []
 
-    def add(self, problem: str) -> None:
-        self.items.append(problem)
+    def add(self, problem: str | B2PError) -> None:
+        self.items.append(problem if isinstance(problem, B2PError) else B2PError(problem, self.path))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -38,7 +40,7 @@ class Problems:
         if not self.items:
             return
         if len(self.items) == 1:
-            raise B2PError(self.items[0], self.path)
-        lines = "\n  ".join(self.items[: self.shown])
+            raise self.items[0]
+        lines = "\n  ".join(e.problem if e.path == self.path else str(e) for e in self.items[: self.shown])
         more = f"\n  ... and {len(self.items) - self.shown} more" if len(self.items) > self.shown else ""
         raise B2PError(f"{len(self.items)} problems in this {self.what}:\n  {lines}{more}", self.path)

@@ -50,7 +50,12 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     The new file keeps the mode of the one it replaces, else gets the process umask's (0644 under 022).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise B2PError("is a folder, but a file must be written here; give a file path", path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise B2PError("cannot create this folder: a file of that name is in the way", path.parent) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, new_file_mode(path))

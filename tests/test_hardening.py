@@ -361,3 +361,90 @@ def test_teach_finishes_an_assembly_completed_before_a_kill(tmp_path):
     (staging / "instances.json").write_text('{"newer": 1}')
     commit_staged_outputs(out / "b1")
     assert not staging.exists() and (out / "b1" / "instances.json").read_text() == '{"new": 1}'
+
+
+# --- 14. every problem of a batch in one pass --------------------------------------------------------------
+
+
+def test_every_bad_box_of_a_batch_is_reported_in_one_run(project):
+    root = project["root"]
+    names = [f"im_{i:02d}.png" for i in range(30)]
+    _images(root / "many", names)
+    boxes = [[2, 2, 8, 6] if i % 6 == 0 else [20, 10, 40, 5] for i in range(30)]  # 25 reach outside the 32x24 image
+    ann = _coco_file(root / "many.json", names, boxes)
+    before = _snapshot(project["out"], project["classes"])
+    r = _cli("import", "--batch", "b1", "--images", root / "many", "--coco", ann, "--classes", project["classes"], "--out", project["out"])
+    assert r.exit_code == 1 and "many.json" in r.output and "25 problems in this batch" in r.output, r.output
+    assert r.output.count("lies outside the 32x24 image") == 20 and "... and 5 more" in r.output
+    assert _snapshot(project["out"], project["classes"]) == before
+
+
+# --- 10. tracebacks that became one clear error ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["import_mask", "teacher_label_map", "prediction_label_map"])
+def test_empty_png_is_one_clear_error(tmp_path, where):
+    from b2p.labels import label_map_path
+
+    if where == "import_mask":
+        project = {"root": tmp_path, "classes": tmp_path / "classes.json", "out": tmp_path / "imported" / "b1.json"}
+        (tmp_path / "masks").mkdir()
+        (tmp_path / "masks" / "m.png").write_bytes(b"")
+        _import_refused(project, ["m.png"], masks=tmp_path / "masks", expect=("m.png", "empty (0-byte)"))
+        return
+    batch_file, out, _ = _taught(tmp_path)
+    from b2p.dataset import load_batch
+
+    b = load_batch(batch_file)
+    im = b.split("train")[0] if where == "teacher_label_map" else b.split("test")[0]  # an image the command reads
+    if where == "teacher_label_map":
+        label_map_path(out, "b1", im.file_name).write_bytes(b"")
+        args = ["train", "--imported", batch_file.parent, "--teacher-root", out, "--out", tmp_path / "m", "--set", "arch=unet",
+                "--set", "input_size=32", "--set", "epochs=1", "--device", "cpu"]
+    else:
+        pred = tmp_path / "pred"
+        for rec in load_batch(batch_file).images:
+            write_png_atomic(label_map_path(pred, "b1", rec.file_name), np.zeros((rec.height, rec.width), np.uint8))
+        label_map_path(pred, "b1", im.file_name).write_bytes(b"")
+        args = ["evaluate", "--imported", batch_file.parent, "--teacher-root", out, "--pred-root", pred, "--out", tmp_path / "e",
+                "--split", "all", "--no-plots"]
+    r = _cli(*args)
+    assert r.exit_code == 1 and f"{label_map_key_of(im.file_name)}.png" in r.output and "empty (0-byte)" in r.output, r.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "e").exists()
+
+
+def label_map_key_of(name: str) -> str:
+    from b2p.labels import label_map_key
+
+    return label_map_key(name)
+
+
+def test_out_that_is_a_folder_or_a_file(project, predicted):
+    root = project["root"]
+    before = _snapshot(project["classes"])
+    r = _cli("import", "--batch", "b2", "--images", root / "images", "--coco", root / "ok.json", "--classes", project["classes"],
+             "--out", root / "images")
+    assert r.exit_code == 1 and "--out is a folder" in r.output and str(root / "images") in r.output, r.output
+    assert _snapshot(project["classes"]) == before
+    blocker = predicted["root"] / "a_file"
+    blocker.write_text("keep me")
+    r = _cli("predict", "--model", predicted["root"] / "good", "--imported", predicted["imported"], "--out", blocker, "--device", "cpu")
+    assert r.exit_code == 1 and "a_file" in r.output and "is a file" in r.output, r.output
+    assert blocker.read_text() == "keep me"
+
+
+def test_usage_errors_exit_1():
+    for args in (["import", "--bogus"], ["train", "--epochs", "many"], ["no-such-command"]):
+        r = _cli(*args)
+        assert r.exit_code == 1, (args, r.output)
+
+
+def test_cached_embedding_of_the_wrong_shape_is_a_miss(tmp_path):
+    from b2p.teach.cache import EmbeddingCache
+
+    cache = EmbeddingCache(tmp_path, "vit_b", "0" * 64)
+    good = np.zeros((1, 256, 64, 64), np.float32)
+    cache.save("ab" * 32, good, (1024, 768), (480, 360))
+    assert cache.load("ab" * 32)[0].shape == good.shape and cache.hits == 1
+    cache.save("cd" * 32, np.zeros((1, 256, 32, 32), np.float32), (1024, 768), (480, 360))
+    assert cache.load("cd" * 32) is None and cache.misses == 1

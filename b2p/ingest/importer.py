@@ -20,7 +20,7 @@ import numpy as np
 
 from b2p import __version__
 from b2p.dataset import check_batch_name, relative_image_root, save_batch_dict, to_coco_dict
-from b2p.errors import B2PError
+from b2p.errors import B2PError, Problems
 from b2p.fileio import read_image, read_json, safe_join, sha256_file
 from b2p.ingest.coco import read_coco
 from b2p.ingest.source import BOX_TOLERANCE_PX, SourceBatch, SourceImage, check_box, list_images, progress
@@ -145,6 +145,8 @@ def import_batch(
     out = Path(out) if out is not None else Path("data/imported") / f"{batch}.json"
     if (coco is None) == (yolo_labels is None):
         raise B2PError("give exactly one box source: --coco FILE, or --yolo-labels DIR with --yolo-classes FILE")
+    if out.is_dir():
+        raise B2PError("--out is a folder; give the canonical file to write (e.g. data/imported/NAME.json)", out)
     if not images_dir.is_dir():
         raise B2PError("image folder not found", images_dir)
     if coco is not None:
@@ -176,22 +178,34 @@ def import_batch(
 
     images, annotations, manual = [], [], []
     clipped = 0
+    # every image, box and mask is checked before anything is written, and every problem is collected, so
+    # a large batch with many bad boxes is fixed in one round, not one error per run
+    problems = Problems(src.annotation_file, "batch")
+
     for idx, im in enumerate(progress(src.images, f"importing {batch}", total=len(src.images)), 1):
         src_file = im.label_file or src.annotation_file
         try:
             img_path = safe_join(images_dir, im.file_name, "image file name")
         except B2PError as e:
-            raise B2PError(e.problem, src_file) from None
-        h, w = read_image(img_path).shape[:2]
+            problems.add(B2PError(e.problem, src_file))
+            continue
+        try:
+            h, w = read_image(img_path).shape[:2]
+        except B2PError as e:
+            problems.add(e)
+            continue
         if (im.width is not None and im.width != w) or (im.height is not None and im.height != h):
-            raise B2PError(
-                f"image {im.file_name!r} is declared {im.width}x{im.height} but the file is {w}x{h}", src_file
-            )
+            problems.add(B2PError(f"image {im.file_name!r} is declared {im.width}x{im.height} but the file is {w}x{h}", src_file))
+            continue
         for a in im.annotations:
             if a.normalized_cxcywh is not None:  # YOLO: pixels once the size is known
                 cx, cy, bw, bh = a.normalized_cxcywh
                 a.xywh = ((cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h)
-            box, was_clipped = check_box(a.xywh, w, h, a.where, src_file)
+            try:
+                box, was_clipped = check_box(a.xywh, w, h, a.where, src_file)
+            except B2PError as e:
+                problems.add(e)
+                continue
             clipped += was_clipped
             annotations.append(
                 {
@@ -203,7 +217,11 @@ def import_batch(
                     "iscrowd": 0,
                 }
             )
-        lm = _manual_label_map(im, (h, w), masks.get(_stem(im.file_name)), src, remap)
+        try:
+            lm = _manual_label_map(im, (h, w), masks.get(_stem(im.file_name)), src, remap)
+        except B2PError as e:
+            problems.add(e)
+            continue
         if lm is not None:
             for c in np.unique(lm):
                 if c != BACKGROUND:
@@ -220,6 +238,7 @@ def import_batch(
                 "has_manual_mask": lm is not None,
             }
         )
+    problems.check()
 
     warnings = []
     unlisted = 0

@@ -101,6 +101,9 @@ def predict(
     from b2p.student.predict import items_from_batches, items_from_folder, run_prediction
 
     check_finite(box_threshold, "--box-threshold")
+    for root in (out, boxes_out):
+        if root is not None and root.exists() and not root.is_dir():
+            raise B2PError("is a file; predictions are written into a folder here", root)
     if batch_size < 1:
         raise B2PError(f"--batch-size must be at least 1, got {batch_size}")
 

@@ -18,6 +18,7 @@ import numpy as np
 from b2p.fileio import write_bytes_atomic
 
 DEFAULT_CACHE_DIR = "data/cache/embeddings"
+EMBEDDING_SHAPE = (1, 256, 64, 64)  # SAM's image encoder output, every model size
 
 
 def image_content_hash(image: np.ndarray) -> str:
@@ -47,10 +48,12 @@ class EmbeddingCache:
             try:
                 with np.load(p, allow_pickle=False) as z:
                     out = z["features"], tuple(int(v) for v in z["input_size"]), tuple(int(v) for v in z["original_size"])
-                self.hits += 1
-                return out
-            except (OSError, ValueError, KeyError, EOFError):
-                pass  # unreadable: recompute and overwrite
+                # a file of another shape (truncated, or written by other code) would crash the decoder
+                if out[0].shape == EMBEDDING_SHAPE and len(out[1]) == 2 and len(out[2]) == 2:
+                    self.hits += 1
+                    return out
+            except (OSError, ValueError, KeyError, EOFError, TypeError):
+                pass  # unreadable or the wrong shape: recompute and overwrite
         self.misses += 1
         return None
 
