@@ -1,6 +1,6 @@
 """Stage parameters from a params.yaml section: the one reader every `--params` option uses.
 
-Precedence everywhere: built-in defaults < the file's section < options given on the command line.
+Types, ranges and the precedence (defaults < files < options < --set) live in `b2p.schema`.
 """
 
 from __future__ import annotations

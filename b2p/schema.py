@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from b2p.errors import B2PError
 
@@ -93,7 +93,7 @@ CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "teach": {
         "teacher": {"choices": _model_choices("b2p.teach.config.TEACHERS")},
-        "sam_model": {"choices": lambda: ("vit_b", "vit_l", "vit_h")},
+        "sam_model": {"choices": lambda: tuple(_attr("b2p.teach.weights.MODEL_SIZES"))},
         "mask_select": {"choices": lambda: ("box", "iou", "single")},
         "clip_margin": {"ge": 0},
         "decoder_batch": {"ge": 1},
@@ -148,13 +148,22 @@ def model_of_dataclass(cls: type, constraints: Mapping[str, dict[str, Any]], nam
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
-class ImportParams(BaseModel):
-    """`import:` - the hashed split rule (the same for every batch)."""
-
+class _SplitFractions(BaseModel):
     model_config = _CONFIG
     val: Fraction = 0.15
     test: Fraction = 0.15
     salt: str = "b2p"
+
+    @model_validator(mode="after")
+    def _fractions_fit(self):
+        if self.val + self.test > 1:
+            raise ValueError(f"val + test must be at most 1, got {self.val} + {self.test}")
+        return self
+
+
+class ImportParams(_SplitFractions):
+    """`import:` - the hashed split rule (the same for every batch)."""
+
     manual_masks_split: typing.Literal["test", "hash"] = "test"
 
     def split_rule(self):
@@ -163,17 +172,13 @@ class ImportParams(BaseModel):
         return SplitRule(val=self.val, test=self.test, salt=self.salt, manual_masks=self.manual_masks_split)
 
 
-class MasksToBoxesParams(BaseModel):
+class MasksToBoxesParams(_SplitFractions):
     """`masks_to_boxes:` - simulated box annotation of a dataset with manual masks."""
 
-    model_config = _CONFIG
     strip_prefix: str = ""
     threshold: Annotated[int, Field(ge=1, le=255)] = 128
     min_area: Annotated[int, Field(ge=1)] = 10
     free_images: Annotated[int, Field(ge=0)] | None = None
-    val: Fraction = 0.15
-    test: Fraction = 0.15
-    salt: str = "b2p"
 
     def split_rule(self):
         from b2p.splits import SplitRule
@@ -307,8 +312,12 @@ def validate(stage: str, values: Mapping[str, Any], origins: Mapping[str, str] |
         origins = origins or {}
         lines = []
         for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(section)"
-            lines.append(f"{_origin_of(key, origins)}: {stage}.{key}: {_describe(err, model)}")
+            key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+            if key:
+                lines.append(f"{_origin_of(key, origins)}: {stage}.{key}: {_describe(err, model)}")
+            else:  # a rule over several keys: name everywhere they were set
+                where = ", ".join(dict.fromkeys(origins.values())) or "defaults"
+                lines.append(f"{where}: {stage}: {err['msg'].removeprefix('Value error, ')}")
         if len(lines) == 1:
             raise B2PError(f"invalid parameter {lines[0]}") from None
         raise B2PError(f"{len(lines)} invalid parameters:\n  " + "\n  ".join(lines)) from None
