@@ -23,7 +23,15 @@ from b2p.errors import B2PError
 
 
 def current_umask() -> int:
-    """The process umask (read by setting and restoring it: POSIX has no read-only call)."""
+    """The process umask. Linux reports it in /proc; elsewhere it is read by setting and restoring it
+    (POSIX has no read-only call), which is brief but not thread-safe, hence the /proc path first."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
