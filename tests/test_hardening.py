@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from b2p.cli import app
-from b2p.fileio import sha256_file, write_png_atomic
+from b2p.fileio import write_png_atomic
 from conftest import make_synthetic_batch
 
 runner = CliRunner()

@@ -123,3 +123,11 @@ def test_add_batch_prints_the_split_of_params_yaml(tmp_path):
     r = _cli("add-batch", tmp_path / "raw" / "b1" / "images", "--name", "n2", "--coco", tmp_path / "c.json", "--params", params,
              "--raw-root", tmp_path / "data" / "raw", "--classes", tmp_path / "classes.json")
     assert r.exit_code == 1 and f"{params}: import.val" in r.output and not (tmp_path / "data" / "raw" / "n2").exists(), r.output
+
+
+def test_a_rule_over_two_keys_names_where_both_were_set(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("import:\n  val: 0.7\n")
+    with pytest.raises(B2PError) as e:
+        resolve("import", p, {"test": 0.6})
+    assert f"{p}, command line --test: import: val + test must be at most 1" in str(e.value)
