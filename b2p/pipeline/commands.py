@@ -108,12 +108,7 @@ def suite(
 ) -> None:
     """Run the benchmark suite on one dataset: boxes from its masks, teachers, students x seeds, the oracle, the report.
 
-    Sets dataset.root / dataset.name in SUITE/params.yaml (with --root / --name), asks DVC for the resolved
-    stages of SUITE/dvc.yaml and runs them, up to --jobs at once in dependency order, each timed (logs in
-    SUITE/work/logs/). The report stage writes reports/<name>/results.json and results.md: every row's
-    mean and standard deviation over the seeds, per-class IoU, the machine, the git commit, this command and
-    every stage's wall time. `dvc repro SUITE/dvc.yaml` runs the same stages one at a time (no stage times);
-    after this command, `dvc commit SUITE/dvc.yaml` records the outputs in dvc.lock.
+    Sets dataset.root / dataset.name in SUITE/params.yaml (with --root / --name), asks DVC for the resolved stages of SUITE/dvc.yaml and runs them, up to --jobs at once in dependency order, each timed (logs in SUITE/work/logs/). The report stage writes reports/<name>/results.json and results.md: every row's mean and standard deviation over the seeds, per-class IoU, the machine, the git commit, this command and every stage's wall time. `dvc repro SUITE/dvc.yaml` runs the same stages one at a time (no stage times); after this command, `dvc commit SUITE/dvc.yaml` records the outputs in dvc.lock.
     """
     from rich.console import Console
 
@@ -139,10 +134,7 @@ def suite_report(
 ) -> None:
     """Collect the suite's evaluated runs into results.json + results.md, mean and standard deviation over seeds.
 
-    Rows: the box fill, every teacher, every student trained on every teacher (alone and each further
-    source evaluate scored, e.g. its box-guided masks), and the oracle. Also per-class IoU, the machine
-    (CPU, cores, GPU), the git commit, the command and stage wall times (--times), training seconds and
-    student inference ms per image (`report.speed_images` test images, batch 1).
+    Rows: the box fill, every teacher, every student trained on every teacher (alone and each further source evaluate scored, e.g. its box-guided masks), and the oracle. Also per-class IoU, the machine (CPU, cores, GPU), the git commit, the command and stage wall times (--times), training seconds and student inference ms per image (`report.speed_images` test images, batch 1).
     """
     from b2p.fileio import read_json
     from b2p.params import read_params_section
@@ -165,9 +157,7 @@ def suite_readme(
 ) -> None:
     """Rewrite the README's results tables from the suite's results.json (between the dataset's markers).
 
-    Each dataset's section lies between `<!-- b2p-results:NAME begin ... -->` and `<!-- b2p-results:NAME end -->`;
-    a missing pair is an error that shows the two lines to add. --check compares instead of writing
-    (every section against reports/NAME/results.json beside the given files).
+    Each dataset's section lies between `<!-- b2p-results:NAME begin ... -->` and `<!-- b2p-results:NAME end -->`; a missing pair is an error that shows the two lines to add. --check compares instead of writing (every section against reports/NAME/results.json beside the given files).
     """
     from b2p.pipeline.results import check_readme, update_readme
 
