@@ -188,13 +188,17 @@ def test_suite_runner_on_other_folder_names(tmp_path: Path) -> None:
     root = make_project(tmp_path, with_pipelines=True)
     folders = make_folder_dataset(tmp_path / "Line 7 Parts", "qc-", "OK", images=14, seed=5)
     suite = root / "pipelines" / "suite"
-    _tiny_suite_params(suite / "params.yaml", seeds=[3])
+    _tiny_suite_params(suite / "params.yaml")
     _run(root, "git", "add", "-A")
     _run(root, "git", "commit", "-qm", "suite")
-    p = _run(root, B2P, "suite", "--root", str(tmp_path / "Line 7 Parts"))
+    before = (suite / "params.yaml").read_text()
+    p = _run(root, B2P, "suite", "--root", str(tmp_path / "Line 7 Parts"), "--set", "seedz=[3]", check=False)
+    assert p.returncode == 1 and "no key 'seedz'" in p.stderr and (suite / "params.yaml").read_text() == before
+    p = _run(root, B2P, "suite", "--root", str(tmp_path / "Line 7 Parts"), "--set", "seeds=[3]")
     assert "done in" in p.stdout, p.stdout
     params = yaml.safe_load((suite / "params.yaml").read_text())
-    assert params["dataset"] == {"root": "../../../Line 7 Parts", "name": "line-7-parts"}
+    assert params["dataset"] == {"root": "../../../Line 7 Parts", "name": "line-7-parts"} and params["seeds"] == [3]
+    assert "# The benchmark suite's parameters" in (suite / "params.yaml").read_text()  # comments kept
 
     res = json.loads((root / "reports" / "line-7-parts" / "results.json").read_text())
     classes = sorted(c for c in folders.values() if c != "defect-free")
@@ -205,7 +209,7 @@ def test_suite_runner_on_other_folder_names(tmp_path: Path) -> None:
     assert {"teacher: grabcut", "b2p <- grabcut", "b2p <- manual masks (oracle)"} <= set(rows)
     assert rows["b2p <- grabcut"]["seeds"] == [3] and rows["b2p <- grabcut"]["metrics"]["binary_iou"]["std"] is None
     # this runner's record: the command, every stage's wall time, the commit it ran on
-    assert res["command"] == f"b2p suite --root '{tmp_path / 'Line 7 Parts'}'"
+    assert res["command"] == f"b2p suite --root '{tmp_path / 'Line 7 Parts'}' --set 'seeds=[3]'"
     assert set(res["stage_seconds"]) == {"prepare", "import", "teach@grabcut", "train@grabcut-b2p-3", "predict@grabcut-b2p-3",
                                          "evaluate@grabcut-b2p-3", "train_oracle@oracle-b2p-3", "predict_oracle@oracle-b2p-3",
                                          "evaluate_oracle@oracle-b2p-3"}

@@ -105,10 +105,11 @@ def suite(
     suite_dir: Path = typer.Option(Path("pipelines/suite"), "--suite", help="The suite's folder (dvc.yaml + params.yaml)."),
     jobs: int = typer.Option(2, "--jobs", min=1, help="Stages run side by side (2 single-threaded trainings suit a 2-core CPU)."),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch threads per stage (OMP_NUM_THREADS)."),
+    set_: list[str] = typer.Option(None, "--set", help="KEY=VALUE written into the suite's params.yaml first, repeatable (e.g. train.epochs=8, seeds=[1,2])."),
 ) -> None:
     """Run the benchmark suite on one dataset: boxes from its masks, teachers, students x seeds, the oracle, the report.
 
-    Sets dataset.root / dataset.name in SUITE/params.yaml (with --root / --name), asks DVC for the resolved stages of SUITE/dvc.yaml and runs them, up to --jobs at once in dependency order, each timed (logs in SUITE/work/logs/). The report stage writes reports/<name>/results.json and results.md: every row's mean and standard deviation over the seeds, per-class IoU, the machine, the git commit, this command and every stage's wall time. `dvc repro SUITE/dvc.yaml` runs the same stages one at a time (no stage times); after this command, `dvc commit SUITE/dvc.yaml` records the outputs in dvc.lock.
+    Sets dataset.root / dataset.name (--root / --name) and any --set KEY=VALUE in SUITE/params.yaml, asks DVC for the resolved stages of SUITE/dvc.yaml and runs them, up to --jobs at once in dependency order, each timed (logs in SUITE/work/logs/). The report stage writes reports/<name>/results.json and results.md: every row's mean and standard deviation over the seeds, per-class IoU, the machine, the git commit, this command and every stage's wall time. `dvc repro SUITE/dvc.yaml` runs the same stages one at a time (no stage times); after this command, `dvc commit SUITE/dvc.yaml` records the outputs in dvc.lock.
     """
     from rich.console import Console
 
@@ -116,7 +117,7 @@ def suite(
 
     if not (suite_dir / "dvc.yaml").is_file():
         raise B2PError("no dvc.yaml in the suite folder (--suite)", suite_dir)
-    ds_root, ds_name = set_dataset(suite_dir, root, name)
+    ds_root, ds_name = set_dataset(suite_dir, root, name, set_ or [])
     console = Console()
     console.print(f"suite {suite_dir} on {ds_name} ({ds_root}), {jobs} stage(s) at a time, {threads} thread(s) each", highlight=False)
     record = run_suite(suite_dir, jobs=jobs, threads=threads)

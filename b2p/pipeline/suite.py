@@ -52,13 +52,37 @@ def dataset_name_of(root: str | Path) -> str:
     return name
 
 
-def set_dataset(suite_dir: Path, root: Path | None, name: str | None) -> tuple[str, str]:
-    """Write `dataset.root` (relative to the suite folder) and `dataset.name` into the suite's params.yaml,
-    keeping its comments; returns the (root, name) now in effect."""
+def parse_override(spec: str) -> tuple[list[str], object]:
+    """`a.b=VALUE` (VALUE read as YAML: 8, 0.5, [1, 2], text) -> (["a", "b"], value)."""
+    import yaml
+
+    key, sep, value = spec.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise B2PError(f"--set must look like KEY=VALUE (e.g. train.epochs=8 or seeds=[1,2]), got {spec!r}")
+    try:
+        return parts, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise B2PError(f"--set {key}: the value is not valid YAML: {value!r}") from None
+
+
+def set_dataset(suite_dir: Path, root: Path | None, name: str | None, overrides: list[str] = ()) -> tuple[str, str]:
+    """Write `dataset.root` (relative to the suite folder), `dataset.name` and any `KEY=VALUE` overrides into
+    the suite's params.yaml, keeping its comments (as `dvc exp run -S` does); returns the (root, name) now
+    in effect. An override of a key that is not there is an error (a misspelt key must not be ignored)."""
     from b2p.pipeline.batches import dump_params, load_params
 
     params_file = suite_dir / "params.yaml"
     data = load_params(params_file)
+    for spec in overrides:
+        parts, value = parse_override(spec)
+        node = data
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                raise B2PError(f"--set {spec}: no key {'.'.join(parts[: i + 1])!r} in the suite's params", params_file)
+            if i < len(parts) - 1:
+                node = node[part]
+        node[parts[-1]] = value
     ds = data.get("dataset")
     if not isinstance(ds, dict) or "root" not in ds or "name" not in ds:
         raise B2PError("no `dataset:` section with `root` and `name`", params_file)
