@@ -82,6 +82,9 @@ COMMANDS = [
     ("browse", "b2p.browse.commands", "browse"),
     ("add-batch", "b2p.pipeline.commands", "add_batch"),
     ("bench-report", "b2p.pipeline.commands", "bench_report"),
+    ("suite", "b2p.pipeline.commands", "suite"),
+    ("suite-report", "b2p.pipeline.commands", "suite_report"),
+    ("suite-readme", "b2p.pipeline.commands", "suite_readme"),
 ]
 
 for _name, _module, _func in COMMANDS:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from b2p.cli import app
 from b2p.dataset import load_batch
-from b2p.evaluate.evaluate import box_fill_label_map, evaluate, parse_source
+from b2p.evaluate.evaluate import MAIN_METRICS, box_fill_label_map, evaluate, parse_source
 from b2p.errors import B2PError
 from b2p.labels import label_map_path, write_label_map
 
@@ -82,9 +82,12 @@ def test_evaluate_cli_values_csv_plots(project: dict) -> None:
     assert "student" in res.output and "anom mIoU" in res.output
     out = p["root"] / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == ["student", "teacher", "box", "extra", "noise"]
-    keys = set(metrics["student"])
-    assert all(set(metrics[s]) == keys for s in ("teacher", "box", "extra"))
+    # metrics.json: the headline scores only (a readable `dvc metrics show`); details.json the rest
+    assert list(metrics) == ["student", "teacher", "box", "extra"]
+    assert all(set(metrics[s]) == {*MAIN_METRICS, "images"} for s in metrics)
+    details = json.loads((out / "details.json").read_text())
+    assert list(details) == ["student", "teacher", "box", "extra", "noise"]
+    metrics = {**{s: {**metrics[s], **details[s]} for s in metrics}, "noise": details["noise"]}
 
     truths = [p["truth"][im.file_name] for im in p["test"]]
     for src in ("student", "teacher", "box", "extra"):
@@ -227,7 +230,7 @@ def test_params_file_and_cli_override(project: dict) -> None:
     assert res.exit_code == 0, res.output
     out = p["root"] / "eval"
     assert list((out / "overlays").glob("*.png")) == []
-    assert set(json.loads((out / "metrics.json").read_text())["noise"]["teacher"]["by_size"]) == {"size0", "size1"}
+    assert set(json.loads((out / "details.json").read_text())["noise"]["teacher"]["by_size"]) == {"size0", "size1"}
     res = _run(p, "--params", str(params), "--worst", "1")
     assert res.exit_code == 0 and len(list((out / "overlays").glob("*.png"))) == 1
     params.write_text("evaluate:\n  wrost: 1\n")

@@ -1,4 +1,4 @@
-"""The DVC pipeline (dvc.yaml), the benchmark suite (pipelines/) and `b2p bench-report`.
+"""The DVC pipeline (dvc.yaml) and `b2p bench-report` (the benchmark suite: tests/test_suite.py).
 
 The slow tests copy the project's dvc.yaml / params.yaml / code into tmp_path, `git init` + `dvc init`
 there, shrink the demo (12 images of 64 px, 1 epoch) and run the real `dvc repro`, asserting which stages
@@ -89,8 +89,7 @@ def make_project(tmp_path: Path, with_pipelines: bool = False) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "b2p", root / "b2p", ignore=ignore)  # stages depend on their code
     if with_pipelines:
-        shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns(
-            "raw", "imported", "teach", "models", "predict", "eval", "results", "classes.json", "dvc.lock"))
+        shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("work", "dvc.lock"))
     _edit_params(root / "params.yaml", {"demo.images": 12, "demo.size": 64, "demo.mask_fraction": 0.4,
                                         "train.epochs": 1, "train.input_size": 64, "evaluate.worst": 2})
     _run(root, "git", "init", "-q")
@@ -124,34 +123,36 @@ def test_stage_params_exist_and_sections_are_accepted_by_the_commands() -> None:
         assert set(entry["files"]) <= {"images", "coco", "yolo-labels", "yolo-classes", "masks"}
 
 
-def test_benchmark_pipelines_share_one_dvc_yaml() -> None:
-    """A dataset is only its params.yaml: every pipelines/<dataset>/dvc.yaml is the same file."""
-    files = sorted((REPO / "pipelines").glob("*/dvc.yaml"))
-    assert len(files) >= 2
-    assert len({f.read_text() for f in files}) == 1
-    for f in files:
-        p = yaml.safe_load((f.parent / "params.yaml").read_text())
-        assert {"dataset", "teachers", "students", "train", "evaluate", "report"} <= set(p)
-        for s in p["students"]:
-            assert (REPO / "pipelines" / "students" / f"{s}.yaml").is_file()
+def test_one_suite_definition() -> None:
+    """The benchmark suite is one dvc.yaml + params.yaml; every listed student variant is a file of `train:` keys."""
+    suites = sorted((REPO / "pipelines").glob("**/dvc.yaml"))
+    assert suites == [REPO / "pipelines" / "suite" / "dvc.yaml"]
+    p = yaml.safe_load((REPO / "pipelines" / "suite" / "params.yaml").read_text())
+    assert {"dataset", "split", "masks_to_boxes", "teachers", "students", "oracle", "seeds", "train", "evaluate", "report"} <= set(p)
+    assert set(p["dataset"]) == {"root", "name"} and len(p["seeds"]) == 3
+    for s in {*p["students"], *p["oracle"]["students"]}:
+        variant = yaml.safe_load((REPO / "pipelines" / "suite" / "students" / f"{s}.yaml").read_text())
+        assert set(variant) == {"train"}, s
+    assert not (REPO / "benchmarks" / "magnetic_tile.py").exists()  # `b2p suite` replaced it
 
 
 def test_dvc_parses_every_pipeline(tmp_path: Path) -> None:
     """DVC itself resolves the root pipeline and each suite (interpolation, foreach / matrix) into stages."""
     env = {**_env(tmp_path / "x"), "DVC_SITE_CACHE_DIR": str(tmp_path / "site")}
     out = {}
-    for target in ("dvc.yaml", "pipelines/compare/dvc.yaml", "pipelines/magnetic-tile/dvc.yaml"):
+    for target in ("dvc.yaml", "pipelines/suite/dvc.yaml"):
         p = subprocess.run([str(BIN / "dvc"), "stage", "list", target], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
         out[target] = {line.split()[0].rsplit(":", 1)[-1] for line in p.stdout.splitlines() if line.strip()}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert out["dvc.yaml"] == {"demo_data", "train", "predict", "evaluate", "summary"} | {
         f"{s}@{b}" for s in ("import", "teach") for b in params["batches"]}
-    for suite in ("compare", "magnetic-tile"):
-        p = yaml.safe_load((REPO / "pipelines" / suite / "params.yaml").read_text())
-        pairs = {f"{t}-{s}" for t in p["teachers"] for s in p["students"]}
-        assert out[f"pipelines/{suite}/dvc.yaml"] == {"prepare", "import", "report"} | {f"teach@{t}" for t in p["teachers"]} | {
-            f"{stage}@{pair}" for stage in ("train", "predict", "evaluate") for pair in pairs}
+    p = yaml.safe_load((REPO / "pipelines" / "suite" / "params.yaml").read_text())
+    runs = {f"{t}-{s}-{seed}" for t in p["teachers"] for s in p["students"] for seed in p["seeds"]}
+    oracle = {f"oracle-{s}-{seed}" for s in p["oracle"]["students"] for seed in p["seeds"]}
+    assert out["pipelines/suite/dvc.yaml"] == {"prepare", "import", "report"} | {f"teach@{t}" for t in p["teachers"]} | {
+        f"{stage}@{run}" for stage in ("train", "predict", "evaluate") for run in runs} | {
+        f"{stage}_oracle@{run}" for stage in ("train", "predict", "evaluate") for run in oracle}
 
 
 # --- bench-report on real evaluate outputs ----------------------------------------------------------------
@@ -221,9 +222,15 @@ def test_main_pipeline_fresh_noop_param_change_and_add_batch(tmp_path: Path, mon
     assert t["epochs_run"] == 1 and t["train_seconds"] > 0
     assert "b2p browse --imported data/imported --teacher-root data/teach --pred-root data/predict" in p.stdout
     assert "teacher: grabcut" in p.stdout
+    # `dvc metrics show`: one readable table, the headline scores per source (details in details.json)
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
-    files = json.dumps(shown)
-    assert "data/eval/metrics.json" in files and "data/models/student/metrics.json" in files
+    declared = next(iter(shown.values()))["data"]  # the workspace's files
+    assert list(declared) == ["data/eval/metrics.json"]
+    from b2p.evaluate.evaluate import MAIN_METRICS
+
+    assert {src: set(sec) for src, sec in declared["data/eval/metrics.json"]["data"].items()} == {
+        src: {*MAIN_METRICS, "images"} for src in ("student", "teacher", "box", "student_boxes")}
+    assert "per_class" in json.loads((root / "data/eval/details.json").read_text())["teacher"]
     plots = json.loads(dvc(root, "plots", "show", "--json", "-o", str(tmp_path / "plots")).stdout)["data"]
     assert set(plots) == {"training curves", "per-class IoU", "data/eval/plots/summary.png",
                           "data/eval/plots/confusion_student.png", "data/eval/plots/confusion_teacher.png"}
@@ -274,39 +281,3 @@ def test_main_pipeline_fresh_noop_param_change_and_add_batch(tmp_path: Path, mon
     m2 = json.loads((root / "data/eval/metrics.json").read_text())
     assert m2["student"]["images"] > m["student"]["images"]  # the new batch's test images are scored too
     assert stages_run(dvc(root, "repro")) == []
-
-
-# --- the benchmark suite ----------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_benchmark_suite_on_the_demo(tmp_path: Path) -> None:
-    root = make_project(tmp_path, with_pipelines=True)
-    bench = root / "pipelines" / "compare"
-    _edit_params(bench / "params.yaml", {
-        "dataset.prepare": "b2p demo-data --out raw --seed 1 --images 12 --size 64 --mask-fraction 0.4",
-        "students": ["b2p", "unet"], "train.epochs": 1, "train.input_size": 64, "evaluate.worst": 1,
-        "report.speed_images": 2,
-    })
-    p = dvc(root, "repro", "pipelines/compare/dvc.yaml")
-    ran = set(stages_run(p))
-    assert {"pipelines/compare/dvc.yaml:train@grabcut-b2p", "pipelines/compare/dvc.yaml:train@box-unet",
-            "pipelines/compare/dvc.yaml:report"} <= ran, ran
-    assert not any(s.startswith(("demo_data", "train", "pipelines/magnetic-tile")) for s in ran)  # only this suite
-    rep = json.loads((bench / "results/report.json").read_text())
-    rows = {r["name"]: r for r in rep["rows"]}
-    students = {"b2p <- box", "unet <- box", "b2p <- grabcut", "unet <- grabcut"}
-    assert set(rows) == {"teacher: box", "teacher: grabcut", "box fill (no learning)"} | students | {
-        f"{s} (+ boxes)" for s in students}
-    # box-guided masks never leave the boxes: they cannot find a defect pixel the box fill misses
-    for s in students:
-        assert rows[f"{s} (+ boxes)"]["metrics"]["binary_recall"] <= rows["box fill (no learning)"]["metrics"]["binary_recall"] + 1e-9
-    # the box teacher is the box fill: same masks, same scores
-    assert rows["teacher: box"]["metrics"] == pytest.approx(rows["box fill (no learning)"]["metrics"])
-    for name, r in rows.items():
-        assert all(0.0 <= v <= 1.0 for v in r["metrics"].values() if v is not None), name
-        if r["kind"] == "student":
-            assert r["train_seconds"] > 0 and r["ms_per_image"] > 0 and r["params_total"] > 0
-    md = (bench / "results/report.md").read_text()
-    assert "| b2p <- grabcut |" in md
-    assert stages_run(dvc(root, "repro", "pipelines/compare/dvc.yaml")) == []

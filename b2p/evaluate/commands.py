@@ -82,7 +82,7 @@ def evaluate(
 
     Reads: IMPORTED/<batch>.json; TEACHER_ROOT and PRED_ROOT label maps (each must cover every scored image).
 
-    Writes to OUT: metrics.json (a section per source, plus `noise`: hallucination and miss rate by class and by defect size, and what the student recovered of the teacher's errors); confusion.json; per_image.csv (each source's worst images first); plots/ (per_class_iou.csv, confusion_<source>.png, summary.png); overlays/ (worst images: image, manual, teacher, student).
+    Writes to OUT: metrics.json (the headline scores of each source); details.json (per-class scores of each source, and `noise`: hallucination and miss rate by class and by defect size, and what the student recovered of the teacher's errors); confusion.json; per_image.csv (each source's worst images first); plots/ (per_class_iou.csv, confusion_<source>.png, summary.png); overlays/ (worst images: image, manual, teacher, student).
     """
     from b2p.evaluate.evaluate import evaluate as run_evaluate
     from b2p.evaluate.evaluate import parse_source
@@ -104,4 +104,4 @@ def evaluate(
         plots=not no_plots,
     )
     print_summary(result)
-    typer.echo(f"wrote {out}/metrics.json, per_image.csv" + ("" if no_plots else ", plots/ and overlays/"))
+    typer.echo(f"wrote {out}/metrics.json, details.json, per_image.csv" + ("" if no_plots else ", plots/ and overlays/"))

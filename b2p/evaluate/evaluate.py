@@ -6,7 +6,8 @@ box-fill baseline, which is painted here from the boxes. A source given must be 
 or label map, or one whose size is not its image's, is an error naming the file.
 
 Outputs in `out` (all written atomically):
-- `metrics.json`: one section per source (the `scores` keys plus `images`), and `noise`;
+- `metrics.json`: one section per source with the headline scores (`MAIN_METRICS`) and `images`;
+- `details.json`: per source its `per_class` scores, and `noise` (hallucination / miss rates, recovery);
 - `confusion.json`: the raw pooled confusion matrix of every source (rows truth, columns prediction);
 - `per_image.csv`: one row per image and source, each source's worst images first;
 - `plots/per_class_iou.csv`, `plots/confusion_<source>.png`, `plots/summary.png`;
@@ -257,7 +258,10 @@ def evaluate(
         metrics["noise"]["student_vs_teacher"] = recovery.result()
 
     out = Path(out)
-    write_json_atomic(out / "metrics.json", metrics)
+    # metrics.json holds the headline figures only (what `dvc metrics show` tabulates); the per-class scores
+    # and the noise analysis go to details.json
+    write_json_atomic(out / "metrics.json", {n: {k: v for k, v in sec.items() if k != "per_class"} for n, sec in metrics.items() if n != "noise"})
+    write_json_atomic(out / "details.json", {**{s.name: {"per_class": metrics[s.name]["per_class"]} for s in sources}, "noise": metrics["noise"]})
     write_json_atomic(
         out / "confusion.json",
         {

@@ -103,7 +103,7 @@ def masks_to_boxes(
     root: Path = typer.Argument(..., help="Dataset root: ROOT/<CLASS>/Imgs/NAME.jpg with the mask NAME.png beside it."),
     out: Path = typer.Option(..., "--out", help="COCO JSON to write."),
     batch: str = typer.Option(..., "--batch", help="Batch name you will import it under (the test split hashes it)."),
-    strip_prefix: str = typer.Option(None, "--strip-prefix", help="Prefix removed from folder names before lower-casing (e.g. MT_)."),
+    strip_prefix: str = typer.Option(None, "--strip-prefix", help="Prefix removed from folder names before lower-casing (e.g. MT_); 'auto': the prefix all class folders share."),
     threshold: int = typer.Option(None, "--threshold", help="Mask pixels >= this are defect (default 128)."),
     min_area: int = typer.Option(None, "--min-area", help="Components smaller than this many pixels are dropped as noise (default 10)."),
     free_images: int = typer.Option(None, "--free-images", help="Keep at most N defect-free images (deterministic hash choice) (default all)."),
@@ -113,6 +113,7 @@ def masks_to_boxes(
     folder: list[str] = typer.Option(None, "--folder", help="Only these class folders (repeatable or comma-separated) (default all)."),
     params: Path = typer.Option(None, "--params", help="params.yaml: its 'masks_to_boxes' section sets the options above."),
     set_: list[str] = typer.Option(None, "--set", help="Any `masks_to_boxes:` key, KEY=VALUE; repeatable; wins over everything."),
+    oracle_out: Path = typer.Option(None, "--oracle-out", help="Also write every image's manual mask as a teacher root (the oracle: train on it for the fully supervised ceiling)."),
 ) -> None:
     """Simulate box annotation for a dataset with manual masks (one box per connected defect component).
 
@@ -133,6 +134,7 @@ def masks_to_boxes(
         free_images=p.free_images,
         rule=p.split_rule(),
         folders=[f.strip() for item in folder or [] for f in item.split(",") if f.strip()] or None,
+        oracle_out=oracle_out,
     )
     t = Table(title=f"{root} -> {r.out}")
     for col in ("folder", "class", "images", "boxes", "dropped (< min area)"):

@@ -9,6 +9,11 @@ Folders whose masks are all empty (e.g. MT_Free) hold defect-free images and def
 The manual masks are written (one RLE `segmentation` per component, `"has_manual_mask": true` on the
 image) ONLY for images that the split rule puts in the test split, so importing the file with the same
 batch name and fractions reproduces that split and manual masks never reach training.
+
+`oracle_out` additionally writes the manual masks of every kept image as a teacher root
+(`ORACLE/<batch>/labelmaps/<key>.png`, class ids as in the COCO file): training on it (train and val splits
+only, as every teacher) gives the fully supervised ceiling of a student; the test masks are in it only so
+the folder is a complete teacher root for `b2p evaluate`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from b2p.errors import B2PError
 from b2p.fileio import read_image, write_json_atomic
 from b2p.ingest.importer import check_batch_name
 from b2p.ingest.source import progress
+from b2p.labels import label_map_path, write_label_map
 from b2p.masks import rle_encode
 from b2p.splits import SplitRule, unit_hash
 
@@ -51,6 +57,22 @@ class _Item:
     mask_path: Path
     shape: tuple[int, int]  # (H, W) of the mask
     binary: np.ndarray | None  # HxW bool, thresholded; None when empty (most images of a defect-free folder)
+
+
+AUTO_PREFIX = "auto"
+
+
+def common_prefix(folders: list[str]) -> str:
+    """The prefix shared by all class folders, cut after its last separator ('_', '-', '.', ' '):
+    MT_Blowhole, MT_Break -> "MT_"; a single folder or no shared separator -> ""."""
+    if len(folders) < 2:
+        return ""
+    shared = folders[0]
+    for f in folders[1:]:
+        while not f.startswith(shared):
+            shared = shared[:-1]
+    cut = max(shared.rfind(c) for c in "_-. ")
+    return shared[: cut + 1] if cut >= 0 else ""
 
 
 def class_name_of(folder: str, strip_prefix: str = "") -> str:
@@ -108,8 +130,12 @@ def masks_to_boxes(
     free_images: int | None = None,
     rule: SplitRule | None = None,
     folders: list[str] | None = None,
+    oracle_out: str | Path | None = None,
 ) -> MasksToBoxesResult:
-    """Write a COCO box file for ROOT (boxes for all images, manual masks for the test split only)."""
+    """Write a COCO box file for ROOT (boxes for all images, manual masks for the test split only).
+
+    `strip_prefix="auto"` strips the prefix all class folders share (`common_prefix`); `oracle_out` also
+    writes every kept image's manual mask as a teacher root (module docstring)."""
     check_batch_name(batch)
     rule = rule or SplitRule()
     root, out = Path(root), Path(out)
@@ -120,8 +146,11 @@ def masks_to_boxes(
     if free_images is not None and free_images < 0:
         raise B2PError(f"--free-images must be >= 0, got {free_images}")
 
+    class_folders = _class_folders(root, folders)
+    if strip_prefix == AUTO_PREFIX:
+        strip_prefix = common_prefix(class_folders)
     pairs: list[tuple[str, Path, Path]] = []
-    for folder in _class_folders(root, folders):
+    for folder in class_folders:
         imgs_dir = root / folder / "Imgs"
         images = sorted(p for p in imgs_dir.iterdir() if p.is_file() and p.suffix.lower() in MASK_IMAGE_EXTENSIONS)
         stems = {p.stem for p in images}
@@ -170,9 +199,16 @@ def masks_to_boxes(
         per_class_images[cls] += 1
         n_test += is_test
         if it.binary is None:
+            if oracle_out is not None:
+                write_label_map(label_map_path(oracle_out, batch, it.file_name), np.zeros((h, w), np.uint8))
             continue
         kept, n_dropped = _components(it.binary, min_area)
         dropped[cls] += n_dropped
+        if oracle_out is not None:  # the kept components only: the same pixels as the test split's manual masks
+            lm = np.zeros((h, w), np.uint8)
+            for _, _, comp in kept:
+                lm[comp] = cat_id[cls]
+            write_label_map(label_map_path(oracle_out, batch, it.file_name), lm)
         for bbox, area, comp in kept:
             ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[cls], "bbox": bbox, "area": area, "iscrowd": 0}
             if is_test:
@@ -191,6 +227,7 @@ def masks_to_boxes(
         "split_rule": {"val": rule.val, "test": rule.test, "salt": rule.salt},
         "manual_masks": "test split only",
         "free_images": {"found": len(free), "kept": len(keep_free)},
+        "oracle_out": None if oracle_out is None else str(oracle_out),
         "dropped_components": dict(sorted(dropped.items())),
         "folders": folder_class,
     }

@@ -1,4 +1,5 @@
-"""Typer commands of the pipeline stage: `b2p add-batch` and `b2p bench-report` (thin wrappers)."""
+"""Typer commands of the pipeline stage: `b2p add-batch`, `b2p bench-report` and the benchmark suite (`b2p suite`,
+`b2p suite-report`, `b2p suite-readme`): thin wrappers."""
 
 from __future__ import annotations
 
@@ -96,3 +97,76 @@ def bench_report(
         j, m = write_report(report, out)
         where["this table"] = f"{m} and {j}"
     print_report(report, next_command, where)
+
+
+def suite(
+    root: Path = typer.Option(None, "--root", help="Dataset root, ROOT/<CLASS>/Imgs/NAME.jpg|bmp + NAME.png (default: dataset.root of the params)."),
+    name: str = typer.Option(None, "--name", help="Dataset name for reports/<name>/ (default: the root folder's name)."),
+    suite_dir: Path = typer.Option(Path("pipelines/suite"), "--suite", help="The suite's folder (dvc.yaml + params.yaml)."),
+    jobs: int = typer.Option(2, "--jobs", min=1, help="Stages run side by side (2 single-threaded trainings suit a 2-core CPU)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Torch threads per stage (OMP_NUM_THREADS)."),
+    set_: list[str] = typer.Option(None, "--set", help="KEY=VALUE written into the suite's params.yaml first, repeatable (e.g. train.epochs=8, seeds=[1,2])."),
+) -> None:
+    """Run the benchmark suite on one dataset: boxes from its masks, teachers, students x seeds, the oracle, the report.
+
+    Sets dataset.root / dataset.name (--root / --name) and any --set KEY=VALUE in SUITE/params.yaml, asks DVC for the resolved stages of SUITE/dvc.yaml and runs them, up to --jobs at once in dependency order, each timed (logs in SUITE/work/logs/). The report stage writes reports/<name>/results.json and results.md: every row's mean and standard deviation over the seeds, per-class IoU, the machine, the git commit, this command and every stage's wall time. `dvc repro SUITE/dvc.yaml` runs the same stages one at a time (no stage times); after this command, `dvc commit SUITE/dvc.yaml` records the outputs in dvc.lock.
+    """
+    from rich.console import Console
+
+    from b2p.pipeline.suite import run_suite, set_dataset
+
+    if not (suite_dir / "dvc.yaml").is_file():
+        raise B2PError("no dvc.yaml in the suite folder (--suite)", suite_dir)
+    ds_root, ds_name = set_dataset(suite_dir, root, name, set_ or [])
+    console = Console()
+    console.print(f"suite {suite_dir} on {ds_name} ({ds_root}), {jobs} stage(s) at a time, {threads} thread(s) each", highlight=False)
+    record = run_suite(suite_dir, jobs=jobs, threads=threads)
+    out = (suite_dir / "../../reports" / ds_name).resolve()
+    console.print(f"done in {record['total_seconds']:.0f} s; results: {out}/results.md and results.json", highlight=False)
+
+
+def suite_report(
+    work: Path = typer.Argument(..., help="The suite's work folder (eval/, models/, teach/, imported/)."),
+    name: str = typer.Option(..., "--name", help="Dataset name (its batch file is WORK/imported/NAME.json)."),
+    root: str = typer.Option(..., "--root", help="Dataset root (recorded)."),
+    params: Path = typer.Option(..., "--params", help="The suite's params.yaml (seeds, students, `report:` section)."),
+    out: Path = typer.Option(..., "--out", help="Write OUT/results.json and OUT/results.md."),
+    times: Path = typer.Option(None, "--times", help="Stage wall times and command, as `b2p suite` records them."),
+) -> None:
+    """Collect the suite's evaluated runs into results.json + results.md, mean and standard deviation over seeds.
+
+    Rows: the box fill, every teacher, every student trained on every teacher (alone and each further source evaluate scored, e.g. its box-guided masks), and the oracle. Also per-class IoU, the machine (CPU, cores, GPU), the git commit, the command and stage wall times (--times), training seconds and student inference ms per image (`report.speed_images` test images, batch 1).
+    """
+    from b2p.fileio import read_json
+    from b2p.params import read_params_section
+    from b2p.pipeline.results import collect_results, results_markdown, write_results
+
+    rep = read_params_section(params, "report", ("title", "speed_images", "device"))
+    results = collect_results(
+        work, name, root, params, times=read_json(times, "suite stage times") if times is not None else None,
+        speed_n=int(rep.get("speed_images", 0)), device=str(rep.get("device", "auto")), title=str(rep.get("title", "b2p benchmark")),
+    )
+    j, m = write_results(results, out)
+    typer.echo(results_markdown(results))
+    typer.echo(f"wrote {j} and {m}")
+
+
+def suite_readme(
+    results: list[Path] = typer.Argument(..., help="reports/<name>/results.json file(s)."),
+    readme: Path = typer.Option(Path("README.md"), "--readme", help="The README whose generated sections are rewritten."),
+    check: bool = typer.Option(False, "--check", help="Only check that every generated section matches reports/ (exit 1 if not)."),
+) -> None:
+    """Rewrite the README's results tables from the suite's results.json (between the dataset's markers).
+
+    Each dataset's section lies between `<!-- b2p-results:NAME begin ... -->` and `<!-- b2p-results:NAME end -->`; a missing pair is an error that shows the two lines to add. --check compares instead of writing (every section against reports/NAME/results.json beside the given files).
+    """
+    from b2p.pipeline.results import check_readme, update_readme
+
+    if check:
+        problems = [p for d in dict.fromkeys(f.parent.parent for f in results) for p in check_readme(readme, d)]
+        if problems:
+            raise B2PError("; ".join(problems), readme)
+        typer.echo(f"{readme}: generated sections match")
+        return
+    names = update_readme(readme, results)
+    typer.echo(f"{readme}: rewrote the results of {', '.join(names)}")

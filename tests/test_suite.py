@@ -1,0 +1,225 @@
+"""The benchmark suite (pipelines/suite/): boxes and the oracle from masks, results over seeds, the README
+sections, and the whole suite end to end on tiny datasets in the Magnetic-Tile layout (`dvc repro` and
+`b2p suite`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from suite_data import make_folder_dataset
+from test_pipeline import _edit_params, _run, dvc, make_project, stages_run
+from typer.testing import CliRunner
+
+from b2p.cli import app
+from b2p.dataset import load_batch
+from b2p.fileio import read_json
+from b2p.ingest.from_masks import common_prefix, masks_to_boxes
+from b2p.labels import label_map_path, read_label_map
+from b2p.pipeline.results import (
+    check_readme,
+    fmt_stat,
+    markers,
+    mean_std,
+    readme_section,
+    readme_sections,
+    update_readme,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+B2P = str(Path(sys.executable).parent / "b2p")
+runner = CliRunner()
+
+
+def _tiny_suite_params(params: Path, **changes: object) -> None:
+    """Seconds per stage: 64 px, one epoch, one teacher, one student (+ the oracle)."""
+    _edit_params(params, {
+        "teachers": ["grabcut"], "students": ["b2p"], "oracle.students": ["b2p"], "seeds": [1, 2],
+        "split.val": 0.2, "split.test": 0.3, "masks_to_boxes.free_images": 2,
+        "train.epochs": 1, "train.input_size": 64, "evaluate.worst": 1, "report.speed_images": 2, **changes,
+    })
+
+
+# --- boxes, class names and the oracle from masks ------------------------------------------------------
+
+
+def test_common_prefix() -> None:
+    assert common_prefix(["MT_Blowhole", "MT_Break", "MT_Free"]) == "MT_"
+    assert common_prefix(["def-Crack", "def-Dent"]) == "def-"
+    assert common_prefix(["crack_a", "crack_b"]) == "crack_"
+    assert common_prefix(["Crack", "Cavity"]) == ""  # no separator: nothing stripped
+    assert common_prefix(["MT_Crack"]) == ""
+
+
+def test_masks_to_boxes_auto_prefix_and_oracle(tmp_path: Path) -> None:
+    folders = make_folder_dataset(tmp_path / "ds", "QC-", "Good", images=12)
+    r = masks_to_boxes(tmp_path / "ds", tmp_path / "boxes.json", "ds", strip_prefix="auto", oracle_out=tmp_path / "oracle")
+    assert r.folders == folders and set(r.categories) == {c for c in folders.values() if c != "defect-free"}
+    coco = read_json(tmp_path / "boxes.json")
+    cat = {c["name"]: c["id"] for c in coco["categories"]}
+    # the oracle holds every image's manual mask with its folder's class id, test images included
+    for im in coco["images"]:
+        lm = read_label_map(label_map_path(tmp_path / "oracle", "ds", im["file_name"]))
+        folder = im["file_name"].split("/")[0]
+        raw = read_label_map(tmp_path / "ds" / Path(im["file_name"]).with_suffix(".png")) >= 128
+        if folders[folder] == "defect-free":
+            assert not lm.any()
+        else:
+            assert set(np.unique(lm)) <= {0, cat[folders[folder]]}
+            # every mask component of at least min_area (10) pixels, and nothing else
+            n, comp, stats, _ = cv2.connectedComponentsWithStats(raw.astype(np.uint8), connectivity=8)
+            kept = np.isin(comp, [k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] >= 10])
+            assert np.array_equal(lm > 0, kept) and kept.any()
+
+
+# --- results over seeds and the README ------------------------------------------------------------------
+
+
+def test_mean_std_and_format() -> None:
+    s = mean_std([0.5, 0.7, None])
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1), abs=1e-6) and s["n"] == 2
+    assert mean_std([0.4]) == {"mean": 0.4, "std": None, "n": 1}
+    assert mean_std([None]) == {"mean": None, "std": None, "n": 0}
+    assert fmt_stat(s) == "0.600 ± 0.141" and fmt_stat(mean_std([0.4])) == "0.400" and fmt_stat(None) == "-"
+
+
+def _tiny_results(name: str, iou: float) -> dict:
+    m = {k: {"mean": iou, "std": 0.01, "n": 2} for k in ("miou", "anomaly_miou", "binary_iou", "binary_precision", "binary_recall", "binary_f1")}
+    return {"dataset": {"name": name}, "seeds": [1, 2], "total_seconds": 120.0, "command": "b2p suite --root x",
+            "machine": {"cpu": "a CPU", "cores": 2, "gpu": None}, "git": {"commit": "0123456789abcdef", "dirty": False},
+            "rows": [{"name": "b2p <- grabcut", "seeds": [1, 2], "metrics": m, "train_seconds": {"mean": 60.0, "std": 2.0, "n": 2}}]}
+
+
+def test_readme_sections_rewritten_and_checked(tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    for name, iou in (("parts", 0.5), ("tiles", 0.25)):
+        (reports / name).mkdir(parents=True)
+        (reports / name / "results.json").write_text(json.dumps(_tiny_results(name, iou)))
+    readme = tmp_path / "README.md"
+    b, e = markers("parts")
+    readme.write_text(f"# x\n\n## Results\n{b}\nold table\n{e}\n\ntext after\n")
+    # tiles has no markers: an error showing the lines to add, the README untouched
+    res = runner.invoke(app, ["suite-readme", str(reports / "tiles" / "results.json"), "--readme", str(readme)])
+    assert res.exit_code == 1 and "b2p-results:tiles begin" in res.output and "old table" in readme.read_text()
+    assert check_readme(readme, reports) == [
+        f"README section 'parts' differs from {reports / 'parts' / 'results.json'}: run `b2p suite-readme {reports / 'parts' / 'results.json'}`",
+        f"{reports / 'tiles' / 'results.json'} has no README section (markers `{markers('tiles')[0]}`)",
+    ]
+    res = runner.invoke(app, ["suite-readme", str(reports / "parts" / "results.json"), "--readme", str(readme)])
+    assert res.exit_code == 0, res.output
+    text = readme.read_text()
+    assert text.startswith("# x\n\n## Results\n") and text.endswith(f"{e}\n\ntext after\n") and "old table" not in text
+    body = readme_sections(text)["parts"]
+    assert body == readme_section(_tiny_results("parts", 0.5), "reports/parts")
+    assert "| b2p <- grabcut | 0.500 ± 0.010 |" in body and "2 seed(s)" in body and "2.0 min" in body
+    # a hand edit inside the section is caught
+    readme.write_text(text.replace("0.500 ± 0.010", "0.900 ± 0.010", 1))
+    assert any("differs" in p for p in check_readme(readme, reports))
+    res = runner.invoke(app, ["suite-readme", str(reports / "parts" / "results.json"), "--readme", str(readme), "--check"])
+    assert res.exit_code == 1 and "differs" in res.output
+
+
+def test_readme_matches_the_committed_reports() -> None:
+    """Every generated README section equals what reports/<name>/results.json gives, and every report has one."""
+    assert check_readme(REPO / "README.md", REPO / "reports") == []
+
+
+# --- the suite end to end -------------------------------------------------------------------------------
+
+
+def _rows(results: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in results["rows"]}
+
+
+@pytest.mark.slow
+def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> None:
+    """`dvc repro` of the suite on a tiny demo in the Magnetic-Tile layout: 2 seeds, the oracle, the report."""
+    root = make_project(tmp_path, with_pipelines=True)
+    folders = make_folder_dataset(tmp_path / "demo-tiles", "MT_", "Free", images=16)
+    suite = root / "pipelines" / "suite"
+    _tiny_suite_params(suite / "params.yaml", **{"dataset.root": "../../../demo-tiles", "dataset.name": "demo-tiles"})
+    p = dvc(root, "repro", "pipelines/suite/dvc.yaml")
+    ran = {s.split(":", 1)[1] for s in stages_run(p)}
+    assert ran == {"prepare", "import", "teach@grabcut", "report"} | {
+        f"{st}@grabcut-b2p-{s}" for st in ("train", "predict", "evaluate") for s in (1, 2)} | {
+        f"{st}_oracle@oracle-b2p-{s}" for st in ("train", "predict", "evaluate") for s in (1, 2)}, ran
+
+    out = root / "reports" / "demo-tiles"
+    res = json.loads((out / "results.json").read_text())
+    assert res["dataset"]["name"] == "demo-tiles" and res["seeds"] == [1, 2]
+    assert res["dataset"]["classes"] == sorted(c for c in folders.values() if c != "defect-free")  # MT_ stripped
+    rows = _rows(res)
+    assert list(rows) == ["box fill (the boxes themselves)", "teacher: grabcut", "b2p <- grabcut", "b2p <- grabcut (+ boxes)",
+                          "b2p <- manual masks (oracle)", "b2p <- manual masks (oracle) (+ boxes)"]
+    for name in ("b2p <- grabcut", "b2p <- manual masks (oracle)"):
+        r = rows[name]
+        assert r["seeds"] == [1, 2] and set(r["per_seed"]) == {"1", "2"}
+        for m, stat in r["metrics"].items():  # the mean and sd really are over the two seeds' evaluations
+            vals = [r["per_seed"][s][m] for s in ("1", "2")]
+            if None not in vals:
+                assert stat["mean"] == pytest.approx(np.mean(vals), abs=1e-6)
+                assert stat["std"] == pytest.approx(np.std(vals, ddof=1), abs=1e-6)
+        ev = read_json(root / "pipelines/suite/work/eval" / r["teacher"] / "b2p" / "2" / "metrics.json")
+        assert r["per_seed"]["2"]["binary_iou"] == ev["student"]["binary_iou"]
+        assert r["train_seconds"]["n"] == 2 and r["epochs_run"] == [1, 1] and r["ms_per_image"] > 0
+        assert set(r["per_class_iou"]) == {"background", *res["dataset"]["classes"]}
+    # the oracle trained on the manual masks: its teacher folder is them, and it never saw the test images
+    batch = load_batch(root / "pipelines/suite/work/imported/demo-tiles.json")
+    for im in batch.split("test"):
+        truth = im.manual_label_map()
+        oracle = read_label_map(label_map_path(root / "pipelines/suite/work/teach/oracle", "demo-tiles", im.file_name))
+        assert np.array_equal(oracle, truth)
+    assert res["stage_seconds"] is None and "b2p suite" in res["times_note"]  # dvc repro does not time stages
+    assert res["machine"]["cores"] >= 1 and res["machine"]["cpu"]
+    md = (out / "results.md").read_text()
+    assert "| b2p <- manual masks (oracle) |" in md and " ± " in md and "Per-class IoU" in md
+    assert stages_run(dvc(root, "repro", "pipelines/suite/dvc.yaml")) == []
+
+
+@pytest.mark.slow
+def test_suite_runner_on_other_folder_names(tmp_path: Path) -> None:
+    """`b2p suite --root`: another layout's folder names and class prefix, reported under its own name and classes."""
+    root = make_project(tmp_path, with_pipelines=True)
+    folders = make_folder_dataset(tmp_path / "Line 7 Parts", "qc-", "OK", images=14, seed=5)
+    suite = root / "pipelines" / "suite"
+    _tiny_suite_params(suite / "params.yaml")
+    _run(root, "git", "add", "-A")
+    _run(root, "git", "commit", "-qm", "suite")
+    before = (suite / "params.yaml").read_text()
+    p = _run(root, B2P, "suite", "--root", str(tmp_path / "Line 7 Parts"), "--set", "seedz=[3]", check=False)
+    assert p.returncode == 1 and "no key 'seedz'" in p.stderr and (suite / "params.yaml").read_text() == before
+    p = _run(root, B2P, "suite", "--root", str(tmp_path / "Line 7 Parts"), "--set", "seeds=[3]")
+    assert "done in" in p.stdout, p.stdout
+    params = yaml.safe_load((suite / "params.yaml").read_text())
+    assert params["dataset"] == {"root": "../../../Line 7 Parts", "name": "line-7-parts"} and params["seeds"] == [3]
+    assert "# The benchmark suite's parameters" in (suite / "params.yaml").read_text()  # comments kept
+
+    res = json.loads((root / "reports" / "line-7-parts" / "results.json").read_text())
+    classes = sorted(c for c in folders.values() if c != "defect-free")
+    assert res["dataset"]["name"] == "line-7-parts" and res["dataset"]["classes"] == classes
+    assert res["dataset"]["folders"] == folders and all(not c.startswith("qc") for c in classes)
+    assert res["title"].endswith(": line-7-parts")
+    rows = _rows(res)
+    assert {"teacher: grabcut", "b2p <- grabcut", "b2p <- manual masks (oracle)"} <= set(rows)
+    assert rows["b2p <- grabcut"]["seeds"] == [3] and rows["b2p <- grabcut"]["metrics"]["binary_iou"]["std"] is None
+    # this runner's record: the command, every stage's wall time, the commit it ran on
+    assert res["command"] == f"b2p suite --root '{tmp_path / 'Line 7 Parts'}' --set 'seeds=[3]'"
+    assert set(res["stage_seconds"]) == {"prepare", "import", "teach@grabcut", "train@grabcut-b2p-3", "predict@grabcut-b2p-3",
+                                         "evaluate@grabcut-b2p-3", "train_oracle@oracle-b2p-3", "predict_oracle@oracle-b2p-3",
+                                         "evaluate_oracle@oracle-b2p-3"}
+    assert all(v > 0 for v in res["stage_seconds"].values()) and res["total_seconds"] > 0
+    head = _run(root, "git", "rev-parse", "HEAD").stdout.strip()
+    assert res["git"] == {"commit": head, "dirty": True}  # params.yaml now names the dataset
+    md = (root / "reports" / "line-7-parts" / "results.md").read_text()
+    assert re.search(r"\| train@grabcut-b2p-3 \| \d+\.\d \|", md) and "line-7-parts" in md
+    assert not list((root / "reports").glob("magnetic-tile*"))
+    # a stage that fails stops the runner with one clear line naming its log
+    _edit_params(suite / "params.yaml", {"teachers": ["no-such-teacher"]})
+    p = _run(root, B2P, "suite", check=False)
+    assert p.returncode == 1 and "stage teach@no-such-teacher failed" in p.stderr and "teach_no-such-teacher.log" in p.stderr
