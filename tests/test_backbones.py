@@ -255,3 +255,19 @@ def test_dinov2_non_square_tiles_interpolate_position_embeddings():
     assert out["fine"].shape == (1, 3, 40, 64) and out["binary"].shape == (1, 2, 40, 64)
     with pytest.raises(B2PError, match="multiple of 8"):
         student(torch.randn(1, 3, 40, 60))
+
+
+def test_heads_cheaper_order_is_the_same_function():
+    from b2p.student.model import Head
+
+    torch.manual_seed(0)
+    head = Head(3).eval()
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+        z = torch.randn(2, 64, 9, 14)
+        layered = torch.nn.Sequential.forward(head, z)  # the layers in their registered order
+        assert layered.shape == (2, 3, 36, 56)
+        assert torch.allclose(head(z), layered, atol=1e-5)
+    assert [k for k in head.state_dict() if k.endswith("weight")] == ["1.0.weight", "1.1.weight", "3.weight"]  # model.pt keys

@@ -211,13 +211,31 @@ class HierarchicalDecoder(nn.Module):
         return x
 
 
-def _head(cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-        _cbr(64, 32),
-        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-        nn.Conv2d(32, cout, 1),
-    )
+class Head(nn.Sequential):
+    """x2, conv3x3 64 -> 32 BN ReLU, x2, conv1x1 -> logits (layers kept in this order, so model.pt keys stay).
+
+    Computed in a cheaper, identical order: the 1x1 conv is a per-pixel affine map and bilinear weights sum
+    to 1, so conv1x1(up(z)) == up(conv1x1(z)); applying it before the last x2 moves that upsampling from 32
+    channels to the few logit channels. `forward_from_up` takes the first x2 already done (the heads share it).
+    """
+
+    def __init__(self, cout: int):
+        super().__init__(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            _cbr(64, 32),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(32, cout, 1),
+        )
+
+    def forward_from_up(self, up: torch.Tensor) -> torch.Tensor:
+        return self[2](self[3](self[1](up)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_from_up(self[0](x))
+
+
+def _resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class Boxes2PixelsStudent(nn.Module):
@@ -237,8 +255,8 @@ class Boxes2PixelsStudent(nn.Module):
         )
         self.detail = nn.Sequential(_cbr(3, 24, stride=2), _cbr(24, 32, stride=2)) if config.detail_branch else None
         self.mixer = _cbr(64 if config.detail_branch else 32, 64)
-        self.fine_head = _head(config.num_classes)
-        self.binary_head = _head(2) if config.binary_head else None
+        self.fine_head = Head(config.num_classes)
+        self.binary_head = Head(2) if config.binary_head else None
         self.apply_adaptation()
 
     # --- adaptation: which backbone parameters train ---
@@ -275,14 +293,14 @@ class Boxes2PixelsStudent(nn.Module):
         y = self.decoder([f.to(x.dtype) for f in feats])
         if self.detail is not None:
             d = self.detail(x)
-            y = F.interpolate(y, size=d.shape[-2:], mode="bilinear", align_corners=False)
-            y = torch.cat([y, d], dim=1)
+            y = torch.cat([_resize_to(y, d.shape[-2:]), d], dim=1)
         else:
-            y = F.interpolate(y, size=(math.ceil(h / 4), math.ceil(w / 4)), mode="bilinear", align_corners=False)
+            y = _resize_to(y, (math.ceil(h / 4), math.ceil(w / 4)))
         y = self.mixer(y)
-        out = {"fine": F.interpolate(self.fine_head(y), size=(h, w), mode="bilinear", align_corners=False), "binary": None}
+        up = self.fine_head[0](y)  # the first x2 of both heads (no parameters): done once
+        out = {"fine": _resize_to(self.fine_head.forward_from_up(up), (h, w)), "binary": None}
         if self.binary_head is not None:
-            out["binary"] = F.interpolate(self.binary_head(y), size=(h, w), mode="bilinear", align_corners=False)
+            out["binary"] = _resize_to(self.binary_head.forward_from_up(up), (h, w))
         return out
 
 
