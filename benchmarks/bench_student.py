@@ -1,7 +1,7 @@
 """Student training speed: frozen backbone + tile feature cache vs BitFit, per epoch, side by side (prints).
 
     python benchmarks/bench_student.py [--work DIR] [--images 40] [--image-size 256] [--tile 256] [--scale 1.0]
-        [--epochs 3] [--batch-size 4] [--backbone efficientnet_lite0] [--threads 1] [--no-breakdown]
+        [--epochs 3] [--batch-size 4] [--backbone efficientnet_lite0] [--decoder-dim N] [--threads 1] [--no-breakdown]
     python benchmarks/bench_student.py --imported DIR --teacher-root DIR ...   (an existing workspace)
 
 Without --imported, builds a demo batch in WORK (`b2p demo-data`, `b2p import`, `b2p teach --teacher box`).
@@ -61,7 +61,7 @@ def train_run(name: str, imported: Path, teach: Path, out: Path, a: argparse.Nam
 
     params = TrainParams(
         backbone=a.backbone, weights="random" if a.backbone.startswith("dinov2") else None, tile_size=a.tile, scale=a.scale,
-        epochs=a.epochs, batch_size=a.batch_size, patience=a.epochs + 1, device="cpu", seed=0, **kw,
+        epochs=a.epochs, batch_size=a.batch_size, patience=a.epochs + 1, device="cpu", seed=0, decoder_dim=a.decoder_dim, **kw,
     )
     t = time.perf_counter()
     train_student(resolve_batch_files(imported, None), teach, out, params, console=Console(stderr=True, quiet=True), progress=False)
@@ -82,7 +82,7 @@ def breakdown(a: argparse.Namespace, steps: int = 2) -> None:
     """Forward + backward seconds of each part of one training step on a batch of random tiles."""
     from b2p.student.model import StudentConfig, build_model
 
-    cfg = StudentConfig(num_classes=4, backbone=a.backbone, tile_size=a.tile)
+    cfg = StudentConfig(num_classes=4, backbone=a.backbone, tile_size=a.tile, decoder_dim=a.decoder_dim)
     model = build_model(cfg, weights="random" if a.backbone.startswith("dinov2") else None).train()
     x = torch.randn(a.batch_size, 3, a.tile, a.tile)
 
@@ -125,7 +125,10 @@ def breakdown(a: argparse.Namespace, steps: int = 2) -> None:
     for k, m in parts.items():
         if m is None or k == "decoder fusion":
             continue
-        inp, out = captured[k]
+        if k.endswith("head"):  # the heads read the mixer's output (their first x2 is shared, timed in each)
+            inp, out = (captured["mixer"][1],), m(captured["mixer"][1])
+        else:
+            inp, out = captured[k]
         grad_in = k != "detail branch"  # the detail branch reads the image, which needs no gradient
         rows.append((k, _timed(lambda m=m, inp=inp, g=grad_in: m(inp[0].detach().requires_grad_(g)).float().sum().backward(), steps),
                      tuple(out.shape)))
@@ -152,6 +155,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--decoder-dim", type=int, default=None, help="decoder channels (default: the model's, 128 CNN / 256 ViT)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see benchmarks/magnetic_tile.py)")
     ap.add_argument("--no-breakdown", action="store_true")
     a = ap.parse_args()
