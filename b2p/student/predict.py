@@ -132,11 +132,11 @@ def image_logits(
     wsum = torch.zeros(hp, wp, dtype=torch.float32, device=device)
     for i in range(0, len(origins), tile_batch):
         chunk = origins[i : i + tile_batch]
-        x = torch.stack([torch.from_numpy(canvas[y : y + tile, x : x + tile]) for y, x in chunk]).to(device)
-        logits = model(normalise(x, c.mean, c.std))["fine"].float()
-        for (y, x0), lg in zip(chunk, logits):
-            acc[:, y : y + tile, x0 : x0 + tile].addcmul_(lg, window)
-            wsum[y : y + tile, x0 : x0 + tile].add_(window)
+        tiles = torch.stack([torch.from_numpy(canvas[y0 : y0 + tile, x0 : x0 + tile]) for y0, x0 in chunk]).to(device)
+        logits = model(normalise(tiles, c.mean, c.std))["fine"].float()
+        for (y0, x0), lg in zip(chunk, logits):
+            acc[:, y0 : y0 + tile, x0 : x0 + tile].addcmul_(lg, window)
+            wsum[y0 : y0 + tile, x0 : x0 + tile].add_(window)
     del canvas
     acc.div_(wsum)
     del wsum
