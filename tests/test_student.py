@@ -384,3 +384,68 @@ def test_empty_splits(tmp_path: Path):
 
     with pytest.raises(B2PError, match="train split .* is empty"):
         train_student([path], teach, tmp_path / "m", tiny_params(epochs=1), progress=False)
+
+
+def test_box_fit_score_rewards_masks_that_span_their_boxes_and_stay_inside():
+    from b2p.student.selection import BoxFitScore
+
+    boxes = np.array([[2, 2, 12, 6], [20, 10, 24, 30]], dtype=np.float32)  # 10x4 and 4x20 px
+    perfect = np.zeros((40, 40), bool)
+    perfect[4, 2:12] = True  # a 1-px line the box's length: spans x fully, y only 1 of 4 rows
+    perfect[10:30, 22] = True
+    s = BoxFitScore()
+    s.update(perfect, boxes)
+    p = s.parts()
+    dice_y1 = 2 * 1 / (4 + 1)  # box 1: y projection touches 1 of 4 rows
+    dice_x2 = 2 * 1 / (4 + 1)
+    assert p["box_dice"] == pytest.approx(((1 + dice_y1) / 2 + (dice_x2 + 1) / 2) / 2)
+    assert p["outside_share"] == 0.0 and p["box_score"] == pytest.approx(p["box_dice"])
+    # the same plus as many pixels outside every box: the score halves
+    noisy = perfect.copy()
+    noisy[35:37, :15] = True  # 30 px outside, as many as inside
+    s2 = BoxFitScore()
+    s2.update(noisy, boxes)
+    assert s2.parts()["outside_share"] == pytest.approx(0.5) and s2.value() == pytest.approx(p["box_score"] / 2)
+    # filling the boxes scores 1; predicting nothing scores 0; no box at all: undefined
+    full = np.zeros((40, 40), bool)
+    full[2:6, 2:12] = full[10:30, 20:24] = True
+    s3 = BoxFitScore()
+    s3.update(full, boxes)
+    s3.update(np.zeros((40, 40), bool), np.zeros((0, 4)))  # a defect-free image without prediction changes nothing
+    assert s3.value() == pytest.approx(1.0)
+    s4 = BoxFitScore()
+    s4.update(np.zeros((40, 40), bool), boxes)
+    assert s4.value() == 0.0
+    assert BoxFitScore().value() is None
+
+
+@pytest.mark.parametrize("rule", ["box", "pseudo", "last"])
+def test_select_rule_is_recorded_and_followed(taught, tmp_path: Path, rule):
+    path, teach, _ = taught
+    m = train_student([path], teach, tmp_path / rule, tiny_params(epochs=3, select=rule), progress=False)
+    rows = _curves(tmp_path / rule / "curves.csv")
+    assert {"val_box_score", "val_box_dice", "val_outside_share", "val_anomaly_miou", "select_score"} <= set(rows[0])
+    assert m["select"]["rule"] == rule and json.loads((tmp_path / rule / "metrics.json").read_text())["select"]["rule"] == rule
+    if rule == "last":
+        assert m["best_epoch"] == 3 and m["select"]["score"] is None and all(r["select_score"] == "" for r in rows)
+    else:
+        col = "val_box_score" if rule == "box" else "val_anomaly_miou"
+        scores = [float(r[col] or 0) for r in rows]
+        assert [float(r["select_score"]) for r in rows] == pytest.approx(scores, rel=1e-5)
+        assert m["best_epoch"] == 1 + int(np.argmax(scores)) and m["select"]["score"] == pytest.approx(max(scores), rel=1e-5)
+    assert load_student(tmp_path / rule)[1]["info"]["select"] == rule
+
+
+def test_train_params_geometry_keys_and_the_old_input_size_name(tmp_path: Path):
+    from b2p.errors import B2PError
+
+    p = TrainParams.from_dict({"input_size": 64, "scale": 0.5, "max_side": 1000})
+    assert (p.tile_size, p.scale, p.max_side) == (64, 0.5, 1000)
+    c = p.student_config(3)
+    assert (c.tile_size, c.scale, c.max_side, c.multiple) == (64, 0.5, 1000, 32)
+    with pytest.raises(B2PError, match="both set"):
+        TrainParams.from_dict({"input_size": 64, "tile_size": 64})
+    for bad, msg in (({"select": "best"}, "select must be"), ({"box_crop_fraction": 1.5}, "box_crop_fraction"), ({"crops_per_image": 0}, "crops_per_image")):
+        with pytest.raises(B2PError, match=msg) as e:
+            TrainParams.from_dict(bad, tmp_path / "params.yaml")
+        assert "params.yaml" in str(e.value)
