@@ -449,3 +449,15 @@ def test_train_params_geometry_keys_and_the_old_input_size_name(tmp_path: Path):
         with pytest.raises(B2PError, match=msg) as e:
             TrainParams.from_dict(bad, tmp_path / "params.yaml")
         assert "params.yaml" in str(e.value)
+
+
+def test_training_at_half_scale_records_its_geometry_and_scores_val_at_image_size(taught, tmp_path: Path):
+    path, teach, _ = taught
+    m = train_student([path], teach, tmp_path / "h", tiny_params(epochs=1, scale=0.5, tile_size=16, select="pseudo"), progress=False)
+    assert m["geometry"] == {"scale": 0.5, "max_side": None, "tile_size": 16, "multiple": 8}
+    support = sum(c["support"] for c in m["val"]["per_class"].values())
+    assert support == 48 * 48 * m["images"]["val"]  # every pixel of each 48 px val image, none of the padding
+    model, _ = load_student(tmp_path / "h")
+    assert (model.config.scale, model.config.tile_size) == (0.5, 16)
+    capped = train_student([path], teach, tmp_path / "c", tiny_params(epochs=1, max_side=24, tile_size=16, select="last"), progress=False)
+    assert capped["geometry"]["max_side"] == 24

@@ -324,13 +324,14 @@ def train_student(
             row["train_anomaly_miou"] = tr.get("anomaly_miou")
             row["train_binary_iou"] = tr.get("binary_iou")
             row["lr"] = opt.param_groups[0]["lr"]
+            row["train_seconds"] = time.perf_counter() - t_ep
             val = None
             if val_samples:
                 val = _validate(ema.model, dl_val, ds_val, val_truth, features, loss_fn, device, use_amp, amp_dtype, num_classes, class_names)
                 row.update({f"val_{k}": val[k] for k in ("loss", "miou", "anomaly_miou", "binary_iou", "binary_f1", "box_dice", "outside_share", "box_score")})
             score = None if val is None or select == "last" else (val["box_score"] if select == "box" else val["anomaly_miou"]) or 0.0
             row["select_score"] = score
-            row["seconds"] = time.perf_counter() - t_ep
+            row["seconds"] = time.perf_counter() - t_ep  # train + val
             curves.append(row)
             epochs_run = epoch + 1
             if score is None or best_score is None or score > best_score:
