@@ -191,18 +191,19 @@ class StudentDataset(torch.utils.data.Dataset):
         hp, wp = y.shape
         code = self.draw_flip()
         boxes = _flip_boxes(g.boxes_to_model(rec.boxes_xyxy()), code, hp, wp)
-        x = _flip(normalise(x, self.mean, self.std), code)
-        y, valid, bm = (_flip(torch.from_numpy(a), code) for a in (y, valid, bm))
+        x, y, valid, bm = (_flip_np(a, code) for a in (x, y, valid, bm))
         y0 = x0 = 0
-        if self.sampling:
+        if self.sampling:  # crop before normalising: a tile of a large image costs a tile
             t = self.sampling.tile
             y0, x0 = self.draw_origin(hp, wp, boxes)
-            x, y, valid, bm = x[:, y0 : y0 + t, x0 : x0 + t], y[y0 : y0 + t, x0 : x0 + t], valid[y0 : y0 + t, x0 : x0 + t], bm[y0 : y0 + t, x0 : x0 + t]
+            x, y, valid, bm = (a[y0 : y0 + t, x0 : x0 + t] for a in (x, y, valid, bm))
+        x = normalise(x, self.mean, self.std)
+        y, valid, bm = (torch.from_numpy(np.ascontiguousarray(a)) for a in (y, valid, bm))
         return {
-            "image": x.contiguous(),
-            "target": y.contiguous(),
-            "valid": valid.contiguous(),
-            "box_mask": bm.contiguous(),
+            "image": x,
+            "target": y,
+            "valid": valid,
+            "box_mask": bm,
             "boxes": tile_boxes(boxes, rec.box_class_ids(), (y0, x0), tuple(y.shape)),
             "index": i,
             "flip": code,
@@ -211,8 +212,18 @@ class StudentDataset(torch.utils.data.Dataset):
 
 
 def _flip(t: torch.Tensor, code: int) -> torch.Tensor:
+    """Flip a ...xHxW tensor by `code` (bit 0 left-right, bit 1 up-down)."""
     dims = [d for bit, d in ((1, -1), (2, -2)) if code & bit]
     return t.flip(dims) if dims else t
+
+
+def _flip_np(a: np.ndarray, code: int) -> np.ndarray:
+    """Flip an HxW[xC] array by `code` (a view)."""
+    if code & 1:
+        a = a[:, ::-1]
+    if code & 2:
+        a = a[::-1]
+    return a
 
 
 def tile_boxes(boxes: np.ndarray, class_ids: np.ndarray, origin: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
