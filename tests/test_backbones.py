@@ -204,7 +204,7 @@ def test_normalisation_is_a_property_of_the_backbone():
 
 def test_embedded_student_config_carries_tf_statistics_into_model_pt(tmp_path: Path):
     from b2p.student.checkpoint import load_student, save_checkpoint
-    from b2p.student.model import normalise
+    from b2p.student.data import normalise
 
     m = build_model(StudentConfig(num_classes=3, tile_size=64))  # the real embedded weights
     assert m.provenance["pretrained"] is True and m.config.mean == [0.5] * 3 and m.config.std == [0.5] * 3

@@ -16,8 +16,9 @@ import torch
 from b2p.errors import B2PError
 from b2p.student.backbones import IMAGENET_MEAN, IMAGENET_STD
 from b2p.student.checkpoint import VERSION, load_student, read_checkpoint, save_checkpoint
+from b2p.student.data import normalise
 from b2p.student.geometry import Geometry
-from b2p.student.model import StudentConfig, build_model, normalise
+from b2p.student.model import StudentConfig, build_model
 from b2p.student.predict import PredictItem, blend_window, image_logits, predict_image, run_prediction
 
 TINY_DINO = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, patch_size=8, image_size=32)

@@ -130,20 +130,6 @@ class StudentConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def normalise(img, mean, std) -> torch.Tensor:
-    """HxWx3 (or BxHxWx3) uint8 RGB, numpy or tensor -> 3xHxW (Bx3xHxW) float32 (x/255 - mean) / std.
-
-    The one place that turns pixels into model input; `mean`/`std` come from the model's config (the
-    backbone's own statistics, see StudentConfig)."""
-    t = torch.as_tensor(img)
-    if t.dtype != torch.uint8 or t.dim() not in (3, 4) or t.shape[-1] != 3:
-        raise B2PError(f"expected HxWx3 uint8 RGB image(s), got {tuple(t.shape)} {t.dtype}")
-    t = t.movedim(-1, -3).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32, device=t.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=t.device).view(3, 1, 1)
-    return t.sub_(m).div_(s)
-
-
 def count_params(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -30,9 +30,8 @@ from rich.console import Console
 from b2p.errors import B2PError
 from b2p.fileio import atomic_write, read_image
 from b2p.labels import label_map_key, label_map_path, write_label_map
-from b2p.student.data import load_batch_files_for_inference
+from b2p.student.data import load_batch_files_for_inference, normalise, prepare_image
 from b2p.student.geometry import Geometry
-from b2p.student.model import normalise
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULT_OVERLAP = 0.25  # of the tile side
@@ -132,8 +131,8 @@ def image_logits(
     wsum = torch.zeros(hp, wp, dtype=torch.float32, device=device)
     for i in range(0, len(origins), tile_batch):
         chunk = origins[i : i + tile_batch]
-        tiles = torch.stack([torch.from_numpy(canvas[y0 : y0 + tile, x0 : x0 + tile]) for y0, x0 in chunk]).to(device)
-        logits = model(normalise(tiles, c.mean, c.std))["fine"].float()
+        tiles = torch.stack([normalise(canvas[y0 : y0 + tile, x0 : x0 + tile], c.mean, c.std) for y0, x0 in chunk])
+        logits = model(tiles.to(device))["fine"].float()
         for (y0, x0), lg in zip(chunk, logits):
             acc[:, y0 : y0 + tile, x0 : x0 + tile].addcmul_(lg, window)
             wsum[y0 : y0 + tile, x0 : x0 + tile].add_(window)
@@ -144,15 +143,11 @@ def image_logits(
 
 
 def _legacy_square_logits(model: torch.nn.Module, img: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """LEGACY (model.pt version 1): the image squashed to the `legacy_input_size` square, as those models
-    were trained, logits resized back to the image (bilinear). Kept only so old models still predict as
-    trained; new models never take this path."""
-    import cv2
-
+    """LEGACY (model.pt version 1): the image squashed to the `legacy_input_size` square (data.prepare_image),
+    as those models were trained, logits resized back to the image (bilinear). Kept only so old models
+    still predict as trained; new models never take this path."""
     c = model.config
-    s = c.legacy_input_size
-    sq = cv2.resize(img, (s, s), interpolation=cv2.INTER_LINEAR if min(img.shape[:2]) <= s else cv2.INTER_AREA)
-    x = normalise(sq, c.mean, c.std)[None].to(device)
+    x = prepare_image(img, c.legacy_input_size, c.mean, c.std)[None].to(device)
     lg = model(x)["fine"].float()
     return torch.nn.functional.interpolate(lg, size=img.shape[:2], mode="bilinear", align_corners=False)[0]
 
