@@ -2,6 +2,8 @@
 
     python benchmarks/bench_inference.py [--device auto|cpu|cuda] [--size 518] [--iters 50]
 
+--size is the tile side: rounded down to each backbone's multiple (DINOv2 14, EfficientNet-Lite0 32, U-Net 8).
+
 For the paper's DINOv2-S/14 student (RANDOM weights: no pretrained DINOv2 can be had here, so timings are
 valid and predictions are not), the embedded EfficientNet-Lite0 student and the U-Net baseline: parameters
 (total / trainable), forward GFLOPs, inference latency at batch 1 (ms, FPS; bf16 autocast on CUDA as the
@@ -41,7 +43,7 @@ def timed(fn, device: torch.device, iters: int) -> float:
 def bench(name: str, cfg: StudentConfig, weights: str | None, device: torch.device, iters: int) -> None:
     model = build_model(cfg, weights=weights).to(device)
     pc = count_params(model)
-    s = cfg.input_size
+    s = cfg.tile_size  # one square tile of the sliding window
     x = torch.randn(1, 3, s, s, device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.eval()
@@ -64,7 +66,7 @@ def bench(name: str, cfg: StudentConfig, weights: str | None, device: torch.devi
     def step(feats=None):
         with amp:
             out = model(x, feats)
-            loss, _ = loss_fn(out, y)
+            loss, _ = loss_fn(out, {"target": y})
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -97,9 +99,9 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} on {name}")
     s = a.size
-    bench("Boxes2Pixels DINOv2-S/14 BitFit (RANDOM w)", StudentConfig(num_classes=2, backbone="dinov2_s", input_size=s - s % 14), "random", device, a.iters)
-    bench("Boxes2Pixels EffNet-Lite0 (embedded)", StudentConfig(num_classes=2, input_size=s), None, device, a.iters)
-    bench("U-Net from scratch (baseline)", StudentConfig(num_classes=2, arch="unet", input_size=s), None, device, a.iters)
+    bench("Boxes2Pixels DINOv2-S/14 BitFit (RANDOM w)", StudentConfig(num_classes=2, backbone="dinov2_s", tile_size=s - s % 14), "random", device, a.iters)
+    bench("Boxes2Pixels EffNet-Lite0 (embedded)", StudentConfig(num_classes=2, tile_size=s - s % 32), None, device, a.iters)
+    bench("U-Net from scratch (baseline)", StudentConfig(num_classes=2, arch="unet", tile_size=s - s % 8), None, device, a.iters)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,13 +51,13 @@ def test_dinov2_s_parameter_counts_match_the_paper():
     # ViT-S/14 sizes, random weights, no download. The paper reports 27.6 M total / 5.6 M trainable,
     # rounded to 0.1 M, so a correct build lies within 0.05 M; we allow 0.1 M for framework-level extras
     # (transformers keeps a 384-value mask token the decoder never uses).
-    model = build_model(StudentConfig(num_classes=3, backbone="dinov2_s", input_size=224), weights="random")
+    model = build_model(StudentConfig(num_classes=3, backbone="dinov2_s", tile_size=224), weights="random")
     pc = count_params(model)
     assert abs(pc["total"] - 27.6e6) < 0.1e6, pc
     assert abs(pc["trainable"] - 5.6e6) < 0.1e6, pc
     assert model.provenance["pretrained"] is False
     # frozen: only the decoder and heads train; full: everything
-    frozen = build_model(StudentConfig(num_classes=3, backbone="dinov2_s", adaptation="frozen", input_size=224), weights="random")
+    frozen = build_model(StudentConfig(num_classes=3, backbone="dinov2_s", adaptation="frozen", tile_size=224), weights="random")
     bb = sum(p.numel() for p in frozen.backbone.parameters())
     assert count_params(frozen)["trainable"] == pc["total"] - bb
     names = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
@@ -123,7 +124,7 @@ def test_missing_weights_is_a_clear_error_never_random(no_weight_places):
     msg = str(e.value)
     assert "dinov2_vits14_pretrain.pth" in msg and str(wdir) in msg and str(hub) in msg and "dinov2-small" in msg
     with pytest.raises(B2PError, match="no pretrained weights"):
-        build_model(StudentConfig(num_classes=3, backbone="dinov2_s", input_size=224))
+        build_model(StudentConfig(num_classes=3, backbone="dinov2_s", tile_size=224))
     with pytest.raises(B2PError, match="no such file"):
         load_dinov2("dinov2_s", "/nonexistent/dino.pth")
     with pytest.raises(B2PError):  # hub id not in the local cache, and download not allowed
@@ -144,7 +145,7 @@ def test_corrupt_or_mismatched_checkpoint(tmp_path: Path):
 
 
 def test_efficientnet_lite0_embedded_weights(tmp_path: Path):
-    m = build_model(StudentConfig(num_classes=3, input_size=64))
+    m = build_model(StudentConfig(num_classes=3, tile_size=64))
     assert m.provenance["pretrained"] is True
     # the embedded ImageNet weights really are loaded: compare with the packaged file
     state = torch.load(backbones.efficientnet_lite0_weights_file(), map_location="cpu", weights_only=True)
@@ -156,22 +157,63 @@ def test_efficientnet_lite0_embedded_weights(tmp_path: Path):
     # BitFit on a CNN: only BN affine parameters (and biases) of the backbone train
     trainable = [n for n, p in m.backbone.named_parameters() if p.requires_grad]
     assert trainable and all("_bn" in n or "bias" in n for n in trainable)
-    r = build_model(StudentConfig(num_classes=3, input_size=64), weights="random")
+    r = build_model(StudentConfig(num_classes=3, tile_size=64), weights="random")
     assert r.provenance["pretrained"] is False
     assert not torch.equal(r.backbone.net._conv_stem.weight, state["_conv_stem.weight"])
     torch.save({"x": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(B2PError, match="do not fit"):
-        build_model(StudentConfig(num_classes=3, input_size=64), weights=str(tmp_path / "wrong.pth"))
+        build_model(StudentConfig(num_classes=3, tile_size=64), weights=str(tmp_path / "wrong.pth"))
 
 
 def test_config_validation():
-    with pytest.raises(B2PError, match="multiple of 14"):
-        StudentConfig(num_classes=3, backbone="dinov2_s", input_size=500)
+    with pytest.raises(B2PError, match="patch size 14 .e.g. 490 or 504"):
+        StudentConfig(num_classes=3, backbone="dinov2_s", tile_size=500)
+    with pytest.raises(B2PError, match="multiple of 32"):
+        StudentConfig(num_classes=3, tile_size=100)
+    with pytest.raises(B2PError, match="multiple of 32"):
+        StudentConfig(num_classes=3, multiple=48)
+    with pytest.raises(B2PError, match="scale"):
+        StudentConfig(num_classes=3, scale=0)
     with pytest.raises(B2PError):
         StudentConfig(num_classes=3, adaptation="lora")
-    c = StudentConfig(num_classes=4, backbone="dinov2_b", input_size=224)
+    c = StudentConfig(num_classes=4, backbone="dinov2_b", tile_size=224)
     assert c.taps == [1, 2, 4, 7]
     assert StudentConfig.from_dict(c.to_dict()) == c
+    # geometry defaults come from the backbone: its side multiple, a tile that is a multiple of it
+    assert (StudentConfig(num_classes=3).multiple, StudentConfig(num_classes=3).tile_size) == (32, 256)
+    d = StudentConfig(num_classes=3, backbone="dinov2_s")
+    assert (d.multiple, d.tile_size % 14, d.scale, d.max_side) == (14, 0, 1.0, None)
+    assert StudentConfig(num_classes=3, arch="unet").multiple == 8
+
+
+def test_normalisation_is_a_property_of_the_backbone():
+    # the embedded EfficientNet-Lite0 is a TensorFlow conversion: inputs in [-1, 1]
+    assert StudentConfig(num_classes=3).mean == [0.5] * 3 and StudentConfig(num_classes=3).std == [0.5] * 3
+    assert backbones.backbone_normalisation("efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)
+    d = StudentConfig(num_classes=3, backbone="dinov2_s", tile_size=224)
+    assert d.mean == list(backbones.IMAGENET_MEAN) and d.std == list(backbones.IMAGENET_STD)
+    u = StudentConfig(num_classes=3, arch="unet")
+    assert u.mean == [0.5] * 3 and u.std == [0.5] * 3
+    # explicit statistics win (and are what model.pt then records); nonsense is refused
+    assert StudentConfig(num_classes=3, mean=[0.1, 0.2, 0.3], std=[1, 1, 1]).mean == [0.1, 0.2, 0.3]
+    with pytest.raises(B2PError, match="std"):
+        StudentConfig(num_classes=3, mean=[0.5] * 3, std=[0.5, 0.0, 0.5])
+    with pytest.raises(B2PError, match="unknown backbone"):
+        backbones.backbone_normalisation("resnet")
+
+
+def test_embedded_student_config_carries_tf_statistics_into_model_pt(tmp_path: Path):
+    from b2p.student.checkpoint import load_student, save_checkpoint
+    from b2p.student.data import normalise
+
+    m = build_model(StudentConfig(num_classes=3, tile_size=64))  # the real embedded weights
+    assert m.provenance["pretrained"] is True and m.config.mean == [0.5] * 3 and m.config.std == [0.5] * 3
+    save_checkpoint(tmp_path / "model.pt", m.config, ["a", "b"], m.provenance, m.state_dict())
+    again, ck = load_student(tmp_path)
+    assert ck["config"]["mean"] == [0.5] * 3 and again.config.std == [0.5] * 3
+    # what the network sees: black -> -1, white -> +1
+    x = normalise(np.array([[[0, 0, 0], [255, 255, 255]]], dtype=np.uint8), again.config.mean, again.config.std)
+    assert x.shape == (3, 1, 2) and torch.equal(x[:, 0, 0], -torch.ones(3)) and torch.equal(x[:, 0, 1], torch.ones(3))
 
 
 def test_dinov2_taps_equal_normed_hidden_states():
@@ -188,3 +230,44 @@ def test_dinov2_taps_equal_normed_hidden_states():
         assert torch.allclose(f, expect, atol=1e-6)
     with pytest.raises(B2PError):
         DinoV2Backbone(ref, [0, 3])
+
+
+def test_dinov2_non_square_tiles_interpolate_position_embeddings():
+    from b2p.student.backbones import DinoV2Backbone
+
+    ref = _tiny_reference()  # patch 8, position grid 4x4 (image_size 32)
+    bb = DinoV2Backbone(ref, [0, 2]).eval()
+    x = torch.randn(2, 3, 24, 56)  # 3x7 patches: neither square nor the grid it was built for
+    with torch.no_grad():
+        feats = bb(x)
+        hs = ref(pixel_values=x, output_hidden_states=True).hidden_states
+        pos = ref.embeddings.interpolate_pos_encoding(torch.zeros(1, 1 + 3 * 7, 32), 24, 56)
+    assert pos.shape == (1, 22, 32) and not torch.equal(pos[:, 1:4], ref.embeddings.position_embeddings[:, 1:4])
+    for f, t in zip(feats, [0, 2]):
+        assert f.shape == (2, 32, 3, 7)
+        expect = ref.layernorm(hs[t + 1])[:, 1:, :].transpose(1, 2).reshape(2, 32, 3, 7)
+        assert torch.allclose(f, expect, atol=1e-5)
+    # the whole student on a non-square tile: logits at the tile's size
+    cfg = StudentConfig(num_classes=3, backbone="dinov2_s", dinov2_config=TINY, taps=[0, 2], decoder_dim=16, tile_size=32)
+    student = build_model(cfg, weights="random").eval()
+    with torch.no_grad():
+        out = student(torch.randn(1, 3, 40, 64))
+    assert out["fine"].shape == (1, 3, 40, 64) and out["binary"].shape == (1, 2, 40, 64)
+    with pytest.raises(B2PError, match="multiple of 8"):
+        student(torch.randn(1, 3, 40, 60))
+
+
+def test_heads_cheaper_order_is_the_same_function():
+    from b2p.student.model import Head
+
+    torch.manual_seed(0)
+    head = Head(3).eval()
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+        z = torch.randn(2, 64, 9, 14)
+        layered = torch.nn.Sequential.forward(head, z)  # the layers in their registered order
+        assert layered.shape == (2, 3, 36, 56)
+        assert torch.allclose(head(z), layered, atol=1e-5)
+    assert [k for k in head.state_dict() if k.endswith("weight")] == ["1.0.weight", "1.1.weight", "3.weight"]  # model.pt keys

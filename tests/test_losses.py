@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from b2p.errors import B2PError
+from b2p.student.geometry import IGNORE
 from b2p.student.losses import LossParams, StudentLoss, asymmetric_dice, self_correct
 
 
@@ -52,10 +53,10 @@ def test_self_correction_box_region():
     corrected, flipped = self_correct(logits, target, tau=0.9, region=region)
     assert corrected.view(-1).tolist() == [0, 2, 0, 0, 1, 2]  # pixel 0 lies outside every box
     loss = StudentLoss(LossParams(self_correction_region="boxes"), num_classes=3)
-    _, parts = loss({"fine": logits, "binary": None}, target, epoch=0, box_mask=region)
+    _, parts = loss({"fine": logits, "binary": None}, {"target": target, "box_mask": region}, epoch=0)
     assert parts["flipped_fraction"] == pytest.approx(1 / 6)
     with pytest.raises(B2PError):
-        loss({"fine": logits, "binary": None}, target, epoch=0, box_mask=None)
+        loss({"fine": logits, "binary": None}, {"target": target, "box_mask": None}, epoch=0)
 
 
 def test_self_correction_off_during_warmup_and_loss_uses_corrected_targets():
@@ -65,23 +66,23 @@ def test_self_correction_off_during_warmup_and_loss_uses_corrected_targets():
     w = torch.tensor([0.4, 4.0, 4.0])
     raw_ce = F.cross_entropy(logits, target, weight=w, reduction="none").mean()
     for epoch in (0, 1):
-        total, parts = loss({"fine": logits, "binary": None}, target, epoch=epoch)
+        total, parts = loss({"fine": logits, "binary": None}, {"target": target}, epoch=epoch)
         assert parts["flipped_fraction"] == 0.0
         assert float(total) == pytest.approx(float(raw_ce), rel=1e-5)
-    total, parts = loss({"fine": logits, "binary": None}, target, epoch=2)
+    total, parts = loss({"fine": logits, "binary": None}, {"target": target}, epoch=2)
     corrected = torch.tensor([1, 2, 0, 0, 1, 2]).view(1, 1, 6)
     assert parts["flipped_fraction"] == pytest.approx(2 / 6)
     assert float(total) == pytest.approx(float(F.cross_entropy(logits, corrected, weight=w, reduction="none").mean()), rel=1e-5)
     assert float(total) < float(raw_ce)  # agreeing with the student's confident finds lowers the loss
     # no self-correction at all when switched off
-    _, parts = StudentLoss(LossParams(self_correction=False), 3)({"fine": logits, "binary": None}, target, epoch=5)
+    _, parts = StudentLoss(LossParams(self_correction=False), 3)({"fine": logits, "binary": None}, {"target": target}, epoch=5)
     assert parts["flipped_fraction"] == 0.0
 
 
 def test_no_gradient_through_the_correction_mask():
     logits, target = _scene()
     logits = logits.clone().requires_grad_(True)
-    total, _ = StudentLoss(LossParams(w_binary=0.0, w_fine=1.0), 3)({"fine": logits, "binary": None}, target)
+    total, _ = StudentLoss(LossParams(w_binary=0.0, w_fine=1.0), 3)({"fine": logits, "binary": None}, {"target": target})
     total.backward()
     # the gradient equals that of plain CE against fixed corrected targets
     ref = logits.detach().clone().requires_grad_(True)
@@ -114,12 +115,12 @@ def test_total_is_weighted_sum_and_binary_head_is_used():
     binary = torch.randn(2, 2, 8, 8)
     target = torch.randint(0, 3, (2, 8, 8))
     p = LossParams(self_correction=False)
-    total, parts = StudentLoss(p, 3)({"fine": fine, "binary": binary}, target)
+    total, parts = StudentLoss(p, 3)({"fine": fine, "binary": binary}, {"target": target})
     dice = asymmetric_dice(torch.softmax(binary, 1)[:, 1], target > 0, 0.4)
     ce = F.cross_entropy(fine, target, weight=torch.tensor([0.4, 4.0, 4.0]), reduction="none").mean()
     assert float(total) == pytest.approx(0.5 * float(dice) + 0.5 * float(ce), rel=1e-5)
     # without a binary head, Dice uses the fine head's summed defect probabilities
-    _, parts2 = StudentLoss(p, 3)({"fine": fine, "binary": None}, target)
+    _, parts2 = StudentLoss(p, 3)({"fine": fine, "binary": None}, {"target": target})
     dice2 = asymmetric_dice(torch.softmax(fine, 1)[:, 1:].sum(1), target > 0, 0.4)
     assert parts2["dice"] == pytest.approx(float(dice2), rel=1e-5)
 
@@ -131,8 +132,30 @@ def test_outside_box_background_weight():
     base = StudentLoss(LossParams(self_correction=False, w_binary=0, w_fine=1), 3)
     heavy = StudentLoss(LossParams(self_correction=False, w_binary=0, w_fine=1, outside_box_bg_weight=3.0), 3)
     ce = torch.log(torch.tensor(3.0))
-    assert float(base({"fine": fine, "binary": None}, target, box_mask=box)[0]) == pytest.approx(float(ce * (0.4 * 3 + 4.0) / 4), rel=1e-5)
-    assert float(heavy({"fine": fine, "binary": None}, target, box_mask=box)[0]) == pytest.approx(float(ce * (0.4 * 3 + 0.4 * 2 + 4.0) / 4), rel=1e-5)
+    assert float(base({"fine": fine, "binary": None}, {"target": target, "box_mask": box})[0]) == pytest.approx(float(ce * (0.4 * 3 + 4.0) / 4), rel=1e-5)
+    assert float(heavy({"fine": fine, "binary": None}, {"target": target, "box_mask": box})[0]) == pytest.approx(float(ce * (0.4 * 3 + 0.4 * 2 + 4.0) / 4), rel=1e-5)
+
+
+def test_padding_is_ignored_by_every_term():
+    """Appending IGNORE (or valid=False) pixels with any logits leaves the loss and its gradient unchanged."""
+    torch.manual_seed(1)
+    fine, binary = torch.randn(1, 3, 4, 6), torch.randn(1, 2, 4, 6)
+    target = torch.randint(0, 3, (1, 4, 6))
+    loss = StudentLoss(LossParams(tau=0.5), 3)  # self-correction on: padding must never flip either
+    ref, ref_parts = loss({"fine": fine, "binary": binary}, {"target": target})
+    pad_fine = torch.cat([fine, 30 * torch.randn(1, 3, 4, 3)], -1).requires_grad_(True)
+    pad_binary = torch.cat([binary, 30 * torch.randn(1, 2, 4, 3)], -1)
+    pad_target = torch.cat([target, torch.full((1, 4, 3), IGNORE)], -1)
+    total, parts = loss({"fine": pad_fine, "binary": pad_binary}, {"target": pad_target}, epoch=0)
+    assert float(total.detach()) == pytest.approx(float(ref), rel=1e-5)
+    assert parts["flipped_fraction"] == pytest.approx(ref_parts["flipped_fraction"])
+    total.backward()
+    assert float(pad_fine.grad[..., 6:].abs().max()) == 0.0
+    # a `valid` mask acts the same way when the target itself is not marked
+    valid = torch.cat([torch.ones(1, 4, 6, dtype=torch.bool), torch.zeros(1, 4, 3, dtype=torch.bool)], -1)
+    labelled = torch.cat([target, torch.ones(1, 4, 3, dtype=torch.long)], -1)
+    total_v, _ = loss({"fine": pad_fine.detach(), "binary": pad_binary}, {"target": labelled, "valid": valid})
+    assert float(total_v) == pytest.approx(float(ref), rel=1e-5)
 
 
 def test_bad_loss_params():

@@ -91,7 +91,7 @@ def make_project(tmp_path: Path, with_pipelines: bool = False) -> Path:
     if with_pipelines:
         shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("work", "dvc.lock"))
     _edit_params(root / "params.yaml", {"demo.images": 12, "demo.size": 64, "demo.mask_fraction": 0.4,
-                                        "train.epochs": 1, "train.input_size": 64, "evaluate.worst": 2})
+                                        "train.epochs": 1, "train.tile_size": 64, "evaluate.worst": 2})
     _run(root, "git", "init", "-q")
     dvc(root, "init", "-q")
     dvc(root, "config", "core.analytics", "false")

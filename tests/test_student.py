@@ -27,7 +27,7 @@ TINY_DINO = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, int
 def tiny_params(**kw) -> TrainParams:
     base = dict(
         backbone="dinov2_s", weights="random", dinov2_config=TINY_DINO, taps=[0, 1, 2], decoder_dim=32,
-        input_size=32, epochs=3, lr=3e-3, seed=0, adaptation="full",
+        tile_size=32, epochs=3, lr=3e-3, seed=0, adaptation="full",
     )
     base.update(kw)
     return TrainParams(**base)
@@ -71,7 +71,7 @@ def test_tiny_random_backbone_learns(taught, tmp_path: Path):
 
 def test_checkpoint_round_trip_identical_predictions(tmp_path: Path):
     torch.manual_seed(0)
-    cfg = StudentConfig(num_classes=3, backbone="dinov2_s", dinov2_config=TINY_DINO, taps=[0, 2], decoder_dim=16, input_size=32)
+    cfg = StudentConfig(num_classes=3, backbone="dinov2_s", dinov2_config=TINY_DINO, taps=[0, 2], decoder_dim=16, tile_size=32)
     model = build_model(cfg, weights="random").eval()
     with torch.no_grad():  # non-trivial BN statistics
         for m in model.modules():
@@ -88,7 +88,7 @@ def test_checkpoint_round_trip_identical_predictions(tmp_path: Path):
         a, b = model(x), loaded(x)
     assert torch.equal(a["fine"], b["fine"]) and torch.equal(a["binary"], b["binary"])
     # U-Net baseline too
-    ucfg = StudentConfig(num_classes=3, arch="unet", unet_base=8, input_size=32)
+    ucfg = StudentConfig(num_classes=3, arch="unet", unet_base=8, tile_size=32)
     u = build_model(ucfg).eval()
     save_checkpoint(tmp_path / "u" / "model.pt", ucfg, ["crack", "spot"], u.provenance, u.state_dict())
     lu, _ = load_student(tmp_path / "u")
@@ -112,27 +112,153 @@ def test_frozen_backbone_uses_feature_cache(taught, tmp_path: Path):
     assert n_train + n_val < m3["feature_cache"]["misses"] <= 4 * n_train + n_val
 
 
+def _dataset(samples, k, **kw):
+    from b2p.student.data import StudentDataset
+
+    return StudentDataset(samples, (0.5,) * 3, (0.25,) * 3, k, **kw)
+
+
 def test_flip_augmentation_moves_image_labels_and_boxes_together(taught):
-    from b2p.student.data import StudentDataset, gather_samples
+    from b2p.student.data import gather_samples
 
     path, teach, _ = taught
     samples, k = gather_samples([path], teach, ("train", "val", "test"))
-    plain = StudentDataset(samples, 32, (0.5,) * 3, (0.25,) * 3, k, augment="none")
-    flipped = StudentDataset(samples, 32, (0.5,) * 3, (0.25,) * 3, k, augment="flips")
+    plain = _dataset(samples, k, min_side=32)
+    flipped = _dataset(samples, k, augment="flips", min_side=32)  # whole images: the flip alone
     torch.manual_seed(0)
     codes = set()
     for i in range(len(samples)):
-        x0, y0, b0, _, c0 = plain[i]
+        p0 = plain[i]
         for _ in range(3):
-            x, y, b, idx, code = flipped[i]
-            assert c0 == 0 and idx == i
-            codes.add(code)
-            dims = [d for bit, d in ((1, -1), (2, -2)) if code & bit]
-            ex, ey, eb = (x0.flip(dims), y0.flip(dims), b0.flip(dims)) if dims else (x0, y0, b0)
-            assert torch.equal(x, ex) and torch.equal(y, ey) and torch.equal(b, eb)
+            it = flipped[i]
+            assert p0["flip"] == 0 and it["index"] == i
+            codes.add(it["flip"])
+            dims = [d for bit, d in ((1, -1), (2, -2)) if it["flip"] & bit]
+            for key in ("image", "target", "valid", "box_mask"):
+                assert torch.equal(it[key], p0[key].flip(dims) if dims else p0[key])
+            # flipped boxes still frame the flipped box mask
+            for x0, y0, x1, y1, *_ in it["boxes"].tolist():
+                assert it["box_mask"][int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))].all()
     assert codes == {0, 1, 2, 3}
     with pytest.raises(Exception, match="augment must be"):
-        StudentDataset(samples, 32, (0.5,) * 3, (0.25,) * 3, k, augment="rotate")
+        _dataset(samples, k, augment="rotate")
+
+
+def test_training_tiles_pad_small_images_and_keep_boxes_in_tile_coordinates(tmp_path: Path):
+    """48 px images, 64 px tiles: padded (IGNORE, valid False), never stretched; boxes Nx6 in tile pixels."""
+    from b2p.student.data import TileSampling, collate, gather_samples
+    from b2p.student.geometry import IGNORE
+
+    path, truth = make_synthetic_batch(tmp_path, n_images=4, size=48, manual_every=100)
+    teach = write_teacher(tmp_path, path, truth)
+    samples, k = gather_samples([path], teach, ("train", "val"))
+    ds = _dataset(samples, k, sampling=TileSampling(64, crops_per_image=3), multiple=32)
+    assert len(ds) == 3 * len(samples)
+    for j in range(len(ds)):
+        it = ds[j]
+        i = it["index"]
+        assert i == j // 3 and it["origin"] == (0, 0) and it["image"].shape == (3, 64, 64)
+        lab = truth[samples[i].record.file_name]
+        assert np.array_equal(it["target"][:48, :48].numpy(), lab) and (it["target"][48:] == IGNORE).all()
+        assert int(it["valid"].sum()) == 48 * 48 and not it["box_mask"][48:].any()
+        assert torch.allclose(it["image"][:, 48:], torch.tensor(-2.0))  # black padding, (0 - 0.5) / 0.25
+        b = it["boxes"]
+        assert b.shape == (len(samples[i].record.boxes), 6) and (b[:, 5] == 0).all()
+        np.testing.assert_allclose(b[:, :4].numpy(), samples[i].record.boxes_xyxy(), atol=1e-5)
+        assert b[:, 4].tolist() == samples[i].record.box_class_ids().tolist()
+    batch = collate([ds[0], ds[4]])
+    assert batch["image"].shape == (2, 3, 64, 64) and batch["origin"].shape == (2, 2) and len(batch["boxes"]) == 2
+
+
+def test_box_centred_tiles_hold_their_box_and_uniform_tiles_cover_the_image(tmp_path: Path):
+    from b2p.student.data import TileSampling, gather_samples
+
+    path, truth = make_synthetic_batch(tmp_path, n_images=3, size=96, manual_every=100)
+    teach = write_teacher(tmp_path, path, truth)
+    samples, k = gather_samples([path], teach, ("train", "val"))
+    torch.manual_seed(0)
+    boxed = _dataset(samples, k, sampling=TileSampling(32, box_crop_fraction=1.0, origin_step=8), multiple=8)
+    for _ in range(20):
+        for j in range(len(boxed)):
+            it = boxed[j]
+            oy, ox = it["origin"]
+            assert oy % 8 == 0 and ox % 8 == 0 and 0 <= oy <= 64 and 0 <= ox <= 64
+            assert len(it["boxes"]) and it["box_mask"].any()  # a box is always (at least partly) in view
+            b = it["boxes"]
+            assert (b[:, :4] >= 0).all() and (b[:, :4] <= 32).all()
+            # a clipped box touches the tile border; an unclipped one lies inside it and equals the original
+            full = samples[j].record.boxes_xyxy() - np.array([ox, oy, ox, oy])
+            for row in b.tolist():
+                if row[5] == 0:
+                    assert np.isclose(full, row[:4], atol=1e-4).all(1).any()
+                else:
+                    assert min(row[:4]) == 0 or max(row[:4]) == 32
+    uniform = _dataset(samples, k, sampling=TileSampling(32, box_crop_fraction=0.0), multiple=8)
+    seen = {uniform[0]["origin"] for _ in range(200)}
+    assert len(seen) > 100  # any origin, not a coarse grid: translation augmentation without a cache
+    assert all(0 <= y <= 64 and 0 <= x <= 64 for y, x in seen)
+
+
+def test_labels_shrink_with_the_geometry_in_training_and_validation(tmp_path: Path):
+    """At scale 0.5 a 96 px image becomes 48 model px; validation scores at the image's own size."""
+    from b2p.student.data import gather_samples
+    from b2p.student.geometry import Geometry
+
+    path, truth = make_synthetic_batch(tmp_path, n_images=2, size=96, manual_every=100)
+    teach = write_teacher(tmp_path, path, truth)
+    samples, k = gather_samples([path], teach, ("train", "val"))
+    ds = _dataset(samples, k, scale=0.5, multiple=16, min_side=32)
+    it = ds[0]
+    g = Geometry.for_image(96, 96, 0.5, multiple=16)
+    assert it["target"].shape == (48, 48) and g.padded_size(32) == (48, 48)
+    assert np.array_equal(it["target"].numpy(), g.labels_to_model(truth[samples[0].record.file_name], 32))
+    assert (it["target"] == 1).any()  # the 2-px crack survives the halving
+
+
+@pytest.mark.slow
+def test_cached_tile_features_equal_cropped_whole_image_features(taught, tmp_path: Path):
+    """A frozen backbone trains from cached whole-image features cut per tile; they must equal the features
+    the backbone computes afresh for the whole (flipped) model image, cut at the tile's origin."""
+    from b2p.student import train as train_mod
+    from b2p.student.data import crop_features
+
+    path, teach, _ = taught
+    seen: list = []
+    real = train_mod.crop_features
+
+    def spy(feats, origin, size, padded):
+        out = real(feats, origin, size, padded)
+        seen.append(([f.clone() for f in feats], origin, size, padded, [o.clone() for o in out]))
+        return out
+
+    params = tiny_params(epochs=2, adaptation="frozen", augment="flips", tile_size=16, box_crop_fraction=0.5)
+    try:
+        train_mod.crop_features = spy
+        train_student([path], teach, tmp_path / "c", params, progress=False)
+    finally:
+        train_mod.crop_features = real
+    tiles = [s for s in seen if s[2] == (16, 16)]
+    assert len(tiles) > 10 and any(s[1] != (0, 0) for s in tiles)
+    loaded, _ = load_student(tmp_path / "c")
+    from b2p.student.data import StudentDataset, TileSampling, gather_samples
+
+    samples, k = gather_samples([path], teach, ("train",))
+    c = loaded.config
+    ds = StudentDataset(samples, c.mean, c.std, k, c.scale, c.max_side, c.multiple, TileSampling(16, origin_step=c.multiple))
+    origins = {s[1] for s in tiles}
+    assert all(y % c.multiple == 0 and x % c.multiple == 0 for y, x in origins)
+    checked = 0
+    for i in range(len(samples)):
+        for code in range(4):
+            with torch.no_grad():
+                fresh = loaded.backbone_features(ds.model_image(i, code)[None])
+            fresh = [f[0].to(torch.float16).float() for f in fresh]
+            for feats, origin, size, padded, out in tiles:
+                if all(f.shape == g.shape and torch.equal(f.float(), g) for f, g in zip(feats, fresh)):
+                    want = crop_features(fresh, origin, size, padded)
+                    assert all(torch.equal(o.float(), w) for o, w in zip(out, want))
+                    checked += 1
+    assert checked >= len(tiles) // 2  # most tiles matched a recomputed whole-image view
 
 
 def test_within_boxes_keeps_student_pixels_inside_boxes_with_the_box_class():
@@ -258,3 +384,80 @@ def test_empty_splits(tmp_path: Path):
 
     with pytest.raises(B2PError, match="train split .* is empty"):
         train_student([path], teach, tmp_path / "m", tiny_params(epochs=1), progress=False)
+
+
+def test_box_fit_score_rewards_masks_that_span_their_boxes_and_stay_inside():
+    from b2p.student.selection import BoxFitScore
+
+    boxes = np.array([[2, 2, 12, 6], [20, 10, 24, 30]], dtype=np.float32)  # 10x4 and 4x20 px
+    perfect = np.zeros((40, 40), bool)
+    perfect[4, 2:12] = True  # a 1-px line the box's length: spans x fully, y only 1 of 4 rows
+    perfect[10:30, 22] = True
+    s = BoxFitScore()
+    s.update(perfect, boxes)
+    p = s.parts()
+    dice_y1 = 2 * 1 / (4 + 1)  # box 1: y projection touches 1 of 4 rows
+    dice_x2 = 2 * 1 / (4 + 1)
+    assert p["box_dice"] == pytest.approx(((1 + dice_y1) / 2 + (dice_x2 + 1) / 2) / 2)
+    assert p["outside_share"] == 0.0 and p["box_score"] == pytest.approx(p["box_dice"])
+    # the same plus as many pixels outside every box: the score halves
+    noisy = perfect.copy()
+    noisy[35:37, :15] = True  # 30 px outside, as many as inside
+    s2 = BoxFitScore()
+    s2.update(noisy, boxes)
+    assert s2.parts()["outside_share"] == pytest.approx(0.5) and s2.value() == pytest.approx(p["box_score"] / 2)
+    # filling the boxes scores 1; predicting nothing scores 0; no box at all: undefined
+    full = np.zeros((40, 40), bool)
+    full[2:6, 2:12] = full[10:30, 20:24] = True
+    s3 = BoxFitScore()
+    s3.update(full, boxes)
+    s3.update(np.zeros((40, 40), bool), np.zeros((0, 4)))  # a defect-free image without prediction changes nothing
+    assert s3.value() == pytest.approx(1.0)
+    s4 = BoxFitScore()
+    s4.update(np.zeros((40, 40), bool), boxes)
+    assert s4.value() == 0.0
+    assert BoxFitScore().value() is None
+
+
+@pytest.mark.parametrize("rule", ["box", "pseudo", "last"])
+def test_select_rule_is_recorded_and_followed(taught, tmp_path: Path, rule):
+    path, teach, _ = taught
+    m = train_student([path], teach, tmp_path / rule, tiny_params(epochs=3, select=rule), progress=False)
+    rows = _curves(tmp_path / rule / "curves.csv")
+    assert {"val_box_score", "val_box_dice", "val_outside_share", "val_anomaly_miou", "select_score"} <= set(rows[0])
+    assert m["select"]["rule"] == rule and json.loads((tmp_path / rule / "metrics.json").read_text())["select"]["rule"] == rule
+    if rule == "last":
+        assert m["best_epoch"] == 3 and m["select"]["score"] is None and all(r["select_score"] == "" for r in rows)
+    else:
+        col = "val_box_score" if rule == "box" else "val_anomaly_miou"
+        scores = [float(r[col] or 0) for r in rows]
+        assert [float(r["select_score"]) for r in rows] == pytest.approx(scores, rel=1e-5)
+        assert m["best_epoch"] == 1 + int(np.argmax(scores)) and m["select"]["score"] == pytest.approx(max(scores), rel=1e-5)
+    assert load_student(tmp_path / rule)[1]["info"]["select"] == rule
+
+
+def test_train_params_geometry_keys_and_the_old_input_size_name(tmp_path: Path):
+    from b2p.errors import B2PError
+
+    p = TrainParams.from_dict({"input_size": 64, "scale": 0.5, "max_side": 1000})
+    assert (p.tile_size, p.scale, p.max_side) == (64, 0.5, 1000)
+    c = p.student_config(3)
+    assert (c.tile_size, c.scale, c.max_side, c.multiple) == (64, 0.5, 1000, 32)
+    with pytest.raises(B2PError, match="both set"):
+        TrainParams.from_dict({"input_size": 64, "tile_size": 64})
+    for bad, msg in (({"select": "best"}, "select must be"), ({"box_crop_fraction": 1.5}, "box_crop_fraction"), ({"crops_per_image": 0}, "crops_per_image")):
+        with pytest.raises(B2PError, match=msg) as e:
+            TrainParams.from_dict(bad, tmp_path / "params.yaml")
+        assert "params.yaml" in str(e.value)
+
+
+def test_training_at_half_scale_records_its_geometry_and_scores_val_at_image_size(taught, tmp_path: Path):
+    path, teach, _ = taught
+    m = train_student([path], teach, tmp_path / "h", tiny_params(epochs=1, scale=0.5, tile_size=16, select="pseudo"), progress=False)
+    assert m["geometry"] == {"scale": 0.5, "max_side": None, "tile_size": 16, "multiple": 8}
+    support = sum(c["support"] for c in m["val"]["per_class"].values())
+    assert support == 48 * 48 * m["images"]["val"]  # every pixel of each 48 px val image, none of the padding
+    model, _ = load_student(tmp_path / "h")
+    assert (model.config.scale, model.config.tile_size) == (0.5, 16)
+    capped = train_student([path], teach, tmp_path / "c", tiny_params(epochs=1, max_side=24, tile_size=16, select="last"), progress=False)
+    assert capped["geometry"]["max_side"] == 24

@@ -40,6 +40,38 @@ EFFNET_DEFAULT_TAPS = (4, 10, 15)
 DINOV2_DEFAULT_TAPS = (1, 2, 4, 7)  # the paper's 0-based block outputs
 
 
+# Input statistics are a property of the weights: each backbone is fed what it was trained on.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The embedded EfficientNet-Lite0 is a TensorFlow conversion trained on inputs in [-1, 1]: (x - 0.5) / 0.5.
+# With ImageNet statistics it still runs but misreads photos (a flower becomes "honeycomb", issue 12).
+TF_MEAN = (0.5, 0.5, 0.5)
+TF_STD = (0.5, 0.5, 0.5)
+# CNN side lengths are padded to a multiple of the deepest stride (EfficientNet-Lite0: 32) so that every
+# feature map is an exact grid; a ViT needs whole patches (DINOv2: 14).
+EFFNET_MULTIPLE = 32
+DINOV2_PATCH = 14
+
+
+def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel, on [0, 1] pixel values, that the weights of backbone `name` expect."""
+    if name == EFFNET_NAME:
+        return TF_MEAN, TF_STD
+    if name in DINOV2_SIZES:
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise B2PError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
+
+
+def backbone_multiple(name: str, dinov2_config: dict | None = None) -> int:
+    """The side-length multiple backbone `name` needs: the patch size of a DINOv2 (14, or a tiny test
+    config's), the deepest stride of EfficientNet-Lite0 (32)."""
+    if name == EFFNET_NAME:
+        return EFFNET_MULTIPLE
+    if name in DINOV2_SIZES:
+        return int((dinov2_config or {}).get("patch_size", DINOV2_PATCH))
+    raise B2PError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
+
+
 def _torch_hub_checkpoint_dir() -> Path:
     import torch.hub
 
@@ -333,7 +365,12 @@ def build_backbone(name: str, taps: list[int], weights: str | None = None, allow
 
 class DinoV2Backbone(_nn().Module):
     """transformers Dinov2Model -> the outputs of the tapped blocks, final LayerNorm applied (as the
-    official `get_intermediate_layers(..., norm=True)`), reshaped to BxDx(H/14)x(W/14) maps."""
+    official `get_intermediate_layers(..., norm=True)`), reshaped to BxDx(H/14)x(W/14) maps.
+
+    Any H and W that are multiples of the patch size work, square or not: transformers'
+    `Dinov2Embeddings.interpolate_pos_encoding` resizes the pretrained 37x37 position grid (bicubic) to
+    (H/14)x(W/14) on every call whose grid differs from it, exactly what tiles of any shape need.
+    """
 
     def __init__(self, model, taps: list[int]):
         super().__init__()

@@ -1,9 +1,15 @@
 """model.pt: a plain dict that `torch.load(..., weights_only=True)` reads, and the loader that rebuilds it.
 
-    {"format": "b2p-student", "version": 1, "config": StudentConfig as JSON-able dict,
+    {"format": "b2p-student", "version": 2, "config": StudentConfig as JSON-able dict,
      "class_names": [K defect names], "provenance": {backbone, pretrained, source},
      "state_dict": the EMA weights (backbone included, so predicting needs no backbone download),
      "info": {epoch, val metrics, ...}}
+
+Version 2 (issue 12): the config records the geometry the model was trained in (`scale`, `max_side`,
+`tile_size`, `multiple`: aspect-preserving tiles at model scale) and the backbone's own input statistics
+(`mean`, `std`). Version 1 models (square `input_size` resize, ImageNet statistics for every backbone) still
+load: their config is marked `legacy_input_size`, and prediction resizes to that square with the
+statistics stored in them, exactly as they were trained.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from b2p.errors import B2PError
 from b2p.fileio import write_bytes_atomic
 
 FORMAT = "b2p-student"
-VERSION = 1
+VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MODEL_FILE = "model.pt"
 
 
@@ -52,8 +59,10 @@ def read_checkpoint(path: str | Path) -> dict:
         raise B2PError(f"could not read the model file ({type(e).__name__}: {reason})", path) from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise B2PError("not a b2p student model file", path)
-    if ck.get("version") != VERSION:
-        raise B2PError(f"model file version {ck.get('version')} is not supported (expected {VERSION})", path)
+    if ck.get("version") not in SUPPORTED_VERSIONS:
+        raise B2PError(f"model file version {ck.get('version')} is not supported (expected one of {list(SUPPORTED_VERSIONS)})", path)
+    if ck["version"] == 1:
+        ck["config"] = legacy_v1_config(ck["config"])
     check_checkpoint(ck, path)
     ck["path"] = str(path)
     return ck
@@ -83,6 +92,25 @@ def check_class_lists(model_names: list[str], batch_names: list[str], model_path
             f"list is {list(batch_names)}: class ids would mean other classes; retrain on these batches",
             model_path,
         )
+
+
+def legacy_v1_config(config: dict) -> dict:
+    """LEGACY: a version-1 config dict -> a current one that predicts the way the model was trained.
+
+    Version 1 resized every image to an `input_size` square and normalised with the stored mean/std
+    (ImageNet for every backbone, the dataclass default then). Both are kept: `legacy_input_size` selects
+    the square-resize path in predict.py, and the stored statistics are never replaced by the backbone's.
+    """
+    from b2p.student.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    c = dict(config)
+    size = c.pop("input_size", None)
+    if not isinstance(size, int) or size < 16:
+        raise B2PError(f"version-1 model config has no valid input_size ({size!r})")
+    c["legacy_input_size"] = size
+    if c.get("mean") is None or c.get("std") is None:  # never the case in files b2p wrote; be exact anyway
+        c["mean"], c["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return c
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu"):

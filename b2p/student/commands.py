@@ -34,7 +34,11 @@ def train(
     taps: str = typer.Option(None, "--taps", help="Tapped backbone blocks, e.g. 1,2,4,7."),
     detail_branch: bool = typer.Option(None, "--detail/--no-detail", help="Detail branch on the raw image."),
     binary_head: bool = typer.Option(None, "--binary-head/--no-binary-head", help="Binary defect head."),
-    input_size: int = typer.Option(None, "--input-size", help="Square input size in px (paper 518)."),
+    tile_size: int = typer.Option(None, "--tile-size", help="Training tile side in px at model scale (a multiple of the backbone's stride)."),
+    input_size: int = typer.Option(None, "--input-size", hidden=True, help="Old name of --tile-size."),
+    scale: float = typer.Option(None, "--scale", help="Model px per image px (1.0 = native resolution)."),
+    max_side: int = typer.Option(None, "--max-side", help="Cap on the longer side at model scale (huge images)."),
+    select: str = typer.Option(None, "--select", help="Saved epoch: box (teacher-free), pseudo or last."),
     epochs: int = typer.Option(None, "--epochs", help="Maximum epochs (paper 200)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per step (paper 1)."),
     lr: float = typer.Option(None, "--lr", help="AdamW learning rate (5e-4)."),
@@ -62,7 +66,8 @@ def train(
 
     cli = dict(
         arch=arch, backbone=backbone, weights=weights, allow_download=allow_download, adaptation=adaptation,
-        taps=_taps(taps), detail_branch=detail_branch, binary_head=binary_head, input_size=input_size,
+        taps=_taps(taps), detail_branch=detail_branch, binary_head=binary_head, tile_size=tile_size,
+        input_size=input_size, scale=scale, max_side=max_side, select=select,
         epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device,
         feature_cache=feature_cache, self_correction_region=self_correction_region, warmup_epochs=warmup_epochs,
     )
@@ -80,7 +85,8 @@ def predict(
     images: Path = typer.Option(None, "--images", help="Predict every image in this folder instead of batches."),
     out: Path = typer.Option(Path("data/predict"), "--out", help="Prediction root (batches) or output folder (--images)."),
     probs: bool = typer.Option(False, "--probs", help="Also write per-image class probabilities (npz, float16)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Images per forward pass."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per forward pass (sliding window)."),
+    overlap: float = typer.Option(0.25, "--overlap", min=0.0, max=0.9, help="Sliding-window tile overlap, a fraction of the tile."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     boxes_out: Path = typer.Option(
         None, "--boxes-out", help="Also write box-guided label maps here: the student's defect pixels inside each annotated box, with the box's class."
@@ -127,5 +133,5 @@ def predict(
         items = items_from_batches(files, split, out, probs, boxes_out)
         if not items:
             raise B2PError(f"the {split} split of the chosen batches holds no images: nothing to predict")
-    res = run_prediction(model, items, batch_size=batch_size, device=device, box_threshold=box_threshold)
+    res = run_prediction(model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap)
     typer.echo(f"wrote {res['images']} label maps under {out}" + (f" and box-guided ones under {boxes_out}" if boxes_out else ""))

@@ -1,10 +1,19 @@
-"""Training data of the student: images, teacher label maps and box-union masks, plus a feature cache.
+"""Training data of the student: tiles of images, teacher label maps and box masks, plus a feature cache.
 
-Every image is resized to the model's square input (bilinear; labels and box masks nearest), normalised
-with the model's mean/std. Training may flip image, labels and box mask together (left-right and up-down,
-each with probability 1/2): defects have no preferred orientation, and a few hundred images are few. The
-box-union mask marks pixels inside any annotated box: outside it the pseudo-label is background with near
-certainty (used by the `boxes` self-correction region).
+Geometry (geometry.py): every image is seen at the training scale (1.0 = its native resolution), aspect
+ratio kept, padded bottom/right to a multiple of the backbone's stride and to at least one tile; padding is
+IGNORE in the target and False in `valid`. Training draws `crops_per_image` square tiles per image and
+epoch: a share `box_crop_fraction` centred (with jitter) on a random box, so sparse defects are seen, the
+rest uniform anywhere, defect-free images included. Training may flip the whole model-space image, labels
+and box mask together (left-right and up-down, each with probability 1/2) before cropping: defects have no
+preferred orientation. Validation uses whole images in the same geometry. The box-union mask marks pixels
+inside any annotated box: outside it the pseudo-label is background with near certainty (used by the
+`boxes` self-correction region).
+
+A batch is a dict (see `collate`): image Bx3xTxT float (normalised), target BxTxT int64 (IGNORE = -1 on
+padding), valid BxTxT bool, box_mask BxTxT bool, boxes: B float tensors Nx6 (x0, y0, x1, y1 in tile pixels
+clipped to the tile, class id, 1.0 when the tile border cut the box), index, flip (bit 0 left-right, bit 1
+up-down), origin Bx2 (y0, x0 of the tile in the flipped model-space image).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from b2p.dataset import ImageRecord, load_batches
 from b2p.errors import B2PError
 from b2p.fileio import read_image
 from b2p.labels import label_map_path, read_label_map
-
+from b2p.student.geometry import IGNORE, Geometry
 
 @dataclass
 class Sample:
@@ -49,51 +58,88 @@ def gather_samples(batch_files: list[Path], teacher_root: str | Path, splits: tu
     return out, num_classes
 
 
-def box_union_mask(rec: ImageRecord) -> np.ndarray:
-    """HxW bool: pixels inside at least one box of the image (original resolution)."""
-    m = np.zeros((rec.height, rec.width), dtype=bool)
-    for x0, y0, x1, y1 in rec.boxes_xyxy():
-        xa, ya = int(np.floor(x0)), int(np.floor(y0))
-        xb, yb = int(np.ceil(x1)), int(np.ceil(y1))
-        m[max(ya, 0) : max(yb, 0), max(xa, 0) : max(xb, 0)] = True
-    return m
+def normalise(img: np.ndarray, mean, std) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> 3xHxW float32, (x / 255 - mean) / std."""
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+    return (t - torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)) / torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
 
 def prepare_image(img: np.ndarray, size: int, mean, std) -> torch.Tensor:
-    """HxWx3 uint8 RGB -> 3xSxS float32 normalised tensor."""
+    """LEGACY (model.pt version 1): HxWx3 uint8 RGB squashed to a SxS square, normalised."""
     import cv2
 
     r = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR if min(img.shape[:2]) <= size else cv2.INTER_AREA)
-    t = torch.from_numpy(r).permute(2, 0, 1).float().div_(255.0)
-    return (t - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-
-
-def resize_nearest(arr: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-
-    return cv2.resize(arr.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+    return normalise(r, mean, std)
 
 
 AUGMENTATIONS = ("none", "flips")
 
 
-class StudentDataset(torch.utils.data.Dataset):
-    """item i -> (image 3xSxS float32, target SxS int64, box mask SxS bool, index, flip code).
+@dataclass(frozen=True)
+class TileSampling:
+    """How training tiles are drawn (the `train:` keys of the same names)."""
 
-    The flip code (bit 0 left-right, bit 1 up-down) keys cached frozen-backbone features, which belong
-    to the flipped image, not the original one.
+    tile: int  # tile side at model scale
+    box_crop_fraction: float = 0.5  # share of tiles centred (with jitter) on a random box
+    crops_per_image: int = 1  # tiles per image per epoch
+    origin_step: int = 1  # tile origins on this grid (the backbone's stride when features are cached)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.box_crop_fraction <= 1.0:
+            raise B2PError(f"box_crop_fraction must be in [0, 1], got {self.box_crop_fraction}")
+        if self.crops_per_image < 1:
+            raise B2PError(f"crops_per_image must be at least 1, got {self.crops_per_image}")
+        if self.origin_step < 1 or self.tile % self.origin_step:
+            raise B2PError(f"tile size {self.tile} must be a multiple of the origin step {self.origin_step}")
+
+
+def _flip_boxes(boxes: np.ndarray, code: int, hp: int, wp: int) -> np.ndarray:
+    b = boxes.copy()
+    if code & 1:
+        b[:, [0, 2]] = wp - boxes[:, [2, 0]]
+    if code & 2:
+        b[:, [1, 3]] = hp - boxes[:, [3, 1]]
+    return b
+
+
+class StudentDataset(torch.utils.data.Dataset):
+    """Model-space views of the samples: training tiles (`sampling` given) or whole padded images (None).
+
+    item -> dict (see the module docstring; `collate` stacks them). Whole images are padded to at least
+    one tile when `min_side` is given, so they share the geometry (and cached features) of training.
     """
 
-    def __init__(self, samples: list[Sample], size: int, mean, std, num_classes: int, augment: str = "none"):
+    def __init__(
+        self,
+        samples: list[Sample],
+        mean,
+        std,
+        num_classes: int,
+        scale: float = 1.0,
+        max_side: int | None = None,
+        multiple: int = 32,
+        sampling: TileSampling | None = None,
+        augment: str = "none",
+        min_side: int = 0,
+    ):
         if augment not in AUGMENTATIONS:
             raise B2PError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
-        self.samples, self.size, self.mean, self.std, self.num_classes = samples, size, mean, std, num_classes
-        self.augment = augment
+        self.samples, self.mean, self.std, self.num_classes = samples, mean, std, num_classes
+        self.scale, self.max_side, self.multiple = scale, max_side, multiple
+        self.sampling, self.augment = sampling, augment
+        self.min_side = sampling.tile if sampling is not None else min_side
+        if sampling is not None and sampling.tile % multiple:
+            raise B2PError(f"tile size {sampling.tile} must be a multiple of {multiple}")
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.samples) * (self.sampling.crops_per_image if self.sampling else 1)
 
-    def __getitem__(self, i: int):
+    def geometry(self, i: int) -> Geometry:
+        rec = self.samples[i].record
+        return Geometry.for_image(rec.height, rec.width, self.scale, self.max_side, self.multiple)
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(HxWx3 uint8 image, HxW uint8 teacher label map) of sample i, checked against its record."""
         s = self.samples[i]
         img = read_image(s.record.path)
         if img.shape[:2] != (s.record.height, s.record.width):
@@ -101,25 +147,127 @@ class StudentDataset(torch.utils.data.Dataset):
                 f"image is {img.shape[1]}x{img.shape[0]} but its annotation file says {s.record.width}x{s.record.height}",
                 s.record.path,
             )
-        lm = read_label_map(s.label_path, shape=img.shape[:2], num_classes=self.num_classes - 1)
-        x = prepare_image(img, self.size, self.mean, self.std)
-        y = torch.from_numpy(resize_nearest(lm, self.size).astype(np.int64))
-        bm = torch.from_numpy(resize_nearest(box_union_mask(s.record), self.size).astype(bool))
+        return img, read_label_map(s.label_path, shape=img.shape[:2], num_classes=self.num_classes - 1)
+
+    def model_image(self, i: int, code: int = 0) -> torch.Tensor:
+        """3xHpxWp normalised whole model-space image of sample i, flipped by `code` (the feature cache's input)."""
+        g = self.geometry(i)
+        img, _ = g.image_to_model(self.read(i)[0], self.min_side)
+        return _flip(normalise(img, self.mean, self.std), code)
+
+    def draw_flip(self) -> int:
         code = 0
         if self.augment == "flips":
             # torch's global generator: seeded by the trainer, so a run is reproducible
-            for bit, dim in ((1, -1), (2, -2)):
+            for bit in (1, 2):
                 if bool(torch.rand(()) < 0.5):
-                    x, y, bm = x.flip(dim), y.flip(dim), bm.flip(dim)
                     code |= bit
-        return x, y, bm, i, code
+        return code
+
+    def draw_origin(self, hp: int, wp: int, boxes: np.ndarray) -> tuple[int, int]:
+        """A tile origin in a HpxWp model image: around a random box (with jitter up to a quarter tile) with
+        probability box_crop_fraction, else uniform; always on the origin grid and inside the image."""
+        sp, t = self.sampling, self.sampling.tile
+        step = sp.origin_step
+        ny, nx = (hp - t) // step, (wp - t) // step  # last grid index; hp - t is on the grid (both multiples)
+        if len(boxes) and bool(torch.rand(()) < sp.box_crop_fraction):
+            b = boxes[int(torch.randint(len(boxes), ()))]
+            jy, jx = ((torch.rand(2) - 0.5) * (t / 2)).tolist()
+            cy, cx = (b[1] + b[3]) / 2 + jy, (b[0] + b[2]) / 2 + jx
+            gy = min(max(round((cy - t / 2) / step), 0), ny)
+            gx = min(max(round((cx - t / 2) / step), 0), nx)
+        else:
+            gy, gx = int(torch.randint(ny + 1, ())), int(torch.randint(nx + 1, ()))
+        return gy * step, gx * step
+
+    def __getitem__(self, k: int) -> dict:
+        i = k // self.sampling.crops_per_image if self.sampling else k
+        rec = self.samples[i].record
+        g = self.geometry(i)
+        img, lm = self.read(i)
+        x, valid = g.image_to_model(img, self.min_side)
+        y = g.labels_to_model(lm, self.min_side)
+        bm = g.box_mask_to_model(rec.boxes_xyxy(), self.min_side)
+        hp, wp = y.shape
+        code = self.draw_flip()
+        boxes = _flip_boxes(g.boxes_to_model(rec.boxes_xyxy()), code, hp, wp)
+        x, y, valid, bm = (_flip_np(a, code) for a in (x, y, valid, bm))
+        y0 = x0 = 0
+        if self.sampling:  # crop before normalising: a tile of a large image costs a tile
+            t = self.sampling.tile
+            y0, x0 = self.draw_origin(hp, wp, boxes)
+            x, y, valid, bm = (a[y0 : y0 + t, x0 : x0 + t] for a in (x, y, valid, bm))
+        x = normalise(x, self.mean, self.std)
+        y, valid, bm = (torch.from_numpy(np.ascontiguousarray(a)) for a in (y, valid, bm))
+        return {
+            "image": x,
+            "target": y,
+            "valid": valid,
+            "box_mask": bm,
+            "boxes": tile_boxes(boxes, rec.box_class_ids(), (y0, x0), tuple(y.shape)),
+            "index": i,
+            "flip": code,
+            "origin": (y0, x0),
+        }
+
+
+def _flip(t: torch.Tensor, code: int) -> torch.Tensor:
+    """Flip a ...xHxW tensor by `code` (bit 0 left-right, bit 1 up-down)."""
+    dims = [d for bit, d in ((1, -1), (2, -2)) if code & bit]
+    return t.flip(dims) if dims else t
+
+
+def _flip_np(a: np.ndarray, code: int) -> np.ndarray:
+    """Flip an HxW[xC] array by `code` (a view)."""
+    if code & 1:
+        a = a[:, ::-1]
+    if code & 2:
+        a = a[::-1]
+    return a
+
+
+def tile_boxes(boxes: np.ndarray, class_ids: np.ndarray, origin: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Nx6 float32 (x0, y0, x1, y1, class id, clipped) of the model-space boxes that overlap the tile at
+    `origin` (y0, x0) of `size` (h, w), in tile pixels clipped to it; clipped = 1.0 where the border cut a box."""
+    oy, ox = origin
+    h, w = size
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - [ox, oy, ox, oy]
+    c = np.stack([b[:, 0].clip(0, w), b[:, 1].clip(0, h), b[:, 2].clip(0, w), b[:, 3].clip(0, h)], 1)
+    keep = (c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1])
+    clipped = (np.abs(c - b) > 1e-9).any(1)
+    out = np.concatenate([c, np.asarray(class_ids, np.float64).reshape(-1, 1), clipped[:, None]], 1)[keep]
+    return torch.from_numpy(out.astype(np.float32)).reshape(-1, 6)
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack dataset items of one size (tiles; whole images grouped by `same_size_batches`) into a batch."""
+    sizes = {tuple(it["target"].shape) for it in items}
+    if len(sizes) != 1:
+        raise B2PError(f"a batch must hold items of one size, got {sorted(sizes)}")
+    return {
+        **{k: torch.stack([it[k] for it in items]) for k in ("image", "target", "valid", "box_mask")},
+        "boxes": [it["boxes"] for it in items],
+        "index": torch.tensor([it["index"] for it in items]),
+        "flip": torch.tensor([it["flip"] for it in items]),
+        "origin": torch.tensor([it["origin"] for it in items]),
+    }
+
+
+def same_size_batches(ds: StudentDataset, batch_size: int) -> list[list[int]]:
+    """Batches of dataset items whose whole padded images have one size (validation on whole images)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in range(len(ds)):
+        groups.setdefault(ds.geometry(i).padded_size(ds.min_side), []).append(i)
+    return [g[j : j + batch_size] for _, g in sorted(groups.items()) for j in range(0, len(g), batch_size)]
 
 
 class FeatureCache:
     """Frozen-backbone features per image, in memory and optionally on disk.
 
-    Key: image content (sha256) + a fingerprint of the backbone (its name, taps, input size and a hash of
-    its weights), so a changed backbone never reuses stale features. Stored as float16 to halve memory.
+    Key: image content (sha256) + a fingerprint of the backbone (its name, taps, input statistics and a
+    hash of its weights) + the view (`feature_view_key`: scale, padded size, flip), so a changed backbone
+    or geometry never reuses stale features. Stored as float16 to halve memory. With tiles, an entry holds
+    the features of the whole model-space image; `crop_features` cuts a tile's out of them.
     """
 
     def __init__(self, fingerprint: str, disk_dir: str | Path | None = None):
@@ -167,12 +315,34 @@ def backbone_fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the backbone's identity: config fields that shape the features and its weights."""
     h = hashlib.sha1()
     c = model.config
-    h.update(f"{c.backbone}|{c.taps}|{c.input_size}|{c.mean}|{c.std}|{c.dinov2_config}".encode())
+    h.update(f"{c.backbone}|{c.taps}|{c.mean}|{c.std}|{c.dinov2_config}".encode())
     for name, t in sorted(model.backbone.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(-1)[:4096].float().numpy().tobytes())
         h.update(str(tuple(t.shape)).encode())
     return h.hexdigest()[:16]
+
+
+def feature_view_key(image_sha: str, geometry: Geometry, min_side: int, flip: int) -> str:
+    """The cache key part that names one view of an image: scale, padded model size and flip code."""
+    hp, wp = geometry.padded_size(min_side)
+    return f"{image_sha}|scale={geometry.scale:.6g}|{hp}x{wp}|flip={flip}"
+
+
+def crop_features(feats: list[torch.Tensor], origin: tuple[int, int], size: tuple[int, int], padded: tuple[int, int]) -> list[torch.Tensor]:
+    """A tile's share of whole-image features: each ...xhxw map of a HpxWp model image, cut at origin (y0, x0)
+    and size (h, w) divided by the map's stride. Exact only on the stride grid (the dataset's origin grid)."""
+    hp, wp = padded
+    (oy, ox), (th, tw) = origin, size
+    out = []
+    for f in feats:
+        sy, sx = hp // f.shape[-2], wp // f.shape[-1]
+        if sy * f.shape[-2] != hp or sx * f.shape[-1] != wp or oy % sy or ox % sx or th % sy or tw % sx:
+            raise B2PError(
+                f"features of {tuple(f.shape[-2:])} for a {hp}x{wp} image cannot be cut exactly at {origin} for a {th}x{tw} tile"
+            )
+        out.append(f[..., oy // sy : (oy + th) // sy, ox // sx : (ox + tw) // sx])
+    return out
 
 
 def load_batch_files_for_inference(batch_files: list[Path], split: str) -> list[ImageRecord]:

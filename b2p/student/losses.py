@@ -10,6 +10,8 @@
   to pixels inside some box (`region="boxes"`): outside every box the pseudo-label is almost surely right,
   and there `outside_box_bg_weight` can weigh background further.
 - Total: w_binary * Dice + w_fine * CE.
+- Padding (target IGNORE = -1, `valid` False) counts nowhere: CE averages over the other pixels and the
+  Dice counts only them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from b2p.errors import B2PError
+from b2p.student.geometry import IGNORE
 
 
 @dataclass
@@ -83,16 +86,25 @@ def self_correct(
 
 
 class StudentLoss:
-    """loss(outputs, target, epoch, box_mask) -> (total, parts) where parts holds floats for logging."""
+    """loss(outputs, batch, epoch) -> (total, parts) where parts holds floats for logging.
+
+    `batch` is the training batch dict (data.py): `target` BxHxW int64 (IGNORE = -1 marks padding, which
+    no term sees), optional `box_mask` BxHxW bool, and whatever else losses may read (`boxes`, `image`,
+    `valid`). CE is averaged over the non-ignored pixels, the Dice counts only them.
+    """
 
     def __init__(self, params: LossParams, num_classes: int):
         self.p = params
         self.class_weights = torch.tensor([params.bg_weight] + [params.defect_weight] * (num_classes - 1), dtype=torch.float32)
 
-    def __call__(
-        self, outputs: dict, target: torch.Tensor, epoch: int = 0, box_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, outputs: dict, batch: dict, epoch: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         fine = outputs["fine"].float()
+        target = batch["target"]
+        box_mask = batch.get("box_mask")
+        keep = target != IGNORE
+        if batch.get("valid") is not None:
+            keep = keep & batch["valid"].bool()
+        target = torch.where(keep, target, torch.full_like(target, IGNORE))
         p = self.p
         corrected, flipped = target, None
         if p.self_correction and epoch >= p.warmup_epochs:
@@ -101,20 +113,22 @@ class StudentLoss:
                 if box_mask is None:
                     raise B2PError("self_correction_region 'boxes' needs the box masks of the batch")
                 region = box_mask
-            corrected, flipped = self_correct(fine, target, p.tau, region)
+            corrected, flipped = self_correct(fine, target, p.tau, region)  # IGNORE is never background: never flips
         w = self.class_weights.to(fine.device)
-        ce = F.cross_entropy(fine, corrected, weight=w, reduction="none")  # w[y] * -log p_y per pixel
+        ce = F.cross_entropy(fine, corrected, weight=w, reduction="none", ignore_index=IGNORE)  # w[y] * -log p_y, 0 where ignored
         if box_mask is not None and p.outside_box_bg_weight != 1.0:
             outside_bg = (~box_mask.bool()) & (corrected == 0)
             ce = ce * torch.where(outside_bg, torch.full_like(ce, p.outside_box_bg_weight), torch.ones_like(ce))
-        ce = ce.mean()
+        n_keep = keep.sum().clamp(min=1)
+        ce = ce.sum() / n_keep
         # Dice on the pseudo-labels as given (self-correction concerns the fine head only)
-        dice = asymmetric_dice(defect_probability(outputs.get("binary"), fine), target > 0, p.dice_beta, p.dice_eps)
+        p_defect = defect_probability(outputs.get("binary"), fine) * keep
+        dice = asymmetric_dice(p_defect, target > 0, p.dice_beta, p.dice_eps)
         total = p.w_binary * dice + p.w_fine * ce
         parts = {
             "loss": float(total.detach()),
             "dice": float(dice.detach()),
             "ce": float(ce.detach()),
-            "flipped_fraction": float(flipped.float().mean()) if flipped is not None else 0.0,
+            "flipped_fraction": float(flipped.sum()) / float(n_keep) if flipped is not None else 0.0,
         }
         return total, parts

@@ -11,7 +11,7 @@ conv3x3 64 -> 32 BN ReLU, x2, conv1x1) give binary (2) and fine (K + 1) logits a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -19,17 +19,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from b2p.errors import B2PError
-from b2p.student.backbones import BACKBONES, DINOV2_SIZES, EFFNET_NAME, build_backbone, default_taps
+from b2p.student.backbones import (
+    BACKBONES,
+    DINOV2_SIZES,
+    EFFNET_NAME,
+    TF_MEAN,
+    TF_STD,
+    backbone_multiple,
+    backbone_normalisation,
+    build_backbone,
+    default_taps,
+)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ADAPTATIONS = ("bitfit", "frozen", "full")
 ARCHS = ("b2p", "unet")
+UNET_MULTIPLE = 8  # three 2x2 max-pools
+# the U-Net learns from scratch on whatever it is fed: the symmetric [-1, 1] scaling, recorded like any other
+UNET_MEAN, UNET_STD = TF_MEAN, TF_STD
+DEFAULT_TILE = 256  # px at model scale; rounded up to the backbone's multiple when not given
 
 
 @dataclass
 class StudentConfig:
-    """Everything needed to rebuild a student (JSON-serialisable; stored in model.pt)."""
+    """Everything needed to rebuild a student and feed it (JSON-serialisable; stored in model.pt).
+
+    Geometry (see geometry.py): images are resized by `scale` (model px per image px; 1.0 = native
+    resolution), the longer side capped at `max_side`, padded to a multiple of `multiple`, and seen in
+    square tiles of `tile_size` px (training crops, sliding-window prediction). `mean`/`std` are the input
+    statistics of the backbone's weights. None fields are filled from the backbone on construction, so a
+    stored config always holds the values the model was trained with.
+    """
 
     num_classes: int  # K + 1, background included
     arch: str = "b2p"  # b2p | unet (the from-scratch baseline)
@@ -38,14 +57,20 @@ class StudentConfig:
     taps: list[int] | None = None  # None: paper's (1, 2, 4, 7) for DINOv2, (4, 10, 15) for EfficientNet
     detail_branch: bool = True
     binary_head: bool = True
-    input_size: int = 518  # square input; DINOv2 needs a multiple of 14
+    tile_size: int | None = None  # None: DEFAULT_TILE rounded up to `multiple`; else must be a multiple of it
+    scale: float = 1.0
+    max_side: int | None = None
+    multiple: int | None = None  # None: the backbone's (DINOv2 patch 14, EfficientNet 32, U-Net 8)
     decoder_dim: int | None = None  # None: 256 for DINOv2 (paper), 128 for EfficientNet-Lite0 (measured)
     upsample_steps: int | None = None  # x2 steps of the three up-steps; None: 3 for ViT, to ~H/4 for CNNs
     unet_base: int = 32
     # tiny DINOv2 config for tests (hidden_size, num_hidden_layers, ...): always random weights
     dinov2_config: dict | None = None
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    mean: list[float] | None = None  # None: the backbone's (EfficientNet-Lite0 0.5, DINOv2 ImageNet)
+    std: list[float] | None = None
+    # LEGACY (model.pt version 1 only): the square side every image was resized to, aspect ratio lost.
+    # Set by the checkpoint loader for old models so they predict as they were trained; never for new ones.
+    legacy_input_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -61,12 +86,40 @@ class StudentConfig:
         self.taps = [int(t) for t in self.taps]
         if self.decoder_dim is None:
             self.decoder_dim = 128 if self.backbone == EFFNET_NAME else 256
-        if self.input_size < 16:
-            raise B2PError(f"input size {self.input_size} is too small")
-        if self.arch == "b2p" and self.backbone in DINOV2_SIZES:
-            patch = (self.dinov2_config or {}).get("patch_size", 14)
-            if self.input_size % patch:
-                raise B2PError(f"DINOv2 input size must be a multiple of {patch} (e.g. 518, 224), got {self.input_size}")
+        if self.mean is None or self.std is None:
+            mean, std = (UNET_MEAN, UNET_STD) if self.arch == "unet" else backbone_normalisation(self.backbone)
+            self.mean = list(mean) if self.mean is None else self.mean
+            self.std = list(std) if self.std is None else self.std
+        self.mean, self.std = [float(v) for v in self.mean], [float(v) for v in self.std]
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise B2PError(f"mean and std need 3 values (RGB), std > 0; got mean {self.mean}, std {self.std}")
+        self._check_geometry()
+
+    def _check_geometry(self) -> None:
+        need = self.required_multiple()
+        if self.multiple is None:
+            self.multiple = need
+        if self.multiple < 1 or self.multiple % need:
+            raise B2PError(f"multiple must be a positive multiple of {need} for this model, got {self.multiple}")
+        if self.tile_size is None:
+            self.tile_size = -(-DEFAULT_TILE // self.multiple) * self.multiple
+        if self.legacy_input_size is not None:
+            return  # LEGACY: a version-1 model's square input; its tile_size is unused
+        m = self.multiple
+        if self.tile_size < max(16, m) or self.tile_size % m:
+            lo, hi = max(m, self.tile_size // m * m), -(-self.tile_size // m) * m
+            what = f"the DINOv2 patch size {m}" if self.arch == "b2p" and self.backbone in DINOV2_SIZES else str(m)
+            raise B2PError(f"tile_size must be a multiple of {what} (e.g. {lo} or {hi}), got {self.tile_size}")
+        if not self.scale > 0:
+            raise B2PError(f"scale must be positive (1.0 = native resolution), got {self.scale}")
+        if self.max_side is not None and self.max_side < 16:
+            raise B2PError(f"max_side must be at least 16 px (or null), got {self.max_side}")
+
+    def required_multiple(self) -> int:
+        """The side multiple the network itself needs (model-space image and tile sides)."""
+        if self.arch == "unet":
+            return UNET_MULTIPLE
+        return backbone_multiple(self.backbone, self.dinov2_config)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,13 +197,31 @@ class HierarchicalDecoder(nn.Module):
         return x
 
 
-def _head(cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-        _cbr(64, 32),
-        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-        nn.Conv2d(32, cout, 1),
-    )
+class Head(nn.Sequential):
+    """x2, conv3x3 64 -> 32 BN ReLU, x2, conv1x1 -> logits (layers kept in this order, so model.pt keys stay).
+
+    Computed in a cheaper, identical order: the 1x1 conv is a per-pixel affine map and bilinear weights sum
+    to 1, so conv1x1(up(z)) == up(conv1x1(z)); applying it before the last x2 moves that upsampling from 32
+    channels to the few logit channels. `forward_from_up` takes the first x2 already done (the heads share it).
+    """
+
+    def __init__(self, cout: int):
+        super().__init__(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            _cbr(64, 32),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(32, cout, 1),
+        )
+
+    def forward_from_up(self, up: torch.Tensor) -> torch.Tensor:
+        return self[2](self[3](self[1](up)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_from_up(self[0](x))
+
+
+def _resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class Boxes2PixelsStudent(nn.Module):
@@ -170,8 +241,8 @@ class Boxes2PixelsStudent(nn.Module):
         )
         self.detail = nn.Sequential(_cbr(3, 24, stride=2), _cbr(24, 32, stride=2)) if config.detail_branch else None
         self.mixer = _cbr(64 if config.detail_branch else 32, 64)
-        self.fine_head = _head(config.num_classes)
-        self.binary_head = _head(2) if config.binary_head else None
+        self.fine_head = Head(config.num_classes)
+        self.binary_head = Head(2) if config.binary_head else None
         self.apply_adaptation()
 
     # --- adaptation: which backbone parameters train ---
@@ -208,14 +279,14 @@ class Boxes2PixelsStudent(nn.Module):
         y = self.decoder([f.to(x.dtype) for f in feats])
         if self.detail is not None:
             d = self.detail(x)
-            y = F.interpolate(y, size=d.shape[-2:], mode="bilinear", align_corners=False)
-            y = torch.cat([y, d], dim=1)
+            y = torch.cat([_resize_to(y, d.shape[-2:]), d], dim=1)
         else:
-            y = F.interpolate(y, size=(math.ceil(h / 4), math.ceil(w / 4)), mode="bilinear", align_corners=False)
+            y = _resize_to(y, (math.ceil(h / 4), math.ceil(w / 4)))
         y = self.mixer(y)
-        out = {"fine": F.interpolate(self.fine_head(y), size=(h, w), mode="bilinear", align_corners=False), "binary": None}
+        up = self.fine_head[0](y)  # the first x2 of both heads (no parameters): done once
+        out = {"fine": _resize_to(self.fine_head.forward_from_up(up), (h, w)), "binary": None}
         if self.binary_head is not None:
-            out["binary"] = F.interpolate(self.binary_head(y), size=(h, w), mode="bilinear", align_corners=False)
+            out["binary"] = _resize_to(self.binary_head.forward_from_up(up), (h, w))
         return out
 
 

@@ -1,7 +1,16 @@
 """Inference with a trained student: label maps at each image's original size (+ optional probabilities).
 
-Images are resized to the model's square input; the logits are resized back to the original size
-(bilinear) before the argmax, so the label map has the image's exact size.
+Sliding window at the training geometry (geometry.py): the image is resized to the model's `scale` (aspect
+kept; 1.0 = native resolution), padded to the backbone's multiple and to at least one tile, and cut into
+tiles of the model's `tile_size` that overlap by `overlap` (a fraction of the tile). Each tile's logits are
+weighted by a separable window that ramps down linearly over the overlap but never reaches zero, summed at
+model scale in float32, divided by the summed weights (so a pixel seen by one tile gets exactly that tile's
+logits), and mapped back to the image (padding cropped, bilinear). Memory is bounded by the model-scale
+logit canvas plus a few tiles at a time, whatever the image size; an image smaller than a tile is padded,
+never stretched.
+
+LEGACY: models saved before issue 12 (model.pt version 1) were trained on images squashed to an
+`input_size` square; they are still predicted that way (`_legacy_square_logits`), with their own statistics.
 
 Box-guided masks (`within_boxes`): for images that carry box annotations the student can also turn each box
 into a mask, the way a teacher does: the student's defect pixels inside the box, painted with the box's
@@ -11,7 +20,6 @@ annotated images themselves, and it is scored like a teacher (both see the same 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +30,12 @@ from rich.console import Console
 from b2p.errors import B2PError
 from b2p.fileio import atomic_write, read_image
 from b2p.labels import label_map_key, label_map_path, write_label_map
-from b2p.student.data import load_batch_files_for_inference, prepare_image
+from b2p.student.data import load_batch_files_for_inference, normalise, prepare_image
+from b2p.student.geometry import Geometry
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+DEFAULT_OVERLAP = 0.25  # of the tile side
+DEFAULT_TILE_BATCH = 4  # tiles per forward pass: bounds activation memory
 
 
 @dataclass
@@ -65,42 +76,125 @@ def within_boxes(
     return paint_label_map((h, w), masks, [int(c) for c in class_ids]), rescued
 
 
+def blend_window(tile: int, ramp: int) -> torch.Tensor:
+    """tile x tile float32 weights: 1 inside, falling linearly to 1/(ramp+1) over `ramp` px at each edge.
+
+    Never zero, so every pixel of the canvas has weight; separable, so overlapping tiles cross-fade along
+    both axes. ramp 0: all ones (plain averaging)."""
+    i = torch.arange(tile, dtype=torch.float32)
+    r = max(int(ramp), 0) + 1
+    w1 = torch.minimum(torch.minimum(i + 1, tile - i), torch.tensor(float(r))) / r
+    return w1[:, None] * w1[None, :]
+
+
+def check_overlap(overlap: float) -> float:
+    if not 0.0 <= overlap < 1.0:
+        raise B2PError(f"overlap is a fraction of the tile in [0, 1), got {overlap}")
+    return float(overlap)
+
+
+def overlap_px(tile: int, overlap: float) -> int:
+    """Overlap as a fraction of the tile -> pixels."""
+    return int(round(check_overlap(overlap) * tile))
+
+
+def geometry_of(model: torch.nn.Module, height: int, width: int) -> Geometry:
+    """The geometry `model` was trained in, for an HxW image."""
+    c = model.config
+    return Geometry.for_image(height, width, scale=c.scale, max_side=c.max_side, multiple=c.multiple)
+
+
+@torch.no_grad()
+def image_logits(
+    model: torch.nn.Module,
+    img: np.ndarray,
+    device: torch.device | str = "cpu",
+    overlap: float = DEFAULT_OVERLAP,
+    tile_batch: int = DEFAULT_TILE_BATCH,
+) -> torch.Tensor:
+    """Fine-head logits (K+1)xHxW float32 (on `device`) of an HxWx3 uint8 RGB image, at the image's size."""
+    c = model.config
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise B2PError(f"expected an HxWx3 uint8 RGB image, got {img.shape} {img.dtype}")
+    if tile_batch < 1:
+        raise B2PError(f"tiles per forward pass must be at least 1, got {tile_batch}")
+    if c.legacy_input_size is not None:
+        return _legacy_square_logits(model, img, device)
+    tile = c.tile_size
+    geo = geometry_of(model, img.shape[0], img.shape[1])
+    canvas, _ = geo.image_to_model(img, min_side=tile)  # HpxWpx3 uint8: resized, padded
+    ov = overlap_px(tile, overlap)
+    origins = geo.tile_origins(tile, ov, min_side=tile)
+    window = blend_window(tile, ov).to(device)
+    hp, wp = canvas.shape[:2]
+    acc = torch.zeros(c.num_classes, hp, wp, dtype=torch.float32, device=device)
+    wsum = torch.zeros(hp, wp, dtype=torch.float32, device=device)
+    for i in range(0, len(origins), tile_batch):
+        chunk = origins[i : i + tile_batch]
+        tiles = torch.stack([normalise(canvas[y0 : y0 + tile, x0 : x0 + tile], c.mean, c.std) for y0, x0 in chunk])
+        logits = model(tiles.to(device))["fine"].float()
+        for (y0, x0), lg in zip(chunk, logits):
+            acc[:, y0 : y0 + tile, x0 : x0 + tile].addcmul_(lg, window)
+            wsum[y0 : y0 + tile, x0 : x0 + tile].add_(window)
+    del canvas
+    acc.div_(wsum)
+    del wsum
+    return geo.logits_to_image(acc)
+
+
+def _legacy_square_logits(model: torch.nn.Module, img: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """LEGACY (model.pt version 1): the image squashed to the `legacy_input_size` square (data.prepare_image),
+    as those models were trained, logits resized back to the image (bilinear). Kept only so old models
+    still predict as trained; new models never take this path."""
+    c = model.config
+    x = prepare_image(img, c.legacy_input_size, c.mean, c.std)[None].to(device)
+    lg = model(x)["fine"].float()
+    return torch.nn.functional.interpolate(lg, size=img.shape[:2], mode="bilinear", align_corners=False)[0]
+
+
+def predict_image(
+    model: torch.nn.Module,
+    img: np.ndarray,
+    device: torch.device | str = "cpu",
+    overlap: float = DEFAULT_OVERLAP,
+    tile_batch: int = DEFAULT_TILE_BATCH,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(label map HxW uint8, class probabilities (K+1)xHxW float32) of an HxWx3 uint8 RGB image."""
+    p = image_logits(model, img, device, overlap, tile_batch)
+    # softmax in place: on a multi-megapixel image every extra (K+1)xHxW copy is hundreds of MB
+    p.sub_(p.amax(0, keepdim=True)).exp_()
+    p.div_(p.sum(0, keepdim=True))
+    labels = p.argmax(0).to(torch.uint8).cpu().numpy()
+    return labels, p.cpu().numpy()
+
+
 def predict_images(
-    model: torch.nn.Module, images: list[np.ndarray], device: torch.device | str = "cpu"
+    model: torch.nn.Module,
+    images: list[np.ndarray],
+    device: torch.device | str = "cpu",
+    overlap: float = DEFAULT_OVERLAP,
+    tile_batch: int = DEFAULT_TILE_BATCH,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Predict a list of HxWx3 uint8 RGB images (any sizes) in one batch.
+    """Predict HxWx3 uint8 RGB images of any sizes, one after the other (see `predict_image`).
 
     Returns (label maps HxW uint8, class probabilities (K+1)xHxW float32), at each image's own size.
     """
-    c = model.config
-    x = torch.stack([prepare_image(im, c.input_size, c.mean, c.std) for im in images]).to(device)
-    with torch.no_grad():
-        logits = model(x)["fine"].float()
-    labels, probs = [], []
-    for i, im in enumerate(images):
-        lg = torch.nn.functional.interpolate(logits[i : i + 1], size=im.shape[:2], mode="bilinear", align_corners=False)[0]
-        p = torch.softmax(lg, dim=0)
-        labels.append(p.argmax(0).to(torch.uint8).cpu().numpy())
-        probs.append(p.cpu().numpy())
-    return labels, probs
-
-
-def _chunks(items: list, n: int) -> Iterator[list]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
+    out = [predict_image(model, im, device, overlap, tile_batch) for im in images]
+    return [o[0] for o in out], [o[1] for o in out]
 
 
 def run_prediction(
     model_dir: str | Path,
     items: list[PredictItem],
-    batch_size: int = 4,
+    tile_batch: int = DEFAULT_TILE_BATCH,
     device: str = "auto",
     console: Console | None = None,
     progress: bool = True,
     box_threshold: float = 0.5,
+    overlap: float = DEFAULT_OVERLAP,
 ) -> dict:
     """Predict every item and write its label map (and probabilities when `probs_out` is set, and the
-    box-guided label map when `boxed_out` is set)."""
+    box-guided label map when `boxed_out` is set). Images one at a time, `tile_batch` tiles per forward pass."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from b2p.student.checkpoint import load_student
@@ -108,29 +202,34 @@ def run_prediction(
     from b2p.student.train import pick_device
 
     console = console or Console(stderr=True)
+    if tile_batch < 1:
+        raise B2PError(f"tiles per forward pass must be at least 1, got {tile_batch}")
+    check_overlap(overlap)  # refuse a bad overlap before loading anything
     dev = pick_device(device)
     model, ck = load_student(model_dir, dev)
-    console.print(f"student from {ck['path']}: backbone {describe_backbone(model)}; {len(items)} images on {dev}")
-    if batch_size < 1:
-        raise B2PError(f"batch size must be at least 1, got {batch_size}")
+    c = model.config
+    how = (
+        f"LEGACY square {c.legacy_input_size} px (version-1 model)"
+        if c.legacy_input_size is not None
+        else f"tiles {c.tile_size} px, overlap {overlap:g}, scale {c.scale:g}" + (f", max side {c.max_side}" if c.max_side else "")
+    )
+    console.print(f"student from {ck['path']}: backbone {describe_backbone(model)}; {len(items)} images on {dev}; {how}")
     n_defect_px = rescued = n_boxes = 0
     with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=not progress) as bar:
         task = bar.add_task("predict", total=len(items))
-        for chunk in _chunks(items, batch_size):
-            imgs = [read_image(it.image_path) for it in chunk]
-            labels, probs = predict_images(model, imgs, dev)
-            for it, lm, pr in zip(chunk, labels, probs):
-                write_label_map(it.label_out, lm)
-                n_defect_px += int(np.count_nonzero(lm))
-                if it.boxed_out is not None:
-                    boxed, r = within_boxes(1.0 - pr[0], it.boxes_xyxy, it.box_classes, box_threshold)
-                    write_label_map(it.boxed_out, boxed)
-                    rescued += r
-                    n_boxes += len(it.box_classes)
-                if it.probs_out is not None:
-                    with atomic_write(it.probs_out) as f:
-                        np.savez_compressed(f, probs=pr.astype(np.float16), class_names=np.array(["background", *ck["class_names"]]))
-            bar.advance(task, len(chunk))
+        for it in items:
+            lm, pr = predict_image(model, read_image(it.image_path), dev, overlap, tile_batch)
+            write_label_map(it.label_out, lm)
+            n_defect_px += int(np.count_nonzero(lm))
+            if it.boxed_out is not None:
+                boxed, r = within_boxes(1.0 - pr[0], it.boxes_xyxy, it.box_classes, box_threshold)
+                write_label_map(it.boxed_out, boxed)
+                rescued += r
+                n_boxes += len(it.box_classes)
+            if it.probs_out is not None:
+                with atomic_write(it.probs_out) as f:
+                    np.savez_compressed(f, probs=pr.astype(np.float16), class_names=np.array(["background", *ck["class_names"]]))
+            bar.advance(task)
     if n_boxes:
         console.print(
             f"box-guided masks for {n_boxes} boxes; {rescued} boxes had no pixel above p(defect) {box_threshold} "

@@ -1,9 +1,12 @@
 """Training the student on teacher pseudo-masks (METHOD.md "Training").
 
 AdamW (lr 5e-4, wd 1e-2) over the trainable parameters, cosine schedule over all steps, gradient clipping
-1.0, an EMA of the weights (0.999) used for validation and saved, mixed precision on a GPU, early stopping
-on validation anomaly mIoU against the pseudo-masks. With a frozen backbone, backbone features are
-computed once per image and cached, so an epoch costs only the decoder.
+1.0, an EMA of the weights (0.999) used for validation and saved, mixed precision on a GPU. Training sees
+square tiles at the training scale (data.py, geometry.py); validation sees whole val images in the same
+geometry, scored at each image's own size. The saved epoch follows `select` (selection.py; default `box`,
+a teacher-free score), and early stopping watches the same score. With a frozen backbone, the features of
+each whole (flipped) model-space image are computed once and cached; a tile cuts its share out of them,
+so an epoch costs only the decoder.
 """
 
 from __future__ import annotations
@@ -25,9 +28,22 @@ from rich.console import Console
 from b2p.errors import B2PError
 from b2p.fileio import write_bytes_atomic, write_json_atomic
 from b2p.student.checkpoint import MODEL_FILE, save_checkpoint
-from b2p.student.data import AUGMENTATIONS, FeatureCache, StudentDataset, backbone_fingerprint, gather_samples
+from b2p.student.data import (
+    AUGMENTATIONS,
+    FeatureCache,
+    StudentDataset,
+    TileSampling,
+    backbone_fingerprint,
+    collate,
+    crop_features,
+    feature_view_key,
+    gather_samples,
+    same_size_batches,
+)
+from b2p.student.geometry import IGNORE
 from b2p.student.losses import LossParams, StudentLoss
 from b2p.student.model import StudentConfig, build_model, count_params, describe_backbone
+from b2p.student.selection import SELECT_RULES, BoxFitScore
 
 
 @dataclass
@@ -43,7 +59,15 @@ class TrainParams:
     taps: list[int] | None = None
     detail_branch: bool = True
     binary_head: bool = True
-    input_size: int = 518
+    # geometry (geometry.py): model px per image px (1.0 = native resolution), a cap on the longer scaled
+    # side (huge images), the square training tile at model scale (None: the model's default, 256 rounded
+    # up to the backbone's multiple). `input_size`, the old square resize, is read as tile_size.
+    scale: float = 1.0
+    max_side: int | None = None
+    tile_size: int | None = None
+    # tiles: the share centred (with jitter) on a random box, the rest uniform anywhere; tiles per image per epoch
+    box_crop_fraction: float = 0.5
+    crops_per_image: int = 1
     decoder_dim: int | None = None  # 256 for DINOv2 (paper), 128 for EfficientNet-Lite0
     unet_base: int = 32
     dinov2_config: dict | None = None  # tiny random DINOv2 for tests
@@ -56,6 +80,7 @@ class TrainParams:
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay min(d, (1+t)/(10+t)): short runs still get a useful EMA
     patience: int = 25
+    select: str = "box"  # box (teacher-free, default) | pseudo (val mIoU vs pseudo-masks) | last (selection.py)
     seed: int = 42
     amp: bool = True  # only on a GPU
     device: str = "auto"  # auto | cpu | cuda
@@ -78,12 +103,29 @@ class TrainParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> TrainParams:
         known = {f.name for f in fields(cls)}
+        d = dict(d)
+        if "input_size" in d:  # params and checkpoints from before tiles: the square side becomes the tile side
+            if d.get("tile_size") is not None:
+                raise B2PError("train.input_size (old name) and train.tile_size are both set; keep only tile_size", source)
+            d["tile_size"] = d.pop("input_size")
         unknown = sorted(set(d) - known)
         if unknown:
             raise B2PError(f"unknown train parameters {unknown}; known: {sorted(known)}", source)
-        if d.get("augment", "none") not in AUGMENTATIONS:  # checked here, before any model is built
-            raise B2PError(f"train.augment must be one of {list(AUGMENTATIONS)}, got {d['augment']!r}", source)
-        return cls(**d)
+        try:
+            return cls(**d)
+        except B2PError as e:  # name the params files
+            raise B2PError(e.problem, source) from None
+
+    def __post_init__(self) -> None:
+        # checked here, before any model is built
+        if self.augment not in AUGMENTATIONS:
+            raise B2PError(f"train.augment must be one of {list(AUGMENTATIONS)}, got {self.augment!r}")
+        if self.select not in SELECT_RULES:
+            raise B2PError(f"train.select must be one of {list(SELECT_RULES)}, got {self.select!r}")
+        if not 0.0 <= self.box_crop_fraction <= 1.0:
+            raise B2PError(f"train.box_crop_fraction must be in [0, 1], got {self.box_crop_fraction}")
+        if self.crops_per_image < 1:
+            raise B2PError(f"train.crops_per_image must be at least 1, got {self.crops_per_image}")
 
     def loss_params(self) -> LossParams:
         names = {f.name for f in fields(LossParams)}
@@ -135,10 +177,6 @@ class EMA:
                 be.copy_(b)
 
 
-def _cm_update(cm: Any, logits: torch.Tensor, target: torch.Tensor) -> None:
-    cm.update(logits.argmax(1).cpu().numpy(), target.cpu().numpy())
-
-
 def train_student(
     batch_files: list[Path],
     teacher_root: str | Path,
@@ -178,16 +216,21 @@ def train_student(
     console.print(f"[bold]student[/]: {config.arch}, backbone {describe_backbone(model)}")
     if not provenance.get("pretrained", False) and config.arch == "b2p":
         console.print("[bold yellow]warning:[/] the backbone has RANDOM weights (explicitly requested); results are not those of a pretrained model")
+    geom = f"scale {config.scale:g}" + (f", longer side <= {config.max_side}" if config.max_side else "")
     console.print(
         f"parameters: {pc['total'] / 1e6:.2f} M total, {pc['trainable'] / 1e6:.2f} M trainable "
-        f"({config.adaptation}); {len(train_samples)} train / {len(val_samples)} val images at {config.input_size} px on {device}"
+        f"({config.adaptation}); {len(train_samples)} train / {len(val_samples)} val images at {geom}, "
+        f"{config.tile_size} px tiles x {params.crops_per_image} per image, on {device}"
     )
 
     loss_fn = StudentLoss(params.loss_params(), num_classes)
     if params.loss_params().self_correction_region == "boxes":
         console.print("self-correction restricted to pixels inside boxes")
+    select = params.select
+    if select == "box" and val_samples and not any(len(s.record.boxes) for s in val_samples):
+        raise B2PError("train.select 'box' scores val images against their boxes, but the val split has no box; use select: pseudo or last")
 
-    # frozen backbone: features once per image (the backbone never changes)
+    # frozen backbone: whole-image features once per view (the backbone never changes), tiles cut from them
     cache: FeatureCache | None = None
     mode = params.feature_cache
     if mode not in ("auto", "memory", "disk", "off"):
@@ -200,10 +243,17 @@ def train_student(
         console.print(f"[yellow]note:[/] feature cache {mode!r} ignored: the backbone is not frozen (adaptation={config.adaptation})")
 
     g = torch.Generator().manual_seed(params.seed)
-    ds_train = StudentDataset(train_samples, config.input_size, config.mean, config.std, num_classes, params.augment)
-    ds_val = StudentDataset(val_samples, config.input_size, config.mean, config.std, num_classes)
-    dl_train = torch.utils.data.DataLoader(ds_train, batch_size=params.batch_size, shuffle=True, generator=g, num_workers=params.num_workers)
-    dl_val = torch.utils.data.DataLoader(ds_val, batch_size=params.batch_size, shuffle=False, num_workers=params.num_workers)
+    # cached features are cut exactly only on the backbone's stride grid; without a cache any origin will do
+    sampling = TileSampling(config.tile_size, params.box_crop_fraction, params.crops_per_image, config.multiple if cache else 1)
+    view = dict(mean=config.mean, std=config.std, num_classes=num_classes, scale=config.scale, max_side=config.max_side, multiple=config.multiple)
+    ds_train = StudentDataset(train_samples, sampling=sampling, augment=params.augment, **view)
+    ds_val = StudentDataset(val_samples, min_side=config.tile_size, **view)
+    dl_train = torch.utils.data.DataLoader(
+        ds_train, batch_size=params.batch_size, shuffle=True, generator=g, num_workers=params.num_workers, collate_fn=collate
+    )
+    dl_val = torch.utils.data.DataLoader(
+        ds_val, batch_sampler=same_size_batches(ds_val, params.batch_size), num_workers=params.num_workers, collate_fn=collate
+    )
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
@@ -214,23 +264,29 @@ def train_student(
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    def features(x: torch.Tensor, idx: torch.Tensor, flips: torch.Tensor, samples) -> list[torch.Tensor] | None:
+    def features(batch: dict, ds: StudentDataset) -> list[torch.Tensor] | None:
+        """Cached backbone features of the batch's tiles (None without a cache: the model computes them)."""
         if cache is None:
             return None
-        keys = [samples[int(i)].record.sha256 + (f"/flip{int(c)}" if int(c) else "") for i, c in zip(idx, flips)]
-        per = [cache.get(k) for k in keys]
-        if any(f is None for f in per):
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                fresh = model.backbone_features(x)
-            for j, k in enumerate(keys):
-                if per[j] is None:
-                    cache.put(k, [f[j] for f in fresh])
-                    per[j] = cache.get(k)
+        size = tuple(batch["target"].shape[-2:])
+        per = []
+        for i, code, (oy, ox) in zip(batch["index"].tolist(), batch["flip"].tolist(), batch["origin"].tolist()):
+            geo = ds.geometry(i)
+            key = feature_view_key(ds.samples[i].record.sha256, geo, ds.min_side, code)
+            whole = cache.get(key)
+            if whole is None:
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    fresh = model.backbone_features(ds.model_image(i, code)[None].to(device))
+                cache.put(key, [f[0] for f in fresh])
+                whole = cache.get(key)
+            per.append(crop_features(whole, (oy, ox), size, geo.padded_size(ds.min_side)))
         return [torch.stack([p[t] for p in per]).to(device, torch.float32) for t in range(len(per[0]))]
 
+    val_truth = [ds_val.read(i)[1] for i in range(len(ds_val))]  # teacher label maps at each image's own size
     curves: list[dict] = []
     best: dict | None = None
     best_state: dict | None = None
+    best_score: float | None = None
     best_epoch, since_best, epochs_run = -1, 0, 0
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
@@ -241,12 +297,12 @@ def train_student(
             sums: dict[str, float] = {}
             n_steps = 0
             cm_train = ConfusionMatrix(num_classes)
-            for x, y, bm, idx, flips in dl_train:
-                x, y, bm = x.to(device), y.to(device), bm.to(device)
-                feats = features(x, idx, flips, train_samples)
+            for batch in dl_train:
+                batch = _to_device(batch, device)
+                feats = features(batch, ds_train)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    out = model(x, feats)
-                loss, parts = loss_fn(out, y, epoch, bm)
+                    out = model(batch["image"], feats)
+                loss, parts = loss_fn(out, batch, epoch)
                 if not torch.isfinite(loss):
                     raise B2PError(f"training diverged (loss {float(loss)} at epoch {epoch + 1}); lower lr or check the inputs")
                 opt.zero_grad(set_to_none=True)
@@ -257,7 +313,8 @@ def train_student(
                 scaler.update()
                 sched.step()
                 ema.update()
-                _cm_update(cm_train, out["fine"].detach(), y)
+                keep = batch["target"] != IGNORE
+                cm_train.update(out["fine"].detach().argmax(1)[keep].cpu().numpy(), batch["target"][keep].cpu().numpy())
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_steps += 1
@@ -267,22 +324,25 @@ def train_student(
             row["train_anomaly_miou"] = tr.get("anomaly_miou")
             row["train_binary_iou"] = tr.get("binary_iou")
             row["lr"] = opt.param_groups[0]["lr"]
-            val = _validate(ema.model, dl_val, val_samples, features, loss_fn, epoch, device, use_amp, amp_dtype, num_classes, class_names) if val_samples else None
-            if val is not None:
-                row.update({"val_loss": val["loss"], "val_miou": val["miou"], "val_anomaly_miou": val["anomaly_miou"], "val_binary_iou": val["binary_iou"], "val_binary_f1": val["binary_f1"]})
-            row["seconds"] = time.perf_counter() - t_ep
+            row["train_seconds"] = time.perf_counter() - t_ep
+            val = None
+            if val_samples:
+                val = _validate(ema.model, dl_val, ds_val, val_truth, features, loss_fn, device, use_amp, amp_dtype, num_classes, class_names)
+                row.update({f"val_{k}": val[k] for k in ("loss", "miou", "anomaly_miou", "binary_iou", "binary_f1", "box_dice", "outside_share", "box_score")})
+            score = None if val is None or select == "last" else (val["box_score"] if select == "box" else val["anomaly_miou"]) or 0.0
+            row["select_score"] = score
+            row["seconds"] = time.perf_counter() - t_ep  # train + val
             curves.append(row)
             epochs_run = epoch + 1
-            score = (val["anomaly_miou"] or 0.0) if val is not None else None
-            if val is None or best is None or score > (best["anomaly_miou"] or 0.0):
-                best, best_epoch, since_best = val, epoch + 1, 0
+            if score is None or best_score is None or score > best_score:
+                best, best_score, best_epoch, since_best = val, score, epoch + 1, 0
                 best_state = {k: v.detach().to("cpu").clone() for k, v in ema.model.state_dict().items()}
             else:
                 since_best += 1
-            info = f"loss {row.get('train_loss', float('nan')):.4f}" + (f"  val aMIoU {score:.4f}" if score is not None else "")
+            info = f"loss {row.get('train_loss', float('nan')):.4f}" + (f"  val {select} {score:.4f}" if score is not None else "")
             bar.update(task, advance=1, info=info)
-            if val is not None and since_best >= params.patience:
-                console.print(f"early stop after epoch {epoch + 1}: no val anomaly mIoU gain for {params.patience} epochs")
+            if score is not None and since_best >= params.patience:
+                console.print(f"early stop after epoch {epoch + 1}: no val {select} score gain for {params.patience} epochs")
                 break
 
     seconds = time.perf_counter() - t_start
@@ -290,6 +350,7 @@ def train_student(
     metrics = {
         "best_epoch": best_epoch,
         "epochs_run": epochs_run,
+        "select": {"rule": select, "score": best_score, "epoch": best_epoch},
         "val": _jsonable(best) if best is not None else None,
         "val_note": None if val_samples else "val split empty: no validation, last epoch saved",
         "final_train": {k: v for k, v in curves[-1].items() if k.startswith("train_")} if curves else {},
@@ -298,40 +359,54 @@ def train_student(
         "backbone": provenance,
         "device": str(device),
         "images": {"train": len(train_samples), "val": len(val_samples)},
+        "geometry": {"scale": config.scale, "max_side": config.max_side, "tile_size": config.tile_size, "multiple": config.multiple},
         "feature_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
     }
-    info = {"best_epoch": best_epoch, "val": metrics["val"], "train_params": asdict(params)}
+    info = {"best_epoch": best_epoch, "select": params.select, "val": metrics["val"], "train_params": asdict(params)}
     save_checkpoint(out_dir / MODEL_FILE, config, class_names, provenance, best_state, info)
     write_json_atomic(out_dir / "metrics.json", metrics)
     _write_curves(out_dir / "curves.csv", curves)
     v = metrics["val"]
     console.print(
-        f"saved {out_dir / MODEL_FILE} (epoch {best_epoch} of {epochs_run}"
-        + (f", val anomaly mIoU {v['anomaly_miou']:.4f}, binary IoU {v['binary_iou']:.4f}" if v and v.get("anomaly_miou") is not None and v.get("binary_iou") is not None else "")
+        f"saved {out_dir / MODEL_FILE} (epoch {best_epoch} of {epochs_run}, select {select}"
+        + (f", val box score {v['box_score']:.4f}" if v and v.get("box_score") is not None else "")
+        + (f", val anomaly mIoU {v['anomaly_miou']:.4f}, binary IoU {v['binary_iou']:.4f} vs pseudo-masks" if v and v.get("anomaly_miou") is not None and v.get("binary_iou") is not None else "")
         + f") in {seconds:.1f} s; backbone {describe_backbone(model)}"
     )
     return metrics
 
 
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
 @torch.no_grad()
-def _validate(model, dl, samples, features, loss_fn, epoch, device, use_amp, amp_dtype, num_classes, class_names) -> dict:
+def _validate(model, dl, ds, truth, features, loss_fn, device, use_amp, amp_dtype, num_classes, class_names) -> dict:
+    """Whole val images: loss at model scale; scores at each image's own size against the teacher's label
+    maps (`truth`) and the `box` selection score against its boxes."""
     from b2p.evaluate.metrics import ConfusionMatrix, scores
 
     model.eval()
     cm = ConfusionMatrix(num_classes)
+    box_fit = BoxFitScore()
     total, n = 0.0, 0
-    for x, y, bm, idx, flips in dl:
-        x, y, bm = x.to(device), y.to(device), bm.to(device)
-        feats = features(x, idx, flips, samples)
+    for batch in dl:
+        batch = _to_device(batch, device)
+        feats = features(batch, ds)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            out = model(x, feats)
+            out = model(batch["image"], feats)
         # validation loss without self-correction: the pseudo-labels as they are
-        _, parts = loss_fn(out, y, -1, bm)  # epoch -1: self-correction off
+        _, parts = loss_fn(out, batch, -1)  # epoch -1: self-correction off
         total += parts["loss"]
         n += 1
-        _cm_update(cm, out["fine"].float(), y)
+        fine = out["fine"].float()
+        for j, i in enumerate(batch["index"].tolist()):
+            pred = ds.geometry(i).logits_to_image(fine[j]).argmax(0).cpu().numpy()
+            cm.update(pred, truth[i])
+            box_fit.update(pred > 0, ds.samples[i].record.boxes_xyxy())
     s = scores(cm.matrix, class_names)
     s["loss"] = total / max(n, 1)
+    s.update(box_fit.parts())
     return s
 
 
