@@ -61,9 +61,9 @@ def read_checkpoint(path: str | Path) -> dict:
         raise B2PError("not a b2p student model file", path)
     if ck.get("version") not in SUPPORTED_VERSIONS:
         raise B2PError(f"model file version {ck.get('version')} is not supported (expected one of {list(SUPPORTED_VERSIONS)})", path)
+    check_checkpoint(ck, path)
     if ck["version"] == 1:
         ck["config"] = legacy_v1_config(ck["config"])
-    check_checkpoint(ck, path)
     ck["path"] = str(path)
     return ck
 
