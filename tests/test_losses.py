@@ -52,10 +52,10 @@ def test_self_correction_box_region():
     corrected, flipped = self_correct(logits, target, tau=0.9, region=region)
     assert corrected.view(-1).tolist() == [0, 2, 0, 0, 1, 2]  # pixel 0 lies outside every box
     loss = StudentLoss(LossParams(self_correction_region="boxes"), num_classes=3)
-    _, parts = loss({"fine": logits, "binary": None}, target, epoch=0, box_mask=region)
+    _, parts = loss({"fine": logits, "binary": None}, {"target": target, "box_mask": region}, epoch=0)
     assert parts["flipped_fraction"] == pytest.approx(1 / 6)
     with pytest.raises(B2PError):
-        loss({"fine": logits, "binary": None}, target, epoch=0, box_mask=None)
+        loss({"fine": logits, "binary": None}, {"target": target}, epoch=0)
 
 
 def test_self_correction_off_during_warmup_and_loss_uses_corrected_targets():
@@ -65,23 +65,23 @@ def test_self_correction_off_during_warmup_and_loss_uses_corrected_targets():
     w = torch.tensor([0.4, 4.0, 4.0])
     raw_ce = F.cross_entropy(logits, target, weight=w, reduction="none").mean()
     for epoch in (0, 1):
-        total, parts = loss({"fine": logits, "binary": None}, target, epoch=epoch)
+        total, parts = loss({"fine": logits, "binary": None}, {"target": target}, epoch=epoch)
         assert parts["flipped_fraction"] == 0.0
         assert float(total) == pytest.approx(float(raw_ce), rel=1e-5)
-    total, parts = loss({"fine": logits, "binary": None}, target, epoch=2)
+    total, parts = loss({"fine": logits, "binary": None}, {"target": target}, epoch=2)
     corrected = torch.tensor([1, 2, 0, 0, 1, 2]).view(1, 1, 6)
     assert parts["flipped_fraction"] == pytest.approx(2 / 6)
     assert float(total) == pytest.approx(float(F.cross_entropy(logits, corrected, weight=w, reduction="none").mean()), rel=1e-5)
     assert float(total) < float(raw_ce)  # agreeing with the student's confident finds lowers the loss
     # no self-correction at all when switched off
-    _, parts = StudentLoss(LossParams(self_correction=False), 3)({"fine": logits, "binary": None}, target, epoch=5)
+    _, parts = StudentLoss(LossParams(self_correction=False), 3)({"fine": logits, "binary": None}, {"target": target}, epoch=5)
     assert parts["flipped_fraction"] == 0.0
 
 
 def test_no_gradient_through_the_correction_mask():
     logits, target = _scene()
     logits = logits.clone().requires_grad_(True)
-    total, _ = StudentLoss(LossParams(w_binary=0.0, w_fine=1.0), 3)({"fine": logits, "binary": None}, target)
+    total, _ = StudentLoss(LossParams(w_binary=0.0, w_fine=1.0), 3)({"fine": logits, "binary": None}, {"target": target})
     total.backward()
     # the gradient equals that of plain CE against fixed corrected targets
     ref = logits.detach().clone().requires_grad_(True)
@@ -114,12 +114,12 @@ def test_total_is_weighted_sum_and_binary_head_is_used():
     binary = torch.randn(2, 2, 8, 8)
     target = torch.randint(0, 3, (2, 8, 8))
     p = LossParams(self_correction=False)
-    total, parts = StudentLoss(p, 3)({"fine": fine, "binary": binary}, target)
+    total, parts = StudentLoss(p, 3)({"fine": fine, "binary": binary}, {"target": target})
     dice = asymmetric_dice(torch.softmax(binary, 1)[:, 1], target > 0, 0.4)
     ce = F.cross_entropy(fine, target, weight=torch.tensor([0.4, 4.0, 4.0]), reduction="none").mean()
     assert float(total) == pytest.approx(0.5 * float(dice) + 0.5 * float(ce), rel=1e-5)
     # without a binary head, Dice uses the fine head's summed defect probabilities
-    _, parts2 = StudentLoss(p, 3)({"fine": fine, "binary": None}, target)
+    _, parts2 = StudentLoss(p, 3)({"fine": fine, "binary": None}, {"target": target})
     dice2 = asymmetric_dice(torch.softmax(fine, 1)[:, 1:].sum(1), target > 0, 0.4)
     assert parts2["dice"] == pytest.approx(float(dice2), rel=1e-5)
 
@@ -131,8 +131,8 @@ def test_outside_box_background_weight():
     base = StudentLoss(LossParams(self_correction=False, w_binary=0, w_fine=1), 3)
     heavy = StudentLoss(LossParams(self_correction=False, w_binary=0, w_fine=1, outside_box_bg_weight=3.0), 3)
     ce = torch.log(torch.tensor(3.0))
-    assert float(base({"fine": fine, "binary": None}, target, box_mask=box)[0]) == pytest.approx(float(ce * (0.4 * 3 + 4.0) / 4), rel=1e-5)
-    assert float(heavy({"fine": fine, "binary": None}, target, box_mask=box)[0]) == pytest.approx(float(ce * (0.4 * 3 + 0.4 * 2 + 4.0) / 4), rel=1e-5)
+    assert float(base({"fine": fine, "binary": None}, {"target": target, "box_mask": box})[0]) == pytest.approx(float(ce * (0.4 * 3 + 4.0) / 4), rel=1e-5)
+    assert float(heavy({"fine": fine, "binary": None}, {"target": target, "box_mask": box})[0]) == pytest.approx(float(ce * (0.4 * 3 + 0.4 * 2 + 4.0) / 4), rel=1e-5)
 
 
 def test_bad_loss_params():

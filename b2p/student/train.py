@@ -74,6 +74,13 @@ class TrainParams:
     outside_box_bg_weight: float = 1.0
     w_binary: float = 0.5
     w_fine: float = 0.5
+    # box supervision (b2p/student/box_losses.py; 0 = off)
+    pseudo_labels: str = "teacher"  # teacher | partial (boxes only: inside a box "background or its class")
+    proj_weight: float = 0.0  # BoxInst projection loss: the mask touches every row and column of its box
+    pairwise_weight: float = 0.0  # BoxInst pairwise loss: similar-colour neighbours inside a box agree
+    pairwise_threshold: float = 0.3  # CIELab similarity exp(-||dLab||/2) from which a pair counts
+    pairwise_dilation: int = 2  # neighbour distance (px, model space)
+    pairwise_warmup: int = 0  # epochs over which the pairwise weight ramps up from 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> TrainParams:
@@ -183,7 +190,7 @@ def train_student(
         f"({config.adaptation}); {len(train_samples)} train / {len(val_samples)} val images at {config.input_size} px on {device}"
     )
 
-    loss_fn = StudentLoss(params.loss_params(), num_classes)
+    loss_fn = StudentLoss(params.loss_params(), num_classes, config.mean, config.std)
     if params.loss_params().self_correction_region == "boxes":
         console.print("self-correction restricted to pixels inside boxes")
 
@@ -246,7 +253,7 @@ def train_student(
                 feats = features(x, idx, flips, train_samples)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     out = model(x, feats)
-                loss, parts = loss_fn(out, y, epoch, bm)
+                loss, parts = loss_fn(out, {"target": y, "box_mask": bm, "image": x}, epoch)
                 if not torch.isfinite(loss):
                     raise B2PError(f"training diverged (loss {float(loss)} at epoch {epoch + 1}); lower lr or check the inputs")
                 opt.zero_grad(set_to_none=True)
@@ -326,7 +333,7 @@ def _validate(model, dl, samples, features, loss_fn, epoch, device, use_amp, amp
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             out = model(x, feats)
         # validation loss without self-correction: the pseudo-labels as they are
-        _, parts = loss_fn(out, y, -1, bm)  # epoch -1: self-correction off
+        _, parts = loss_fn(out, {"target": y, "box_mask": bm, "image": x}, -1)  # epoch -1: self-correction off
         total += parts["loss"]
         n += 1
         _cm_update(cm, out["fine"].float(), y)
