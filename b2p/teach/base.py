@@ -39,6 +39,7 @@ from b2p.errors import B2PError
 from b2p.fileio import read_image, read_json, write_bytes_atomic, write_json_atomic, write_png_atomic
 from b2p.labels import label_map_key, label_map_path, paint_label_map, write_label_map
 from b2p.masks import rle_decode, rle_encode
+from b2p.splits import SPLITS
 
 PART_FORMAT = 1
 PARTS_DIR = ".parts"
@@ -300,7 +301,7 @@ def teach_batch(
         "counts": {
             "images": len(batch.images),
             "boxes": n_boxes,
-            "images_by_split": {s: len(batch.split(s)) for s in ("train", "val", "test")},
+            "images_by_split": {s: len(batch.split(s)) for s in SPLITS},
             "taught_this_run": taught,
             "reused_from_earlier_run": reused,
             "boxes_with_notes": len(notes),
