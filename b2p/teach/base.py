@@ -106,6 +106,11 @@ class Teacher(ABC):
         """Extra facts for provenance.json (checkpoint, device, counters); settings are added by the loop."""
         return {}
 
+    def predict_for(self, record: ImageRecord, image: np.ndarray, boxes: np.ndarray, class_ids: np.ndarray) -> TeacherOutput:
+        """`predict` given also the image's identity and the boxes' class ids (N int), for teachers that need
+        them (`auto` picks a teacher per class; earlier-round masks are looked up by image)."""
+        return self.predict(image, boxes)
+
 
 def check_inputs(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate a teacher's inputs: HxWx3 uint8 image and Nx4 float boxes; returns them as arrays."""
@@ -204,7 +209,7 @@ def _teach_image(teacher: Teacher, im: ImageRecord) -> tuple[list[PseudoMask], n
         )
     boxes = im.boxes_xyxy()
     if len(boxes):
-        out = teacher.predict(image, boxes)
+        out = teacher.predict_for(im, image, boxes, im.box_class_ids())
         masks, scores, notes = out.masks, out.scores, out.notes
         if masks.shape != (len(boxes), im.height, im.width):
             raise RuntimeError(f"teacher {teacher.name} returned masks {masks.shape} for {len(boxes)} boxes")
