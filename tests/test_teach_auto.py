@@ -94,10 +94,10 @@ def test_auto_without_calib_masks_is_a_clear_error(tmp_path):
 
 
 def test_choose_ties_and_classes_without_calib_pixels():
-    def s(crack, spot, b):
-        return {"per_class": {"crack": {"iou": crack}, "spot": {"iou": spot}}, "binary_iou": b}
+    def s(crack, spot, b, a):
+        return {"per_class": {"crack": {"iou": crack}, "spot": {"iou": spot}}, "binary_iou": b, "anomaly_miou": a}
 
-    scores = {"box": s(0.5, None, 0.3), "grabcut": s(0.5, None, 0.6), "sam": s(0.4, None, 0.5)}
+    scores = {"box": s(0.5, None, 0.3, 0.5), "grabcut": s(0.5, None, 0.6, 0.4), "sam": s(0.4, None, 0.5, 0.55)}
     choice, reason = choose(scores, ["crack", "spot"])
-    assert choice == {"crack": "box", "spot": "grabcut"}  # tie -> the earlier (simpler) one
-    assert "binary IoU" in reason["spot"]
+    assert choice == {"crack": "box", "spot": "sam"}  # tie -> the earlier (simpler) one; no pixels -> best mean
+    assert "anomaly mIoU" in reason["spot"]

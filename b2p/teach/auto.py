@@ -9,16 +9,19 @@ class's candidate.
 Candidates, in this order (a tie goes to the earlier one, the simpler teacher):
   box                      the filled box;
   grabcut                  GrabCut with the configured settings (params `teach.grabcut`), and the small grid
-  grabcut[...]             GRABCUT_GRID on top of them: more context (a better background model for
-                           elongated boxes) and `min_fill` 0.2 (a collapsed GrabCut mask is replaced by
-                           the box); grid entries equal to the configured settings are dropped;
+  grabcut+...              GRABCUT_GRID on top of them: +ctx1 context_frac 1 (more context: a better
+                           background model for elongated boxes), +fill0.2 min_fill 0.2 (a GrabCut mask
+                           under 20 % of its box counts as collapsed and the box is used), and both;
+                           grid entries equal to the configured settings are dropped;
   sam                      box-prompted SAM, only when its weights are already on disk (never downloaded
                            here; a missing checkpoint or package is recorded as the reason it is absent);
   NAME                     `--candidate NAME=ROOT`: masks of an earlier round (e.g. `b2p finalize`'s final
                            masks) in the teacher layout ROOT/<batch>/labelmaps/<key>.png; a box's mask is
                            its class's pixels inside the box.
 A class without any calib pixel (in truth or in any candidate's prediction) has no IoU: it takes the
-candidate with the best binary IoU over all calib images, and the reason says so. No calib image with a
+candidate with the best anomaly mIoU (the mean over the classes that have calib pixels: every class
+counts alike, where the binary IoU would follow the classes with the largest defects), and the reason
+says so. No calib image with a
 manual mask at all is an error (there is nothing to measure on); import with `--calib F` first.
 """
 
@@ -38,9 +41,9 @@ from b2p.teach.base import Teacher, TeacherOutput, box_pixel_bounds, check_input
 
 # GrabCut settings tried besides the configured ones: name suffix -> overrides
 GRABCUT_GRID: dict[str, dict[str, Any]] = {
-    "context_frac=1": {"context_frac": 1.0},
-    "min_fill=0.2": {"min_fill": 0.2},
-    "context_frac=1,min_fill=0.2": {"context_frac": 1.0, "min_fill": 0.2},
+    "ctx1": {"context_frac": 1.0},
+    "fill0.2": {"min_fill": 0.2},
+    "ctx1+fill0.2": {"context_frac": 1.0, "min_fill": 0.2},
 }
 
 
@@ -177,7 +180,7 @@ def build_candidates(cfg, extra: dict[str, str] | None = None, progress: bool = 
         t = make_teacher(replace(base, grabcut={**cfg.grabcut, **over}), progress)
         if t.settings() not in seen:
             seen.append(t.settings())
-            cands.append(Candidate(f"grabcut[{suffix}]", t))
+            cands.append(Candidate(f"grabcut+{suffix}", t))
     skipped: dict[str, str] = {}
     try:
         cands.append(Candidate("sam", make_teacher(replace(cfg, teacher="sam", download=False), progress)))
@@ -228,9 +231,9 @@ def choose(scores: dict[str, dict], class_names: list[str]) -> tuple[dict[str, s
             iou, _, best = max(defined)
             choice[n], reason[n] = best, f"best IoU on calib ({iou:.4f})"
         else:
-            ranked = [((scores[c]["binary_iou"] or 0.0), -i, c) for i, c in enumerate(order)]
-            biou, _, best = max(ranked)
-            choice[n], reason[n] = best, f"no calib pixels of this class: best binary IoU ({biou:.4f})"
+            ranked = [((scores[c]["anomaly_miou"] or 0.0), -i, c) for i, c in enumerate(order)]
+            miou, _, best = max(ranked)
+            choice[n], reason[n] = best, f"no calib pixels of this class: best anomaly mIoU ({miou:.4f})"
     return choice, reason
 
 
@@ -251,12 +254,14 @@ def build_auto_teacher(cfg, batch_files: list[Path], extra: dict[str, str] | Non
 
 def score_table(decision: AutoChoice):
     """A rich Table: candidates x classes (IoU on calib), the chosen cell per class in bold green."""
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"teacher IoU on the calib split ({decision.calib_images} images); chosen per class in green")
     t.add_column("teacher")
     for n in decision.class_names:
         t.add_column(n, justify="right")
+    t.add_column("anomaly mIoU", justify="right")
     t.add_column("binary IoU", justify="right")
     for cand, s in decision.scores.items():
         cells = []
@@ -264,6 +269,6 @@ def score_table(decision: AutoChoice):
             v = s["per_class"][n]["iou"]
             text = "-" if v is None else f"{v:.4f}"
             cells.append(f"[bold green]{text}[/]" if decision.choice[n] == cand else text)
-        b = s["binary_iou"]
-        t.add_row(cand, *cells, "-" if b is None else f"{b:.4f}")
+        a, b = s["anomaly_miou"], s["binary_iou"]
+        t.add_row(escape(cand), *cells, "-" if a is None else f"{a:.4f}", "-" if b is None else f"{b:.4f}")
     return t

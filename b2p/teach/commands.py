@@ -72,10 +72,12 @@ def teach(
 
         t = build_auto_teacher(cfg, batch_files, cfg.candidates, progress=not quiet)
         console.print(score_table(t.decision))
+        from rich.markup import escape
+
         for n, c in t.decision.choice.items():
-            console.print(f"  {n}: [bold]{c}[/] ({t.decision.reason[n]})", highlight=False)
+            console.print(f"  {escape(n)}: [bold]{escape(c)}[/] ({escape(t.decision.reason[n])})", highlight=False)
         for c, why in t.decision.skipped.items():
-            console.print(f"  [yellow]{c} not scored:[/] {why}", highlight=False)
+            console.print(f"  [yellow]{escape(c)} not scored:[/] {escape(why)}", highlight=False)
     else:
         if cfg.candidates:
             raise B2PError("--candidate goes with --teacher auto")
