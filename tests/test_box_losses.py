@@ -229,6 +229,14 @@ def test_boxes_only_loss_prefers_the_true_shape_to_the_box_and_to_nothing():
     assert float(l1) == pytest.approx(float(l2), rel=1e-6)
     l3, _ = loss({"fine": f2, "binary": binary.detach()}, batch, epoch=1)
     assert float(l3) != pytest.approx(float(l1), rel=1e-6)
+    # `valid` alone (labels left in place under the padding) acts the same
+    by_valid = dict(batch, valid=pad_target >= 0)
+    l4, _ = loss({"fine": f2, "binary": binary.detach()}, by_valid, epoch=1)
+    assert float(l4) == pytest.approx(float(l1), rel=1e-6)
+    teacher_mode = StudentLoss(LossParams(tau=0.5, proj_weight=1.0), 2)
+    l5, p5 = teacher_mode({"fine": fine.detach(), "binary": binary.detach()}, by_valid, epoch=1)
+    l6, p6 = teacher_mode({"fine": f2, "binary": binary.detach()}, by_valid, epoch=1)
+    assert float(l5) == pytest.approx(float(l6), rel=1e-6) and p5["flipped_fraction"] == p6["flipped_fraction"]
 
 
 def test_teacher_mode_adds_box_terms_and_warmup_ramps_the_pairwise_weight():

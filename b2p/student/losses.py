@@ -150,8 +150,10 @@ class StudentLoss:
         binary = outputs.get("binary")
         p = self.p
         target = batch["target"]
-        valid = batch.get("valid")
-        valid = (target != IGNORE) if valid is None else (valid.bool() & (target != IGNORE))
+        valid = target != IGNORE
+        if batch.get("valid") is not None:
+            valid = valid & batch["valid"].bool()
+        target = torch.where(valid, target, torch.full_like(target, IGNORE))  # no term reads a padded label
         box_mask = batch.get("box_mask")
         w = self.class_weights.to(fine.device)
         n_valid = valid.float().sum().clamp_min(1.0)
@@ -185,7 +187,7 @@ class StudentLoss:
         if p.proj_weight > 0 or p.pairwise_weight > 0:
             total = total + self._box_terms(fine, binary, batch, valid, epoch, parts)
         parts["loss"] = float(total.detach())
-        parts["flipped_fraction"] = float(flipped.float().mean()) if flipped is not None else 0.0
+        parts["flipped_fraction"] = float(flipped.sum()) / float(n_valid) if flipped is not None else 0.0
         return total, parts
 
     def _box_terms(self, fine, binary, batch, valid, epoch, parts) -> torch.Tensor:

@@ -193,6 +193,9 @@ def train_student(
     loss_fn = StudentLoss(params.loss_params(), num_classes, config.mean, config.std)
     if params.loss_params().self_correction_region == "boxes":
         console.print("self-correction restricted to pixels inside boxes")
+    if params.loss_params().uses_boxes:
+        lp = params.loss_params()
+        console.print(f"box supervision: pseudo_labels {lp.pseudo_labels}, projection x{lp.proj_weight}, pairwise x{lp.pairwise_weight}")
 
     # frozen backbone: features once per image (the backbone never changes)
     cache: FeatureCache | None = None
