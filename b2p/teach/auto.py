@@ -258,7 +258,7 @@ def score_table(decision: AutoChoice):
     from rich.table import Table
 
     t = Table(title=f"teacher IoU on the calib split ({decision.calib_images} images); chosen per class in green")
-    t.add_column("teacher")
+    t.add_column("teacher", no_wrap=True)
     for n in decision.class_names:
         t.add_column(n, justify="right")
     t.add_column("anomaly mIoU", justify="right")
