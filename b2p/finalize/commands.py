@@ -17,7 +17,7 @@ def finalize(
 ) -> None:
     """Final pixel masks of every box-annotated image, with settings chosen on the calib split.
 
-    Each box of class c keeps its pixels where alpha * p_student(defect) + (1 - alpha) * [teacher says c] is above t, painted with c (smaller mask wins; a box with no such pixel keeps its best ones). (alpha, t) is chosen per class on the calib images' manual masks (IoU) from a small grid; without calib images alpha 1, t 0.5. Writes OUT/<batch>/labelmaps/<key>.png (train round 2 with `b2p train --teacher-root OUT`), OUT/<batch>/provenance.json and OUT/thresholds.json (the choice and the calib scores).
+    Each box of class c keeps its pixels where alpha * p_student(defect) + (1 - alpha) * T_c is above t (T_c = 1 where the teacher labels the pixel c, else 0), painted with c (smaller mask wins; a box with no such pixel keeps its best ones). (alpha, t) is chosen per class on the calib images' manual masks (IoU) from a small grid; without calib images alpha 1, t 0.5. Writes OUT/<batch>/labelmaps/<key>.png (train round 2 with `b2p train --teacher-root OUT`), OUT/<batch>/provenance.json and OUT/thresholds.json (the choice and the calib scores).
     """
     from rich.console import Console
     from rich.table import Table
