@@ -78,6 +78,7 @@ COMMANDS = [
     ("teach", "b2p.teach.commands", "teach"),
     ("train", "b2p.student.commands", "train"),
     ("predict", "b2p.student.commands", "predict"),
+    ("finalize", "b2p.finalize.commands", "finalize"),
     ("evaluate", "b2p.evaluate.commands", "evaluate"),
     ("browse", "b2p.browse.commands", "browse"),
     ("add-batch", "b2p.pipeline.commands", "add_batch"),

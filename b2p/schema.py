@@ -153,6 +153,7 @@ class _SplitFractions(BaseModel):
     val: Fraction = 0.15
     test: Fraction = 0.15
     salt: str = "b2p"
+    calib: Fraction = 0.0  # share of the manually masked non-test images kept for choosing settings (b2p/splits.py)
 
     @model_validator(mode="after")
     def _fractions_fit(self):
@@ -169,7 +170,7 @@ class ImportParams(_SplitFractions):
     def split_rule(self):
         from b2p.splits import SplitRule
 
-        return SplitRule(val=self.val, test=self.test, salt=self.salt, manual_masks=self.manual_masks_split)
+        return SplitRule(val=self.val, test=self.test, salt=self.salt, manual_masks=self.manual_masks_split, calib=self.calib)
 
 
 class MasksToBoxesParams(_SplitFractions):
@@ -183,14 +184,14 @@ class MasksToBoxesParams(_SplitFractions):
     def split_rule(self):
         from b2p.splits import SplitRule
 
-        return SplitRule(val=self.val, test=self.test, salt=self.salt)
+        return SplitRule(val=self.val, test=self.test, salt=self.salt, calib=self.calib)
 
 
 class EvaluateParams(BaseModel):
     """`evaluate:` - which split is scored, and the report's options."""
 
     model_config = _CONFIG
-    split: typing.Literal["test", "val", "train", "all"] = "test"
+    split: typing.Literal["test", "val", "train", "calib", "all"] = "test"
     worst: Annotated[int, Field(ge=0)] = 8
     size_bins: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], BeforeValidator(_comma_list)] = [0.001, 0.01]
     min_cover: Fraction = 0.5
@@ -200,7 +201,7 @@ class PredictParams(BaseModel):
     """`predict:` - read by dvc.yaml into `b2p predict` options (checked here with the rest of the file)."""
 
     model_config = _CONFIG
-    split: typing.Literal["test", "val", "train", "all"] = "test"
+    split: typing.Literal["test", "val", "train", "calib", "all"] = "test"
     batch_size: Annotated[int, Field(ge=1)] = 4
     device: str = "auto"
     box_threshold: Fraction = 0.5

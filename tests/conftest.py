@@ -27,17 +27,19 @@ def make_synthetic_batch(
     size: int = 64,
     seed: int = 0,
     manual_every: int = 3,
+    calib: float = 0.0,
 ) -> tuple[Path, dict[str, np.ndarray]]:
     """Write `n_images` textured gray images, each with a dark crack (class 1) and a dark spot (class 2).
 
-    Every `manual_every`-th image carries its exact manual mask (and so lands in the test split).
+    Every `manual_every`-th image carries its exact manual mask (and so lands in the test split, or with
+    `calib` > 0 that share of them in the calib split).
     Returns the canonical annotation file and the true label map of every image by file name.
     """
     rng = np.random.default_rng(seed)
     img_dir = root / "raw" / name / "images"
     images, anns, manual, truth = [], [], [], {}
     ann_id = 1
-    rule = SplitRule(val=0.2, test=0.0)
+    rule = SplitRule(val=0.2, test=0.0, calib=calib)
     for i in range(n_images):
         h = w = size
         img = (150 + rng.normal(0, 6, (h, w))).clip(0, 255)

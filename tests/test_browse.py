@@ -118,7 +118,7 @@ def test_build_update_and_views(tmp_path, fo_db):
     for f in ("boxes", "manual", "teacher", "student", "batch", "split", "teacher_iou", "student_iou", "disagreement"):
         assert f in schema
     assert ds.default_mask_targets == {1: "crack", 2: "spot"}
-    assert ds.app_config.active_fields.paths == ["boxes", "manual", "teacher", "student"]
+    assert ds.app_config.active_fields.paths == ["boxes", "manual", "teacher", "student", "final"]
     colors = {d["intTarget"]: d["color"] for d in ds.app_config.color_scheme.default_mask_targets_colors}
     assert colors == {1: "#e6194b", 2: "#3cb44b"}
 
@@ -213,6 +213,40 @@ def test_missing_roots_and_cli(tmp_path, fo_db):
     (tmp_path / "other" / "x").mkdir(parents=True)
     res = runner.invoke(app, [*args[:-1], "--teacher-root", str(tmp_path / "other"), "--build-only"])
     assert res.exit_code == 1 and "no label maps for batch 'b1'" in res.output
+    fo.delete_dataset(name)
+
+
+def test_final_masks_field_with_its_own_scores(tmp_path, fo_db):
+    fo = fo_db
+    path, truth = make_synthetic_batch(tmp_path)
+    teacher, _ = _write_masks(tmp_path, "b1", truth)
+    final = {}
+    for i, (fname, lm) in enumerate(sorted(truth.items())):
+        f = lm.copy()
+        if i == 3:
+            f[lm == 2] = 0  # the final masks lose the spot of image 3
+        write_label_map(label_map_path(tmp_path / "final", "b1", fname), f)
+        final[fname] = f
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    s = build_dataset([path], tmp_path / "teach", tmp_path / "predict", name=name, progress=False, final_root=tmp_path / "final")
+    assert s.batches["b1"]["final"] == 6
+    ds = fo.load_dataset(name)
+    assert "final" in ds.get_field_schema() and "final_iou" in ds.get_field_schema()
+    for fname in sorted(truth):
+        smp = ds.one(fo.ViewField("b2p_key") == f"b1/{fname}")
+        np.testing.assert_array_equal(smp.final.get_mask(), final[fname])
+        if smp.has_manual_mask:
+            assert smp.final_iou == pytest.approx(_iou(final[fname], truth[fname]))
+            assert smp.final_gain == pytest.approx(smp.final_iou - _iou(teacher[fname], truth[fname]))
+        else:
+            assert smp.final_iou is None
+    worst = ds.load_saved_view("worst-final")
+    assert worst.values("final_iou") == sorted(worst.values("final_iou")) and len(worst) == 2
+    assert worst.first().b2p_key == f"b1/{sorted(truth)[3]}"
+    # a final root missing a label map is an error naming it
+    label_map_path(tmp_path / "final", "b1", sorted(truth)[1]).unlink()
+    with pytest.raises(B2PError, match="final label map missing"):
+        build_dataset([path], tmp_path / "teach", tmp_path / "predict", name=name, progress=False, final_root=tmp_path / "final")
     fo.delete_dataset(name)
 
 

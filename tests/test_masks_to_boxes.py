@@ -184,3 +184,47 @@ def test_real_magnetic_tile_crack_boxes_match_components(tmp_path: Path) -> None
         assert boxes == sorted(expected), im["file_name"]
         assert (im["width"], im["height"]) == (mask.shape[1], mask.shape[0])
     assert sum(r.boxes_per_class.values()) == len(coco["annotations"]) == 70  # the README: 1.23 components per image
+
+
+def test_calib_share_keeps_manual_masks_and_import_puts_them_in_calib(tree: dict, tmp_path: Path) -> None:
+    out = tmp_path / "mt.json"
+    args = ["--val", "0.2", "--test", "0.3", "--calib", "0.5"]
+    r = runner.invoke(app, ["masks-to-boxes", str(tree["root"]), "--out", str(out), "--batch", "mt", "--strip-prefix", "MT_", *args])
+    assert r.exit_code == 0, r.output
+    assert "calib images too" in r.output
+    rule = SplitRule(val=0.2, test=0.3, calib=0.5)
+    coco = json.loads(out.read_text())
+    calib_names = {im["file_name"] for im in coco["images"] if rule.is_calib("mt", im["file_name"])}
+    test_names = {im["file_name"] for im in coco["images"] if rule.hash_split("mt", im["file_name"]) == "test"}
+    assert calib_names and test_names and not calib_names & test_names
+    for im in coco["images"]:
+        assert im["has_manual_mask"] == (im["file_name"] in calib_names | test_names)
+    assert coco["info"]["manual_masks"] == "test and calib splits only"
+    # the test images are those of the run without calib: asking for calib never shrinks test
+    plain = tmp_path / "plain.json"
+    runner.invoke(app, ["masks-to-boxes", str(tree["root"]), "--out", str(plain), "--batch", "mt", "--val", "0.2", "--test", "0.3"])
+    assert {im["file_name"] for im in json.loads(plain.read_text())["images"] if im["has_manual_mask"]} == test_names
+
+    r = runner.invoke(
+        app,
+        ["import", "--batch", "mt", "--images", str(tree["root"]), "--coco", str(out), *args,
+         "--classes", str(tmp_path / "classes.json"), "--out", str(tmp_path / "imported" / "mt.json")],
+    )
+    assert r.exit_code == 0, r.output
+    batch = load_batch(tmp_path / "imported" / "mt.json")
+    splits = {im.file_name: im.split for im in batch.images}
+    assert {n for n, s in splits.items() if s == "calib"} == calib_names
+    assert {n for n, s in splits.items() if s == "test"} == test_names
+    assert all(im.has_manual_mask for im in batch.images if im.split in ("calib", "test"))
+    assert json.loads((tmp_path / "imported" / "mt.json").read_text())["info"]["split_rule"]["calib"] == 0.5
+
+    # evaluation: test and "all" never score calib; calib only on request
+    from b2p.evaluate.evaluate import select_images
+
+    assert {im.file_name for im in select_images([batch], "test")} == test_names
+    assert not {im.file_name for im in select_images([batch], "all")} & calib_names
+    assert {im.file_name for im in select_images([batch], "calib")} == calib_names
+    # training reads train and val only
+    from b2p.student.data import load_batch_files_for_inference
+
+    assert {r.file_name for r in load_batch_files_for_inference([tmp_path / "imported" / "mt.json"], "all")} == set(splits)

@@ -6,7 +6,8 @@ of boxes, split and mask file contents decides) and leaves the rest untouched.
 
 Sample fields
 - `boxes`: fo.Detections, label = class name, relative [x, y, w, h] boxes, attribute `box_id`.
-- `manual`, `teacher`, `student`: fo.Segmentation. Teacher and student point at their label-map PNGs
+- `manual`, `teacher`, `student`, `final`: fo.Segmentation. Teacher, student and final (the delivered
+  masks of `b2p finalize`, one per box) point at their label-map PNGs
   (`mask_path`, no copies); the manual mask exists only as RLE in the canonical file, so it is stored as
   a mask array. Values are canonical class ids, mask targets {id: class name}, colours from
   `b2p.labels.class_color_hex` (the same in every run and in every other b2p picture).
@@ -14,12 +15,14 @@ Sample fields
 - Scores (binary defect-vs-background, `b2p.evaluate.metrics` per-image helpers; an image where neither
   map has a defect pixel scores 1.0): `teacher_iou`, `teacher_precision`, `teacher_recall` and
   `student_iou` against the manual mask; `disagreement` = 1 - IoU(teacher, student);
-  `student_gain` = student_iou - teacher_iou. None where an input is missing.
+  `student_gain` = student_iou - teacher_iou; `final_iou` (final masks against the manual mask) and
+  `final_gain` = final_iou - teacher_iou. None where an input is missing.
 - Tags `teacher_miss` / `teacher_hallucination` (see `TagRule`), with `tag_reference` saying which mask
   they were judged against: "manual" where the image has a manual mask, else "student" (the student's
   prediction stands in for the truth, so those tags mean "teacher and student disagree this way").
 
-Saved views: worst-teacher, student-fixed-teacher, newest-batch, by-disagreement, teacher-errors.
+Saved views: worst-teacher, student-fixed-teacher, newest-batch, by-disagreement, teacher-errors,
+worst-final.
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ from b2p.evaluate.metrics import binary_iou, image_binary_scores
 from b2p.labels import ClassList, class_color_hex, label_map_path, read_label_map
 from b2p.splits import SPLITS
 
-BUILD_VERSION = 1  # part of every fingerprint: bump when sample contents change meaning
-MASK_FIELDS = ("manual", "teacher", "student")
-SCORE_FIELDS = ("teacher_iou", "teacher_precision", "teacher_recall", "student_iou", "disagreement", "student_gain")
+BUILD_VERSION = 2  # part of every fingerprint: bump when sample contents change meaning (2: final masks)
+MASK_FIELDS = ("manual", "teacher", "student", "final")
+SCORE_FIELDS = (
+    "teacher_iou", "teacher_precision", "teacher_recall", "student_iou", "disagreement", "student_gain", "final_iou", "final_gain",
+)
 OUR_TAGS = ("teacher_miss", "teacher_hallucination")
-SAVED_VIEWS = ("worst-teacher", "student-fixed-teacher", "newest-batch", "by-disagreement", "teacher-errors")
+SAVED_VIEWS = ("worst-teacher", "student-fixed-teacher", "newest-batch", "by-disagreement", "teacher-errors", "worst-final")
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class SampleContent:
     tags: list[str]
     tag_reference: str | None
     fingerprint: str = ""
+    final_path: str | None = None
 
 
 @dataclass
@@ -122,7 +128,9 @@ def relative_box(xywh: Sequence[float], width: int, height: int) -> list[float]:
     return [x / width, y / height, w / width, h / height]
 
 
-def mask_scores(manual: np.ndarray | None, teacher: np.ndarray | None, student: np.ndarray | None) -> dict[str, float | None]:
+def mask_scores(
+    manual: np.ndarray | None, teacher: np.ndarray | None, student: np.ndarray | None, final: np.ndarray | None = None
+) -> dict[str, float | None]:
     """Per-image scores (see module docstring) from HxW uint8 label maps; None where an input is missing."""
     s: dict[str, float | None] = dict.fromkeys(SCORE_FIELDS)
     if manual is not None and teacher is not None:
@@ -134,6 +142,10 @@ def mask_scores(manual: np.ndarray | None, teacher: np.ndarray | None, student: 
         s["disagreement"] = 1.0 - binary_iou(teacher, student)
     if s["teacher_iou"] is not None and s["student_iou"] is not None:
         s["student_gain"] = s["student_iou"] - s["teacher_iou"]
+    if manual is not None and final is not None:
+        s["final_iou"] = binary_iou(final, manual)
+        if s["teacher_iou"] is not None:
+            s["final_gain"] = s["final_iou"] - s["teacher_iou"]
     return s
 
 
@@ -177,13 +189,14 @@ def sample_content(
     teacher_root: Path | None,
     pred_root: Path | None,
     rule: TagRule = TagRule(),
+    final_root: Path | None = None,
 ) -> SampleContent:
     """Compute one sample: boxes, masks, scores, tags, fingerprint. A None root means "no such masks"."""
     if not im.path.is_file():
         raise B2PError(f"image of {im.key!r} not found (moved since import?)", im.path)
     manual = im.manual_label_map()
-    teacher = student = None
-    t_path = s_path = None
+    teacher = student = final = None
+    t_path = s_path = f_path = None
     digest: dict[str, Any] = {}
     if teacher_root is not None:
         teacher, t_path = _read_mask(teacher_root, im, classes, "teacher")
@@ -191,6 +204,9 @@ def sample_content(
     if pred_root is not None:
         student, s_path = _read_mask(pred_root, im, classes, "pred")
         digest["student"] = _file_digest(s_path)
+    if final_root is not None:
+        final, f_path = _read_mask(final_root, im, classes, "final")
+        digest["final"] = _file_digest(f_path)
     if manual is not None:
         digest["manual"] = hashlib.sha1(np.ascontiguousarray(manual).tobytes()).hexdigest()
     boxes = [(classes.name_of(b.category_id), relative_box(b.xywh, im.width, im.height), int(b.id)) for b in im.boxes]
@@ -200,14 +216,15 @@ def sample_content(
         key=im.key, batch=im.batch, split=im.split, file_name=im.file_name, filepath=str(im.path.resolve()),
         width=im.width, height=im.height, has_manual_mask=im.has_manual_mask, boxes=boxes, manual=manual,
         teacher_path=str(t_path.resolve()) if t_path else None, student_path=str(s_path.resolve()) if s_path else None,
-        scores=mask_scores(manual, teacher, student), tags=tags,
+        scores=mask_scores(manual, teacher, student, final), tags=tags,
         tag_reference=ref_name if (teacher is not None and reference is not None) else None,
+        final_path=str(f_path.resolve()) if f_path else None,
     )
     # the fingerprint covers every input; scores and tags follow from them (and from the rule)
     content.fingerprint = hashlib.sha1(json.dumps({
         "v": BUILD_VERSION, "key": im.key, "file": content.filepath, "sha": im.sha256, "split": im.split,
         "size": [im.width, im.height], "boxes": boxes, "masks": digest,
-        "paths": [content.teacher_path, content.student_path], "rule": rule.as_dict(), "classes": classes.names,
+        "paths": [content.teacher_path, content.student_path, content.final_path], "rule": rule.as_dict(), "classes": classes.names,
     }, sort_keys=True).encode()).hexdigest()
     return content
 
@@ -219,6 +236,7 @@ def collect_contents(
     pred_splits: Sequence[str] = SPLITS,
     rule: TagRule = TagRule(),
     progress: bool = True,
+    final_root: Path | None = None,
 ) -> tuple[list[SampleContent], dict[str, dict[str, int]], list[str]]:
     """Sample contents of every image of `batches`, per-batch counts, and notes for the summary.
 
@@ -232,6 +250,8 @@ def collect_contents(
     for root, what in ((teacher_root, "teacher"), (pred_root, "pred")):
         if root is not None and not root.exists():
             notes.append(f"{what} root {root} does not exist: the {'teacher' if what == 'teacher' else 'student'} field is left empty")
+    if final_root is not None and not final_root.exists():
+        notes.append(f"final root {final_root} does not exist: the final field is left empty (`b2p finalize` writes it)")
     bad = [s for s in pred_splits if s not in SPLITS]
     if bad:
         raise B2PError(f"unknown split(s) {bad} for student predictions; choose from {list(SPLITS)}")
@@ -243,19 +263,22 @@ def collect_contents(
         for b in batches:
             t_dir = _labelmaps_dir(teacher_root, b, "teacher", needed=bool(b.images))
             p_dir = _labelmaps_dir(pred_root, b, "pred", needed=any(im.split in pred_splits for im in b.images))
-            c = counts.setdefault(b.name, {"images": 0, "manual": 0, "teacher": 0, "student": 0})
+            f_dir = _labelmaps_dir(final_root, b, "final", needed=bool(b.images))
+            c = counts.setdefault(b.name, {"images": 0, "manual": 0, "teacher": 0, "student": 0, "final": 0})
             for im in b.images:
                 sc = sample_content(
                     im, classes,
                     teacher_root if t_dir is not None else None,
                     pred_root if (p_dir is not None and im.split in pred_splits) else None,
                     rule,
+                    final_root if f_dir is not None else None,
                 )
                 contents.append(sc)
                 c["images"] += 1
                 c["manual"] += sc.manual is not None
                 c["teacher"] += sc.teacher_path is not None
                 c["student"] += sc.student_path is not None
+                c["final"] += sc.final_path is not None
                 bar.advance(task)
     return contents, counts, notes
 
@@ -299,6 +322,7 @@ def _apply(fo: ModuleType, sample: Any, c: SampleContent) -> None:
     sample["manual"] = fo.Segmentation(mask=c.manual) if c.manual is not None else None
     sample["teacher"] = fo.Segmentation(mask_path=c.teacher_path) if c.teacher_path else None
     sample["student"] = fo.Segmentation(mask_path=c.student_path) if c.student_path else None
+    sample["final"] = fo.Segmentation(mask_path=c.final_path) if c.final_path else None
     for k in SCORE_FIELDS:
         sample[k] = c.scores[k]
     sample.tags = [t for t in sample.tags if t not in OUR_TAGS] + list(c.tags)
@@ -310,7 +334,7 @@ def _app_config(fo: ModuleType, ds: Any, classes: ClassList) -> None:
     ds.default_mask_targets = targets
     mask_colors = [{"intTarget": i, "color": class_color_hex(i)} for i in targets]
     box_colors = [{"value": n, "color": class_color_hex(i)} for i, n in targets.items()]
-    field_colors = {"boxes": "#ffffff", "manual": "#ffe119", "teacher": "#f58231", "student": "#42d4f4"}
+    field_colors = {"boxes": "#ffffff", "manual": "#ffe119", "teacher": "#f58231", "student": "#42d4f4", "final": "#3cb44b"}
     ds.app_config.color_scheme = fo.ColorScheme(
         color_by="value",
         opacity=0.6,
@@ -333,6 +357,7 @@ def _save_views(ds: Any, newest: str | None, rule: TagRule) -> list[str]:
         "newest-batch": ds.match(F("batch") == (newest or "")).sort_by("disagreement", reverse=True),
         "by-disagreement": ds.exists("disagreement").sort_by("disagreement", reverse=True),
         "teacher-errors": ds.match_tags(list(OUR_TAGS)),
+        "worst-final": ds.exists("final_iou").sort_by("final_iou"),
     }
     descriptions = {
         "worst-teacher": "images with a manual mask, lowest teacher IoU first",
@@ -340,6 +365,7 @@ def _save_views(ds: Any, newest: str | None, rule: TagRule) -> list[str]:
         "newest-batch": f"batch {newest!r}, highest teacher-student disagreement first",
         "by-disagreement": "all images with teacher and student masks, highest disagreement first",
         "teacher-errors": "images tagged teacher_miss or teacher_hallucination",
+        "worst-final": "images with a manual mask, lowest final-mask IoU first",
     }
     for name, view in views.items():
         ds.save_view(name, view, description=descriptions[name], overwrite=True)
@@ -401,6 +427,7 @@ def build_dataset(
     pred_splits: Sequence[str] = SPLITS,
     rule: TagRule = TagRule(),
     progress: bool = True,
+    final_root: str | Path | None = None,
 ) -> BuildSummary:
     """Build or update the persistent FiftyOne dataset `name` from canonical batch files and mask roots.
 
@@ -415,7 +442,7 @@ def build_dataset(
     summary = BuildSummary(name=name)
     contents, summary.batches, summary.notes = collect_contents(
         batches, Path(teacher_root) if teacher_root else None, Path(pred_root) if pred_root else None,
-        pred_splits, rule, progress,
+        pred_splits, rule, progress, Path(final_root) if final_root else None,
     )
     fo = import_fiftyone()
     connect(fo)

@@ -20,10 +20,10 @@ def _fmt(v: float | None) -> str:
 def print_summary(summary, console: Console = console) -> None:
     """Rich tables of a BuildSummary: per-batch coverage, changes, tags, mean scores, views, notes."""
     t = Table(title=f"FiftyOne dataset {summary.name!r}: {summary.num_samples} samples ({summary.seconds:.1f} s)")
-    for col in ("batch", "images", "manual", "teacher", "student"):
+    for col in ("batch", "images", "manual", "teacher", "student", "final"):
         t.add_column(col, justify="left" if col == "batch" else "right")
     for b, c in summary.batches.items():
-        t.add_row(b + ("  (newest)" if b == summary.newest_batch else ""), *(str(c[k]) for k in ("images", "manual", "teacher", "student")))
+        t.add_row(b + ("  (newest)" if b == summary.newest_batch else ""), *(str(c.get(k, 0)) for k in ("images", "manual", "teacher", "student", "final")))
     console.print(t)
     console.print(
         f"added {summary.added}, updated {summary.updated}, unchanged {summary.unchanged}, removed {summary.removed}"
@@ -53,6 +53,7 @@ def browse(
     batch: list[str] = typer.Option(None, "--batch", help="Batch name(s), repeatable or comma-separated; default every batch."),
     teacher_root: Path = typer.Option(Path("data/teach"), "--teacher-root", help="Teacher outputs (<root>/<batch>/labelmaps/). May be absent."),
     pred_root: Path = typer.Option(Path("data/predict"), "--pred-root", help="Student predictions (<root>/<batch>/labelmaps/). May be absent."),
+    final_root: Path = typer.Option(Path("data/final"), "--final-root", help="Final masks of `b2p finalize` (<root>/<batch>/labelmaps/). May be absent."),
     pred_split: list[str] = typer.Option(
         None, "--pred-split", help="Splits the predictions cover (repeatable or comma-separated; default all). "
         "Images of other splits get no student mask instead of an error."),
@@ -65,17 +66,17 @@ def browse(
 ) -> None:
     """Build or update a FiftyOne dataset from the pipeline's outputs and open it in the App.
 
-    Inputs: canonical batches (--imported), teacher and student label maps (--teacher-root, --pred-root).
+    Inputs: canonical batches (--imported), teacher, student and final label maps (--teacher-root, --pred-root, --final-root).
 
     A missing root leaves that mask field empty; an existing root missing a label map is an error.
 
     Output: the persistent FiftyOne dataset --name, one sample per image keyed by batch/file (updated in place).
 
-    Fields: boxes; manual, teacher, student masks; teacher/student IoU against the manual mask; disagreement.
+    Fields: boxes; manual, teacher, student, final masks; teacher/student/final IoU against the manual mask; disagreement.
 
     Tags: teacher_miss, teacher_hallucination.
 
-    Saved views: worst-teacher, student-fixed-teacher, newest-batch, by-disagreement, teacher-errors.
+    Saved views: worst-teacher, student-fixed-teacher, newest-batch, by-disagreement, teacher-errors, worst-final.
 
     Then serves the App at http://ADDRESS:PORT until Ctrl+C, unless --build-only.
     """
@@ -98,7 +99,7 @@ def browse(
     configure_env(database_dir)
     files = resolve_batch_files(imported, batch)
     splits = parse_batch_names(pred_split) or list(SPLITS)
-    summary = build_dataset(files, teacher_root, pred_root, name=name, pred_splits=splits)
+    summary = build_dataset(files, teacher_root, pred_root, name=name, pred_splits=splits, final_root=final_root)
     print_summary(summary)
     if build_only:
         return

@@ -66,7 +66,7 @@ def evaluate(
         None, "--source", help="Extra mask root to score, NAME=ROOT (repeatable), e.g. grabcut=data/bench/grabcut."
     ),
     out: Path = typer.Option(Path("data/eval"), help="Output folder."),
-    split: str = typer.Option(None, help="Split whose manually masked images are scored: test (default), val, train, all."),
+    split: str = typer.Option(None, help="Split whose manually masked images are scored: test (default), val, train, calib (only on request), all (every split but calib)."),
     worst: int = typer.Option(None, min=0, help="Overlays of this many worst images by student binary IoU (default 8)."),
     size_bins: str = typer.Option(None, help="Defect size-bin edges, fractions of the image area (default 0.001,0.01)."),
     min_cover: float = typer.Option(

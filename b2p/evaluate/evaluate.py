@@ -34,7 +34,7 @@ from b2p.labels import ClassList, label_map_key, label_map_path, paint_label_map
 
 STUDENT, TEACHER, BOX = "student", "teacher", "box"
 RESERVED = {STUDENT, TEACHER, BOX, "noise"}
-SPLIT_CHOICES = ("test", "val", "train", "all")
+SPLIT_CHOICES = ("test", "val", "train", "calib", "all")  # all: every split but calib (scored only on request)
 MAIN_METRICS = ("miou", "anomaly_miou", "binary_iou", "binary_precision", "binary_recall", "binary_f1")
 CSV_FIELDS = (
     "source", "batch", "file_name", "label_map_key", "binary_iou", "binary_precision", "binary_recall",
@@ -81,10 +81,10 @@ def box_fill_label_map(im: ImageRecord) -> np.ndarray:
 
 
 def select_images(batches: Sequence, split: str) -> list[ImageRecord]:
-    """Images of `split` ("all" for any split) that carry a manual mask, in batch then file order."""
+    """Images of `split` ("all": any split but calib) that carry a manual mask, in batch then file order."""
     if split not in SPLIT_CHOICES:
         raise B2PError(f"--split must be one of {list(SPLIT_CHOICES)}, got {split!r}")
-    ims = [im for b in batches for im in b.images if im.has_manual_mask and (split == "all" or im.split == split)]
+    ims = [im for b in batches for im in b.images if im.has_manual_mask and ((split == "all" and im.split != "calib") or im.split == split)]
     if not ims:
         names = [b.name for b in batches]
         raise B2PError(

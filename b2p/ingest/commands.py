@@ -24,9 +24,10 @@ def import_batch(
     val: float = typer.Option(None, "--val", help="Validation fraction of the hashed split (default 0.15)."),
     test: float = typer.Option(None, "--test", help="Test fraction of the hashed split (default 0.15)."),
     manual_masks_split: str = typer.Option(None, "--manual-masks-split", help="Where images with a manual mask go: test (default) or hash."),
+    calib: float = typer.Option(None, "--calib", help="Share of the manually masked images (outside the hashed test split) that go to the calib split, used only to choose settings (default 0)."),
     salt: str = typer.Option(None, "--salt", help="Salt of the split hash (default b2p)."),
     out: Path = typer.Option(None, "--out", help="Canonical file to write (default data/imported/NAME.json)."),
-    params: Path = typer.Option(None, "--params", help="params.yaml: its 'import' section sets val, test, salt, manual_masks_split."),
+    params: Path = typer.Option(None, "--params", help="params.yaml: its 'import' section sets val, test, salt, manual_masks_split, calib."),
     set_: list[str] = typer.Option(None, "--set", help="Any `import:` key, KEY=VALUE; repeatable; wins over everything."),
 ) -> None:
     """Import one box-annotated batch into a canonical annotation file.
@@ -35,12 +36,12 @@ def import_batch(
 
     Everything is checked before anything is written: JSON structure, every image decoded, file names inside the image folder, box size > 0, boxes inside the image (boxes overhanging by at most 0.5 px are clipped; further out is an error), category ids, YOLO fields and [0, 1] coordinates, mask sizes and values. Any problem stops the import with a message naming the file; existing outputs stay unchanged. An image without a YOLO label file has no defects; a label file without an image is an error.
 
-    Splits: a hash of batch name + file name (fractions --val/--test), so adding batches never moves an image; images with a manual mask go to test unless --manual-masks-split hash.
+    Splits: a hash of batch name + file name (fractions --val/--test), so adding batches never moves an image; images with a manual mask go to test unless --manual-masks-split hash; with --calib F, a share F of them (outside the hashed test split) go to calib instead: never trained on, never in the test scores, used to choose settings (`b2p teach --teacher auto`, `b2p finalize`).
     """
     from b2p.ingest.importer import import_batch as run_import
     from b2p.schema import resolve
 
-    options = {"val": val, "test": test, "salt": salt, "manual_masks_split": manual_masks_split}
+    options = {"val": val, "test": test, "salt": salt, "manual_masks_split": manual_masks_split, "calib": calib}
     rule = resolve("import", params, options, set_).split_rule()
     r = run_import(
         batch,
@@ -111,6 +112,7 @@ def masks_to_boxes(
     test: float = typer.Option(None, "--test", help="Test fraction (must match `b2p import`) (default 0.15)."),
     salt: str = typer.Option(None, "--salt", help="Split salt (must match `b2p import`) (default b2p)."),
     folder: list[str] = typer.Option(None, "--folder", help="Only these class folders (repeatable or comma-separated) (default all)."),
+    calib: float = typer.Option(None, "--calib", help="Share of the non-test images that keep their manual masks as the calib split (must match `b2p import --calib`) (default 0)."),
     params: Path = typer.Option(None, "--params", help="params.yaml: its 'masks_to_boxes' section sets the options above."),
     set_: list[str] = typer.Option(None, "--set", help="Any `masks_to_boxes:` key, KEY=VALUE; repeatable; wins over everything."),
     oracle_out: Path = typer.Option(None, "--oracle-out", help="Also write every image's manual mask as a teacher root (the oracle: train on it for the fully supervised ceiling)."),
@@ -122,7 +124,7 @@ def masks_to_boxes(
     from b2p.ingest.from_masks import masks_to_boxes as run
     from b2p.schema import resolve
 
-    options = dict(strip_prefix=strip_prefix, threshold=threshold, min_area=min_area, free_images=free_images, val=val, test=test, salt=salt)
+    options = dict(strip_prefix=strip_prefix, threshold=threshold, min_area=min_area, free_images=free_images, val=val, test=test, salt=salt, calib=calib)
     p = resolve("masks_to_boxes", params, options, set_)
     r = run(
         root,
@@ -147,6 +149,6 @@ def masks_to_boxes(
     console.print(t)
     console.print(
         f"{r.images} images, {sum(r.boxes_per_class.values())} boxes, {sum(r.dropped_per_class.values())} components dropped; "
-        f"{r.test_images} test images carry their manual mask",
+        f"{r.test_images} test images carry their manual mask" + (f", {r.calib_images} calib images too" if r.calib_images else ""),
         highlight=False,
     )

@@ -7,8 +7,9 @@ components are treated as annotation noise (no box, and not part of the manual m
 Folders whose masks are all empty (e.g. MT_Free) hold defect-free images and define no class.
 
 The manual masks are written (one RLE `segmentation` per component, `"has_manual_mask": true` on the
-image) ONLY for images that the split rule puts in the test split, so importing the file with the same
-batch name and fractions reproduces that split and manual masks never reach training.
+image) ONLY for images that the split rule puts in the test split, or in calib (`rule.calib`, a share of
+the other images: their masks choose settings), so importing the file with the same batch name and
+fractions reproduces that split and manual masks never reach training.
 
 `oracle_out` additionally writes the manual masks of every kept image as a teacher root
 (`ORACLE/<batch>/labelmaps/<key>.png`, class ids as in the COCO file): training on it (train and val splits
@@ -43,7 +44,8 @@ class MasksToBoxesResult:
     images_per_class: dict[str, int]  # folder class (or "defect-free") -> images written
     boxes_per_class: dict[str, int]
     dropped_per_class: dict[str, int]  # components below min_area
-    test_images: int  # images written with their manual mask
+    test_images: int  # test images written with their manual mask
+    calib_images: int  # calib images written with their manual mask
     free_total: int  # defect-free images found
     free_kept: int
     folders: dict[str, str] = field(default_factory=dict)  # folder -> class name or "defect-free"
@@ -187,17 +189,20 @@ def masks_to_boxes(
 
     images, annotations = [], []
     boxes, dropped, per_class_images = Counter(), Counter(), Counter()
-    n_test = 0
+    n_test = n_calib = 0
     for it in progress([i for i in items if i.file_name in keep], "boxes from masks", total=len(keep)):
         h, w = read_image(it.image_path).shape[:2]
         if it.shape != (h, w):
             raise B2PError(f"mask is {it.shape[1]}x{it.shape[0]} but its image is {w}x{h}", it.mask_path)
         cls = folder_class[it.folder]
+        is_calib = rule.is_calib(batch, it.file_name)
         is_test = rule.hash_split(batch, it.file_name) == "test"
+        keep_mask = is_test or is_calib
         image_id = len(images) + 1
-        images.append({"id": image_id, "file_name": it.file_name, "width": w, "height": h, "has_manual_mask": is_test})
+        images.append({"id": image_id, "file_name": it.file_name, "width": w, "height": h, "has_manual_mask": keep_mask})
         per_class_images[cls] += 1
         n_test += is_test
+        n_calib += is_calib
         if it.binary is None:
             if oracle_out is not None:
                 write_label_map(label_map_path(oracle_out, batch, it.file_name), np.zeros((h, w), np.uint8))
@@ -211,7 +216,7 @@ def masks_to_boxes(
             write_label_map(label_map_path(oracle_out, batch, it.file_name), lm)
         for bbox, area, comp in kept:
             ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[cls], "bbox": bbox, "area": area, "iscrowd": 0}
-            if is_test:
+            if keep_mask:
                 ann["segmentation"] = rle_encode(comp)
             annotations.append(ann)
             boxes[cls] += 1
@@ -224,8 +229,8 @@ def masks_to_boxes(
         "min_area": min_area,
         "connectivity": 8,
         "strip_prefix": strip_prefix,
-        "split_rule": {"val": rule.val, "test": rule.test, "salt": rule.salt},
-        "manual_masks": "test split only",
+        "split_rule": {k: v for k, v in rule.info().items() if k != "manual_masks"},
+        "manual_masks": "test and calib splits only" if rule.calib else "test split only",
         "free_images": {"found": len(free), "kept": len(keep_free)},
         "oracle_out": None if oracle_out is None else str(oracle_out),
         "dropped_components": dict(sorted(dropped.items())),
@@ -246,6 +251,7 @@ def masks_to_boxes(
         boxes_per_class={n: boxes[n] for n in categories},
         dropped_per_class={n: dropped[n] for n in categories},
         test_images=n_test,
+        calib_images=n_calib,
         free_total=len(free),
         free_kept=len(keep_free),
         folders=folder_class,

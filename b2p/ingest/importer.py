@@ -244,7 +244,7 @@ def import_batch(
     unlisted = 0
     if src.format == "coco":
         unlisted = len(set(list_images(images_dir)) - {im.file_name for im in src.images})
-    rule_info = {"val": rule.val, "test": rule.test, "salt": rule.salt, "manual_masks": rule.manual_masks}
+    rule_info = rule.info()
     if out.is_file():
         try:
             old_rule = read_json(out).get("info", {}).get("split_rule")

@@ -346,5 +346,5 @@ def crop_features(feats: list[torch.Tensor], origin: tuple[int, int], size: tupl
 
 
 def load_batch_files_for_inference(batch_files: list[Path], split: str) -> list[ImageRecord]:
-    splits = ("train", "val", "test") if split == "all" else (split,)
+    splits = ("train", "val", "test", "calib") if split == "all" else (split,)
     return [rec for b in load_batches(batch_files) for rec in b.split(*splits)]

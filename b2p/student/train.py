@@ -99,6 +99,13 @@ class TrainParams:
     outside_box_bg_weight: float = 1.0
     w_binary: float = 0.5
     w_fine: float = 0.5
+    # box supervision (b2p/student/box_losses.py; 0 = off)
+    pseudo_labels: str = "teacher"  # teacher | partial (boxes only: inside a box "background or its class")
+    proj_weight: float = 0.0  # BoxInst projection loss: the mask touches every row and column of its box
+    pairwise_weight: float = 0.0  # BoxInst pairwise loss: similar-colour neighbours inside a box agree
+    pairwise_threshold: float = 0.3  # CIELab similarity exp(-||dLab||/2) from which a pair counts
+    pairwise_dilation: int = 2  # neighbour distance (px, model space)
+    pairwise_warmup: int = 0  # epochs over which the pairwise weight ramps up from 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> TrainParams:
@@ -223,12 +230,15 @@ def train_student(
         f"{config.tile_size} px tiles x {params.crops_per_image} per image, on {device}"
     )
 
-    loss_fn = StudentLoss(params.loss_params(), num_classes)
+    loss_fn = StudentLoss(params.loss_params(), num_classes, config.mean, config.std)
     if params.loss_params().self_correction_region == "boxes":
         console.print("self-correction restricted to pixels inside boxes")
     select = params.select
     if select == "box" and val_samples and not any(len(s.record.boxes) for s in val_samples):
         raise B2PError("train.select 'box' scores val images against their boxes, but the val split has no box; use select: pseudo or last")
+    if params.loss_params().uses_boxes:
+        lp = params.loss_params()
+        console.print(f"box supervision: pseudo_labels {lp.pseudo_labels}, projection x{lp.proj_weight}, pairwise x{lp.pairwise_weight}")
 
     # frozen backbone: whole-image features once per view (the backbone never changes), tiles cut from them
     cache: FeatureCache | None = None

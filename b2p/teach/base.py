@@ -41,6 +41,7 @@ from b2p.errors import B2PError
 from b2p.fileio import read_image, read_json, sha256_file, write_bytes_atomic, write_json_atomic, write_png_atomic
 from b2p.labels import label_map_key, label_map_path, paint_label_map, write_label_map
 from b2p.masks import rle_decode, rle_encode
+from b2p.splits import SPLITS
 
 PART_FORMAT = 1
 PARTS_DIR = ".parts"
@@ -108,6 +109,11 @@ class Teacher(ABC):
     def provenance(self) -> dict[str, Any]:
         """Extra facts for provenance.json (checkpoint, device, counters); settings are added by the loop."""
         return {}
+
+    def predict_for(self, record: ImageRecord, image: np.ndarray, boxes: np.ndarray, class_ids: np.ndarray) -> TeacherOutput:
+        """`predict` given also the image's identity and the boxes' class ids (N int), for teachers that need
+        them (`auto` picks a teacher per class; earlier-round masks are looked up by image)."""
+        return self.predict(image, boxes)
 
 
 def check_inputs(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -207,7 +213,7 @@ def _teach_image(teacher: Teacher, im: ImageRecord) -> tuple[list[PseudoMask], n
         )
     boxes = im.boxes_xyxy()
     if len(boxes):
-        out = teacher.predict(image, boxes)
+        out = teacher.predict_for(im, image, boxes, im.box_class_ids())
         masks, scores, notes = out.masks, out.scores, out.notes
         if masks.shape != (len(boxes), im.height, im.width):
             raise RuntimeError(f"teacher {teacher.name} returned masks {masks.shape} for {len(boxes)} boxes")
@@ -307,7 +313,7 @@ def teach_batch(
         "counts": {
             "images": len(batch.images),
             "boxes": n_boxes,
-            "images_by_split": {s: len(batch.split(s)) for s in ("train", "val", "test")},
+            "images_by_split": {s: len(batch.split(s)) for s in SPLITS},
             "taught_this_run": taught,
             "reused_from_earlier_run": reused,
             "boxes_with_notes": len(notes),

@@ -10,7 +10,8 @@ import typer
 def teach(
     batch_files: list[Path] = typer.Argument(..., help="Canonical batch file(s), e.g. data/imported/NAME.json."),
     out: Path = typer.Option(Path("data/teach"), "--out", help="Teacher root: writes OUT/<batch>/..."),
-    teacher: str = typer.Option(None, "--teacher", help="grabcut (default, no weights) | box (baseline) | sam."),
+    teacher: str = typer.Option(None, "--teacher", help="grabcut (default, no weights) | box (baseline) | sam | auto (best per class on the calib split)."),
+    candidate: list[str] = typer.Option(None, "--candidate", help="auto: also score NAME=ROOT, an earlier round's masks (ROOT/<batch>/labelmaps/<key>.png); repeatable."),
     params: Path = typer.Option(None, "--params", help="YAML file whose `teach:` section sets defaults."),
     sam_model: str = typer.Option(None, "--sam-model", help="SAM size: vit_b (default) | vit_l | vit_h."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Explicit SAM checkpoint file (a state dict)."),
@@ -34,11 +35,21 @@ def teach(
     Writes OUT/<batch>/labelmaps/<key>.png (uint8 label maps; where masks overlap, the smaller one wins), OUT/<batch>/instances.json (COCO RLE per box, with box_id and score) and OUT/<batch>/provenance.json (teacher, settings, checkpoint path + sha256, versions, counts, time, per-box notes). An interrupted run continues where it stopped.
 
     SAM weights: --checkpoint FILE, else the official file in --weights-dir, else a checksum-verified download from the official host (--no-download to forbid it).
+
+    --teacher auto: every available teacher (box; GrabCut with the configured settings and a small grid; SAM when its weights are on disk; each --candidate) labels the calib images (`b2p import --calib`), is scored per class against their manual masks (IoU), and each class is taught by its best teacher. The score table is printed and recorded with the choice in provenance.json. Without calib images it stops with an error.
     """
     from rich.console import Console
 
+    from b2p.errors import B2PError
     from b2p.teach.base import teach_batch
     from b2p.teach.config import build_config, make_teacher
+
+    extra = {}
+    for item in candidate or []:
+        name, sep, root = item.partition("=")
+        if not sep or not name.strip() or not root.strip():
+            raise B2PError(f"--candidate must be NAME=ROOT, got {item!r}")
+        extra[name.strip()] = root.strip()
 
     console = Console(stderr=True)
     cfg = build_config(
@@ -54,10 +65,25 @@ def teach(
         clip_margin=clip_margin,
         download=download,
         grabcut={"iterations": grabcut_iters, "context_frac": grabcut_context},
+        candidates=extra,
     )
     if no_cache:
         cfg.cache_dir = None
-    t = make_teacher(cfg, progress=not quiet)
+    if cfg.teacher == "auto":
+        from b2p.teach.auto import build_auto_teacher, score_table
+
+        t = build_auto_teacher(cfg, batch_files, cfg.candidates, progress=not quiet)
+        console.print(score_table(t.decision))
+        from rich.markup import escape
+
+        for n, c in t.decision.choice.items():
+            console.print(f"  {escape(n)}: [bold]{escape(c)}[/] ({escape(t.decision.reason[n])})", highlight=False)
+        for c, why in t.decision.skipped.items():
+            console.print(f"  [yellow]{escape(c)} not scored:[/] {escape(why)}", highlight=False)
+    else:
+        if cfg.candidates:
+            raise B2PError("--candidate goes with --teacher auto")
+        t = make_teacher(cfg, progress=not quiet)
     for f in batch_files:
         r = teach_batch(f, out, t, resume=resume, progress=not quiet)
         console.print(

@@ -3,7 +3,8 @@
 `params.yaml` example (every key optional):
 
     teach:
-      teacher: sam            # grabcut | box | sam
+      teacher: sam            # grabcut | box | sam | auto
+      candidates: {}          # auto only: NAME: ROOT of an earlier round's masks (ROOT/<batch>/labelmaps)
       sam_model: vit_b        # vit_b | vit_l | vit_h
       checkpoint: null        # explicit checkpoint file
       weights_dir: weights
@@ -27,7 +28,7 @@ from b2p.teach.base import Teacher
 from b2p.teach.cache import DEFAULT_CACHE_DIR
 from b2p.teach.grabcut import GrabCutSettings
 
-TEACHERS = ("grabcut", "box", "sam")
+TEACHERS = ("grabcut", "box", "sam", "auto")  # auto: chosen per class on the calib split (b2p/teach/auto.py)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TeachConfig:
     download: bool = True
     decoder_batch: int = 64
     grabcut: dict[str, Any] = field(default_factory=dict)
+    candidates: dict[str, str] = field(default_factory=dict)  # auto: extra candidates NAME -> mask root
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHERS:
@@ -67,6 +69,8 @@ def build_config(params_file: str | Path | None = None, sets: list[str] | None =
 
 def make_teacher(cfg: TeachConfig, progress: bool = True) -> Teacher:
     """The teacher `cfg` describes (SAM: checkpoint found/downloaded and loaded here, before any output)."""
+    if cfg.teacher == "auto":
+        raise B2PError("teacher 'auto' is chosen on the batches' calib images: build it with b2p.teach.auto.build_auto_teacher")
     if cfg.teacher == "box":
         from b2p.teach.box import BoxTeacher
 

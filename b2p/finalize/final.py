@@ -1,0 +1,227 @@
+"""`b2p finalize`: the pixel masks b2p delivers for the box-annotated images, settings chosen on calib.
+
+Inputs per image: the student's class probabilities (`b2p predict --probs`: PROBS/<batch>/probs/<key>.npz),
+its boxes, and optionally a teacher's label maps (TEACHER/<batch>/labelmaps/<key>.png). Each box of class
+c becomes the pixels inside it where
+
+    s = alpha * p_student(defect) + (1 - alpha) * [the teacher labels the pixel c]
+
+is above t, painted with c; overlaps: the smaller mask wins; a box where no pixel passes keeps its pixels
+with s >= half its best s (rescued: the annotator says a defect is there). This is `within_boxes` of
+b2p/student/predict.py with s in place of p(defect). alpha 1 is the student alone, alpha 0 the teacher.
+
+(alpha, t) is chosen per class on the calib images (`b2p import --calib`): every grid point of ALPHAS x
+THRESHOLDS (ALPHAS only 1.0 without a teacher) gives label maps for all calib images, scored against their
+manual masks with one confusion matrix (b2p/evaluate/metrics.py); each class takes the point with its best
+IoU (ties: the earlier point; the grid starts with the default). A class without calib pixels keeps the
+default, and so does everything when there is no calib image: alpha 1, t 0.5 (the student alone, at
+even odds). Calib images are only measured here: their manual masks never become output.
+
+Outputs (the teacher layout, so `b2p train --teacher-root OUT` trains round 2 on them):
+  OUT/<batch>/labelmaps/<key>.png   every image of the batches (background outside boxes);
+  OUT/<batch>/provenance.json       teacher "final", settings, counts;
+  OUT/thresholds.json               per class alpha, t, reason and calib IoU (chosen and default), the
+                                    calib scores of every grid point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from b2p.dataset import Batch, ImageRecord, class_list_of, load_batches
+from b2p.errors import B2PError
+from b2p.fileio import write_json_atomic
+from b2p.labels import label_map_key, label_map_path, paint_label_map, read_label_map, write_label_map
+
+DEFAULT = (1.0, 0.5)  # (alpha, t) without calib
+ALPHAS = (1.0, 0.75, 0.5, 0.25, 0.0)
+THRESHOLDS = (0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8)
+RESCUE_RELATIVE = 0.5
+
+
+@dataclass
+class FinalResult:
+    out: Path
+    images: int
+    boxes: int
+    rescued: int
+    calib_images: int
+    choice: dict[str, dict]  # class -> {"alpha", "t", "reason", "calib_iou", "default_iou"}
+    calib_scores: dict | None = None  # metrics.scores of the chosen settings on calib
+    default_scores: dict | None = None
+    grid_scores: list[dict] = field(default_factory=list)
+
+
+def probs_path(root: str | Path, batch: str, file_name: str) -> Path:
+    """Where `b2p predict --probs` writes an image's class probabilities."""
+    return Path(root) / batch / "probs" / f"{label_map_key(file_name)}.npz"
+
+
+def read_defect_probability(root: str | Path, im: ImageRecord) -> np.ndarray:
+    """HxW float32 p(defect) = 1 - p(background) of the student, from its probs file."""
+    p = probs_path(root, im.batch, im.file_name)
+    if not p.is_file():
+        raise B2PError("student probabilities missing: run `b2p predict --split all --probs` into this root first", p)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            probs = z["probs"]
+    except (OSError, ValueError, KeyError) as e:
+        raise B2PError(f"unreadable probabilities file ({e})", p) from None
+    if probs.ndim != 3 or probs.shape[1:] != (im.height, im.width):
+        raise B2PError(f"probabilities are {probs.shape}, expected (K+1)x{im.height}x{im.width}", p)
+    return 1.0 - probs[0].astype(np.float32)
+
+
+def final_label_map(
+    p_defect: np.ndarray,
+    boxes_xyxy: np.ndarray,
+    class_ids: np.ndarray,
+    settings: dict[int, tuple[float, float]],
+    teacher_lm: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
+    """HxW uint8 label map of one image and the number of rescued boxes; `settings` maps a class id to
+    its (alpha, t). Without `teacher_lm` alpha must be 1."""
+    from b2p.student.predict import within_boxes
+
+    h, w = p_defect.shape
+    masks, rescued = [], 0
+    for box, c in zip(np.asarray(boxes_xyxy, np.float64).reshape(-1, 4), np.asarray(class_ids).reshape(-1)):
+        alpha, t = settings.get(int(c), DEFAULT)
+        if teacher_lm is None:
+            if alpha != 1.0:
+                raise B2PError(f"alpha {alpha} blends in a teacher, but no teacher label maps were given")
+            s = p_defect
+        else:
+            s = alpha * p_defect + (1.0 - alpha) * (teacher_lm == int(c))
+        lm, r = within_boxes(s, box[None], np.array([int(c)]), threshold=t, relative=RESCUE_RELATIVE)
+        masks.append(lm > 0)
+        rescued += r
+    return paint_label_map((h, w), masks, [int(c) for c in class_ids]), rescued
+
+
+def _grid(with_teacher: bool) -> list[tuple[float, float]]:
+    alphas = ALPHAS if with_teacher else (1.0,)
+    points = [DEFAULT] + [(a, t) for a in alphas for t in THRESHOLDS if (a, t) != DEFAULT]
+    # alpha 0 is the teacher alone: every t in (0, 1) gives the same masks; keep one
+    seen_teacher = False
+    out = []
+    for a, t in points:
+        if a == 0.0:
+            if seen_teacher:
+                continue
+            seen_teacher = True
+        out.append((a, t))
+    return out
+
+
+def finalize(
+    batch_files: list[Path],
+    probs_root: str | Path,
+    out: str | Path,
+    teacher_root: str | Path | None = None,
+    progress: bool = True,
+) -> FinalResult:
+    """Choose (alpha, t) per class on calib, then write the final masks of every image (see the module docstring)."""
+    from b2p.evaluate.metrics import ConfusionMatrix
+    from b2p.teach.base import _Progress
+
+    batches: list[Batch] = load_batches(batch_files)
+    classes = class_list_of(batches)
+    names = list(classes.names)
+    k1 = classes.num_classes + 1
+    out = Path(out)
+
+    def teacher_map(im: ImageRecord) -> np.ndarray | None:
+        if teacher_root is None:
+            return None
+        return read_label_map(label_map_path(teacher_root, im.batch, im.file_name), (im.height, im.width), classes.num_classes)
+
+    calib = [im for b in batches for im in b.split("calib") if im.has_manual_mask]
+    choice: dict[str, dict] = {}
+    grid_scores: list[dict] = []
+    calib_scores = default_scores = None
+    if calib:
+        grid = _grid(teacher_root is not None)
+        cached = [(im, read_defect_probability(probs_root, im), teacher_map(im), im.manual_label_map()) for im in calib]
+        per_point = []
+        with _Progress(progress, "finalize: calibrating", len(grid)) as advance:
+            for a, t in grid:
+                cm = ConfusionMatrix(k1)
+                settings = dict.fromkeys(range(1, k1), (a, t))
+                for im, pd, tl, truth in cached:
+                    lm, _ = final_label_map(pd, im.boxes_xyxy(), im.box_class_ids(), settings, tl)
+                    cm.update(lm, truth)
+                s = cm.scores(names)
+                per_point.append(s)
+                grid_scores.append({"alpha": a, "t": t, **{n: s["per_class"][n]["iou"] for n in names}, "binary_iou": s["binary_iou"], "anomaly_miou": s["anomaly_miou"]})
+                advance(1)
+        default_scores = per_point[0]
+        for n in names:
+            ious = [(s["per_class"][n]["iou"], -i) for i, s in enumerate(per_point) if s["per_class"][n]["iou"] is not None]
+            d_iou = default_scores["per_class"][n]["iou"]
+            if ious:
+                best, neg_i = max(ious)
+                a, t = grid[-neg_i]
+                choice[n] = {"alpha": a, "t": t, "reason": "best IoU on calib", "calib_iou": best, "default_iou": d_iou}
+            else:
+                choice[n] = {"alpha": DEFAULT[0], "t": DEFAULT[1], "reason": "no calib pixels of this class: default", "calib_iou": None, "default_iou": None}
+    else:
+        for n in names:
+            choice[n] = {"alpha": DEFAULT[0], "t": DEFAULT[1], "reason": "no calib images: default", "calib_iou": None, "default_iou": None}
+    settings = {classes.id_of(n): (c["alpha"], c["t"]) for n, c in choice.items()}
+
+    n_images = n_boxes = rescued = 0
+    cm_chosen = ConfusionMatrix(k1)
+    total = sum(len(b.images) for b in batches)
+    with _Progress(progress, "finalize: masks", total) as advance:
+        for b in batches:
+            b_boxes = b_rescued = 0
+            for im in b.images:
+                pd = read_defect_probability(probs_root, im)
+                lm, r = final_label_map(pd, im.boxes_xyxy(), im.box_class_ids(), settings, teacher_map(im))
+                write_label_map(label_map_path(out, b.name, im.file_name), lm)
+                if im.split == "calib" and im.has_manual_mask:
+                    cm_chosen.update(lm, im.manual_label_map())
+                b_boxes += len(im.boxes)
+                b_rescued += r
+                advance(1)
+            write_json_atomic(
+                out / b.name / "provenance.json",
+                {
+                    "batch": b.name,
+                    "teacher": "final",
+                    "settings": {"per_class": {n: {"alpha": c["alpha"], "t": c["t"]} for n, c in choice.items()}, "rescue_relative": RESCUE_RELATIVE},
+                    "sources": {"probs": str(probs_root), "teacher": None if teacher_root is None else str(teacher_root)},
+                    "counts": {"images": len(b.images), "boxes": b_boxes, "rescued": b_rescued},
+                },
+            )
+            n_images += len(b.images)
+            n_boxes += b_boxes
+            rescued += b_rescued
+    if calib:
+        calib_scores = cm_chosen.scores(names)
+    result = FinalResult(out, n_images, n_boxes, rescued, len(calib), choice, calib_scores, default_scores, grid_scores)
+    write_json_atomic(
+        out / "thresholds.json",
+        {
+            "per_class": choice,
+            "calib_images": len(calib),
+            "default": {"alpha": DEFAULT[0], "t": DEFAULT[1]},
+            "grid": {"alphas": list(ALPHAS) if teacher_root is not None else [1.0], "thresholds": sorted(THRESHOLDS)},
+            "calib_chosen": _summary(calib_scores),
+            "calib_default": _summary(default_scores),
+            "calib_grid": grid_scores,
+            "sources": {"probs": str(probs_root), "teacher": None if teacher_root is None else str(teacher_root)},
+            "counts": {"images": n_images, "boxes": n_boxes, "rescued": rescued},
+        },
+    )
+    return result
+
+
+def _summary(s: dict | None) -> dict | None:
+    if s is None:
+        return None
+    return {"binary_iou": s["binary_iou"], "anomaly_miou": s["anomaly_miou"], "per_class_iou": {n: v["iou"] for n, v in s["per_class"].items()}}

@@ -1,0 +1,95 @@
+"""`b2p finalize`: final masks per box from student (+ teacher), (alpha, t) chosen per class on calib."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from conftest import make_synthetic_batch
+from typer.testing import CliRunner
+
+from b2p.cli import app
+from b2p.dataset import load_batch
+from b2p.fileio import atomic_write
+from b2p.finalize.final import finalize, probs_path
+from b2p.labels import label_map_path, read_label_map, write_label_map
+
+runner = CliRunner()
+
+
+def _write_probs(root: Path, batch_file: Path, truth: dict[str, np.ndarray], inside: dict[int, tuple[float, float]]) -> None:
+    """A fake student: per class c, p(defect) = inside[c][0] on the defect, inside[c][1] elsewhere in its
+    box, 0.02 outside every box."""
+    batch = load_batch(batch_file)
+    for im in batch.images:
+        lm = truth[im.file_name]
+        p = np.full(lm.shape, 0.02, np.float32)
+        for b in im.boxes:
+            x, y, w, h = (int(v) for v in b.xywh)
+            on, off = inside[b.category_id]
+            region = p[y : y + h, x : x + w]
+            region[:] = np.where(lm[y : y + h, x : x + w] == b.category_id, on, off)
+        probs = np.stack([1 - p, p / 2, p / 2]).astype(np.float16)
+        with atomic_write(probs_path(root, im.batch, im.file_name)) as f:
+            np.savez_compressed(f, probs=probs)
+
+
+def test_thresholds_chosen_per_class_on_calib_and_masks_written(tmp_path):
+    batch_file, truth = make_synthetic_batch(tmp_path, n_images=6, size=64, seed=3, manual_every=2, calib=1.0)
+    # crack: the student is unsure (0.35 on the crack, 0.2 around it); spot: over-confident around it (0.6)
+    _write_probs(tmp_path / "pred", batch_file, truth, {1: (0.35, 0.2), 2: (0.9, 0.6)})
+    out = tmp_path / "final"
+    r = runner.invoke(app, ["finalize", "--imported", str(batch_file.parent), "--probs", str(tmp_path / "pred"), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    th = json.loads((out / "thresholds.json").read_text())
+    crack, spot = th["per_class"]["crack"], th["per_class"]["spot"]
+    assert crack["alpha"] == 1.0 and 0.2 <= crack["t"] < 0.35 and crack["calib_iou"] == 1.0
+    assert spot["alpha"] == 1.0 and 0.6 <= spot["t"] < 0.9 and spot["calib_iou"] == 1.0
+    # the default (t 0.5) rescues every crack box to its best pixels... and keeps the whole spot box
+    assert spot["default_iou"] < 0.8
+    assert th["calib_images"] == 3 and th["calib_chosen"]["binary_iou"] == 1.0
+    assert th["calib_chosen"]["binary_iou"] > th["calib_default"]["binary_iou"]
+    assert len(th["calib_grid"]) == 8  # no teacher: alpha 1 only, 8 thresholds
+    # every image gets its final mask, here exactly the truth (the same student behaviour everywhere)
+    batch = load_batch(batch_file)
+    for im in batch.images:
+        np.testing.assert_array_equal(read_label_map(label_map_path(out, "b1", im.file_name)), truth[im.file_name])
+    prov = json.loads((out / "b1" / "provenance.json").read_text())
+    assert prov["teacher"] == "final" and prov["counts"]["images"] == 6
+    assert "calib" in r.output and "spot" in r.output
+
+    # round 2: the final masks are a teacher root the student's data loader reads
+    from b2p.student.data import gather_samples
+
+    samples, k1 = gather_samples([batch_file], out, ("train",))
+    assert k1 == 3 and samples
+
+
+def test_teacher_blend_and_defaults_without_calib(tmp_path):
+    batch_file, truth = make_synthetic_batch(tmp_path, n_images=6, size=64, seed=4, manual_every=2, calib=1.0)
+    # the student cannot tell the spot from its surroundings; the teacher has it exactly
+    _write_probs(tmp_path / "pred", batch_file, truth, {1: (0.9, 0.1), 2: (0.5, 0.5)})
+    batch = load_batch(batch_file)
+    for im in batch.images:
+        write_label_map(label_map_path(tmp_path / "teach", "b1", im.file_name), np.where(truth[im.file_name] == 2, 2, 0))
+    r = finalize([batch_file], tmp_path / "pred", tmp_path / "final", tmp_path / "teach", progress=False)
+    assert r.choice["spot"]["alpha"] < 1.0 and r.choice["spot"]["calib_iou"] == 1.0
+    assert r.choice["crack"]["calib_iou"] == 1.0  # the teacher has no crack: the student's share decides
+    # a run without a teacher cannot blend: the spot stays at the student's (whole box) answer
+    r2 = finalize([batch_file], tmp_path / "pred", tmp_path / "final2", progress=False)
+    assert r2.choice["spot"]["calib_iou"] < 0.8
+
+    # no calib images: the documented defaults, said so
+    plain, truth2 = make_synthetic_batch(tmp_path / "p", n_images=3, size=48, manual_every=3)
+    _write_probs(tmp_path / "p" / "pred", plain, truth2, {1: (0.9, 0.1), 2: (0.9, 0.1)})
+    r3 = finalize([plain], tmp_path / "p" / "pred", tmp_path / "p" / "final", progress=False)
+    assert r3.calib_images == 0 and r3.calib_scores is None
+    assert all(c["alpha"] == 1.0 and c["t"] == 0.5 and "no calib" in c["reason"] for c in r3.choice.values())
+
+
+def test_missing_probabilities_is_one_clear_error(tmp_path):
+    batch_file, _ = make_synthetic_batch(tmp_path, n_images=3, size=48)
+    r = runner.invoke(app, ["finalize", "--imported", str(batch_file.parent), "--probs", str(tmp_path / "nope"), "--out", str(tmp_path / "f"), "--quiet"])
+    assert r.exit_code == 1
+    assert "predict --split all --probs" in r.output and "Traceback" not in r.output
