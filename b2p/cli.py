@@ -53,6 +53,7 @@ COMMANDS = [
     ("train", "b2p.student.commands", "train"),
     ("predict", "b2p.student.commands", "predict"),
     ("evaluate", "b2p.evaluate.commands", "evaluate"),
+    ("export", "b2p.export.commands", "export"),
     ("browse", "b2p.browse.commands", "browse"),
     ("add-batch", "b2p.pipeline.commands", "add_batch"),
     ("bench-report", "b2p.pipeline.commands", "bench_report"),
