@@ -298,3 +298,21 @@ def test_fiftyone_importers_read_coco_and_yolo_exports(project: Path) -> None:
         finally:
             coco.delete()
             yolo.delete()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_polygons_of_noisy_masks(seed: int) -> None:
+    """Speckled masks (many parts, holes, pixels touching only at a corner): the edge polygon rasterises
+    back exactly with pycocotools; the centre polygon loses no pixel under Ultralytics' rasteriser."""
+    from b2p.export.polygons import mask_to_polygon, pixel_edge_rings
+    from b2p.masks import polygons_to_mask
+
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((H, W), bool)
+    mask[5:35, 8:50] = rng.random((30, 42)) < 0.55
+    assert len(pixel_edge_rings(mask)) > 20
+    edge = mask_to_polygon(mask, "edge")
+    assert np.array_equal(polygons_to_mask([edge.ravel().tolist()], H, W), mask)
+    centre = mask_to_polygon(mask, "centre")
+    back = _ultralytics_raster(((centre + 0.5) / (W, H)).ravel().tolist())
+    assert not (mask & ~back).any()

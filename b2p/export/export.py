@@ -210,9 +210,14 @@ class _IoU:
     def __init__(self) -> None:
         self.inter = self.union = 0
         self.worst = 1.0
-        self.n = 0
+        self.n = self.with_holes = self.multi_part = 0
 
     def add(self, mask: np.ndarray, back: np.ndarray) -> None:
+        from b2p.export.polygons import parts_and_holes
+
+        parts, holes = parts_and_holes(mask)
+        self.with_holes += holes > 0
+        self.multi_part += parts > 1
         i, u = int(np.count_nonzero(mask & back)), int(np.count_nonzero(mask | back))
         self.inter += i
         self.union += u
@@ -223,6 +228,8 @@ class _IoU:
         return {
             "rasterised_with": rasteriser,
             "instances": self.n,
+            "instances_with_holes": self.with_holes,
+            "multi_part_instances": self.multi_part,
             "pooled_iou": round(self.inter / self.union, 6) if self.union else None,
             "min_iou": round(self.worst, 6) if self.n else None,
         }

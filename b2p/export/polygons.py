@@ -50,6 +50,18 @@ def pixel_centre_rings(mask: np.ndarray) -> list[np.ndarray]:
     return [ct.reshape(-1, 2).astype(np.float64) + (x0, y0) for ct in contours]
 
 
+def parts_and_holes(mask: np.ndarray) -> tuple[int, int]:
+    """Number of 8-connected parts and of holes in a mask (OpenCV's two-level contour tree)."""
+    import cv2
+
+    c = _crop(mask)
+    if c is None:
+        return 0, 0
+    _, hierarchy = cv2.findContours(c[0].astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    holes = int(np.count_nonzero(hierarchy[0][:, 3] >= 0))
+    return len(hierarchy[0]) - holes, holes
+
+
 def pixel_edge_rings(mask: np.ndarray) -> list[np.ndarray]:
     """Boundary rings on the pixel-corner lattice: Nx2 float64 (x, y) arrays, corners at integer coordinates.
 
@@ -125,8 +137,9 @@ def join_rings(rings: list[np.ndarray]) -> np.ndarray:
         for b in range(a + 1, n):
             d, ia = trees[a].query(rings[b])  # for every vertex of b, its nearest vertex of a
             jb = int(np.argmin(d))
-            # a zero distance (rings sharing a corner) is still an edge: csgraph reads 0 as "no edge"
-            dist[a, b] = max(float(d[jb]), 1e-9)
+            # + 1: csgraph reads 0 (rings sharing a corner) and tiny values as "no edge"; a constant added
+            # to every edge of a complete graph leaves its minimum spanning tree unchanged
+            dist[a, b] = float(d[jb]) + 1.0
             closest[(a, b)] = (int(ia[jb]), jb)
             closest[(b, a)] = (jb, int(ia[jb]))
     mst = minimum_spanning_tree(dist).toarray()
@@ -146,6 +159,8 @@ def join_rings(rings: list[np.ndarray]) -> np.ndarray:
                 stack.append(b)
                 ia, jb = closest[(a, b)]
                 children[a].setdefault(ia, []).append((b, jb))
+    if len(seen) != n:  # cannot happen with a complete graph; never drop a ring silently
+        raise AssertionError(f"joined {len(seen)} of {n} rings")
 
     out: list[np.ndarray] = []
 
