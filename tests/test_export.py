@@ -228,7 +228,7 @@ def test_params_section_sets_the_options(project: Path) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown source", "missing masks", "out is a file", "foreign folder", "unknown split", "unknown format"],
+    ["unknown source", "missing masks", "wrong-size mask", "out is a file", "foreign folder", "unknown split", "unknown format"],
 )
 def test_bad_input_is_one_clear_error_and_writes_nothing(project: Path, case: str) -> None:
     args = ["export", "--out", "data/export"]
@@ -238,6 +238,9 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(project: Path, case: st
     elif case == "missing masks":
         (project / "data/predict_boxes/demo/labelmaps/c.png").unlink()
         expect = "no label map for 1 exported image"
+    elif case == "wrong-size mask":  # found only while exporting: the half-built folders are removed
+        write_label_map(project / "data/predict_boxes/demo/labelmaps/d.png", np.zeros((10, 10), np.uint8))
+        expect = f"label map is 10x10 but its image is {W}x{H}"
     elif case == "out is a file":
         (project / "data/export").write_text("not a folder")
         expect = "export output is a file"
