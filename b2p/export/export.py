@@ -447,7 +447,9 @@ def export_dataset(
     splits = list(by_split)
     scores = {b.name: _scores(source_root, b.name) for b in batches}
 
-    teacher_root = Path(teacher_root) if teacher_root is not None else (source_root if opts.source == "teacher" else None)
+    if opts.source == "teacher":  # the masks ARE the teacher's: record the root they came from
+        teacher_root = source_root
+    teacher_root = Path(teacher_root) if teacher_root is not None else None
     from b2p import __version__
 
     info = {
