@@ -80,6 +80,7 @@ COMMANDS = [
     ("predict", "b2p.student.commands", "predict"),
     ("finalize", "b2p.finalize.commands", "finalize"),
     ("evaluate", "b2p.evaluate.commands", "evaluate"),
+    ("export", "b2p.export.commands", "export"),
     ("browse", "b2p.browse.commands", "browse"),
     ("add-batch", "b2p.pipeline.commands", "add_batch"),
     ("bench-report", "b2p.pipeline.commands", "bench_report"),

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: `dvc` and `b2p`
 runner = CliRunner()
 
-MAIN_STAGES = {"demo_data", "import@demo", "teach@demo", "train", "predict", "evaluate", "summary"}
+MAIN_STAGES = {"demo_data", "import@demo", "teach@demo", "train", "predict", "export", "evaluate", "summary"}
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def test_dvc_parses_every_pipeline(tmp_path: Path) -> None:
         assert p.returncode == 0, p.stderr
         out[target] = {line.split()[0].rsplit(":", 1)[-1] for line in p.stdout.splitlines() if line.strip()}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert out["dvc.yaml"] == {"demo_data", "train", "predict", "evaluate", "summary"} | {
+    assert out["dvc.yaml"] == {"demo_data", "train", "predict", "export", "evaluate", "summary"} | {
         f"{s}@{b}" for s in ("import", "teach") for b in params["batches"]}
     p = yaml.safe_load((REPO / "pipelines" / "suite" / "params.yaml").read_text())
     runs = {f"{t}-{s}-{seed}" for t in p["teachers"] for s in p["students"] for seed in p["seeds"]}
@@ -256,7 +256,7 @@ def test_main_pipeline_fresh_noop_param_change_and_add_batch(tmp_path: Path, mon
     _edit_params(root / "params.yaml", {"train.epochs": 2})
     p = dvc(root, "repro")
     # DVC skips a stage whose inputs hash the same: evaluate re-runs only if the new model's masks differ
-    expected = {"train", "predict", "summary"} | ({"evaluate"} if _tree_bytes(root / "data/predict") != preds_before else set())
+    expected = {"train", "predict", "export", "summary"} | ({"evaluate"} if _tree_bytes(root / "data/predict") != preds_before else set())
     assert set(stages_run(p)) == expected, stages_run(p)
     assert json.loads((root / "data/models/student/metrics.json").read_text())["epochs_run"] == 2
 
@@ -273,7 +273,7 @@ def test_main_pipeline_fresh_noop_param_change_and_add_batch(tmp_path: Path, mon
                               "--masks", str(src / "masks")])
     assert res.exit_code == 0, res.output
     p = dvc(root, "repro")
-    assert set(stages_run(p)) == {"import@line2", "teach@line2", "train", "predict", "evaluate", "summary"}, stages_run(p)
+    assert set(stages_run(p)) == {"import@line2", "teach@line2", "train", "predict", "export", "evaluate", "summary"}, stages_run(p)
     assert "Stage 'import@demo' didn't change, skipping" in p.stdout
     assert "Stage 'teach@demo' didn't change, skipping" in p.stdout
     assert (root / "data/imported/demo.json").read_bytes() == imported_before
