@@ -38,11 +38,13 @@ runner = CliRunner()
 
 
 def _tiny_suite_params(params: Path, **changes: object) -> None:
-    """Seconds per stage: 64 px, one epoch, one teacher, one student (+ the oracle)."""
+    """Seconds per stage: 64 px, one epoch, one teacher, one student (+ the oracle, one boxes-only student and
+    round 2 of the student)."""
     _edit_params(params, {
-        "teachers": ["grabcut"], "students": ["b2p"], "oracle.students": ["b2p"], "seeds": [1, 2],
-        "split.val": 0.2, "split.test": 0.3, "masks_to_boxes.free_images": 2,
-        "train.epochs": 1, "train.input_size": 64, "evaluate.worst": 1, "report.speed_images": 2, **changes,
+        "teachers": ["grabcut"], "students": ["b2p"], "oracle.students": ["b2p"], "boxes_only.students": ["boxes-pairwise"],
+        "round2.students": ["b2p"], "seeds": [1, 2], "split.val": 0.2, "split.test": 0.3, "split.calib": 0.25,
+        "masks_to_boxes.free_images": 2,
+        "train.epochs": 1, "train.tile_size": 64, "evaluate.worst": 1, "report.speed_images": 2, **changes,
     })
 
 
@@ -139,25 +141,30 @@ def _rows(results: dict) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> None:
-    """`dvc repro` of the suite on a tiny demo in the Magnetic-Tile layout: 2 seeds, the oracle, the report."""
+    """`dvc repro` of the suite on a tiny demo in the Magnetic-Tile layout: 2 seeds, calib, final masks, the
+    oracle, a boxes-only student, round 2, the report."""
     root = make_project(tmp_path, with_pipelines=True)
     folders = make_folder_dataset(tmp_path / "demo-tiles", "MT_", "Free", images=16)
     suite = root / "pipelines" / "suite"
     _tiny_suite_params(suite / "params.yaml", **{"dataset.root": "../../../demo-tiles", "dataset.name": "demo-tiles"})
     p = dvc(root, "repro", "pipelines/suite/dvc.yaml")
     ran = {s.split(":", 1)[1] for s in stages_run(p)}
-    assert ran == {"prepare", "import", "teach@grabcut", "report"} | {
-        f"{st}@grabcut-b2p-{s}" for st in ("train", "predict", "evaluate") for s in (1, 2)} | {
-        f"{st}_oracle@oracle-b2p-{s}" for st in ("train", "predict", "evaluate") for s in (1, 2)}, ran
+    steps = ("train", "predict", "finalize", "evaluate")
+    assert ran == {"prepare", "import", "teach@grabcut", "teach_boxes_only", "report"} | {
+        f"{st}@grabcut-b2p-{s}" for st in steps for s in (1, 2)} | {
+        f"{st}_oracle@oracle-b2p-{s}" for st in steps for s in (1, 2)} | {
+        f"{st}_boxes_only@boxes-only-boxes-pairwise-{s}" for st in steps for s in (1, 2)} | {
+        f"{st}_round2@grabcut-b2p-{s}" for st in steps for s in (1, 2)}, ran
 
     out = root / "reports" / "demo-tiles"
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"]["name"] == "demo-tiles" and res["seeds"] == [1, 2]
     assert res["dataset"]["classes"] == sorted(c for c in folders.values() if c != "defect-free")  # MT_ stripped
     rows = _rows(res)
-    assert list(rows) == ["box fill (the boxes themselves)", "teacher: grabcut", "b2p <- grabcut", "b2p <- grabcut (+ boxes)",
-                          "b2p <- manual masks (oracle)", "b2p <- manual masks (oracle) (+ boxes)"]
-    for name in ("b2p <- grabcut", "b2p <- manual masks (oracle)"):
+    runs = ["b2p <- grabcut", "b2p <- grabcut, round 2", "b2p <- manual masks (oracle)", "boxes-pairwise <- boxes only"]
+    assert list(rows) == ["box fill (the boxes themselves)", "teacher: grabcut"] + [
+        f"{r}{suffix}" for r in runs for suffix in ("", " (+ boxes)", " (final masks)")]
+    for name in runs:
         r = rows[name]
         assert r["seeds"] == [1, 2] and set(r["per_seed"]) == {"1", "2"}
         for m, stat in r["metrics"].items():  # the mean and sd really are over the two seeds' evaluations
@@ -165,20 +172,45 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
             if None not in vals:
                 assert stat["mean"] == pytest.approx(np.mean(vals), abs=1e-6)
                 assert stat["std"] == pytest.approx(np.std(vals, ddof=1), abs=1e-6)
-        ev = read_json(root / "pipelines/suite/work/eval" / r["teacher"] / "b2p" / "2" / "metrics.json")
+        ev = read_json(root / "pipelines/suite/work/eval" / r["teacher"] / r["student"] / "2" / "metrics.json")
         assert r["per_seed"]["2"]["binary_iou"] == ev["student"]["binary_iou"]
+        assert rows[f"{name} (final masks)"]["per_seed"]["2"]["binary_iou"] == ev["final"]["binary_iou"]
         assert r["train_seconds"]["n"] == 2 and r["epochs_run"] == [1, 1] and r["ms_per_image"] > 0
         assert set(r["per_class_iou"]) == {"background", *res["dataset"]["classes"]}
+    assert rows["b2p <- grabcut, round 2"]["student"] == "b2p.round2" and rows["b2p <- grabcut, round 2"]["round"] == 2
+    assert rows["boxes-pairwise <- boxes only"]["kind"] == "boxes-only"
+    assert rows["boxes-pairwise <- boxes only"]["params"] == read_json(suite / "work/models/boxes-only/boxes-pairwise/1/metrics.json")["params"]
     # the oracle trained on the manual masks: its teacher folder is them, and it never saw the test images
     batch = load_batch(root / "pipelines/suite/work/imported/demo-tiles.json")
     for im in batch.split("test"):
         truth = im.manual_label_map()
         oracle = read_label_map(label_map_path(root / "pipelines/suite/work/teach/oracle", "demo-tiles", im.file_name))
         assert np.array_equal(oracle, truth)
+    # calib: manually masked images outside test and train, the one place the final masks' settings come from
+    calib = batch.split("calib")
+    assert calib and all(im.has_manual_mask for im in calib) and res["dataset"]["images"]["calib"] == len(calib)
+    final = suite / "work/final"
+    for run, teacher in (("grabcut/b2p", "work/teach/grabcut"), ("grabcut/b2p.round2", "work/final/grabcut/b2p/1"),
+                         ("boxes-only/boxes-pairwise", "work/teach/boxes-only"), ("oracle/b2p", None)):
+        th = read_json(final / run / "1" / "thresholds.json")
+        assert th["calib_images"] == len(calib) and th["sources"]["teacher"] == teacher, (run, th["sources"])
+        assert th["sources"]["probs"] == f"work/predict/{run}/1"
+        # every boxed image has its final mask (round 2 trains on them), painted inside its boxes only
+        for im in batch.images:
+            lm = read_label_map(label_map_path(final / run / "1", "demo-tiles", im.file_name))
+            inside = np.zeros(lm.shape, bool)
+            for x0, y0, x1, y1 in np.asarray(im.boxes_xyxy(), float).reshape(-1, 4):
+                inside[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
+            assert not (lm[~inside] > 0).any()
+    # the oracle's final masks blend no teacher (its folder holds the test masks): alpha 1 for every class
+    assert {c["alpha"] for c in read_json(final / "oracle/b2p/1/thresholds.json")["per_class"].values()} == {1.0}
+    section = readme_section(res, "reports/demo-tiles")
+    assert "| b2p <- grabcut (final masks) |" in section and "| b2p <- grabcut, round 2 (final masks) |" in section
+    assert "| boxes-pairwise <- boxes only |" in section and "`(final masks)`" in section and "`round 2`" in section
     assert res["stage_seconds"] is None and "b2p suite" in res["times_note"]  # dvc repro does not time stages
     assert res["machine"]["cores"] >= 1 and res["machine"]["cpu"]
     md = (out / "results.md").read_text()
-    assert "| b2p <- manual masks (oracle) |" in md and " ± " in md and "Per-class IoU" in md
+    assert "| b2p <- manual masks (oracle) |" in md and "| b2p <- grabcut (final masks) |" in md and " ± " in md and "Per-class IoU" in md
     assert stages_run(dvc(root, "repro", "pipelines/suite/dvc.yaml")) == []
 
 
@@ -206,13 +238,15 @@ def test_suite_runner_on_other_folder_names(tmp_path: Path) -> None:
     assert res["dataset"]["folders"] == folders and all(not c.startswith("qc") for c in classes)
     assert res["title"].endswith(": line-7-parts")
     rows = _rows(res)
-    assert {"teacher: grabcut", "b2p <- grabcut", "b2p <- manual masks (oracle)"} <= set(rows)
+    assert {"teacher: grabcut", "b2p <- grabcut", "b2p <- grabcut (final masks)", "b2p <- grabcut, round 2 (final masks)",
+            "b2p <- manual masks (oracle)", "boxes-pairwise <- boxes only (final masks)"} <= set(rows)
     assert rows["b2p <- grabcut"]["seeds"] == [3] and rows["b2p <- grabcut"]["metrics"]["binary_iou"]["std"] is None
     # this runner's record: the command, every stage's wall time, the commit it ran on
     assert res["command"] == f"b2p suite --root '{tmp_path / 'Line 7 Parts'}' --set 'seeds=[3]'"
-    assert set(res["stage_seconds"]) == {"prepare", "import", "teach@grabcut", "train@grabcut-b2p-3", "predict@grabcut-b2p-3",
-                                         "evaluate@grabcut-b2p-3", "train_oracle@oracle-b2p-3", "predict_oracle@oracle-b2p-3",
-                                         "evaluate_oracle@oracle-b2p-3"}
+    steps = ("train", "predict", "finalize", "evaluate")
+    assert set(res["stage_seconds"]) == {"prepare", "import", "teach@grabcut", "teach_boxes_only"} | {
+        f"{st}{kind}@{run}-3" for st in steps for kind, run in (("", "grabcut-b2p"), ("_oracle", "oracle-b2p"),
+                                                               ("_boxes_only", "boxes-only-boxes-pairwise"), ("_round2", "grabcut-b2p"))}
     assert all(v > 0 for v in res["stage_seconds"].values()) and res["total_seconds"] > 0
     head = _run(root, "git", "rev-parse", "HEAD").stdout.strip()
     assert res["git"] == {"commit": head, "dirty": True}  # params.yaml now names the dataset

@@ -4,13 +4,16 @@ tables generated from them.
 The suite (pipelines/suite/dvc.yaml) leaves in its work folder:
 
 - `eval/<teacher>/<student>/<seed>/metrics.json` + `details.json` (`b2p evaluate`: one section per mask
-  source: `student`, `student_boxes`, ..., plus `teacher` and `box`); teacher `oracle` is the manual masks;
+  source: `student`, `student_boxes`, `final`, ..., plus `teacher` and `box`); teacher `oracle` is the manual
+  masks, teacher `boxes-only` the boxes alone (students trained without teacher masks), student
+  `<student>.round2` that student trained again on its round-1 final masks (same teacher and seed);
 - `models/<teacher>/<student>/<seed>/metrics.json` + `model.pt` (`b2p train`);
 - `teach/<teacher>/<batch>/provenance.json`, `imported/<name>.json`, `classes.json`, `raw/boxes.json`.
 
 Rows (in this order): the box fill; every teacher (its pseudo-masks); every (teacher, student) and each
 mask source evaluate scored for it (`student`: the student alone; `student_boxes`: its box-guided masks;
-any further `--source` of the evaluate stage becomes a row the same way); then the oracle rows. A trained
+`final`: its final masks; any further `--source` of the evaluate stage becomes a row the same way), each
+student's round 2 right after it; then the oracle rows and the boxes-only rows. A trained
 row holds the mean and the sample standard deviation over its seeds of every metric and of every class's
 IoU, and each seed's figures; teacher and box-fill rows are not trained (one value, the same in every run).
 """
@@ -32,8 +35,10 @@ from b2p.fileio import read_json, write_json_atomic, write_text_atomic
 from b2p.pipeline.report import METRIC_HEADS, METRICS, measure_speed, speed_images, teacher_seconds_per_image
 
 ORACLE = "oracle"  # the teacher folder holding the manual masks (masks-to-boxes --oracle-out)
+BOXES_ONLY = "boxes-only"  # the teacher folder of the students trained from the boxes alone (the filled boxes)
+ROUND2 = ".round2"  # student folder suffix: that student trained on its round-1 final masks
 TEACHER, BOX, STUDENT = "teacher", "box", "student"
-SOURCE_SUFFIX = {STUDENT: "", "student_boxes": " (+ boxes)"}  # other sources: " (<name>)"
+SOURCE_SUFFIX = {STUDENT: "", "student_boxes": " (+ boxes)", "final": " (final masks)"}  # other sources: " (<name>)"
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
 
@@ -124,6 +129,14 @@ def _fixed_row(kind: str, name: str, teacher: str | None, sec: dict) -> dict:
             "per_seed": None, "per_class_iou": {c: {"mean": v, "std": None, "n": 1} for c, v in _per_class_iou(sec).items()}}
 
 
+def run_name(teacher: str, student: str) -> str:
+    """'b2p <- grabcut', 'b2p <- grabcut, round 2', 'b2p <- manual masks (oracle)', 'boxes <- boxes only'."""
+    round2 = student.endswith(ROUND2)
+    s = student[: -len(ROUND2)] if round2 else student
+    t = {ORACLE: "manual masks (oracle)", BOXES_ONLY: "boxes only"}.get(teacher, teacher)
+    return f"{s} <- {t}" + (", round 2" if round2 else "")
+
+
 def _trained_rows(teacher: str, student: str, evals: dict[str, dict], models: Path) -> list[dict]:
     """One row per mask source of this (teacher, student), aggregated over its seeds."""
     seeds = list(evals)
@@ -136,12 +149,13 @@ def _trained_rows(teacher: str, student: str, evals: dict[str, dict], models: Pa
         missing = [s for s in seeds if src not in evals[s]]
         if missing:
             raise B2PError(f"source {src!r} of {teacher}/{student} was not scored for seed(s) {missing}", models.parent / "eval")
-        base = f"{student} <- manual masks (oracle)" if teacher == ORACLE else f"{student} <- {teacher}"
+        base = run_name(teacher, student)
         per_seed = {s: {m: evals[s][src].get(m) for m in METRICS} for s in seeds}
         classes = list(_per_class_iou(evals[seeds[0]][src]))
         rows.append({
             "name": base + SOURCE_SUFFIX.get(src, f" ({src})"),
-            "kind": ORACLE if teacher == ORACLE else STUDENT,
+            "kind": {ORACLE: ORACLE, BOXES_ONLY: BOXES_ONLY}.get(teacher, STUDENT),
+            "round": 2 if student.endswith(ROUND2) else 1,
             "teacher": teacher, "student": student, "source": src, "seeds": [_seed(s) for s in seeds],
             "images": evals[seeds[0]][src].get("images"),
             "metrics": {m: mean_std([per_seed[s][m] for s in seeds]) for m in METRICS},
@@ -170,17 +184,24 @@ def collect_results(
     work, params_file = Path(work), Path(params_file)
     params = yaml.safe_load(params_file.read_text()) or {}
     runs = find_suite_runs(work)
-    order = {t: i for i, t in enumerate([*params.get("teachers", []), ORACLE])}
-    s_order = {s: i for i, s in enumerate(params.get("students", []))}
-    keys = sorted(runs, key=lambda k: (order.get(k[0], len(order)), k[0], s_order.get(k[1], len(s_order)), k[1]))
+    order = {t: i for i, t in enumerate([*params.get("teachers", []), ORACLE, BOXES_ONLY])}
+    s_order = {s: i for i, s in enumerate([*params.get("students", []), *(params.get("boxes_only") or {}).get("students", [])])}
+
+    def key(k: tuple[str, str]) -> tuple:
+        base = k[1].removesuffix(ROUND2)
+        return order.get(k[0], len(order)), k[0], s_order.get(base, len(s_order)), base, k[1].endswith(ROUND2)
+
+    keys = sorted(runs, key=key)
     evals = {k: {s: _load_eval(d) for s, d in runs[k].items()} for k in keys}
 
     rows: list[dict] = []
     any_run = next(iter(next(iter(evals.values())).values()))
     if BOX in any_run:
         rows.append(_fixed_row("box", "box fill (the boxes themselves)", None, any_run[BOX]))
-    for t in dict.fromkeys(k[0] for k in keys if k[0] != ORACLE):
-        first = next(iter(evals[next(k for k in keys if k[0] == t)].values()))
+    # round 2's "teacher" section is round 1's final masks, the boxes-only one the box fill (its own row)
+    round1 = [k for k in keys if not k[1].endswith(ROUND2)]
+    for t in dict.fromkeys(k[0] for k in round1 if k[0] not in (ORACLE, BOXES_ONLY)):
+        first = next(iter(evals[next(k for k in round1 if k[0] == t)].values()))
         if TEACHER in first:
             row = _fixed_row(TEACHER, f"teacher: {t}", t, first[TEACHER])
             row["seconds_per_image"] = teacher_seconds_per_image(work / "teach" / t)
@@ -206,7 +227,8 @@ def collect_results(
         splits[im.get("split", "?")] = splits.get(im.get("split", "?"), 0) + 1
     boxes_info = read_json(work / "raw" / "boxes.json", "simulated boxes").get("info", {}) if (work / "raw" / "boxes.json").is_file() else {}
     students = {s: (yaml.safe_load((params_file.parent / "students" / f"{s}.yaml").read_text()) or {}).get("train", {})
-                for s in dict.fromkeys([*params.get("students", []), *params.get("oracle", {}).get("students", [])])
+                for s in dict.fromkeys([*params.get("students", []), *(params.get("oracle") or {}).get("students", []),
+                                        *(params.get("boxes_only") or {}).get("students", []), *(params.get("round2") or {}).get("students", [])])
                 if (params_file.parent / "students" / f"{s}.yaml").is_file()}
     return {
         "title": f"{title}: {name}",
@@ -277,8 +299,10 @@ def results_markdown(results: dict) -> str:
         "",
         f"Trained rows: mean ± sample standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
         "teacher and box-fill rows are not trained (one value). `(+ boxes)`: the student's box-guided masks; "
-        "`oracle`: the same student trained on the manual masks of the train / val split (the fully supervised "
-        "ceiling). `ms / image`: student inference (batch 1) or the teacher's time per image.",
+        "`(final masks)`: its probabilities blended with its teacher inside each box, settings per class chosen on the "
+        "calib split; `round 2`: the student trained again on its round-1 final masks; `boxes only`: trained from the "
+        "boxes alone (no teacher masks); `oracle`: the same student trained on the manual masks of the train / val split "
+        "(the fully supervised ceiling). `ms / image`: student inference (batch 1) or the teacher's time per image.",
         "",
         *headline_table(results),
         "",
@@ -314,6 +338,22 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- b2p-results:{name} begin (generated by `b2p suite-readme`; do not edit) -->", f"<!-- b2p-results:{name} end -->"
 
 
+_LEGEND = (  # (present when, what it says)
+    (lambda r: r.get("source") == "student_boxes", "`(+ boxes)`: the student's box-guided masks"),
+    (lambda r: r.get("source") == "final", "`(final masks)`: the student's probabilities blended with its teacher inside "
+     "each box, settings per class chosen on the calib split (`b2p finalize`)"),
+    (lambda r: r.get("round") == 2, "`round 2`: the student trained again on its round-1 final masks"),
+    (lambda r: r.get("kind") == BOXES_ONLY, "`boxes only`: trained from the boxes alone (no teacher masks)"),
+    (lambda r: r.get("kind") == ORACLE, "`oracle`: trained on the manual masks (the fully supervised ceiling)"),
+)
+
+
+def legend(results: dict) -> str:
+    """One line naming what the row suffixes of these results mean ('' when no row has one)."""
+    parts = [text for present, text in _LEGEND if any(present(r) for r in results["rows"])]
+    return ("Rows `S <- T`: student S trained on teacher T's masks; " + "; ".join(parts) + ".") if parts else ""
+
+
 def readme_section(results: dict, results_dir: str) -> str:
     """What the README shows between a dataset's markers: the headline table and where it came from."""
     seeds = results.get("seeds") or []
@@ -326,6 +366,8 @@ def readme_section(results: dict, results_dir: str) -> str:
         "",
         *headline_table(results),
     ]
+    if legend(results):
+        lines += ["", legend(results)]
     return "\n".join(lines)
 
 
