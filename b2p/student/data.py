@@ -29,7 +29,7 @@ from b2p.dataset import ImageRecord, load_batches
 from b2p.errors import B2PError
 from b2p.fileio import read_image
 from b2p.labels import label_map_path, read_label_map
-from b2p.student.geometry import IGNORE, Geometry
+from b2p.student.geometry import Geometry
 
 @dataclass
 class Sample:
