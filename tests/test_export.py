@@ -274,33 +274,57 @@ def test_teacher_source_records_its_provenance(project: Path) -> None:
     assert all(a["score"] == 1.0 for a in coco["annotations"])  # the teacher's per-box scores
 
 
-@pytest.mark.slow
-def test_fiftyone_importers_read_coco_and_yolo_exports(project: Path) -> None:
-    import fiftyone as fo
+@pytest.fixture()
+def fiftyone_private(tmp_path_factory):
+    """FiftyOne on a throwaway mongod of its own (as tests/test_browse.py does), so tests never share or
+    reuse a closed database connection; yields the `fiftyone` module."""
+    import os
 
+    from b2p.browse.fo_env import PrivateMongod, configure_env
+
+    configure_env()
+    old_uri = os.environ.get("FIFTYONE_DATABASE_URI")
+    with PrivateMongod(tmp_path_factory.mktemp("fo_db_export")) as uri:
+        os.environ["FIFTYONE_DATABASE_URI"] = uri
+        import fiftyone as fo
+        from fiftyone.core.odm import database as fodb
+
+        fo.config.database_uri = uri
+        fodb._disconnect()  # a connection left by an earlier test would point at a stopped server
+        fodb._connection_kwargs.pop("host", None)
+        yield fo
+        fodb._disconnect()
+        fodb._connection_kwargs.pop("host", None)
+        fo.config.database_uri = old_uri
+        if old_uri is None:
+            os.environ.pop("FIFTYONE_DATABASE_URI", None)
+        else:
+            os.environ["FIFTYONE_DATABASE_URI"] = old_uri
+
+
+@pytest.mark.slow
+def test_fiftyone_importers_read_coco_and_yolo_exports(project: Path, fiftyone_private) -> None:
+    fo = fiftyone_private
     _export("--format", "coco,yolo")
     expected = {"train": (2, 4), "val": (1, 1), "test": (1, 0)}
     for split, (n_samples, n_instances) in expected.items():
         coco = fo.Dataset.from_dir(
             dataset_type=fo.types.COCODetectionDataset, data_path=str(project / "data/export/coco/images"),
             labels_path=str(project / f"data/export/coco/annotations/instances_{split}.json"),
-            label_types="segmentations", label_field="gt", include_all_data=True,
+            label_types="segmentations", label_field="gt",
         )
         yolo = fo.Dataset.from_dir(
             dataset_type=fo.types.YOLOv5Dataset, dataset_dir=str(project / "data/export/yolo"), yaml_path="data.yaml",
             split=split, label_type="instances", label_field="gt",
         )
-        try:
-            for ds in (coco, yolo):
-                assert len(ds) == n_samples
-                assert ds.count("gt.detections") == n_instances
-                if n_instances:
-                    assert all(d.mask is not None and d.mask.any() for d in ds.values("gt.detections", unwind=True))
-            assert sorted(coco.distinct("gt.detections.box_id")) == sorted(
-                {"train": [100, 101, 102, 103], "val": [105], "test": []}[split])
-        finally:
-            coco.delete()
-            yolo.delete()
+        # no delete(): the private database goes away with its fixture
+        for ds in (coco, yolo):
+            assert len(ds) == n_samples
+            assert ds.count("gt.detections") == n_instances
+            if n_instances:
+                assert all(d.mask is not None and d.mask.any() for d in ds.values("gt.detections", unwind=True))
+        assert sorted(coco.distinct("gt.detections.box_id")) == sorted(
+            {"train": [100, 101, 102, 103], "val": [105], "test": []}[split])
 
 
 @pytest.mark.parametrize("seed", range(4))
