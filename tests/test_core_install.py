@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(
          "--classes", "classes.json", "--out", "imported/demo.json", "--set", "val=0.3", "--set", "test=0"),
         ("teach", "imported/demo.json", "--out", "teach", "--teacher", "box", "--quiet"),
         ("train", "--imported", "imported", "--teacher-root", "teach", "--out", "model", "--device", "cpu",
-         "--set", "arch=unet", "--set", "unet_base=4", "--set", "input_size=32", "--set", "epochs=1"),
+         "--set", "arch=unet", "--set", "unet_base=4", "--set", "tile_size=32", "--set", "epochs=1"),
         ("predict", "--model", "model", "--imported", "imported", "--split", "all", "--out", "pred", "--device", "cpu"),
         ("evaluate", "--imported", "imported", "--teacher-root", "teach", "--pred-root", "pred", "--out", "eval", "--no-plots"),
     ]

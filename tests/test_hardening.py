@@ -242,7 +242,7 @@ def _tiny_model(path: Path, class_names: list[str], num_classes: int | None = No
     from b2p.student.checkpoint import save_checkpoint
     from b2p.student.model import StudentConfig, build_model
 
-    cfg = StudentConfig(num_classes=len(class_names) + 1, arch="unet", unet_base=4, input_size=32)
+    cfg = StudentConfig(num_classes=len(class_names) + 1, arch="unet", unet_base=4, tile_size=32)
     model = build_model(cfg)
     save_checkpoint(path / "model.pt", cfg, class_names, model.provenance, model.state_dict())
     if num_classes is not None:  # a hand-made file whose class names contradict its class count
@@ -400,7 +400,7 @@ def test_empty_png_is_one_clear_error(tmp_path, where):
     if where == "teacher_label_map":
         label_map_path(out, "b1", im.file_name).write_bytes(b"")
         args = ["train", "--imported", batch_file.parent, "--teacher-root", out, "--out", tmp_path / "m", "--set", "arch=unet",
-                "--set", "input_size=32", "--set", "epochs=1", "--device", "cpu"]
+                "--set", "tile_size=32", "--set", "epochs=1", "--device", "cpu"]
     else:
         pred = tmp_path / "pred"
         for rec in load_batch(batch_file).images:

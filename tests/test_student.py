@@ -355,7 +355,7 @@ def test_cli_errors(taught, tmp_path: Path):
     r = runner.invoke(app, ["train", "--imported", str(path.parent), "--teacher-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")])
     assert r.exit_code == 1 and "b2p teach" in r.output
     # DINOv2 without weights: a clear error, not random weights
-    r = runner.invoke(app, ["train", "--imported", str(path.parent), "--teacher-root", str(teach), "--out", str(tmp_path / "m"), "--backbone", "dinov2_s", "--input-size", "56"])
+    r = runner.invoke(app, ["train", "--imported", str(path.parent), "--teacher-root", str(teach), "--out", str(tmp_path / "m"), "--backbone", "dinov2_s", "--tile-size", "56"])
     assert r.exit_code == 1 and "no pretrained weights" in r.output
     # unknown parameter in params.yaml
     params = tmp_path / "p.yaml"
