@@ -148,11 +148,18 @@ def test_dvc_parses_every_pipeline(tmp_path: Path) -> None:
     assert out["dvc.yaml"] == {"demo_data", "train", "predict", "export", "evaluate", "summary"} | {
         f"{s}@{b}" for s in ("import", "teach") for b in params["batches"]}
     p = yaml.safe_load((REPO / "pipelines" / "suite" / "params.yaml").read_text())
-    runs = {f"{t}-{s}-{seed}" for t in p["teachers"] for s in p["students"] for seed in p["seeds"]}
-    oracle = {f"oracle-{s}-{seed}" for s in p["oracle"]["students"] for seed in p["seeds"]}
-    assert out["pipelines/suite/dvc.yaml"] == {"prepare", "import", "report"} | {f"teach@{t}" for t in p["teachers"]} | {
-        f"{stage}@{run}" for stage in ("train", "predict", "evaluate") for run in runs} | {
-        f"{stage}_oracle@{run}" for stage in ("train", "predict", "evaluate") for run in oracle}
+    seeds = p["seeds"]
+    runs = {f"{t}-{s}-{seed}" for t in p["teachers"] for s in p["students"] for seed in seeds}
+    groups = {  # stage suffix -> its matrix (teacher-student-seed)
+        "": runs,
+        "_oracle": {f"oracle-{s}-{seed}" for s in p["oracle"]["students"] for seed in seeds},
+        "_boxes_only": {f"boxes-only-{s}-{seed}" for s in p["boxes_only"]["students"] for seed in seeds},
+        "_round2": {f"{t}-{s}-{seed}" for t in p["teachers"] for s in p["round2"]["students"] for seed in seeds},
+    }
+    assert out["pipelines/suite/dvc.yaml"] == {"prepare", "import", "report", "teach_boxes_only"} | {
+        f"teach@{t}" for t in p["teachers"]} | {
+        f"{stage}{suffix}@{run}" for stage in ("train", "predict", "finalize", "evaluate")
+        for suffix, group in groups.items() for run in group}
 
 
 # --- bench-report on real evaluate outputs ----------------------------------------------------------------

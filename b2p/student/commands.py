@@ -81,7 +81,7 @@ def predict(
     model: Path = typer.Option(Path("data/models/student"), "--model", help="Trained model folder (or model.pt)."),
     imported: Path = typer.Option(Path("data/imported"), "--imported", help="Folder of canonical batch files."),
     batch: list[str] = typer.Option(None, "--batch", help="Batch name(s); default all."),
-    split: str = typer.Option("test", "--split", help="test, val, train or all."),
+    split: str = typer.Option("test", "--split", help="test, val, train, calib or all."),
     images: Path = typer.Option(None, "--images", help="Predict every image in this folder instead of batches."),
     out: Path = typer.Option(Path("data/predict"), "--out", help="Prediction root (batches) or output folder (--images)."),
     probs: bool = typer.Option(False, "--probs", help="Also write per-image class probabilities (npz, float16)."),

@@ -241,10 +241,12 @@ def run_prediction(
 def items_from_batches(
     batch_files: list[Path], split: str, out_root: str | Path, probs: bool, boxed_root: str | Path | None = None
 ) -> list[PredictItem]:
-    """One item per image of `split` (train|val|test|all): ROOT/<batch>/labelmaps/<key>.png (+ probs/<key>.npz,
+    """One item per image of `split` (one of splits.SPLITS, or all): ROOT/<batch>/labelmaps/<key>.png (+ probs/<key>.npz,
     + BOXED_ROOT/<batch>/labelmaps/<key>.png)."""
-    if split not in ("train", "val", "test", "all"):
-        raise B2PError(f"split must be train, val, test or all, got {split!r}")
+    from b2p.splits import SPLITS
+
+    if split not in (*SPLITS, "all"):
+        raise B2PError(f"split must be one of {[*SPLITS, 'all']}, got {split!r}")
     out = []
     for rec in load_batch_files_for_inference(batch_files, split):
         lp = label_map_path(out_root, rec.batch, rec.file_name)
