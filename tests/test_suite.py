@@ -125,6 +125,12 @@ def test_readme_sections_rewritten_and_checked(tmp_path: Path) -> None:
     assert any("differs" in p for p in check_readme(readme, reports))
     res = runner.invoke(app, ["suite-readme", str(reports / "parts" / "results.json"), "--readme", str(readme), "--check"])
     assert res.exit_code == 1 and "differs" in res.output
+    # the two marker lines the error asks for, added as printed (nothing between them), are filled in
+    begin, end = markers("tiles")
+    readme.write_text(f"{begin}\n{end}\n")
+    res = runner.invoke(app, ["suite-readme", str(reports / "tiles" / "results.json"), "--readme", str(readme)])
+    assert res.exit_code == 0, res.output
+    assert readme_sections(readme.read_text())["tiles"] == readme_section(_tiny_results("tiles", 0.25), "reports/tiles")
 
 
 def test_readme_matches_the_committed_reports() -> None:

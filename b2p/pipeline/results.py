@@ -371,12 +371,13 @@ def readme_section(results: dict, results_dir: str) -> str:
     return "\n".join(lines)
 
 
-_SECTION = re.compile(r"<!-- b2p-results:([A-Za-z0-9_.-]+) begin [^>]*-->\n(.*?)\n<!-- b2p-results:\1 end -->", re.S)
+# the body may be empty: the two marker lines the error message asks for, one under the other
+_SECTION = re.compile(r"<!-- b2p-results:([A-Za-z0-9_.-]+) begin [^>]*-->\n(?:(.*?)\n)?<!-- b2p-results:\1 end -->", re.S)
 
 
 def readme_sections(readme_text: str) -> dict[str, str]:
     """{dataset name: current section text} for every marker pair in the README."""
-    return {m.group(1): m.group(2) for m in _SECTION.finditer(readme_text)}
+    return {m.group(1): m.group(2) or "" for m in _SECTION.finditer(readme_text)}
 
 
 def update_readme(readme: str | Path, results_files: list[str | Path]) -> list[str]:
