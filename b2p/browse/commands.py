@@ -108,5 +108,7 @@ def browse(
     def ready(url: str, seconds: float) -> None:
         console.print(f"[bold green]FiftyOne App[/] ready in {seconds:.1f} s at [link={url}]{url}[/link]  (Ctrl+C to stop)")
 
+    if not _is_loopback(address):  # only reached with --allow-remote
+        console.print(f"[bold yellow]warning:[/] the App has no login: anyone who can reach {address}:{port} sees these images")
     console.print(f"starting the FiftyOne App on {address}:{port} ...")
     launch(name, address=address, port=port, wait=True, on_ready=ready)
