@@ -85,6 +85,7 @@ COMMANDS = [
     ("add-batch", "b2p.pipeline.commands", "add_batch"),
     ("bench-report", "b2p.pipeline.commands", "bench_report"),
     ("suite", "b2p.pipeline.commands", "suite"),
+    ("suite-combine", "b2p.pipeline.commands", "suite_combine"),
     ("suite-report", "b2p.pipeline.commands", "suite_report"),
     ("suite-readme", "b2p.pipeline.commands", "suite_readme"),
 ]

@@ -72,6 +72,17 @@ class SplitRule:
         return d
 
 
+def parse_splits(text: str) -> tuple[str, ...]:
+    """`all` or a comma-separated list of SPLITS ("calib,test") -> the splits, in SPLITS order."""
+    if text.strip() == "all":
+        return SPLITS
+    asked = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in asked if t not in SPLITS]
+    if not asked or bad:
+        raise B2PError(f"split must be all or a comma-separated list of {list(SPLITS)}, got {text!r}")
+    return tuple(sp for sp in SPLITS if sp in asked)
+
+
 def unit_hash(text: str) -> float:
     """A stable number in [0, 1) from text (SHA-1; Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2**64

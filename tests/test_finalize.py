@@ -92,4 +92,62 @@ def test_missing_probabilities_is_one_clear_error(tmp_path):
     batch_file, _ = make_synthetic_batch(tmp_path, n_images=3, size=48)
     r = runner.invoke(app, ["finalize", "--imported", str(batch_file.parent), "--probs", str(tmp_path / "nope"), "--out", str(tmp_path / "f"), "--quiet"])
     assert r.exit_code == 1
-    assert "predict --split all --probs" in r.output and "Traceback" not in r.output
+    assert "predict --probs" in r.output and "Traceback" not in r.output
+
+
+def test_student_alone_rule_chosen_on_calib_and_splits_limit_the_output(tmp_path):
+    """A student whose defect classes together outweigh the background but never singly: its argmax says
+    background everywhere; calib picks a p(defect) threshold that recovers every defect pixel."""
+    from b2p.student.predict import write_probs
+
+    batch_file, truth = make_synthetic_batch(tmp_path, n_images=10, size=64, seed=5, manual_every=2, calib=0.7)
+    batch = load_batch(batch_file)
+    for im in batch.images:  # the new uint8 probs format
+        lm = truth[im.file_name]
+        p = np.where(lm > 0, 0.45, 0.05).astype(np.float32)
+        write_probs(probs_path(tmp_path / "pred", im.batch, im.file_name), np.stack([1 - p, p / 2, p / 2]), ["background", "crack", "spot"])
+    splits = {im.split for im in batch.images}
+    assert {"calib", "test", "train"} <= splits
+    r = runner.invoke(app, ["finalize", "--imported", str(batch_file.parent), "--probs", str(tmp_path / "pred"), "--out", str(tmp_path / "final"),
+                            "--student-out", str(tmp_path / "alone"), "--split", "calib,test", "--quiet"])
+    assert r.exit_code == 0, r.output
+    st = json.loads((tmp_path / "alone" / "threshold.json").read_text())
+    assert st["t"] in (0.1, 0.2, 0.3, 0.4) and st["rule"] == f"p(defect) >= {st['t']:g}" and st["calib"]["binary_iou"] == 1.0
+    assert st["default_calib"]["binary_iou"] == 0.0 and st["grid"][0]["rule"] == "argmax"
+    assert json.loads((tmp_path / "final" / "thresholds.json").read_text())["student_alone"]["t"] == st["t"]
+    for im in batch.images:
+        alone = label_map_path(tmp_path / "alone", "b1", im.file_name)
+        final = label_map_path(tmp_path / "final", "b1", im.file_name)
+        if im.split in ("calib", "test"):
+            lm = read_label_map(alone)  # no box used: every defect pixel, the most likely defect class (a tie: crack)
+            np.testing.assert_array_equal(lm > 0, truth[im.file_name] > 0)
+            assert set(np.unique(lm)) <= {0, 1} and final.is_file()
+        else:
+            assert not alone.exists() and not final.exists()
+    prov = json.loads((tmp_path / "final" / "b1" / "provenance.json").read_text())
+    assert prov["splits"] == ["test", "calib"] and prov["counts"]["images"] == sum(im.split in ("calib", "test") for im in batch.images)
+    assert "p(defect) >=" in r.output
+
+    # a split that is not one: one clear error, exit 1
+    r = runner.invoke(app, ["finalize", "--imported", str(batch_file.parent), "--probs", str(tmp_path / "pred"), "--out", str(tmp_path / "f2"), "--split", "calib,tset"])
+    assert r.exit_code == 1 and "tset" in r.output and not (tmp_path / "f2").exists()
+
+
+def test_probabilities_files_old_and_new_read_alike(tmp_path):
+    from b2p.errors import B2PError
+    from b2p.student.predict import PROBS_SCALE, read_probs, write_probs
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([1, 1, 1], size=(20, 30)).transpose(2, 0, 1).astype(np.float32)
+    write_probs(tmp_path / "new.npz", p, ["background", "a", "b"])
+    with atomic_write(tmp_path / "old.npz") as f:
+        np.savez_compressed(f, probs=p.astype(np.float16))
+    assert np.abs(read_probs(tmp_path / "new.npz") - p).max() <= 0.5 / PROBS_SCALE + 1e-6
+    assert np.abs(read_probs(tmp_path / "old.npz") - p).max() < 1e-3
+    with atomic_write(tmp_path / "bad.npz") as f:
+        np.savez_compressed(f, probs=(p * 255).astype(np.uint8))  # uint8 without its scale
+    try:
+        read_probs(tmp_path / "bad.npz")
+        raise AssertionError("a uint8 file without its scale was read")
+    except B2PError as e:
+        assert "scale" in str(e) and "bad.npz" in str(e)

@@ -159,7 +159,8 @@ def test_dvc_parses_every_pipeline(tmp_path: Path) -> None:
     assert out["pipelines/suite/dvc.yaml"] == {"prepare", "import", "report", "teach_boxes_only"} | {
         f"teach@{t}" for t in p["teachers"]} | {
         f"{stage}{suffix}@{run}" for stage in ("train", "predict", "finalize", "evaluate")
-        for suffix, group in groups.items() for run in group}
+        for suffix, group in groups.items() for run in group} | {
+        f"{stage}@{t}-{seed}" for stage in ("combine", "evaluate_combine") for t in p["teachers"] for seed in seeds}
 
 
 # --- bench-report on real evaluate outputs ----------------------------------------------------------------

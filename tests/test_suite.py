@@ -160,7 +160,8 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
         f"{st}@grabcut-b2p-{s}" for st in steps for s in (1, 2)} | {
         f"{st}_oracle@oracle-b2p-{s}" for st in steps for s in (1, 2)} | {
         f"{st}_boxes_only@boxes-only-boxes-pairwise-{s}" for st in steps for s in (1, 2)} | {
-        f"{st}_round2@grabcut-b2p-{s}" for st in steps for s in (1, 2)}, ran
+        f"{st}_round2@grabcut-b2p-{s}" for st in steps for s in (1, 2)} | {
+        f"{st}@grabcut-{s}" for st in ("combine", "evaluate_combine") for s in (1, 2)}, ran
 
     out = root / "reports" / "demo-tiles"
     res = json.loads((out / "results.json").read_text())
@@ -168,8 +169,9 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
     assert res["dataset"]["classes"] == sorted(c for c in folders.values() if c != "defect-free")  # MT_ stripped
     rows = _rows(res)
     runs = ["b2p <- grabcut", "b2p <- grabcut, round 2", "b2p <- manual masks (oracle)", "boxes-pairwise <- boxes only"]
+    combined = "combined: per class the best final masks on calib (grabcut)"
     assert list(rows) == ["box fill (the boxes themselves)", "teacher: grabcut"] + [
-        f"{r}{suffix}" for r in runs for suffix in ("", " (+ boxes)", " (final masks)")]
+        f"{r}{suffix}" for r in runs for suffix in ("", " (+ boxes)", " (final masks)", " (alone, rule chosen on calib)")] + [combined]
     for name in runs:
         r = rows[name]
         assert r["seeds"] == [1, 2] and set(r["per_seed"]) == {"1", "2"}
@@ -181,6 +183,7 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
         ev = read_json(root / "pipelines/suite/work/eval" / r["teacher"] / r["student"] / "2" / "metrics.json")
         assert r["per_seed"]["2"]["binary_iou"] == ev["student"]["binary_iou"]
         assert rows[f"{name} (final masks)"]["per_seed"]["2"]["binary_iou"] == ev["final"]["binary_iou"]
+        assert rows[f"{name} (alone, rule chosen on calib)"]["per_seed"]["2"]["anomaly_miou"] == ev["calibrated"]["anomaly_miou"]
         assert r["train_seconds"]["n"] == 2 and r["epochs_run"] == [1, 1] and r["ms_per_image"] > 0
         assert set(r["per_class_iou"]) == {"background", *res["dataset"]["classes"]}
     assert rows["b2p <- grabcut, round 2"]["student"] == "b2p.round2" and rows["b2p <- grabcut, round 2"]["round"] == 2
@@ -201,13 +204,27 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
         th = read_json(final / run / "1" / "thresholds.json")
         assert th["calib_images"] == len(calib) and th["sources"]["teacher"] == teacher, (run, th["sources"])
         assert th["sources"]["probs"] == f"work/predict/{run}/1"
-        # every boxed image has its final mask (round 2 trains on them), painted inside its boxes only
-        for im in batch.images:
+        # every boxed image has its final mask (round 2 trains on them; the oracle's: calib and test only),
+        # painted inside its boxes only
+        for im in batch.split("calib", "test") if run == "oracle/b2p" else batch.images:
             lm = read_label_map(label_map_path(final / run / "1", "demo-tiles", im.file_name))
             inside = np.zeros(lm.shape, bool)
             for x0, y0, x1, y1 in np.asarray(im.boxes_xyxy(), float).reshape(-1, 4):
                 inside[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
             assert not (lm[~inside] > 0).any()
+    assert not any(label_map_path(final / "oracle/b2p/1", "demo-tiles", im.file_name).exists() for im in batch.split("train", "val"))
+    # the student alone, its rule chosen on calib, for the images of every split finalize wrote
+    st = read_json(suite / "work/calibrated/grabcut/b2p/1/threshold.json")
+    assert st["reason"] == "best binary IoU on calib" and len(st["grid"]) == 10
+    assert all(label_map_path(suite / "work/calibrated/grabcut/b2p/1", "demo-tiles", im.file_name).is_file() for im in batch.images)
+    # combine: every class taught by a candidate scored on calib, never the oracle; the choice is in the report
+    cands = {"box", "grabcut", "grabcut+ctx1", "grabcut+fill0.2", "grabcut+ctx1+fill0.2", "b2p", "b2p.round2", "boxes-only:boxes-pairwise"}
+    for seed in ("1", "2"):
+        prov = read_json(suite / "work/combined/grabcut" / seed / "demo-tiles/provenance.json")["auto"]
+        assert set(prov["iou_on_calib"]) == cands and prov["calib_images"] == len(calib)
+        assert rows[combined]["choice"][seed] == prov["choice"] and set(prov["choice"]) == set(res["dataset"]["classes"])
+        assert rows[combined]["per_seed"][seed]["binary_iou"] == read_json(suite / "work/eval/grabcut/combined" / seed / "metrics.json")["combined"]["binary_iou"]
+    assert rows[combined]["kind"] == "combined" and "source chosen per class" in (out / "results.md").read_text()
     # the oracle's final masks blend no teacher (its folder holds the test masks): alpha 1 for every class
     assert {c["alpha"] for c in read_json(final / "oracle/b2p/1/thresholds.json")["per_class"].values()} == {1.0}
     section = readme_section(res, "reports/demo-tiles")
@@ -252,7 +269,8 @@ def test_suite_runner_on_other_folder_names(tmp_path: Path) -> None:
     steps = ("train", "predict", "finalize", "evaluate")
     assert set(res["stage_seconds"]) == {"prepare", "import", "teach@grabcut", "teach_boxes_only"} | {
         f"{st}{kind}@{run}-3" for st in steps for kind, run in (("", "grabcut-b2p"), ("_oracle", "oracle-b2p"),
-                                                               ("_boxes_only", "boxes-only-boxes-pairwise"), ("_round2", "grabcut-b2p"))}
+                                                               ("_boxes_only", "boxes-only-boxes-pairwise"), ("_round2", "grabcut-b2p"))} | {
+        "combine@grabcut-3", "evaluate_combine@grabcut-3"}
     assert all(v > 0 for v in res["stage_seconds"].values()) and res["total_seconds"] > 0
     head = _run(root, "git", "rev-parse", "HEAD").stdout.strip()
     assert res["git"] == {"commit": head, "dirty": True}  # params.yaml now names the dataset

@@ -13,6 +13,8 @@ def finalize(
     probs: Path = typer.Option(Path("data/predict"), "--probs", help="Root of the student's probabilities (`b2p predict --split all --probs`)."),
     teacher_root: Path = typer.Option(None, "--teacher-root", help="Also blend in this teacher's label maps (alpha < 1 becomes possible)."),
     out: Path = typer.Option(Path("data/final"), "--out", help="Output root (teacher layout: OUT/<batch>/labelmaps/<key>.png)."),
+    split: str = typer.Option("all", "--split", help="Images that get output masks: all, or a comma-separated list of splits (calib,test). Calib probabilities are read in any case."),
+    student_out: Path = typer.Option(None, "--student-out", help="Also write the student alone, its decision rule (argmax or a p(defect) threshold) chosen on calib by binary IoU, here (no boxes used)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Final pixel masks of every box-annotated image, with settings chosen on the calib split.
@@ -26,7 +28,7 @@ def finalize(
     from b2p.project import resolve_batch_files
 
     console = Console(stderr=True)
-    r = run(resolve_batch_files(imported, batch), probs, out, teacher_root, progress=not quiet)
+    r = run(resolve_batch_files(imported, batch), probs, out, teacher_root, progress=not quiet, splits=split, student_out=student_out)
     t = Table(title=f"final masks: settings per class ({r.calib_images} calib images)")
     for col in ("class", "alpha", "t", "calib IoU", "default IoU", "reason"):
         t.add_column(col, justify="left" if col in ("class", "reason") else "right")
@@ -43,4 +45,9 @@ def finalize(
         )
     else:
         console.print("[yellow]no calib images:[/] default settings (alpha 1, t 0.5) for every class", highlight=False)
+    if r.student is not None:
+        st = r.student
+        calib = "" if st["calib"] is None else (
+            f" (calib binary IoU {st['calib']['binary_iou'] or 0:.4f}, argmax {st['default_calib']['binary_iou'] or 0:.4f})")
+        console.print(f"student alone: {st['rule']}, {st['reason']}{calib}; masks under {student_out}", highlight=False)
     console.print(f"wrote {r.images} label maps ({r.boxes} boxes, {r.rescued} rescued) under {r.out}", highlight=False)

@@ -125,6 +125,33 @@ def suite(
     console.print(f"done in {record['total_seconds']:.0f} s; results: {out}/results.md and results.json", highlight=False)
 
 
+def suite_combine(
+    work: Path = typer.Argument(..., help="The suite's work folder (imported/, final/)."),
+    params: Path = typer.Option(..., "--params", help="The suite's params.yaml (students, round2, boxes_only, `teach:` section)."),
+    teacher: str = typer.Option(..., "--teacher", help="The suite teacher whose students' final masks compete."),
+    seed: str = typer.Option(..., "--seed", help="The seed whose final masks compete."),
+    out: Path = typer.Option(..., "--out", help="Output root (teacher layout: OUT/<batch>/labelmaps/<key>.png)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Per class the best mask source on calib: `b2p teach --teacher auto` with every final mask of this teacher and seed as a candidate.
+
+    The candidates: the box, the GrabCut settings (SAM when its weights are on disk), and the final masks (WORK/final/...) of every student in `students:` and `round2:` trained on TEACHER with SEED and of every `boxes_only:` student with SEED; never the oracle's. Each is scored per class on the calib split's manual masks; every box is taught by its class's winner. Writes what `b2p teach` writes (provenance.json records the scores and the choice).
+    """
+    import yaml
+
+    from b2p.params import read_params_section
+    from b2p.pipeline.combine import combine_candidates
+    from b2p.project import resolve_batch_files
+    from b2p.teach.commands import run_teach
+    from b2p.teach.config import build_config
+
+    read_params_section(params, "teach")  # a missing or malformed file: one clear error
+    suite_params = yaml.safe_load(Path(params).read_text()) or {}
+    cands = combine_candidates(work, suite_params, teacher, seed)
+    cfg = build_config(params, teacher="auto", candidates=cands)
+    run_teach(cfg, resolve_batch_files(work / "imported", None), out, resume=False, quiet=quiet)
+
+
 def suite_report(
     work: Path = typer.Argument(..., help="The suite's work folder (eval/, models/, teach/, imported/)."),
     name: str = typer.Option(..., "--name", help="Dataset name (its batch file is WORK/imported/NAME.json)."),

@@ -13,7 +13,8 @@ The suite (pipelines/suite/dvc.yaml) leaves in its work folder:
 Rows (in this order): the box fill; every teacher (its pseudo-masks); every (teacher, student) and each
 mask source evaluate scored for it (`student`: the student alone; `student_boxes`: its box-guided masks;
 `final`: its final masks; any further `--source` of the evaluate stage becomes a row the same way), each
-student's round 2 right after it; then the oracle rows and the boxes-only rows. A trained
+student's round 2 right after it; then the oracle rows and the boxes-only rows; last the combined rows
+(`eval/<teacher>/combined/<seed>`, the combine stage: b2p/pipeline/combine.py) with the choice per class. A trained
 row holds the mean and the sample standard deviation over its seeds of every metric and of every class's
 IoU, and each seed's figures; teacher and box-fill rows are not trained (one value, the same in every run).
 """
@@ -37,8 +38,10 @@ from b2p.pipeline.report import METRIC_HEADS, METRICS, measure_speed, speed_imag
 ORACLE = "oracle"  # the teacher folder holding the manual masks (masks-to-boxes --oracle-out)
 BOXES_ONLY = "boxes-only"  # the teacher folder of the students trained from the boxes alone (the filled boxes)
 ROUND2 = ".round2"  # student folder suffix: that student trained on its round-1 final masks
+COMBINED = "combined"  # eval/<teacher>/combined/<seed>: the combine stage's masks (b2p/pipeline/combine.py)
 TEACHER, BOX, STUDENT = "teacher", "box", "student"
-SOURCE_SUFFIX = {STUDENT: "", "student_boxes": " (+ boxes)", "final": " (final masks)"}  # other sources: " (<name>)"
+SOURCE_SUFFIX = {STUDENT: "", "student_boxes": " (+ boxes)", "final": " (final masks)",
+                 "calibrated": " (alone, rule chosen on calib)"}  # other sources: " (<name>)"
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
 
@@ -131,10 +134,24 @@ def _fixed_row(kind: str, name: str, teacher: str | None, sec: dict) -> dict:
 
 def run_name(teacher: str, student: str) -> str:
     """'b2p <- grabcut', 'b2p <- grabcut, round 2', 'b2p <- manual masks (oracle)', 'boxes <- boxes only'."""
+    if student == COMBINED:
+        return f"combined: per class the best final masks on calib ({teacher})"
     round2 = student.endswith(ROUND2)
     s = student[: -len(ROUND2)] if round2 else student
     t = {ORACLE: "manual masks (oracle)", BOXES_ONLY: "boxes only"}.get(teacher, teacher)
     return f"{s} <- {t}" + (", round 2" if round2 else "")
+
+
+def combine_choices(root: Path, seeds: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """{seed: {class: chosen candidate}} from the combine stage's provenance (ROOT/<seed>/<batch>/provenance.json)."""
+    out: dict[str, dict[str, str]] = {}
+    for seed in seeds:
+        for prov in sorted((root / seed).glob("*/provenance.json")):
+            choice = (read_json(prov, "combine provenance").get("auto") or {}).get("choice")
+            if not isinstance(choice, dict):
+                raise B2PError("no per-class choice recorded (was it taught with --teacher auto?)", prov)
+            out.setdefault(seed, {}).update(choice)
+    return out
 
 
 def _trained_rows(teacher: str, student: str, evals: dict[str, dict], models: Path) -> list[dict]:
@@ -153,8 +170,8 @@ def _trained_rows(teacher: str, student: str, evals: dict[str, dict], models: Pa
         per_seed = {s: {m: evals[s][src].get(m) for m in METRICS} for s in seeds}
         classes = list(_per_class_iou(evals[seeds[0]][src]))
         rows.append({
-            "name": base + SOURCE_SUFFIX.get(src, f" ({src})"),
-            "kind": {ORACLE: ORACLE, BOXES_ONLY: BOXES_ONLY}.get(teacher, STUDENT),
+            "name": base + ("" if student == COMBINED else SOURCE_SUFFIX.get(src, f" ({src})")),
+            "kind": COMBINED if student == COMBINED else {ORACLE: ORACLE, BOXES_ONLY: BOXES_ONLY}.get(teacher, STUDENT),
             "round": 2 if student.endswith(ROUND2) else 1,
             "teacher": teacher, "student": student, "source": src, "seeds": [_seed(s) for s in seeds],
             "images": evals[seeds[0]][src].get("images"),
@@ -189,7 +206,8 @@ def collect_results(
 
     def key(k: tuple[str, str]) -> tuple:
         base = k[1].removesuffix(ROUND2)
-        return order.get(k[0], len(order)), k[0], s_order.get(base, len(s_order)), base, k[1].endswith(ROUND2)
+        last = k[1] == COMBINED  # the combined rows close the table
+        return last, order.get(k[0], len(order)), k[0], s_order.get(base, len(s_order)), base, k[1].endswith(ROUND2)
 
     keys = sorted(runs, key=key)
     evals = {k: {s: _load_eval(d) for s, d in runs[k].items()} for k in keys}
@@ -208,10 +226,12 @@ def collect_results(
             rows.append(row)
     for k in keys:
         rows += _trained_rows(k[0], k[1], evals[k], work / "models")
+        if k[1] == COMBINED:
+            rows[-1]["choice"] = combine_choices(work / COMBINED / k[0], runs[k])
 
     if speed_n:  # inference time of each trained student (its first seed's model), one image per pass
         images = speed_images(work / "imported", str(params.get("evaluate", {}).get("split", "test")), speed_n)
-        for k in keys:
+        for k in [k for k in keys if k[1] != COMBINED]:  # the combined masks have no model
             model_dir = work / "models" / k[0] / k[1] / next(iter(runs[k]))
             if not (model_dir / "model.pt").is_file():
                 raise B2PError("no model.pt to time", model_dir)
@@ -302,7 +322,9 @@ def results_markdown(results: dict) -> str:
         "`(final masks)`: its probabilities blended with its teacher inside each box, settings per class chosen on the "
         "calib split; `round 2`: the student trained again on its round-1 final masks; `boxes only`: trained from the "
         "boxes alone (no teacher masks); `oracle`: the same student trained on the manual masks of the train / val split "
-        "(the fully supervised ceiling). `ms / image`: student inference (batch 1) or the teacher's time per image.",
+        "(the fully supervised ceiling); `(alone, rule chosen on calib)`: the student alone with the argmax or a p(defect) "
+        "threshold, chosen on calib; `combined`: per class the best on calib of the box, GrabCut and every non-oracle "
+        "final mask of the seed. `ms / image`: student inference (batch 1) or the teacher's time per image.",
         "",
         *headline_table(results),
         "",
@@ -313,6 +335,11 @@ def results_markdown(results: dict) -> str:
     lines += ["| row | " + " | ".join(classes) + " |", "|" + " --- |" * (len(classes) + 1)]
     for r in results["rows"]:
         lines.append(f"| {r['name']} | " + " | ".join(fmt_stat(r["per_class_iou"].get(c)) for c in classes) + " |")
+    for r in results["rows"]:
+        if r.get("choice"):
+            lines += ["", f"{r['name']}: the source chosen per class, by seed", "",
+                      "| seed | " + " | ".join(classes[1:]) + " |", "|" + " --- |" * len(classes)]
+            lines += [f"| {seed} | " + " | ".join(ch.get(c, "-") for c in classes[1:]) + " |" for seed, ch in r["choice"].items()]
     lines += ["", f"Machine: {_where(results)}; generated {results['generated']}.", ""]
     if results.get("stage_seconds"):
         lines += [f"Command: `{results['command']}` ({results['jobs']} stages side by side, "
@@ -344,7 +371,11 @@ _LEGEND = (  # (present when, what it says)
      "each box, settings per class chosen on the calib split (`b2p finalize`)"),
     (lambda r: r.get("round") == 2, "`round 2`: the student trained again on its round-1 final masks"),
     (lambda r: r.get("kind") == BOXES_ONLY, "`boxes only`: trained from the boxes alone (no teacher masks)"),
+    (lambda r: r.get("source") == "calibrated", "`(alone, rule chosen on calib)`: the student alone (no boxes), pixels "
+     "labelled by the argmax or by a p(defect) threshold, whichever has the better binary IoU on calib"),
     (lambda r: r.get("kind") == ORACLE, "`oracle`: trained on the manual masks (the fully supervised ceiling)"),
+    (lambda r: r.get("kind") == COMBINED, "`combined`: per class, the best on calib of the box, GrabCut and every "
+     "non-oracle student's final masks of the same seed (`b2p suite-combine`)"),
 )
 
 

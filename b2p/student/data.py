@@ -29,7 +29,6 @@ from b2p.dataset import ImageRecord, load_batches
 from b2p.errors import B2PError
 from b2p.fileio import read_image
 from b2p.labels import label_map_path, read_label_map
-from b2p.splits import SPLITS
 from b2p.student.geometry import Geometry
 
 @dataclass
@@ -347,5 +346,7 @@ def crop_features(feats: list[torch.Tensor], origin: tuple[int, int], size: tupl
 
 
 def load_batch_files_for_inference(batch_files: list[Path], split: str) -> list[ImageRecord]:
-    splits = SPLITS if split == "all" else (split,)
-    return [rec for b in load_batches(batch_files) for rec in b.split(*splits)]
+    """The images of `split`: all, one split or a comma-separated list (splits.parse_splits)."""
+    from b2p.splits import parse_splits
+
+    return [rec for b in load_batches(batch_files) for rec in b.split(*parse_splits(split))]

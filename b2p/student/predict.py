@@ -38,6 +38,36 @@ DEFAULT_OVERLAP = 0.25  # of the tile side
 DEFAULT_TILE_BATCH = 4  # tiles per forward pass: bounds activation memory
 
 
+# --probs files: (K+1)xHxW class probabilities quantised to uint8 (p * PROBS_SCALE, rounded), compressed:
+# 1/255 is far below any threshold step b2p chooses, and uint8 writes 5x faster and 20x smaller than
+# float16 (Magnetic-Tile: 44 kB vs 846 kB an image). Files written before hold float16 and still read.
+PROBS_SCALE = 255
+
+
+def write_probs(path: Path, probs: np.ndarray, class_names: list[str]) -> None:
+    """Write (K+1)xHxW float probabilities as a --probs file (atomically)."""
+    q = np.rint(np.clip(probs, 0.0, 1.0) * PROBS_SCALE).astype(np.uint8)
+    with atomic_write(path) as f:
+        np.savez_compressed(f, probs=q, scale=np.float32(PROBS_SCALE), class_names=np.array(class_names))
+
+
+def read_probs(path: Path) -> np.ndarray:
+    """(K+1)xHxW float32 probabilities from a --probs file (uint8 + scale, or the float16 of older files)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            probs = z["probs"]
+            scale = float(z["scale"]) if "scale" in z.files else None
+    except (OSError, ValueError, KeyError) as e:
+        raise B2PError(f"unreadable probabilities file ({e})", path) from None
+    if probs.dtype == np.uint8:
+        if not scale:
+            raise B2PError("uint8 probabilities without their scale", path)
+        return probs.astype(np.float32) / np.float32(scale)
+    if probs.dtype not in (np.float16, np.float32):
+        raise B2PError(f"probabilities of dtype {probs.dtype}: expected uint8 or float16", path)
+    return probs.astype(np.float32)
+
+
 @dataclass
 class PredictItem:
     image_path: Path
@@ -227,8 +257,7 @@ def run_prediction(
                 rescued += r
                 n_boxes += len(it.box_classes)
             if it.probs_out is not None:
-                with atomic_write(it.probs_out) as f:
-                    np.savez_compressed(f, probs=pr.astype(np.float16), class_names=np.array(["background", *ck["class_names"]]))
+                write_probs(it.probs_out, pr, ["background", *ck["class_names"]])
             bar.advance(task)
     if n_boxes:
         console.print(
@@ -241,12 +270,11 @@ def run_prediction(
 def items_from_batches(
     batch_files: list[Path], split: str, out_root: str | Path, probs: bool, boxed_root: str | Path | None = None
 ) -> list[PredictItem]:
-    """One item per image of `split` (one of splits.SPLITS, or all): ROOT/<batch>/labelmaps/<key>.png (+ probs/<key>.npz,
-    + BOXED_ROOT/<batch>/labelmaps/<key>.png)."""
-    from b2p.splits import SPLITS
+    """One item per image of `split` (all, one of splits.SPLITS or a comma-separated list of them):
+    ROOT/<batch>/labelmaps/<key>.png (+ probs/<key>.npz, + BOXED_ROOT/<batch>/labelmaps/<key>.png)."""
+    from b2p.splits import parse_splits
 
-    if split not in (*SPLITS, "all"):
-        raise B2PError(f"split must be one of {[*SPLITS, 'all']}, got {split!r}")
+    parse_splits(split)  # refuse a bad split before reading any batch
     out = []
     for rec in load_batch_files_for_inference(batch_files, split):
         lp = label_map_path(out_root, rec.batch, rec.file_name)

@@ -38,11 +38,8 @@ def teach(
 
     --teacher auto: every available teacher (box; GrabCut with the configured settings and a small grid; SAM when its weights are on disk; each --candidate) labels the calib images (`b2p import --calib`), is scored per class against their manual masks (IoU), and each class is taught by its best teacher. The score table is printed and recorded with the choice in provenance.json. Without calib images it stops with an error.
     """
-    from rich.console import Console
-
     from b2p.errors import B2PError
-    from b2p.teach.base import teach_batch
-    from b2p.teach.config import build_config, make_teacher
+    from b2p.teach.config import build_config
 
     extra = {}
     for item in candidate or []:
@@ -51,7 +48,6 @@ def teach(
             raise B2PError(f"--candidate must be NAME=ROOT, got {item!r}")
         extra[name.strip()] = root.strip()
 
-    console = Console(stderr=True)
     cfg = build_config(
         params,
         sets=set_,
@@ -69,13 +65,25 @@ def teach(
     )
     if no_cache:
         cfg.cache_dir = None
+    run_teach(cfg, batch_files, out, resume=resume, quiet=quiet)
+
+
+def run_teach(cfg, batch_files: list[Path], out: Path, resume: bool = True, quiet: bool = False) -> None:
+    """Teach `batch_files` into `out` with the teacher of `cfg` (a TeachConfig), printing what `b2p teach` prints
+    (for auto: the calib score table and the choice per class). Also used by `b2p suite-combine`."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from b2p.errors import B2PError
+    from b2p.teach.base import teach_batch
+    from b2p.teach.config import make_teacher
+
+    console = Console(stderr=True)
     if cfg.teacher == "auto":
         from b2p.teach.auto import build_auto_teacher, score_table
 
         t = build_auto_teacher(cfg, batch_files, cfg.candidates, progress=not quiet)
         console.print(score_table(t.decision))
-        from rich.markup import escape
-
         for n, c in t.decision.choice.items():
             console.print(f"  {escape(n)}: [bold]{escape(c)}[/] ({escape(t.decision.reason[n])})", highlight=False)
         for c, why in t.decision.skipped.items():
