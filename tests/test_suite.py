@@ -281,3 +281,20 @@ def test_suite_runner_on_other_folder_names(tmp_path: Path) -> None:
     _edit_params(suite / "params.yaml", {"teachers": ["no-such-teacher"]})
     p = _run(root, B2P, "suite", check=False)
     assert p.returncode == 1 and "stage teach@no-such-teacher failed" in p.stderr and "teach_no-such-teacher.log" in p.stderr
+
+
+def test_git_info_ignores_the_reports_own_outputs(tmp_path: Path) -> None:
+    """The runner removes the report's outputs before the report stage runs: they must not mark the tree dirty."""
+    from b2p.pipeline.results import git_info
+
+    _run(tmp_path, "git", "init", "-q")
+    (tmp_path / "reports" / "x").mkdir(parents=True)
+    (tmp_path / "reports" / "x" / "results.json").write_text("{}")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    _run(tmp_path, "git", "add", "-A")
+    _run(tmp_path, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    (tmp_path / "reports" / "x" / "results.json").unlink()
+    assert git_info(tmp_path)["dirty"] is True
+    assert git_info(tmp_path, [tmp_path / "reports" / "x"])["dirty"] is False
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert git_info(tmp_path, [tmp_path / "reports" / "x"])["dirty"] is True

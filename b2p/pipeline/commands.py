@@ -172,6 +172,7 @@ def suite_report(
     results = collect_results(
         work, name, root, params, times=read_json(times, "suite stage times") if times is not None else None,
         speed_n=int(rep.get("speed_images", 0)), device=str(rep.get("device", "auto")), title=str(rep.get("title", "b2p benchmark")),
+        out=out,
     )
     j, m = write_results(results, out)
     typer.echo(results_markdown(results))

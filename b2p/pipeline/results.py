@@ -78,15 +78,19 @@ def machine_info() -> dict[str, Any]:
             "torch": torch.__version__}
 
 
-def git_info(where: Path) -> dict[str, Any]:
-    """The commit checked out at `where` and whether the tree had changes (None outside git / before a commit)."""
+def git_info(where: Path, exclude: list[Path] = ()) -> dict[str, Any]:
+    """The commit checked out at `where` and whether the tree had changes (None outside git / before a commit).
+    `exclude`: paths whose changes do not count (the report's own outputs: DVC and `b2p suite` remove a
+    stage's outputs before running it, so committed results would always read as changed)."""
 
     def git(*args: str) -> str | None:
         p = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True)
         return p.stdout.strip() if p.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    top = git("rev-parse", "--show-toplevel") if commit else None
+    spec = [f":(exclude){os.path.relpath(Path(e).resolve(), top)}" for e in exclude] if top else []
+    status = git("status", "--porcelain", "--untracked-files=no", "--", top, *spec) if commit else None
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
@@ -194,6 +198,7 @@ def collect_results(
     speed_n: int = 0,
     device: str = "auto",
     title: str = "b2p benchmark",
+    out: str | Path | None = None,
 ) -> dict:
     """The suite's results as a JSON-able dict (module docstring); `times` is `b2p suite`'s record."""
     import yaml
@@ -258,7 +263,7 @@ def collect_results(
         "metrics": list(METRICS),
         "rows": rows,
         "machine": machine_info(),
-        "git": git_info(params_file.parent),
+        "git": git_info(params_file.parent, [Path(out)] if out is not None else []),
         "command": (times or {}).get("command"),
         "jobs": (times or {}).get("jobs"),
         "threads_per_stage": (times or {}).get("threads_per_stage"),
