@@ -88,6 +88,7 @@ CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
         "dice_beta": {"ge": 0, "le": 1},
         "bg_weight": {"ge": 0},
         "defect_weight": {"ge": 0},
+        "class_balance": {"ge": 0, "le": 2},
         "tau": {"ge": 0, "le": 1},
         "warmup_epochs": {"ge": 0},
         "outside_box_bg_weight": {"ge": 0},

@@ -163,3 +163,27 @@ def test_bad_loss_params():
         LossParams(self_correction_region="inside")
     with pytest.raises(B2PError):
         LossParams(tau=1.5)
+
+
+def test_balanced_class_weights_follow_the_teacher_masks(tmp_path):
+    """class_balance: rarer defect classes weigh more, the defect pixels' total weight stays, 0 = uniform."""
+    import numpy as np
+
+    from b2p.dataset import ImageRecord
+    from b2p.labels import write_label_map
+    from b2p.student.data import Sample
+    from b2p.student.train import balanced_class_weights
+
+    samples = []
+    for i in range(2):  # class 1: 90 px per image, class 2: 10 px, class 3: none
+        lm = np.zeros((20, 20), np.uint8)
+        lm.flat[:90] = 1
+        lm.flat[100:110] = 2
+        write_label_map(tmp_path / f"{i}.png", lm)
+        rec = ImageRecord(id=i, file_name=f"{i}.png", path=tmp_path / f"{i}.png", width=20, height=20, split="train", batch="b", sha256="", has_manual_mask=False)
+        samples.append(Sample(rec, tmp_path / f"{i}.png"))
+    w = balanced_class_weights(samples, 4, bg_weight=0.4, defect_weight=4.0, power=0.5).tolist()
+    assert w[0] == pytest.approx(0.4) and w[3] == pytest.approx(4.0)  # background as set; an absent class keeps the default
+    assert w[2] / w[1] == pytest.approx((0.9 / 0.1) ** 0.5)  # inverse square root of the share
+    assert 0.9 * w[1] + 0.1 * w[2] == pytest.approx(4.0)  # the defect pixels' mean weight is kept
+    assert balanced_class_weights(samples, 4, 0.4, 4.0, power=0.0).tolist() == pytest.approx([0.4, 4.0, 4.0, 4.0])
