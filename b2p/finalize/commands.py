@@ -10,7 +10,7 @@ import typer
 def finalize(
     imported: Path = typer.Option(Path("data/imported"), "--imported", help="Folder of canonical batch files."),
     batch: list[str] = typer.Option(None, "--batch", help="Batch name(s), repeatable or comma-separated; default all."),
-    probs: Path = typer.Option(Path("data/predict"), "--probs", help="Root of the student's probabilities (`b2p predict --split all --probs`)."),
+    probs: Path = typer.Option(Path("data/predict"), "--probs", help="Root of the student's probabilities (`b2p predict --probs` over --split and calib)."),
     teacher_root: Path = typer.Option(None, "--teacher-root", help="Also blend in this teacher's label maps (alpha < 1 becomes possible)."),
     out: Path = typer.Option(Path("data/final"), "--out", help="Output root (teacher layout: OUT/<batch>/labelmaps/<key>.png)."),
     split: str = typer.Option("all", "--split", help="Images that get output masks: all, or a comma-separated list of splits (calib,test). Calib probabilities are read in any case."),
