@@ -11,6 +11,7 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,9 +194,10 @@ def test_missing_and_corrupt_checkpoints(tmp_path, tiny_ckpt):
     with pytest.raises(B2PError, match="not found"):
         resolve_checkpoint("vit_b", checkpoint=tmp_path / "nope.pth")
     junk = tmp_path / "junk.pth"
-    junk.write_bytes(os.urandom(1000))
-    with pytest.raises(B2PError, match="could not be read"):
-        load_sam("test_tiny", junk)
+    for seed in range(40):  # junk bytes fail inside the unpickler in many ways (IndexError, KeyError, ...): each one clear error
+        junk.write_bytes(np.random.default_rng(seed).integers(0, 256, 1000, dtype=np.uint8).tobytes())
+        with pytest.raises(B2PError, match="could not be read"):
+            load_sam("test_tiny", junk)
     truncated = tmp_path / "trunc.pth"
     truncated.write_bytes(tiny_ckpt.read_bytes()[:5000])
     with pytest.raises(B2PError, match="could not be read"):
