@@ -151,3 +151,22 @@ def test_probabilities_files_old_and_new_read_alike(tmp_path):
         raise AssertionError("a uint8 file without its scale was read")
     except B2PError as e:
         assert "scale" in str(e) and "bad.npz" in str(e)
+
+
+def test_a_missing_probabilities_file_stops_before_any_mask_is_written(tmp_path):
+    """One test image lacks its probabilities: exit 1 naming it, and the final masks of an earlier run stay as they were."""
+    batch_file, truth = make_synthetic_batch(tmp_path, n_images=10, size=64, seed=5, manual_every=2, calib=0.7)
+    _write_probs(tmp_path / "pred", batch_file, truth, {1: (0.9, 0.1), 2: (0.9, 0.1)})
+    args = ["finalize", "--imported", str(batch_file.parent), "--probs", str(tmp_path / "pred"), "--out", str(tmp_path / "final"),
+            "--student-out", str(tmp_path / "alone"), "--quiet"]
+    assert runner.invoke(app, args).exit_code == 0
+    before = {f: f.read_bytes() for f in sorted((tmp_path / "final").rglob("*")) + sorted((tmp_path / "alone").rglob("*")) if f.is_file()}
+    batch = load_batch(batch_file)
+    # the earlier run's masks are replaced by a changed student, then one test image's probabilities go missing
+    _write_probs(tmp_path / "pred", batch_file, truth, {1: (0.3, 0.2), 2: (0.3, 0.2)})
+    last_test = batch.split("test")[-1]
+    probs_path(tmp_path / "pred", "b1", last_test.file_name).unlink()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and last_test.file_name.rsplit(".", 1)[0] in r.output and "b2p predict --probs" in r.output
+    after = {f: f.read_bytes() for f in sorted((tmp_path / "final").rglob("*")) + sorted((tmp_path / "alone").rglob("*")) if f.is_file()}
+    assert after == before

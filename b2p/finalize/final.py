@@ -73,18 +73,19 @@ def probs_path(root: str | Path, batch: str, file_name: str) -> Path:
     return Path(root) / batch / "probs" / f"{label_map_key(file_name)}.npz"
 
 
-def read_defect_probability(root: str | Path, im: ImageRecord) -> np.ndarray:
-    """HxW float32 p(defect) = 1 - p(background) of the student, from its probs file."""
-    return 1.0 - read_class_probabilities(root, im)[0]
+def existing_probs_path(root: str | Path, im: ImageRecord) -> Path:
+    """The image's probs file, or one clear error naming it and the command that writes it."""
+    p = probs_path(root, im.batch, im.file_name)
+    if not p.is_file():
+        raise B2PError(f"student probabilities missing for this {im.split} image: run `b2p predict --probs` over its split into this root first", p)
+    return p
 
 
 def read_class_probabilities(root: str | Path, im: ImageRecord) -> np.ndarray:
     """(K+1)xHxW float32 class probabilities of the student, from its probs file."""
     from b2p.student.predict import read_probs
 
-    p = probs_path(root, im.batch, im.file_name)
-    if not p.is_file():
-        raise B2PError(f"student probabilities missing for this {im.split} image: run `b2p predict --probs` over its split into this root first", p)
+    p = existing_probs_path(root, im)
     probs = read_probs(p)
     if probs.ndim != 3 or probs.shape[1:] != (im.height, im.width):
         raise B2PError(f"probabilities are {probs.shape}, expected (K+1)x{im.height}x{im.width}", p)
@@ -173,6 +174,9 @@ def finalize(
         return read_label_map(label_map_path(teacher_root, im.batch, im.file_name), (im.height, im.width), classes.num_classes)
 
     calib = [im for b in batches for im in b.split("calib") if im.has_manual_mask]
+    # every probabilities file first: a missing one must stop the run before any mask is (over)written
+    for im in [*calib, *(im for b in batches for im in b.split(*wanted))]:
+        existing_probs_path(probs_root, im)
     choice: dict[str, dict] = {}
     grid_scores: list[dict] = []
     calib_scores = default_scores = None
