@@ -1,7 +1,7 @@
 """Student training speed: frozen backbone + tile feature cache vs BitFit, per epoch, side by side (prints).
 
     python benchmarks/bench_student.py [--work DIR] [--images 40] [--image-size 256] [--tile 256] [--scale 1.0]
-        [--epochs 3] [--batch-size 4] [--backbone efficientnet_lite0] [--decoder-dim N] [--threads 1] [--no-breakdown | --breakdown-only]
+        [--epochs 3] [--batch-size 4] [--backbone efficientnet_lite0] [--decoder full|lite] [--decoder-dim N] [--threads 1] [--no-breakdown | --breakdown-only]
     python benchmarks/bench_student.py --imported DIR --teacher-root DIR ...   (an existing workspace)
 
 Without --imported, builds a demo batch in WORK (`b2p demo-data`, `b2p import`, `b2p teach --teacher box`).
@@ -61,7 +61,7 @@ def train_run(name: str, imported: Path, teach: Path, out: Path, a: argparse.Nam
 
     params = TrainParams(
         backbone=a.backbone, weights="random" if a.backbone.startswith("dinov2") else None, tile_size=a.tile, scale=a.scale,
-        epochs=a.epochs, batch_size=a.batch_size, patience=a.epochs + 1, device="cpu", seed=0, decoder_dim=a.decoder_dim, **kw,
+        epochs=a.epochs, batch_size=a.batch_size, patience=a.epochs + 1, device="cpu", seed=0, decoder_dim=a.decoder_dim, decoder=a.decoder, **kw,
     )
     t = time.perf_counter()
     train_student(resolve_batch_files(imported, None), teach, out, params, console=Console(stderr=True, quiet=True), progress=False)
@@ -85,7 +85,7 @@ def breakdown(a: argparse.Namespace, steps: int = 3) -> None:
     """Forward + backward seconds (fastest of `steps`) of each part of one training step on random tiles."""
     from b2p.student.model import StudentConfig, build_model
 
-    cfg = StudentConfig(num_classes=4, backbone=a.backbone, tile_size=a.tile, decoder_dim=a.decoder_dim)
+    cfg = StudentConfig(num_classes=4, backbone=a.backbone, tile_size=a.tile, decoder_dim=a.decoder_dim, decoder=a.decoder)
     model = build_model(cfg, weights="random" if a.backbone.startswith("dinov2") else None).train()
     x = torch.randn(a.batch_size, 3, a.tile, a.tile)
 
@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--decoder", default="full", choices=["full", "lite"], help="the paper's decoder or the lite one (model.py)")
     ap.add_argument("--decoder-dim", type=int, default=None, help="decoder channels (default: the model's, 128 CNN / 256 ViT)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see benchmarks/magnetic_tile.py)")
     ap.add_argument("--no-breakdown", action="store_true")
@@ -165,7 +166,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU ({os.cpu_count()} cores); {a.backbone}, "
-          f"tile {a.tile} px, scale {a.scale:g}, batch {a.batch_size}, {a.epochs} epochs", flush=True)
+          f"{a.decoder} decoder, tile {a.tile} px, scale {a.scale:g}, batch {a.batch_size}, {a.epochs} epochs", flush=True)
     if a.breakdown_only:
         breakdown(a)
         return

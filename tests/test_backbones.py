@@ -165,6 +165,30 @@ def test_efficientnet_lite0_embedded_weights(tmp_path: Path):
         build_model(StudentConfig(num_classes=3, tile_size=64), weights=str(tmp_path / "wrong.pth"))
 
 
+def test_lite_decoder_keeps_the_outputs_at_a_fraction_of_the_cost():
+    full = build_model(StudentConfig(num_classes=4, tile_size=64, decoder_dim=64), weights="random")
+    lite = build_model(StudentConfig(num_classes=4, tile_size=64, decoder_dim=64, decoder="lite"), weights="random")
+    x = torch.randn(2, 3, 64, 96)  # non-square: heads come back at the input size
+    with torch.no_grad():
+        a, b = full.eval()(x), lite.eval()(x)
+    for out in (a, b):
+        assert out["fine"].shape == (2, 4, 64, 96) and out["binary"].shape == (2, 2, 64, 96)
+
+    def decoder_params(m):
+        return sum(p.numel() for n, p in m.named_parameters() if not n.startswith("backbone."))
+
+    assert decoder_params(lite) * 2 < decoder_params(full)
+    # the same stages: projections, fusions, detail branch, both heads
+    assert len(lite.decoder.proj) == len(full.decoder.proj) and len(lite.decoder.fuse) == len(full.decoder.fuse)
+    assert lite.detail is not None and lite.binary_head is not None
+    with pytest.raises(B2PError, match="decoder must be one of"):
+        StudentConfig(num_classes=3, decoder="huge")
+    # old checkpoints' configs have no `decoder` key: they rebuild the full decoder they were trained with
+    d = StudentConfig(num_classes=3, tile_size=64).to_dict()
+    del d["decoder"]
+    assert StudentConfig.from_dict(d).decoder == "full"
+
+
 def test_config_validation():
     with pytest.raises(B2PError, match="patch size 14 .e.g. 490 or 504"):
         StudentConfig(num_classes=3, backbone="dinov2_s", tile_size=500)

@@ -83,7 +83,7 @@ def test_stitched_tiles_equal_a_whole_canvas_pass(scale, overlap):
     cfg = StudentConfig(num_classes=3, arch="unet", tile_size=32, scale=scale)
     model = PointwiseNet(cfg).eval()
     img = _image(75, 130, seed=2)
-    got = image_logits(model, img, overlap=overlap, tile_batch=3)
+    got = image_logits(model, img, overlap=overlap, tile_batch=3, window=32)
     geo = Geometry.for_image(75, 130, scale=scale, multiple=cfg.multiple)
     canvas, _ = geo.image_to_model(img, min_side=32)
     with torch.no_grad():
@@ -91,6 +91,30 @@ def test_stitched_tiles_equal_a_whole_canvas_pass(scale, overlap):
     assert len(geo.tile_origins(32, round(overlap * 32), min_side=32)) > 4  # really tiled
     assert got.shape == (3, 75, 130)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_prediction_window_is_bounded_by_the_tile_and_the_padded_image():
+    from b2p.student.predict import DEFAULT_WINDOW, window_of
+
+    model = PointwiseNet(StudentConfig(num_classes=3, arch="unet", tile_size=32))
+    assert window_of(model) == DEFAULT_WINDOW and window_of(model, 20) == 32 and window_of(model, 50) == 56
+    with pytest.raises(B2PError, match="window"):
+        window_of(model, 0)
+    img = _image(75, 130, seed=3)
+    seen = []
+    real_forward = model.forward
+
+    def spy(x, feats=None):
+        seen.append(tuple(x.shape[-2:]))
+        return real_forward(x)
+
+    model.forward = spy
+    default = image_logits(model, img)  # padded canvas 80x136: one row of 80-px windows, never a larger canvas
+    assert seen and set(seen) == {(80, 80)}
+    seen.clear()
+    small = image_logits(model, img, window=32, overlap=0.25)
+    assert set(seen) == {(32, 32)} and len(seen) > 4
+    assert torch.allclose(default, small, atol=1e-5)  # pointwise: the window never changes a pixel's logits
 
 
 def test_non_square_and_larger_than_tile_images_keep_their_size():

@@ -85,8 +85,11 @@ def predict(
     images: Path = typer.Option(None, "--images", help="Predict every image in this folder instead of batches."),
     out: Path = typer.Option(Path("data/predict"), "--out", help="Prediction root (batches) or output folder (--images)."),
     probs: bool = typer.Option(False, "--probs", help="Also write per-image class probabilities (npz: uint8, p x 255)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per forward pass (sliding window)."),
-    overlap: float = typer.Option(0.25, "--overlap", min=0.0, max=0.9, help="Sliding-window tile overlap, a fraction of the tile."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass (sliding window)."),
+    window: int = typer.Option(
+        None, "--window", min=1, help="Sliding-window side, px at the model's scale (default 512, rounded up to the model's multiple, at least its training tile)."
+    ),
+    overlap: float = typer.Option(0.25, "--overlap", min=0.0, max=0.9, help="Sliding-window overlap, a fraction of the window."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     boxes_out: Path = typer.Option(
         None, "--boxes-out", help="Also write box-guided label maps here: the student's defect pixels inside each annotated box, with the box's class."
@@ -133,5 +136,5 @@ def predict(
         items = items_from_batches(files, split, out, probs, boxes_out)
         if not items:
             raise B2PError(f"the {split} split of the chosen batches holds no images: nothing to predict")
-    res = run_prediction(model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap)
+    res = run_prediction(model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap, window=window)
     typer.echo(f"wrote {res['images']} label maps under {out}" + (f" and box-guided ones under {boxes_out}" if boxes_out else ""))

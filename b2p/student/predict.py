@@ -2,9 +2,12 @@
 
 Sliding window at the training geometry (geometry.py): the image is resized to the model's `scale` (aspect
 kept; 1.0 = native resolution), padded to the backbone's multiple and to at least one tile, and cut into
-tiles of the model's `tile_size` that overlap by `overlap` (a fraction of the tile). Each tile's logits are
-weighted by a separable window that ramps down linearly over the overlap but never reaches zero, summed at
-model scale in float32, divided by the summed weights (so a pixel seen by one tile gets exactly that tile's
+square windows of `window` px (default DEFAULT_WINDOW; at least the training tile, at most the padded
+image's shorter side) that overlap by `overlap` (a fraction of the window). The network is fully
+convolutional, so a window larger than the training tile sees the same scale with fewer borders and costs
+fewer pixels than many overlapping tiles. Each window's logits are weighted by a separable ramp that falls
+linearly over the overlap but never reaches zero, summed at model scale in float32, divided by the summed
+weights (so a pixel seen by one window gets exactly that window's
 logits), and mapped back to the image (padding cropped, bilinear). Memory is bounded by the model-scale
 logit canvas plus a few tiles at a time, whatever the image size; an image smaller than a tile is padded,
 never stretched.
@@ -35,7 +38,10 @@ from b2p.student.geometry import Geometry
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULT_OVERLAP = 0.25  # of the tile side
-DEFAULT_TILE_BATCH = 4  # tiles per forward pass: bounds activation memory
+DEFAULT_TILE_BATCH = 4  # windows per forward pass: bounds activation memory
+# prediction window side at model scale (rounded up to the model's multiple, at least its tile): 512 px keeps
+# a whole Magnetic-Tile image (up to ~600 px) in one or two windows, about 2x fewer pixels than 128-px tiles
+DEFAULT_WINDOW = 512
 
 
 # --probs files: (K+1)xHxW class probabilities quantised to uint8 (p * PROBS_SCALE, rounded), compressed:
@@ -128,6 +134,16 @@ def overlap_px(tile: int, overlap: float) -> int:
     return int(round(check_overlap(overlap) * tile))
 
 
+def window_of(model: torch.nn.Module, window: int | None = None) -> int:
+    """The prediction window side (model px): `window` or DEFAULT_WINDOW, rounded up to the model's multiple
+    and never below its training tile."""
+    c = model.config
+    w = DEFAULT_WINDOW if window is None else int(window)
+    if w < 1:
+        raise B2PError(f"the prediction window must be a positive number of pixels, got {window}")
+    return max(c.tile_size, -(-w // c.multiple) * c.multiple)
+
+
 def geometry_of(model: torch.nn.Module, height: int, width: int) -> Geometry:
     """The geometry `model` was trained in, for an HxW image."""
     c = model.config
@@ -141,6 +157,7 @@ def image_logits(
     device: torch.device | str = "cpu",
     overlap: float = DEFAULT_OVERLAP,
     tile_batch: int = DEFAULT_TILE_BATCH,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Fine-head logits (K+1)xHxW float32 (on `device`) of an HxWx3 uint8 RGB image, at the image's size."""
     c = model.config
@@ -150,11 +167,13 @@ def image_logits(
         raise B2PError(f"tiles per forward pass must be at least 1, got {tile_batch}")
     if c.legacy_input_size is not None:
         return _legacy_square_logits(model, img, device)
-    tile = c.tile_size
     geo = geometry_of(model, img.shape[0], img.shape[1])
-    canvas, _ = geo.image_to_model(img, min_side=tile)  # HpxWpx3 uint8: resized, padded
+    # the canvas is padded as in training (to at least one tile); the square window never exceeds it, so a
+    # large window never pads a small or elongated image further
+    canvas, _ = geo.image_to_model(img, min_side=c.tile_size)  # HpxWpx3 uint8: resized, padded
+    tile = max(c.tile_size, min(window_of(model, window), *canvas.shape[:2]))
     ov = overlap_px(tile, overlap)
-    origins = geo.tile_origins(tile, ov, min_side=tile)
+    origins = geo.tile_origins(tile, ov, min_side=c.tile_size)
     window = blend_window(tile, ov).to(device)
     hp, wp = canvas.shape[:2]
     acc = torch.zeros(c.num_classes, hp, wp, dtype=torch.float32, device=device)
@@ -188,9 +207,10 @@ def predict_image(
     device: torch.device | str = "cpu",
     overlap: float = DEFAULT_OVERLAP,
     tile_batch: int = DEFAULT_TILE_BATCH,
+    window: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(label map HxW uint8, class probabilities (K+1)xHxW float32) of an HxWx3 uint8 RGB image."""
-    p = image_logits(model, img, device, overlap, tile_batch)
+    p = image_logits(model, img, device, overlap, tile_batch, window)
     # softmax in place: on a multi-megapixel image every extra (K+1)xHxW copy is hundreds of MB
     p.sub_(p.amax(0, keepdim=True)).exp_()
     p.div_(p.sum(0, keepdim=True))
@@ -204,12 +224,13 @@ def predict_images(
     device: torch.device | str = "cpu",
     overlap: float = DEFAULT_OVERLAP,
     tile_batch: int = DEFAULT_TILE_BATCH,
+    window: int | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Predict HxWx3 uint8 RGB images of any sizes, one after the other (see `predict_image`).
 
     Returns (label maps HxW uint8, class probabilities (K+1)xHxW float32), at each image's own size.
     """
-    out = [predict_image(model, im, device, overlap, tile_batch) for im in images]
+    out = [predict_image(model, im, device, overlap, tile_batch, window) for im in images]
     return [o[0] for o in out], [o[1] for o in out]
 
 
@@ -222,6 +243,7 @@ def run_prediction(
     progress: bool = True,
     box_threshold: float = 0.5,
     overlap: float = DEFAULT_OVERLAP,
+    window: int | None = None,
 ) -> dict:
     """Predict every item and write its label map (and probabilities when `probs_out` is set, and the
     box-guided label map when `boxed_out` is set). Images one at a time, `tile_batch` tiles per forward pass."""
@@ -241,14 +263,14 @@ def run_prediction(
     how = (
         f"LEGACY square {c.legacy_input_size} px (version-1 model)"
         if c.legacy_input_size is not None
-        else f"tiles {c.tile_size} px, overlap {overlap:g}, scale {c.scale:g}" + (f", max side {c.max_side}" if c.max_side else "")
+        else f"windows {window_of(model, window)} px (trained on {c.tile_size} px tiles), overlap {overlap:g}, scale {c.scale:g}" + (f", max side {c.max_side}" if c.max_side else "")
     )
     console.print(f"student from {ck['path']}: backbone {describe_backbone(model)}; {len(items)} images on {dev}; {how}")
     n_defect_px = rescued = n_boxes = 0
     with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=not progress) as bar:
         task = bar.add_task("predict", total=len(items))
         for it in items:
-            lm, pr = predict_image(model, read_image(it.image_path), dev, overlap, tile_batch)
+            lm, pr = predict_image(model, read_image(it.image_path), dev, overlap, tile_batch, window)
             write_label_map(it.label_out, lm)
             n_defect_px += int(np.count_nonzero(lm))
             if it.boxed_out is not None:

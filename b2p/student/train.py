@@ -69,6 +69,7 @@ class TrainParams:
     box_crop_fraction: float = 0.5
     crops_per_image: int = 1
     decoder_dim: int | None = None  # 256 for DINOv2 (paper), 128 for EfficientNet-Lite0
+    decoder: str = "full"  # full (the paper's) | lite (about a quarter of its cost; model.py)
     unet_base: int = 32
     dinov2_config: dict | None = None  # tiny random DINOv2 for tests
     # optimisation
