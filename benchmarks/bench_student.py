@@ -61,7 +61,7 @@ def train_run(name: str, imported: Path, teach: Path, out: Path, a: argparse.Nam
 
     params = TrainParams(
         backbone=a.backbone, weights="random" if a.backbone.startswith("dinov2") else None, tile_size=a.tile, scale=a.scale,
-        epochs=a.epochs, batch_size=a.batch_size, patience=a.epochs + 1, device="cpu", seed=0, decoder_dim=a.decoder_dim, decoder=a.decoder, **kw,
+        epochs=a.epochs, batch_size=a.batch_size, patience=a.epochs + 1, device="cpu", seed=0, decoder_dim=a.decoder_dim, **{"decoder": a.decoder, **kw},
     )
     t = time.perf_counter()
     train_student(resolve_batch_files(imported, None), teach, out, params, console=Console(stderr=True, quiet=True), progress=False)
@@ -180,11 +180,18 @@ def main() -> None:
     runs = a.work / "runs"
     bitfit = train_run("BitFit (no cache)", imported, teach, runs / "bitfit", a, adaptation="bitfit", feature_cache="off")
     cached = train_run("frozen + tile feature cache", imported, teach, runs / "frozen", a, adaptation="frozen", feature_cache="memory")
-    steady_b = sum(bitfit[1:]) / max(len(bitfit) - 1, 1) if len(bitfit) > 1 else bitfit[0]
-    steady_c = sum(cached[1:]) / max(len(cached) - 1, 1) if len(cached) > 1 else cached[0]
+    def steady(secs: list[float]) -> float:
+        return sum(secs[1:]) / (len(secs) - 1) if len(secs) > 1 else secs[0]
+
+    steady_b, steady_c = steady(bitfit), steady(cached)
     print(f"per-epoch ratio BitFit / cached: x{steady_b / steady_c:.2f} from epoch 2 on ({steady_b:.2f} s vs {steady_c:.2f} s; "
           f"epoch 1 of the cached run computes the features), x{sum(bitfit) / sum(cached):.2f} over all {a.epochs} epochs; target x5",
           flush=True)
+    if a.decoder == "lite":  # the paper's student (BitFit + full decoder) in the same run, as the reference
+        paper = train_run("BitFit + full decoder (paper)", imported, teach, runs / "paper", a, adaptation="bitfit", feature_cache="off",
+                          decoder="full")
+        print(f"per-epoch ratio paper's student / cached lite: x{steady(paper) / steady_c:.2f} from epoch 2 on "
+              f"({steady(paper):.2f} s vs {steady_c:.2f} s), x{sum(paper) / sum(cached):.2f} over all {a.epochs} epochs", flush=True)
     if not a.no_breakdown:
         breakdown(a)
 

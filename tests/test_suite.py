@@ -46,6 +46,10 @@ def _tiny_suite_params(params: Path, **changes: object) -> None:
         "masks_to_boxes.free_images": 2,
         "train.epochs": 1, "train.tile_size": 64, "evaluate.worst": 1, "report.speed_images": 2, **changes,
     })
+    # a variant that sets its own budget (students/unet.yaml, boxes-pairwise.yaml) would override train.epochs
+    for variant in (params.parent / "students").glob("*.yaml"):
+        if "epochs" in (yaml.safe_load(variant.read_text()) or {}).get("train", {}):
+            _edit_params(variant, {"train.epochs": 1})
 
 
 # --- boxes, class names and the oracle from masks ------------------------------------------------------
