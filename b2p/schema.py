@@ -210,6 +210,7 @@ class PredictParams(BaseModel):
     batch_size: Annotated[int, Field(ge=1)] = 4
     device: str = "auto"
     box_threshold: Fraction = 0.5
+    window: Annotated[int, Field(ge=1)] | None = None  # sliding-window side, px at model scale (None: predict.py's default)
 
 
 @functools.cache

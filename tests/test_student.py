@@ -69,9 +69,10 @@ def test_tiny_random_backbone_learns(taught, tmp_path: Path):
     assert saved["images"]["train"] > 0 and saved["images"]["val"] > 0
 
 
-def test_checkpoint_round_trip_identical_predictions(tmp_path: Path):
+@pytest.mark.parametrize("decoder", ["full", "lite"])
+def test_checkpoint_round_trip_identical_predictions(tmp_path: Path, decoder: str):
     torch.manual_seed(0)
-    cfg = StudentConfig(num_classes=3, backbone="dinov2_s", dinov2_config=TINY_DINO, taps=[0, 2], decoder_dim=16, tile_size=32)
+    cfg = StudentConfig(num_classes=3, backbone="dinov2_s", dinov2_config=TINY_DINO, taps=[0, 2], decoder_dim=16, tile_size=32, decoder=decoder)
     model = build_model(cfg, weights="random").eval()
     with torch.no_grad():  # non-trivial BN statistics
         for m in model.modules():
@@ -83,6 +84,7 @@ def test_checkpoint_round_trip_identical_predictions(tmp_path: Path):
     json.dumps(raw["config"])  # JSON-able
     assert raw["class_names"] == ["crack", "spot"] and raw["provenance"]["pretrained"] is False
     loaded, ck = load_student(tmp_path)
+    assert loaded.config.decoder == decoder
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         a, b = model(x), loaded(x)

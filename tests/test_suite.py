@@ -287,6 +287,20 @@ def test_suite_runner_on_other_folder_names(tmp_path: Path) -> None:
     assert p.returncode == 1 and "stage teach@no-such-teacher failed" in p.stderr and "teach_no-such-teacher.log" in p.stderr
 
 
+def test_stages_with_the_longest_waiting_chain_start_first() -> None:
+    from b2p.pipeline.suite import SuiteStage, chain_lengths
+
+    def st(name: str, *after: str) -> SuiteStage:
+        return SuiteStage(name, "true", Path("."), [], [], set(after))
+
+    # train@a feeds a round 2 (predict -> finalize -> train_round2 -> ...); train@b only an evaluation
+    stages = [st("train@b"), st("train@a"), st("predict@b", "train@b"), st("predict@a", "train@a"), st("finalize@a", "predict@a"),
+              st("train_round2@a", "finalize@a"), st("evaluate_round2@a", "train_round2@a"), st("evaluate@b", "predict@b")]
+    chain = chain_lengths(stages)
+    assert chain["train@a"] == 5 and chain["train@b"] == 3 and chain["evaluate@b"] == 1
+    assert sorted((s.name for s in stages), key=lambda n: -chain[n])[:2] == ["train@a", "predict@a"]
+
+
 def test_git_info_ignores_the_reports_own_outputs(tmp_path: Path) -> None:
     """The runner removes the report's outputs before the report stage runs: they must not mark the tree dirty."""
     from b2p.pipeline.results import git_info

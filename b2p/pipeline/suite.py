@@ -149,6 +149,27 @@ def _run_stage(stage: SuiteStage, log: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
+def chain_lengths(stages: list[SuiteStage]) -> dict[str, int]:
+    """Per stage, the number of stages on the longest chain that waits for it (itself included).
+
+    The runner starts the ready stage with the longest chain first: round 2 of a student waits for its
+    round-1 training, prediction and final masks, and started last it would run alone at the end."""
+    waiting: dict[str, list[str]] = {s.name: [] for s in stages}
+    for s in stages:
+        for a in s.after:
+            waiting.setdefault(a, []).append(s.name)
+    memo: dict[str, int] = {}
+
+    def length(name: str, seen: frozenset = frozenset()) -> int:
+        if name not in memo:
+            if name in seen:  # a cycle is reported by the runner, never looped on here
+                return 0
+            memo[name] = 1 + max((length(n, seen | {name}) for n in waiting.get(name, [])), default=0)
+        return memo[name]
+
+    return {s.name: length(s.name) for s in stages}
+
+
 def run_suite(suite_dir: Path, jobs: int = 2, threads: int = 1, command: str | None = None, progress: bool = True) -> dict:
     """Run every stage of SUITE_DIR/dvc.yaml (report last, with the stage times); returns the times record."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -167,7 +188,9 @@ def run_suite(suite_dir: Path, jobs: int = 2, threads: int = 1, command: str | N
     times_file.unlink(missing_ok=True)  # a stale record must never pass for this run's
     seconds: dict[str, float] = {}
     done: set[str] = set()
-    pending = list(by_name)  # DVC's order: trainings come before what reads them, and start first
+    chain = chain_lengths(list(by_name.values()))
+    # the longest chain of waiting stages first, DVC's order among equals (sorted() is stable)
+    pending = sorted(by_name, key=lambda n: -chain[n])
     running: dict[Future, str] = {}
     failure: B2PError | None = None
     t_all = time.perf_counter()
