@@ -221,11 +221,11 @@ def test_run_prediction_writes_label_maps_probs_and_box_guided_maps(tmp_path: Pa
 
 
 # Peak memory on a 4000x3000 image (12 Mpx). The bound: peak RSS of the whole process (python + torch, about
-# 0.6 GB before any work) stays under 1.5 GB, and grows by less than 600 MB while predicting: the model-scale
-# canvas (uint8 image, 3 float32 logit planes, float32 weights: about 230 MB) plus a few 256-px tiles.
-# Forwarding the whole image at once instead would need several GB of activations.
+# 0.6 GB before any work) stays under 1.5 GB, and grows by less than 700 MB while predicting: the model-scale
+# canvas (uint8 image, 3 float32 logit planes, float32 weights: about 230 MB) plus a few 512-px windows
+# (measured 2026-11-29: 1109 MB peak, +549 MB). Forwarding the whole image at once would need several GB.
 PEAK_RSS_MB = 1500
-PREDICT_GROWTH_MB = 600
+PREDICT_GROWTH_MB = 700
 _MEMORY_SCRIPT = """
 import json, resource, sys
 import numpy as np, torch
