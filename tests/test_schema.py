@@ -94,6 +94,16 @@ def test_import_set_overrides_the_split(tmp_path):
     assert {im["split"] for im in json.loads(out.read_text())["images"]} == {"val"}
 
 
+def test_decoder_and_prediction_window_are_checked_naming_file_and_key(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  decoder: huge\npredict:\n  window: 0\n")
+    with pytest.raises(B2PError) as e:
+        check_params_file(p)
+    msg = str(e.value)
+    assert "train.decoder" in msg and "must be one of ['full', 'lite']" in msg
+    assert "predict.window" in msg and "greater than or equal to 1" in msg and str(p) in msg
+
+
 @pytest.mark.parametrize("path", ["params.yaml", *sorted(str(p.relative_to(REPO)) for p in (REPO / "pipelines").rglob("*.yaml") if p.name != "dvc.yaml")])
 def test_every_shipped_params_file_is_valid(path):
     check_params_file(REPO / path)

@@ -64,7 +64,8 @@ class StudentConfig:
     multiple: int | None = None  # None: the backbone's (DINOv2 patch 14, EfficientNet 32, U-Net 8)
     decoder_dim: int | None = None  # None: 256 for DINOv2 (paper), 128 for EfficientNet-Lite0 (measured)
     # full: the paper's decoder; lite: the same stages at about a quarter of the cost (one conv per fusion,
-    # 32-channel up-steps, mixer and heads), so a frozen backbone's cached features train ~5x faster per epoch
+    # 32-channel up-steps, mixer and heads): with a frozen backbone's cached features, 24 epochs in the time
+    # BitFit + the full decoder takes for 8 (benchmarks/bench_student.py --decoder lite)
     decoder: str = "full"
     upsample_steps: int | None = None  # x2 steps of the three up-steps; None: 3 for ViT, to ~H/4 for CNNs
     unet_base: int = 32
