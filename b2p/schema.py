@@ -67,6 +67,7 @@ CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
         "arch": {"choices": _model_choices("b2p.student.model.ARCHS")},
         "adaptation": {"choices": _model_choices("b2p.student.model.ADAPTATIONS")},
         "decoder": {"choices": _model_choices("b2p.student.model.DECODERS")},
+        "context": {"choices": _model_choices("b2p.student.model.CONTEXTS")},
         "backbone": {"choices": _model_choices("b2p.student.backbones.BACKBONES")},
         "augment": {"choices": _model_choices("b2p.student.data.AUGMENTATIONS")},
         "feature_cache": {"choices": lambda: ("auto", "memory", "disk", "off")},

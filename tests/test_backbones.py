@@ -189,6 +189,55 @@ def test_lite_decoder_keeps_the_outputs_at_a_fraction_of_the_cost():
     assert StudentConfig.from_dict(d).decoder == "full"
 
 
+def test_pixel_refine_starts_as_the_heads_and_learns_a_full_resolution_correction():
+    torch.manual_seed(0)
+    cfg = dict(num_classes=4, tile_size=64, decoder_dim=32, decoder="lite")
+    plain = build_model(StudentConfig(**cfg), weights="random").eval()
+    refined = build_model(StudentConfig(**cfg, refine=True), weights="random").eval()
+    refined.load_state_dict(plain.state_dict(), strict=False)  # same backbone, decoder and heads
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = plain(x), refined(x)
+    # the last conv starts at zero: an untrained refinement returns the heads' logits unchanged
+    assert torch.equal(a["fine"], b["fine"]) and torch.equal(a["binary"], b["binary"])
+    # it sees single pixels: once its last conv is non-zero, one changed image pixel moves the refined logits
+    # there by more than it moves the heads' own
+    with torch.no_grad():
+        refined.refine.body[-1].weight.normal_()
+        x2 = x.clone()
+        x2[..., 30, 40] += 5.0
+        d = (refined(x2)["fine"] - refined(x)["fine"]).abs().sum(1)[0]
+        d0 = (plain(x2)["fine"] - plain(x)["fine"]).abs().sum(1)[0]
+    assert (d - d0).abs()[30, 40] > 0
+    # old configs have no `refine` key: they rebuild without it
+    d = StudentConfig(num_classes=3, tile_size=64).to_dict()
+    del d["refine"]
+    assert StudentConfig.from_dict(d).refine is False
+
+
+def test_strip_context_sees_the_whole_input_and_old_configs_rebuild_without_it():
+    torch.manual_seed(0)
+    m = build_model(StudentConfig(num_classes=3, tile_size=64, decoder_dim=32, decoder="lite", context="strip"), weights="random").eval()
+    assert m.decoder.context is not None
+    ctx = m.decoder.context
+    x = torch.randn(1, 32, 8, 12)
+    x2 = x.clone()
+    x2[..., 0, 0] += 3.0  # one far corner of the map
+    with torch.no_grad():
+        ctx.mix[0].weight.normal_()
+        d = (ctx(x2) - ctx(x)).abs().sum(1)[0]
+    # a 3x3 conv would change only the corner's neighbours; the strip means reach every row and column
+    assert (d[7, 1:] > 0).all() and (d[1:, 11] > 0).all()
+    with torch.no_grad():
+        out = m(torch.randn(1, 3, 64, 96))
+    assert out["fine"].shape == (1, 3, 64, 96)
+    with pytest.raises(B2PError, match="context must be one of"):
+        StudentConfig(num_classes=3, context="global")
+    d = StudentConfig(num_classes=3, tile_size=64).to_dict()
+    del d["context"]
+    assert StudentConfig.from_dict(d).context == "none"
+
+
 def test_config_validation():
     with pytest.raises(B2PError, match="patch size 14 .e.g. 490 or 504"):
         StudentConfig(num_classes=3, backbone="dinov2_s", tile_size=500)

@@ -33,6 +33,7 @@ from b2p.student.backbones import (
 
 ADAPTATIONS = ("bitfit", "frozen", "full")
 DECODERS = ("full", "lite")
+CONTEXTS = ("none", "strip")
 ARCHS = ("b2p", "unet")
 UNET_MULTIPLE = 8  # three 2x2 max-pools
 # the U-Net learns from scratch on whatever it is fed: the symmetric [-1, 1] scaling, recorded like any other
@@ -67,6 +68,11 @@ class StudentConfig:
     # 32-channel up-steps, mixer and heads): with a frozen backbone's cached features, 24 epochs in the time
     # BitFit + the full decoder takes for 8 (benchmarks/bench_student.py --decoder lite)
     decoder: str = "full"
+    # strip: row, column and whole-input means of the fused decoder map join it (StripContext); none: the paper's
+    context: str = "none"
+    # a full-resolution refinement of both heads' logits from the image itself (PixelRefine): thin defects
+    # are 1-3 px wide, finer than the heads' stride-2 features
+    refine: bool = False
     upsample_steps: int | None = None  # x2 steps of the three up-steps; None: 3 for ViT, to ~H/4 for CNNs
     unet_base: int = 32
     # tiny DINOv2 config for tests (hidden_size, num_hidden_layers, ...): always random weights
@@ -84,6 +90,8 @@ class StudentConfig:
             raise B2PError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
         if self.decoder not in DECODERS:
             raise B2PError(f"decoder must be one of {list(DECODERS)}, got {self.decoder!r}")
+        if self.context not in CONTEXTS:
+            raise B2PError(f"context must be one of {list(CONTEXTS)}, got {self.context!r}")
         if self.adaptation not in ADAPTATIONS:
             raise B2PError(f"adaptation must be one of {list(ADAPTATIONS)}, got {self.adaptation!r}")
         if self.num_classes < 2:
@@ -172,6 +180,22 @@ class LiteFusion(nn.Module):
         return self.body(deep + skip)
 
 
+class StripContext(nn.Module):
+    """x + BN(conv1x1([row mean - mean, column mean - mean, mean])), the means over the whole input (strip
+    pooling, Hou et al. 2020). Why: a 3x3 decoder sees a few hundred pixels; a defect such as Magnetic-Tile's
+    "uneven" band is a whole row range slightly darker than the rest of the image, visible only against it."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.mix = nn.Sequential(nn.Conv2d(3 * c, c, 1), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.mean((-2, -1), keepdim=True)
+        rows, cols = x.mean(-1, keepdim=True) - g, x.mean(-2, keepdim=True) - g
+        z = torch.cat([rows.expand_as(x), cols.expand_as(x), g.expand_as(x)], 1)
+        return F.relu(x + self.mix(z))
+
+
 class UpStep(nn.Module):
     """conv3x3 to scale^2 * cout, PixelShuffle(scale), BN, ReLU (scale 1: a plain conv-BN-ReLU)."""
 
@@ -189,9 +213,17 @@ class HierarchicalDecoder(nn.Module):
     """Feature maps (shallow first, possibly different strides) -> Bx32x(h)x(w) at about stride 4."""
 
     def __init__(
-        self, in_channels: list[int], strides: list[float], dim: int = 256, upsample_steps: int | None = None, vit: bool = False, lite: bool = False
+        self,
+        in_channels: list[int],
+        strides: list[float],
+        dim: int = 256,
+        upsample_steps: int | None = None,
+        vit: bool = False,
+        lite: bool = False,
+        context: str = "none",
     ):
         super().__init__()
+        self.context = StripContext(dim) if context == "strip" else None
         self.proj = nn.ModuleList([_cbr(c, dim, k=1) for c in in_channels])
         self.fuse = nn.ModuleList([(LiteFusion if lite else ResidualFusion)(dim) for _ in range(len(in_channels) - 1)])
         finest = min(strides)
@@ -216,6 +248,8 @@ class HierarchicalDecoder(nn.Module):
         x = p[-1]
         for i in range(len(p) - 2, -1, -1):  # deepest first
             x = self.fuse[len(p) - 2 - i](x, p[i])
+        if self.context is not None:
+            x = self.context(x)
         for up in self.up:
             x = up(x)
         return x
@@ -244,6 +278,20 @@ class Head(nn.Sequential):
         return self.forward_from_up(self[0](x))
 
 
+class PixelRefine(nn.Module):
+    """logits + conv1x1(ReLU(BN(conv3x3(ReLU(BN(conv3x3([logits, image]))))))) at the input resolution. The last
+    conv starts at zero, so training starts from the heads' own logits and learns only a correction."""
+
+    def __init__(self, n_logits: int, mid: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(_cbr(n_logits + 3, mid), _cbr(mid, mid), nn.Conv2d(mid, n_logits, 1))
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return logits + self.body(torch.cat([logits, image], 1))
+
+
 def _resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
@@ -262,13 +310,16 @@ class Boxes2PixelsStudent(nn.Module):
         info = self.backbone.info
         lite = config.decoder == "lite"
         self.decoder = HierarchicalDecoder(
-            info.channels, info.strides, config.decoder_dim, config.upsample_steps, vit=config.backbone in DINOV2_SIZES, lite=lite
+            info.channels, info.strides, config.decoder_dim, config.upsample_steps, vit=config.backbone in DINOV2_SIZES, lite=lite,
+            context=config.context,
         )
         self.detail = nn.Sequential(_cbr(3, 24, stride=2), _cbr(24, 32, stride=2)) if config.detail_branch else None
         mixed, mid = (32, 16) if lite else (64, 32)
         self.mixer = _cbr(64 if config.detail_branch else 32, mixed)
         self.fine_head = Head(config.num_classes, mixed, mid)
         self.binary_head = Head(2, mixed, mid) if config.binary_head else None
+        n_logits = config.num_classes + (2 if config.binary_head else 0)
+        self.refine = PixelRefine(n_logits) if config.refine else None
         self.apply_adaptation()
 
     # --- adaptation: which backbone parameters train ---
@@ -313,6 +364,10 @@ class Boxes2PixelsStudent(nn.Module):
         out = {"fine": _resize_to(self.fine_head.forward_from_up(up), (h, w)), "binary": None}
         if self.binary_head is not None:
             out["binary"] = _resize_to(self.binary_head.forward_from_up(up), (h, w))
+        if self.refine is not None:
+            k = self.config.num_classes
+            both = self.refine(torch.cat([t for t in (out["fine"], out["binary"]) if t is not None], 1), x)
+            out["fine"], out["binary"] = both[:, :k], (both[:, k:] if out["binary"] is not None else None)
         return out
 
 
