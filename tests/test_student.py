@@ -69,22 +69,27 @@ def test_tiny_random_backbone_learns(taught, tmp_path: Path):
     assert saved["images"]["train"] > 0 and saved["images"]["val"] > 0
 
 
-@pytest.mark.parametrize("decoder", ["full", "lite"])
-def test_checkpoint_round_trip_identical_predictions(tmp_path: Path, decoder: str):
+@pytest.mark.parametrize("decoder,extra", [("full", {}), ("lite", {}), ("lite", {"context": "strip", "refine": True})])
+def test_checkpoint_round_trip_identical_predictions(tmp_path: Path, decoder: str, extra: dict):
     torch.manual_seed(0)
-    cfg = StudentConfig(num_classes=3, backbone="dinov2_s", dinov2_config=TINY_DINO, taps=[0, 2], decoder_dim=16, tile_size=32, decoder=decoder)
+    cfg = StudentConfig(
+        num_classes=3, backbone="dinov2_s", dinov2_config=TINY_DINO, taps=[0, 2], decoder_dim=16, tile_size=32, decoder=decoder, **extra
+    )
     model = build_model(cfg, weights="random").eval()
     with torch.no_grad():  # non-trivial BN statistics
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 2)
+        if model.refine is not None:  # its last conv starts at zero: give it weights that change the logits
+            model.refine.body[-1].weight.normal_()
     save_checkpoint(tmp_path / "model.pt", cfg, ["crack", "spot"], model.provenance, model.state_dict())
     raw = torch.load(tmp_path / "model.pt", weights_only=True)
     json.dumps(raw["config"])  # JSON-able
     assert raw["class_names"] == ["crack", "spot"] and raw["provenance"]["pretrained"] is False
     loaded, ck = load_student(tmp_path)
     assert loaded.config.decoder == decoder
+    assert (loaded.config.context, loaded.config.refine) == (extra.get("context", "none"), extra.get("refine", False))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         a, b = model(x), loaded(x)
