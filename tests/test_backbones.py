@@ -225,6 +225,9 @@ def test_strip_context_sees_the_whole_input():
     assert out["fine"].shape == (1, 3, 64, 96)
     with pytest.raises(B2PError, match="context must be one of"):
         StudentConfig(num_classes=3, context="global")
+    for extra in ({"context": "strip"}, {"refine": True}):  # the U-Net has neither part: refused, not ignored
+        with pytest.raises(B2PError, match="arch unet has neither"):
+            StudentConfig(num_classes=3, arch="unet", **extra)
 
 
 @pytest.mark.parametrize("key,built", [("decoder", "full"), ("context", "none"), ("refine", False)])

@@ -96,11 +96,13 @@ def test_import_set_overrides_the_split(tmp_path):
 
 def test_decoder_and_prediction_window_are_checked_naming_file_and_key(tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text("train:\n  decoder: huge\npredict:\n  window: 0\n")
+    p.write_text("train:\n  decoder: huge\n  context: ring\n  refine: maybe\npredict:\n  window: 0\n")
     with pytest.raises(B2PError) as e:
         check_params_file(p)
     msg = str(e.value)
     assert "train.decoder" in msg and "must be one of ['full', 'lite']" in msg
+    assert "train.context" in msg and "must be one of ['none', 'strip']" in msg
+    assert "train.refine" in msg and "boolean" in msg
     assert "predict.window" in msg and "greater than or equal to 1" in msg and str(p) in msg
 
 

@@ -6,6 +6,8 @@ conv3x3-BN-ReLU-conv3x3-BN, add the sum back, ReLU); three up-steps (conv3x3 to 
 ReLU) take 256 -> 128 -> 64 -> 32 channels; the result is resized to the detail branch (two stride-2
 conv3x3, H/4, 32 ch), concatenated and mixed (conv3x3 64 -> 64); two heads of the same shape (x2,
 conv3x3 64 -> 32 BN ReLU, x2, conv1x1) give binary (2) and fine (K + 1) logits at the input size.
+Our optional additions (off by default, so the paper's student is unchanged): `context: strip` (StripContext
+after the fusion) and `refine: true` (PixelRefine on the logits at the input size).
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ class StudentConfig:
             raise B2PError(f"context must be one of {list(CONTEXTS)}, got {self.context!r}")
         if self.adaptation not in ADAPTATIONS:
             raise B2PError(f"adaptation must be one of {list(ADAPTATIONS)}, got {self.adaptation!r}")
+        if self.arch == "unet" and (self.context != "none" or self.refine):
+            # never ignored silently: the U-Net baseline has neither part
+            raise B2PError("context and refine are parts of the Boxes2Pixels student; arch unet has neither: "
+                "set train.context: none and train.refine: false (or --set context=none --set refine=false)")
         if self.num_classes < 2:
             raise B2PError("the student needs at least one defect class")
         if self.taps is None:
@@ -223,9 +229,9 @@ class HierarchicalDecoder(nn.Module):
         context: str = "none",
     ):
         super().__init__()
-        self.context = StripContext(dim) if context == "strip" else None
         self.proj = nn.ModuleList([_cbr(c, dim, k=1) for c in in_channels])
         self.fuse = nn.ModuleList([(LiteFusion if lite else ResidualFusion)(dim) for _ in range(len(in_channels) - 1)])
+        self.context = StripContext(dim) if context == "strip" else None
         finest = min(strides)
         if upsample_steps is None:
             # the paper's ViT decoder always doubles three times (37 -> 296 at 518 px); for a CNN double
