@@ -229,9 +229,10 @@ class HierarchicalDecoder(nn.Module):
         context: str = "none",
     ):
         super().__init__()
+        # built first (the order of initialisation the recorded runs used; it is applied after the fusion)
+        self.context = StripContext(dim) if context == "strip" else None
         self.proj = nn.ModuleList([_cbr(c, dim, k=1) for c in in_channels])
         self.fuse = nn.ModuleList([(LiteFusion if lite else ResidualFusion)(dim) for _ in range(len(in_channels) - 1)])
-        self.context = StripContext(dim) if context == "strip" else None
         finest = min(strides)
         if upsample_steps is None:
             # the paper's ViT decoder always doubles three times (37 -> 296 at 518 px); for a CNN double
