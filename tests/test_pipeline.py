@@ -155,6 +155,7 @@ def test_dvc_parses_every_pipeline(tmp_path: Path) -> None:
         "_oracle": {f"oracle-{s}-{seed}" for s in p["oracle"]["students"] for seed in seeds},
         "_boxes_only": {f"boxes-only-{s}-{seed}" for s in p["boxes_only"]["students"] for seed in seeds},
         "_round2": {f"{t}-{s}-{seed}" for t in p["teachers"] for s in p["round2"]["students"] for seed in seeds},
+        "_distill": {f"{t}-{s}-{seed}" for t in p["teachers"] for s in p["distill"]["students"] for seed in seeds},
     }
     assert out["pipelines/suite/dvc.yaml"] == {"prepare", "import", "report", "teach_boxes_only"} | {
         f"teach@{t}" for t in p["teachers"]} | {

@@ -38,11 +38,11 @@ runner = CliRunner()
 
 
 def _tiny_suite_params(params: Path, **changes: object) -> None:
-    """Seconds per stage: 64 px, one epoch, one teacher, one student (+ the oracle, one boxes-only student and
-    round 2 of the student)."""
+    """Seconds per stage: 64 px, one epoch, one teacher, one student (+ the oracle, one boxes-only student,
+    round 2 of the student and the student distilled from the combined masks)."""
     _edit_params(params, {
         "teachers": ["grabcut"], "students": ["b2p"], "oracle.students": ["b2p"], "boxes_only.students": ["boxes-pairwise"],
-        "round2.students": ["b2p"], "seeds": [1, 2], "split.val": 0.2, "split.test": 0.3, "split.calib": 0.25,
+        "round2.students": ["b2p"], "distill.students": ["b2p"], "seeds": [1, 2], "split.val": 0.2, "split.test": 0.3, "split.calib": 0.25,
         "masks_to_boxes.free_images": 2,
         "train.epochs": 1, "train.tile_size": 64, "evaluate.worst": 1, "report.speed_images": 2, **changes,
     })
@@ -165,6 +165,7 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
         f"{st}_oracle@oracle-b2p-{s}" for st in steps for s in (1, 2)} | {
         f"{st}_boxes_only@boxes-only-boxes-pairwise-{s}" for st in steps for s in (1, 2)} | {
         f"{st}_round2@grabcut-b2p-{s}" for st in steps for s in (1, 2)} | {
+        f"{st}_distill@grabcut-b2p-{s}" for st in steps for s in (1, 2)} | {
         f"{st}@grabcut-{s}" for st in ("combine", "evaluate_combine") for s in (1, 2)}, ran
 
     out = root / "reports" / "demo-tiles"
@@ -174,9 +175,11 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
     rows = _rows(res)
     runs = ["b2p <- grabcut", "b2p <- grabcut, round 2", "b2p <- manual masks (oracle)", "boxes-pairwise <- boxes only"]
     combined = "combined: per class the best final masks on calib (grabcut)"
+    distilled = "b2p <- combined masks (grabcut)"
+    suffixes = ("", " (+ boxes)", " (final masks)", " (alone, rule chosen on calib)")
     assert list(rows) == ["box fill (the boxes themselves)", "teacher: grabcut"] + [
-        f"{r}{suffix}" for r in runs for suffix in ("", " (+ boxes)", " (final masks)", " (alone, rule chosen on calib)")] + [combined]
-    for name in runs:
+        f"{r}{suffix}" for r in runs for suffix in suffixes] + [combined] + [f"{distilled}{suffix}" for suffix in suffixes]
+    for name in [*runs, distilled]:
         r = rows[name]
         assert r["seeds"] == [1, 2] and set(r["per_seed"]) == {"1", "2"}
         for m, stat in r["metrics"].items():  # the mean and sd really are over the two seeds' evaluations
@@ -191,6 +194,15 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
         assert r["train_seconds"]["n"] == 2 and r["epochs_run"] == [1, 1] and r["ms_per_image"] > 0
         assert set(r["per_class_iou"]) == {"background", *res["dataset"]["classes"]}
     assert rows["b2p <- grabcut, round 2"]["student"] == "b2p.round2" and rows["b2p <- grabcut, round 2"]["round"] == 2
+    # the distilled student learnt from the combine stage's masks of its seed: its evaluation's "teacher" is
+    # exactly those masks (the same test scores as the combined row), its final masks blend them
+    assert rows[distilled]["student"] == "b2p.distill" and rows[distilled]["distilled"] and rows[distilled]["kind"] == "student"
+    for seed in ("1", "2"):
+        ev = read_json(suite / "work/eval/grabcut/b2p.distill" / seed / "metrics.json")
+        assert ev["teacher"] == read_json(suite / "work/eval/grabcut/combined" / seed / "metrics.json")["combined"]
+        th = read_json(suite / "work/final_distill/grabcut/b2p" / seed / "thresholds.json")
+        assert th["sources"]["teacher"] == f"work/combined/grabcut/{seed}" and th["sources"]["probs"] == f"work/predict/grabcut/b2p.distill/{seed}"
+    assert "`S <- combined masks (T)`" in readme_section(res, "reports/demo-tiles")
     assert rows["boxes-pairwise <- boxes only"]["kind"] == "boxes-only"
     assert rows["boxes-pairwise <- boxes only"]["params"] == read_json(suite / "work/models/boxes-only/boxes-pairwise/1/metrics.json")["params"]
     # the oracle trained on the manual masks: its teacher folder is them, and it never saw the test images
@@ -273,7 +285,8 @@ def test_suite_runner_on_other_folder_names(tmp_path: Path) -> None:
     steps = ("train", "predict", "finalize", "evaluate")
     assert set(res["stage_seconds"]) == {"prepare", "import", "teach@grabcut", "teach_boxes_only"} | {
         f"{st}{kind}@{run}-3" for st in steps for kind, run in (("", "grabcut-b2p"), ("_oracle", "oracle-b2p"),
-                                                               ("_boxes_only", "boxes-only-boxes-pairwise"), ("_round2", "grabcut-b2p"))} | {
+                                                               ("_boxes_only", "boxes-only-boxes-pairwise"), ("_round2", "grabcut-b2p"),
+                                                               ("_distill", "grabcut-b2p"))} | {
         "combine@grabcut-3", "evaluate_combine@grabcut-3"}
     assert all(v > 0 for v in res["stage_seconds"].values()) and res["total_seconds"] > 0
     head = _run(root, "git", "rev-parse", "HEAD").stdout.strip()

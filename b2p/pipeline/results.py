@@ -6,15 +6,18 @@ The suite (pipelines/suite/dvc.yaml) leaves in its work folder:
 - `eval/<teacher>/<student>/<seed>/metrics.json` + `details.json` (`b2p evaluate`: one section per mask
   source: `student`, `student_boxes`, `final`, ..., plus `teacher` and `box`); teacher `oracle` is the manual
   masks, teacher `boxes-only` the boxes alone (students trained without teacher masks), student
-  `<student>.round2` that student trained again on its round-1 final masks (same teacher and seed);
+  `<student>.round2` that student trained again on its round-1 final masks (same teacher and seed), student
+  `<student>.distill` that student trained on the combined masks of the same teacher and seed (its evaluate's
+  "teacher" section is those combined masks);
 - `models/<teacher>/<student>/<seed>/metrics.json` + `model.pt` (`b2p train`);
 - `teach/<teacher>/<batch>/provenance.json`, `imported/<name>.json`, `classes.json`, `raw/boxes.json`.
 
 Rows (in this order): the box fill; every teacher (its pseudo-masks); every (teacher, student) and each
 mask source evaluate scored for it (`student`: the student alone; `student_boxes`: its box-guided masks;
 `final`: its final masks; any further `--source` of the evaluate stage becomes a row the same way), each
-student's round 2 right after it; then the oracle rows and the boxes-only rows; last the combined rows
-(`eval/<teacher>/combined/<seed>`, the combine stage: b2p/pipeline/combine.py) with the choice per class. A trained
+student's round 2 right after it; then the oracle rows and the boxes-only rows; then the combined rows
+(`eval/<teacher>/combined/<seed>`, the combine stage: b2p/pipeline/combine.py) with the choice per class; last
+the students distilled from them. A trained
 row holds the mean and the sample standard deviation over its seeds of every metric and of every class's
 IoU, and each seed's figures; teacher and box-fill rows are not trained (one value, the same in every run).
 """
@@ -38,6 +41,7 @@ from b2p.pipeline.report import METRIC_HEADS, METRICS, measure_speed, speed_imag
 ORACLE = "oracle"  # the teacher folder holding the manual masks (masks-to-boxes --oracle-out)
 BOXES_ONLY = "boxes-only"  # the teacher folder of the students trained from the boxes alone (the filled boxes)
 ROUND2 = ".round2"  # student folder suffix: that student trained on its round-1 final masks
+DISTILL = ".distill"  # student folder suffix: that student trained on the combined masks of its teacher and seed
 COMBINED = "combined"  # eval/<teacher>/combined/<seed>: the combine stage's masks (b2p/pipeline/combine.py)
 TEACHER, BOX, STUDENT = "teacher", "box", "student"
 SOURCE_SUFFIX = {STUDENT: "", "student_boxes": " (+ boxes)", "final": " (final masks)",
@@ -137,9 +141,12 @@ def _fixed_row(kind: str, name: str, teacher: str | None, sec: dict) -> dict:
 
 
 def run_name(teacher: str, student: str) -> str:
-    """'b2p <- grabcut', 'b2p <- grabcut, round 2', 'b2p <- manual masks (oracle)', 'boxes <- boxes only'."""
+    """'b2p <- grabcut', 'b2p <- grabcut, round 2', 'b2p <- manual masks (oracle)', 'boxes <- boxes only',
+    'b2p-lite <- combined masks (grabcut)'."""
     if student == COMBINED:
         return f"combined: per class the best final masks on calib ({teacher})"
+    if student.endswith(DISTILL):
+        return f"{student.removesuffix(DISTILL)} <- combined masks ({teacher})"
     round2 = student.endswith(ROUND2)
     s = student[: -len(ROUND2)] if round2 else student
     t = {ORACLE: "manual masks (oracle)", BOXES_ONLY: "boxes only"}.get(teacher, teacher)
@@ -177,6 +184,7 @@ def _trained_rows(teacher: str, student: str, evals: dict[str, dict], models: Pa
             "name": base + ("" if student == COMBINED else SOURCE_SUFFIX.get(src, f" ({src})")),
             "kind": COMBINED if student == COMBINED else {ORACLE: ORACLE, BOXES_ONLY: BOXES_ONLY}.get(teacher, STUDENT),
             "round": 2 if student.endswith(ROUND2) else 1,
+            "distilled": student.endswith(DISTILL),
             "teacher": teacher, "student": student, "source": src, "seeds": [_seed(s) for s in seeds],
             "images": evals[seeds[0]][src].get("images"),
             "metrics": {m: mean_std([per_seed[s][m] for s in seeds]) for m in METRICS},
@@ -210,8 +218,8 @@ def collect_results(
     s_order = {s: i for i, s in enumerate([*params.get("students", []), *(params.get("boxes_only") or {}).get("students", [])])}
 
     def key(k: tuple[str, str]) -> tuple:
-        base = k[1].removesuffix(ROUND2)
-        last = k[1] == COMBINED  # the combined rows close the table
+        base = k[1].removesuffix(ROUND2).removesuffix(DISTILL)
+        last = 2 if k[1].endswith(DISTILL) else int(k[1] == COMBINED)  # combined rows, then the students taught by them
         return last, order.get(k[0], len(order)), k[0], s_order.get(base, len(s_order)), base, k[1].endswith(ROUND2)
 
     keys = sorted(runs, key=key)
@@ -221,8 +229,9 @@ def collect_results(
     any_run = next(iter(next(iter(evals.values())).values()))
     if BOX in any_run:
         rows.append(_fixed_row("box", "box fill (the boxes themselves)", None, any_run[BOX]))
-    # round 2's "teacher" section is round 1's final masks, the boxes-only one the box fill (its own row)
-    round1 = [k for k in keys if not k[1].endswith(ROUND2)]
+    # round 2's "teacher" section is round 1's final masks, a distilled student's the combined masks, the
+    # boxes-only one the box fill (its own row)
+    round1 = [k for k in keys if not k[1].endswith((ROUND2, DISTILL))]
     for t in dict.fromkeys(k[0] for k in round1 if k[0] not in (ORACLE, BOXES_ONLY)):
         first = next(iter(evals[next(k for k in round1 if k[0] == t)].values()))
         if TEACHER in first:
@@ -253,7 +262,8 @@ def collect_results(
     boxes_info = read_json(work / "raw" / "boxes.json", "simulated boxes").get("info", {}) if (work / "raw" / "boxes.json").is_file() else {}
     students = {s: (yaml.safe_load((params_file.parent / "students" / f"{s}.yaml").read_text()) or {}).get("train", {})
                 for s in dict.fromkeys([*params.get("students", []), *(params.get("oracle") or {}).get("students", []),
-                                        *(params.get("boxes_only") or {}).get("students", []), *(params.get("round2") or {}).get("students", [])])
+                                        *(params.get("boxes_only") or {}).get("students", []), *(params.get("round2") or {}).get("students", []),
+                                        *(params.get("distill") or {}).get("students", [])])
                 if (params_file.parent / "students" / f"{s}.yaml").is_file()}
     return {
         "title": f"{title}: {name}",
@@ -329,7 +339,8 @@ def results_markdown(results: dict) -> str:
         "boxes alone (no teacher masks); `oracle`: the same student trained on the manual masks of the train / val split "
         "(the fully supervised ceiling); `(alone, rule chosen on calib)`: the student alone with the argmax or a p(defect) "
         "threshold, chosen on calib; `combined`: per class the best on calib of the box, GrabCut and every non-oracle "
-        "final mask of the seed. `ms / image`: student inference (batch 1) or the teacher's time per image.",
+        "final mask of the seed; `S <- combined masks`: student S trained on those combined masks (its final masks blend "
+        "them). `ms / image`: student inference (batch 1) or the teacher's time per image.",
         "",
         *headline_table(results),
         "",
@@ -381,6 +392,8 @@ _LEGEND = (  # (present when, what it says)
     (lambda r: r.get("kind") == ORACLE, "`oracle`: trained on the manual masks (the fully supervised ceiling)"),
     (lambda r: r.get("kind") == COMBINED, "`combined`: per class, the best on calib of the box, GrabCut and every "
      "non-oracle student's final masks of the same seed (`b2p suite-combine`)"),
+    (lambda r: r.get("distilled"), "`S <- combined masks (T)`: student S trained on those combined masks of the same "
+     "seed (`distill.students:`; its final masks blend them)"),
 )
 
 
