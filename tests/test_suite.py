@@ -324,8 +324,12 @@ def test_git_info_ignores_the_reports_own_outputs(tmp_path: Path) -> None:
     (tmp_path / "code.py").write_text("a = 1\n")
     _run(tmp_path, "git", "add", "-A")
     _run(tmp_path, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    (tmp_path / "pipelines" / "suite").mkdir(parents=True)
     (tmp_path / "reports" / "x" / "results.json").unlink()
-    assert git_info(tmp_path)["dirty"] is True
-    assert git_info(tmp_path, [tmp_path / "reports" / "x"])["dirty"] is False
+    # asked from the repository's root and, as the report stage does, from the suite's folder
+    for where in (tmp_path, tmp_path / "pipelines" / "suite"):
+        assert git_info(where)["dirty"] is True
+        assert git_info(where, [tmp_path / "reports" / "x"])["dirty"] is False
     (tmp_path / "code.py").write_text("a = 2\n")
-    assert git_info(tmp_path, [tmp_path / "reports" / "x"])["dirty"] is True
+    for where in (tmp_path, tmp_path / "pipelines" / "suite"):
+        assert git_info(where, [tmp_path / "reports" / "x"])["dirty"] is True

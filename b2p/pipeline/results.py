@@ -93,7 +93,8 @@ def git_info(where: Path, exclude: list[Path] = ()) -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     top = git("rev-parse", "--show-toplevel") if commit else None
-    spec = [f":(exclude){os.path.relpath(Path(e).resolve(), top)}" for e in exclude] if top else []
+    # `top`: the pathspec is from the repository's root (git reads plain ones from `where`, the suite folder)
+    spec = [f":(top,exclude){os.path.relpath(Path(e).resolve(), top)}" for e in exclude] if top else []
     status = git("status", "--porcelain", "--untracked-files=no", "--", top, *spec) if commit else None
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
