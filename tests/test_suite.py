@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -265,6 +266,10 @@ def test_suite_runner_on_other_folder_names(tmp_path: Path) -> None:
     before = (suite / "params.yaml").read_text()
     p = _run(root, B2P, "suite", "--root", str(tmp_path / "Line 7 Parts"), "--set", "seedz=[3]", check=False)
     assert p.returncode == 1 and "no key 'seedz'" in p.stderr and (suite / "params.yaml").read_text() == before
+    # a misspelt variant is refused before any stage runs (it would fail only when its training came up)
+    p = _run(root, B2P, "suite", "--root", str(tmp_path / "Line 7 Parts"), "--set", "distill.students=[b2p-lit]", check=False)
+    assert p.returncode == 1 and "`distill.students` names b2p-lit" in p.stderr and "params.yaml" in p.stderr
+    assert (suite / "params.yaml").read_text() == before and not (suite / "work").exists()
     p = _run(root, B2P, "suite", "--root", str(tmp_path / "Line 7 Parts"), "--set", "seeds=[3]")
     assert "done in" in p.stdout, p.stdout
     params = yaml.safe_load((suite / "params.yaml").read_text())
@@ -312,6 +317,25 @@ def test_stages_with_the_longest_waiting_chain_start_first() -> None:
     chain = chain_lengths(stages)
     assert chain["train@a"] == 5 and chain["train@b"] == 3 and chain["evaluate@b"] == 1
     assert sorted((s.name for s in stages), key=lambda n: -chain[n])[:2] == ["train@a", "predict@a"]
+
+
+def test_suite_params_name_only_existing_student_variants(tmp_path: Path) -> None:
+    """Every student list of the suite's params is checked against students/<name>.yaml before anything is written."""
+    from b2p.errors import B2PError
+    from b2p.pipeline.suite import set_dataset
+
+    suite = tmp_path / "suite"
+    shutil.copytree(REPO / "pipelines" / "suite" / "students", suite / "students")
+    shutil.copy(REPO / "pipelines" / "suite" / "params.yaml", suite / "params.yaml")
+    before = (suite / "params.yaml").read_text()
+    assert set_dataset(suite, None, None, ["round2.students=[unet]"])[1] == "magnetic-tile"  # a real variant: written
+    for spec, said in (("oracle.students=[b2p, nope]", "`oracle.students` names nope"),
+                       ("distill.students=b2p-lite", "`distill.students` must be a list")):
+        written = (suite / "params.yaml").read_text()
+        with pytest.raises(B2PError, match=said) as e:
+            set_dataset(suite, None, None, [spec])
+        assert "params.yaml" in str(e.value) and (suite / "params.yaml").read_text() == written
+    assert written != before and yaml.safe_load(written)["round2"]["students"] == ["unet"]
 
 
 def test_git_info_ignores_the_reports_own_outputs(tmp_path: Path) -> None:

@@ -66,6 +66,27 @@ def parse_override(spec: str) -> tuple[list[str], object]:
         raise B2PError(f"--set {key}: the value is not valid YAML: {value!r}") from None
 
 
+STUDENT_LISTS = ("students", "oracle.students", "boxes_only.students", "round2.students", "distill.students")
+
+
+def check_variants(suite_dir: Path, data: dict, params_file: Path) -> None:
+    """Every student named in the suite's lists has its students/<name>.yaml: a misspelt name would otherwise
+    fail only when its training stage comes up, after every stage before it (the distilled students: at the end)."""
+    have = sorted(p.stem for p in (suite_dir / "students").glob("*.yaml"))
+    for key in STUDENT_LISTS:
+        node = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        if not isinstance(node, list):
+            raise B2PError(f"`{key}` must be a list of student variants (students/<name>.yaml), got {node!r}", params_file)
+        missing = [str(n) for n in node if str(n) not in have]
+        if missing:
+            raise B2PError(f"`{key}` names {', '.join(missing)}: no students/<name>.yaml for it (variants here: "
+                           f"{', '.join(have)})", params_file)
+
+
 def set_dataset(suite_dir: Path, root: Path | None, name: str | None, overrides: list[str] = ()) -> tuple[str, str]:
     """Write `dataset.root` (relative to the suite folder), `dataset.name` and any `KEY=VALUE` overrides into
     the suite's params.yaml, keeping its comments (as `dvc exp run -S` does); returns the (root, name) now
@@ -86,6 +107,7 @@ def set_dataset(suite_dir: Path, root: Path | None, name: str | None, overrides:
     ds = data.get("dataset")
     if not isinstance(ds, dict) or "root" not in ds or "name" not in ds:
         raise B2PError("no `dataset:` section with `root` and `name`", params_file)
+    check_variants(suite_dir, data, params_file)
     if root is not None:
         if not root.is_dir():
             raise B2PError("dataset root not found", root)
