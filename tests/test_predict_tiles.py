@@ -100,6 +100,9 @@ def test_prediction_window_is_bounded_by_the_tile_and_the_padded_image():
     assert window_of(model) == DEFAULT_WINDOW and window_of(model, 20) == 32 and window_of(model, 50) == 56
     with pytest.raises(B2PError, match="window"):
         window_of(model, 0)
+    # a strip-context model's means span its window: by default it predicts in windows of its own tile
+    strip = PointwiseNet(StudentConfig(num_classes=3, arch="b2p", backbone="efficientnet_lite0", context="strip", tile_size=64))
+    assert window_of(strip) == 64 and window_of(strip, 512) == 512
     img = _image(75, 130, seed=3)
     seen = []
     real_forward = model.forward

@@ -87,7 +87,7 @@ def predict(
     probs: bool = typer.Option(False, "--probs", help="Also write per-image class probabilities (npz: uint8, p x 255)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass (sliding window)."),
     window: int = typer.Option(
-        None, "--window", min=1, help="Sliding-window side, px at the model's scale (default 512, rounded up to the model's multiple, at least its training tile)."
+        None, "--window", min=1, help="Sliding-window side, px at the model's scale (default: the training tile for a strip-context model, else 512; rounded up to the model's multiple, at least its training tile)."
     ),
     overlap: float = typer.Option(0.25, "--overlap", min=0.0, max=0.9, help="Sliding-window overlap, a fraction of the window."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
