@@ -212,6 +212,7 @@ class PredictParams(BaseModel):
     device: str = "auto"
     box_threshold: Fraction = 0.5
     window: Annotated[int, Field(ge=1)] | None = None  # sliding-window side, px at model scale (None: predict.py's default)
+    tta: typing.Literal["none", "flips"] = "none"  # test-time augmentation: predict.py's TTA_MODES (a test keeps them equal)
 
 
 @functools.cache

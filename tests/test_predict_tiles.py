@@ -120,6 +120,26 @@ def test_prediction_window_is_bounded_by_the_tile_and_the_padded_image():
     assert torch.allclose(default, small, atol=1e-5)  # pointwise: the window never changes a pixel's logits
 
 
+def test_flip_tta_is_the_mean_of_the_flipped_back_views():
+    model = _tiny_b2p(tile=64)
+    img = _image(50, 90, seed=4)
+    views = [img, img[:, ::-1], img[::-1], img[::-1, ::-1]]
+    back = [(), (2,), (1,), (1, 2)]
+    want = sum(
+        (lg.flip(d) if d else lg) for lg, d in zip((image_logits(model, np.ascontiguousarray(v)) for v in views), back)
+    ) / 4
+    got = image_logits(model, img, tta="flips")
+    plain = image_logits(model, img)
+    assert got.shape == (3, 50, 90)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)  # a random model is not flip-symmetric: TTA really ran
+    # a flip-equivariant (pointwise) model gives the same logits with and without TTA
+    pw = PointwiseNet(StudentConfig(num_classes=3, arch="unet", tile_size=32)).eval()
+    assert torch.allclose(image_logits(pw, img, tta="flips"), image_logits(pw, img), atol=1e-5)
+    with pytest.raises(B2PError, match="test-time augmentation"):
+        image_logits(model, img, tta="rot90")
+
+
 def test_non_square_and_larger_than_tile_images_keep_their_size():
     model = _tiny_b2p(tile=64)
     for shape in [(40, 150), (150, 40), (130, 97), (17, 9)]:

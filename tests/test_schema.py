@@ -96,7 +96,7 @@ def test_import_set_overrides_the_split(tmp_path):
 
 def test_decoder_and_prediction_window_are_checked_naming_file_and_key(tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text("train:\n  decoder: huge\n  context: ring\n  refine: maybe\npredict:\n  window: 0\n")
+    p.write_text("train:\n  decoder: huge\n  context: ring\n  refine: maybe\npredict:\n  window: 0\n  tta: rot90\n")
     with pytest.raises(B2PError) as e:
         check_params_file(p)
     msg = str(e.value)
@@ -104,6 +104,16 @@ def test_decoder_and_prediction_window_are_checked_naming_file_and_key(tmp_path)
     assert "train.context" in msg and "must be one of ['none', 'strip']" in msg
     assert "train.refine" in msg and "boolean" in msg
     assert "predict.window" in msg and "greater than or equal to 1" in msg and str(p) in msg
+    assert "predict.tta" in msg and "flips" in msg
+
+
+def test_predict_params_offer_exactly_the_test_time_augmentations_predict_knows():
+    import typing
+
+    from b2p.schema import PredictParams
+    from b2p.student.predict import TTA_MODES
+
+    assert set(typing.get_args(PredictParams.model_fields["tta"].annotation)) == set(TTA_MODES)
 
 
 @pytest.mark.parametrize("path", ["params.yaml", *sorted(str(p.relative_to(REPO)) for p in (REPO / "pipelines").rglob("*.yaml") if p.name != "dvc.yaml")])

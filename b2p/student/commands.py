@@ -90,6 +90,7 @@ def predict(
         None, "--window", min=1, help="Sliding-window side, px at the model's scale (default: the training tile for a strip-context model, else 512; rounded up to the model's multiple, at least its training tile)."
     ),
     overlap: float = typer.Option(0.25, "--overlap", min=0.0, max=0.9, help="Sliding-window overlap, a fraction of the window."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, or flips (the mean logits of the image and its 3 flips: 4x the time)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     boxes_out: Path = typer.Option(
         None, "--boxes-out", help="Also write box-guided label maps here: the student's defect pixels inside each annotated box, with the box's class."
@@ -136,5 +137,5 @@ def predict(
         items = items_from_batches(files, split, out, probs, boxes_out)
         if not items:
             raise B2PError(f"the {split} split of the chosen batches holds no images: nothing to predict")
-    res = run_prediction(model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap, window=window)
+    res = run_prediction(model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap, window=window, tta=tta)
     typer.echo(f"wrote {res['images']} label maps under {out}" + (f" and box-guided ones under {boxes_out}" if boxes_out else ""))

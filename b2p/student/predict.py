@@ -43,6 +43,8 @@ DEFAULT_TILE_BATCH = 4  # windows per forward pass: bounds activation memory
 # better on calib (README "Geometry"). Not for a strip-context model (below): its row / column means span
 # its window, so it predicts best in windows of the tile it was trained on
 DEFAULT_WINDOW = 512
+# test-time augmentation: name -> the flips averaged (dims of a (K+1)xHxW logit map; () = the image as is)
+TTA_MODES = {"none": [()], "flips": [(), (2,), (1,), (1, 2)]}
 
 
 # --probs files: (K+1)xHxW class probabilities quantised to uint8 (p * PROBS_SCALE, rounded), compressed:
@@ -158,6 +160,12 @@ def geometry_of(model: torch.nn.Module, height: int, width: int) -> Geometry:
     return Geometry.for_image(height, width, scale=c.scale, max_side=c.max_side, multiple=c.multiple)
 
 
+def check_tta(tta: str) -> str:
+    if tta not in TTA_MODES:
+        raise B2PError(f"test-time augmentation must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    return tta
+
+
 @torch.no_grad()
 def image_logits(
     model: torch.nn.Module,
@@ -166,15 +174,39 @@ def image_logits(
     overlap: float = DEFAULT_OVERLAP,
     tile_batch: int = DEFAULT_TILE_BATCH,
     window: int | None = None,
+    tta: str = "none",
 ) -> torch.Tensor:
-    """Fine-head logits (K+1)xHxW float32 (on `device`) of an HxWx3 uint8 RGB image, at the image's size."""
+    """Fine-head logits (K+1)xHxW float32 (on `device`) of an HxWx3 uint8 RGB image, at the image's size.
+
+    `tta` "flips": the mean of the logits of the image and its horizontal, vertical and double flip, each
+    flipped back (TTA_MODES)."""
     c = model.config
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise B2PError(f"expected an HxWx3 uint8 RGB image, got {img.shape} {img.dtype}")
     if tile_batch < 1:
         raise B2PError(f"tiles per forward pass must be at least 1, got {tile_batch}")
-    if c.legacy_input_size is not None:
-        return _legacy_square_logits(model, img, device)
+    check_tta(tta)
+
+    def logits(view: np.ndarray) -> torch.Tensor:
+        if c.legacy_input_size is not None:
+            return _legacy_square_logits(model, view, device)
+        return _window_logits(model, view, device, overlap, tile_batch, window)
+
+    if tta == "none":
+        return logits(img)
+    acc = None
+    for dims in TTA_MODES[tta]:
+        lg = logits(np.ascontiguousarray(np.flip(img, axis=tuple(d - 1 for d in dims))) if dims else img)
+        lg = lg.flip(dims) if dims else lg
+        acc = lg if acc is None else acc.add_(lg)
+    return acc.div_(len(TTA_MODES[tta]))
+
+
+def _window_logits(
+    model: torch.nn.Module, img: np.ndarray, device: torch.device | str, overlap: float, tile_batch: int, window: int | None
+) -> torch.Tensor:
+    """image_logits of one view: the sliding window at the training geometry."""
+    c = model.config
     geo = geometry_of(model, img.shape[0], img.shape[1])
     # the canvas is padded as in training (to at least one tile); the square window never exceeds it, so a
     # large window never pads a small or elongated image further
@@ -216,9 +248,10 @@ def predict_image(
     overlap: float = DEFAULT_OVERLAP,
     tile_batch: int = DEFAULT_TILE_BATCH,
     window: int | None = None,
+    tta: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(label map HxW uint8, class probabilities (K+1)xHxW float32) of an HxWx3 uint8 RGB image."""
-    p = image_logits(model, img, device, overlap, tile_batch, window)
+    p = image_logits(model, img, device, overlap, tile_batch, window, tta)
     # softmax in place: on a multi-megapixel image every extra (K+1)xHxW copy is hundreds of MB
     p.sub_(p.amax(0, keepdim=True)).exp_()
     p.div_(p.sum(0, keepdim=True))
@@ -233,12 +266,13 @@ def predict_images(
     overlap: float = DEFAULT_OVERLAP,
     tile_batch: int = DEFAULT_TILE_BATCH,
     window: int | None = None,
+    tta: str = "none",
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Predict HxWx3 uint8 RGB images of any sizes, one after the other (see `predict_image`).
 
     Returns (label maps HxW uint8, class probabilities (K+1)xHxW float32), at each image's own size.
     """
-    out = [predict_image(model, im, device, overlap, tile_batch, window) for im in images]
+    out = [predict_image(model, im, device, overlap, tile_batch, window, tta) for im in images]
     return [o[0] for o in out], [o[1] for o in out]
 
 
@@ -252,6 +286,7 @@ def run_prediction(
     box_threshold: float = 0.5,
     overlap: float = DEFAULT_OVERLAP,
     window: int | None = None,
+    tta: str = "none",
 ) -> dict:
     """Predict every item and write its label map (and probabilities when `probs_out` is set, and the
     box-guided label map when `boxed_out` is set). Images one at a time, `tile_batch` tiles per forward pass."""
@@ -264,7 +299,8 @@ def run_prediction(
     console = console or Console(stderr=True)
     if tile_batch < 1:
         raise B2PError(f"tiles per forward pass must be at least 1, got {tile_batch}")
-    check_overlap(overlap)  # refuse a bad overlap before loading anything
+    check_overlap(overlap)  # refuse a bad overlap or TTA before loading anything
+    check_tta(tta)
     dev = pick_device(device)
     model, ck = load_student(model_dir, dev)
     c = model.config
@@ -272,13 +308,13 @@ def run_prediction(
         f"LEGACY square {c.legacy_input_size} px (version-1 model)"
         if c.legacy_input_size is not None
         else f"windows {window_of(model, window)} px (trained on {c.tile_size} px tiles), overlap {overlap:g}, scale {c.scale:g}" + (f", max side {c.max_side}" if c.max_side else "")
-    )
+    ) + ("" if tta == "none" else f"; TTA {tta} (x{len(TTA_MODES[tta])} the time)")
     console.print(f"student from {ck['path']}: backbone {describe_backbone(model)}; {len(items)} images on {dev}; {how}")
     n_defect_px = rescued = n_boxes = 0
     with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=not progress) as bar:
         task = bar.add_task("predict", total=len(items))
         for it in items:
-            lm, pr = predict_image(model, read_image(it.image_path), dev, overlap, tile_batch, window)
+            lm, pr = predict_image(model, read_image(it.image_path), dev, overlap, tile_batch, window, tta)
             write_label_map(it.label_out, lm)
             n_defect_px += int(np.count_nonzero(lm))
             if it.boxed_out is not None:
