@@ -285,6 +285,14 @@ def test_predict_accepts_classes_appended_after_training(predicted):
     assert r.exit_code == 0, r.output
 
 
+def test_unknown_test_time_augmentation_is_refused_and_earlier_predictions_kept(predicted):
+    p = predicted
+    r = _cli("predict", "--model", p["root"] / "good", "--imported", p["imported"], "--split", "all", "--out", p["pred"],
+             "--device", "cpu", "--tta", "rot90")
+    assert r.exit_code == 1 and "test-time augmentation must be one of none, flips" in r.output and "rot90" in r.output, r.output
+    assert _snapshot(p["pred"]) == p["before"]
+
+
 def test_model_whose_class_names_contradict_its_class_count_is_refused(predicted):
     model = _tiny_model(predicted["root"] / "liar", ["crack", "spot"], num_classes=5)
     _predict_refused(predicted, model, "model.pt", "2 class names", "5 classes")

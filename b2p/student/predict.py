@@ -192,14 +192,12 @@ def image_logits(
             return _legacy_square_logits(model, view, device)
         return _window_logits(model, view, device, overlap, tile_batch, window)
 
-    if tta == "none":
-        return logits(img)
-    acc = None
-    for dims in TTA_MODES[tta]:
-        lg = logits(np.ascontiguousarray(np.flip(img, axis=tuple(d - 1 for d in dims))) if dims else img)
-        lg = lg.flip(dims) if dims else lg
-        acc = lg if acc is None else acc.add_(lg)
-    return acc.div_(len(TTA_MODES[tta]))
+    views = TTA_MODES[tta]
+    acc = logits(img)  # every mode starts with the image as is (dims ())
+    for dims in views[1:]:
+        # logit dims (1 = rows, 2 = columns) flip image axes dims - 1; the view's logits are flipped back
+        acc.add_(logits(np.ascontiguousarray(np.flip(img, axis=tuple(d - 1 for d in dims)))).flip(dims))
+    return acc.div_(len(views)) if len(views) > 1 else acc
 
 
 def _window_logits(
