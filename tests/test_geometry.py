@@ -121,3 +121,17 @@ def test_tile_origins_cover_the_padded_image_on_the_stride_grid():
     with pytest.raises(B2PError):
         g.tile_origins(96, overlap=96)
 
+
+
+def test_edge_distance_counts_to_the_nearer_image_edge_and_follows_flips():
+    g = Geometry.for_image(100, 50, scale=0.5)  # 50 x 25 model px, padded to 64 x 64
+    rows, cols = g.edge_distance(min_side=64)
+    assert rows.shape == (64,) and cols.shape == (64,)
+    assert rows[:3].tolist() == [0, 1, 2] and rows[47:50].tolist() == [2, 1, 0] and rows[24] == 24
+    assert (rows[50:] == 0).all() and (cols[25:] == 0).all()  # padding
+    assert cols[12] == 12 and cols[24] == 0
+    # a flipped view (padding then at the top / left): its rows are the plain view's, reversed
+    fr, fc = g.edge_distance(min_side=64, flip=2)
+    assert np.array_equal(fr, rows[::-1]) and np.array_equal(fc, cols)
+    fr, fc = g.edge_distance(min_side=64, flip=3)
+    assert np.array_equal(fr, rows[::-1]) and np.array_equal(fc, cols[::-1])

@@ -69,7 +69,10 @@ def test_tiny_random_backbone_learns(taught, tmp_path: Path):
     assert saved["images"]["train"] > 0 and saved["images"]["val"] > 0
 
 
-@pytest.mark.parametrize("decoder,extra", [("full", {}), ("lite", {}), ("lite", {"context": "strip", "refine": True})])
+@pytest.mark.parametrize(
+    "decoder,extra",
+    [("full", {}), ("lite", {}), ("lite", {"context": "strip", "refine": True}), ("lite", {"context": "strip_valid", "edges": True})],
+)
 def test_checkpoint_round_trip_identical_predictions(tmp_path: Path, decoder: str, extra: dict):
     torch.manual_seed(0)
     cfg = StudentConfig(
@@ -90,6 +93,7 @@ def test_checkpoint_round_trip_identical_predictions(tmp_path: Path, decoder: st
     loaded, ck = load_student(tmp_path)
     assert loaded.config.decoder == decoder
     assert (loaded.config.context, loaded.config.refine) == (extra.get("context", "none"), extra.get("refine", False))
+    assert loaded.config.edges == extra.get("edges", False)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         a, b = model(x), loaded(x)
@@ -143,6 +147,9 @@ def test_flip_augmentation_moves_image_labels_and_boxes_together(taught):
             dims = [d for bit, d in ((1, -1), (2, -2)) if it["flip"] & bit]
             for key in ("image", "target", "valid", "box_mask"):
                 assert torch.equal(it[key], p0[key].flip(dims) if dims else p0[key])
+            # the distances to the image's edges travel with the rows and columns they belong to
+            assert torch.equal(it["edge_rows"], p0["edge_rows"].flip(0) if it["flip"] & 2 else p0["edge_rows"])
+            assert torch.equal(it["edge_cols"], p0["edge_cols"].flip(0) if it["flip"] & 1 else p0["edge_cols"])
             # flipped boxes still frame the flipped box mask
             for x0, y0, x1, y1, *_ in it["boxes"].tolist():
                 assert it["box_mask"][int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))].all()
@@ -168,6 +175,7 @@ def test_training_tiles_pad_small_images_and_keep_boxes_in_tile_coordinates(tmp_
         lab = truth[samples[i].record.file_name]
         assert np.array_equal(it["target"][:48, :48].numpy(), lab) and (it["target"][48:] == IGNORE).all()
         assert int(it["valid"].sum()) == 48 * 48 and not it["box_mask"][48:].any()
+        assert it["edge_rows"][:48].tolist() == [min(r, 47 - r) for r in range(48)] and (it["edge_cols"][48:] == 0).all()
         assert torch.allclose(it["image"][:, 48:], torch.tensor(-2.0))  # black padding, (0 - 0.5) / 0.25
         b = it["boxes"]
         assert b.shape == (len(samples[i].record.boxes), 6) and (b[:, 5] == 0).all()

@@ -192,17 +192,21 @@ class StudentDataset(torch.utils.data.Dataset):
         code = self.draw_flip()
         boxes = _flip_boxes(g.boxes_to_model(rec.boxes_xyxy()), code, hp, wp)
         x, y, valid, bm = (_flip_np(a, code) for a in (x, y, valid, bm))
+        er, ec = g.edge_distance(self.min_side, code)
         y0 = x0 = 0
         if self.sampling:  # crop before normalising: a tile of a large image costs a tile
             t = self.sampling.tile
             y0, x0 = self.draw_origin(hp, wp, boxes)
             x, y, valid, bm = (a[y0 : y0 + t, x0 : x0 + t] for a in (x, y, valid, bm))
+            er, ec = er[y0 : y0 + t], ec[x0 : x0 + t]
         x = normalise(x, self.mean, self.std)
         y, valid, bm = (torch.from_numpy(np.ascontiguousarray(a)) for a in (y, valid, bm))
         return {
             "image": x,
             "target": y,
             "valid": valid,
+            "edge_rows": torch.from_numpy(np.ascontiguousarray(er)),
+            "edge_cols": torch.from_numpy(np.ascontiguousarray(ec)),
             "box_mask": bm,
             "boxes": tile_boxes(boxes, rec.box_class_ids(), (y0, x0), tuple(y.shape)),
             "index": i,
@@ -245,7 +249,7 @@ def collate(items: list[dict]) -> dict:
     if len(sizes) != 1:
         raise B2PError(f"a batch must hold items of one size, got {sorted(sizes)}")
     return {
-        **{k: torch.stack([it[k] for it in items]) for k in ("image", "target", "valid", "box_mask")},
+        **{k: torch.stack([it[k] for it in items]) for k in ("image", "target", "valid", "box_mask", "edge_rows", "edge_cols")},
         "boxes": [it["boxes"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
         "flip": torch.tensor([it["flip"] for it in items]),

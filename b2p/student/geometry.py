@@ -95,6 +95,21 @@ class Geometry:
         v[:hs, :ws] = True
         return v
 
+    def edge_distance(self, min_side: int = 0, flip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(Hp float32, Wp float32): each model-space row's (column's) distance in model px to the nearer of
+        the image's top and bottom (left and right) edges, 0 on the edge rows and on padding; `flip` (bit 0
+        left-right, bit 1 up-down) as the view was flipped. Symmetric, so a flipped view's distances are its
+        own rows' distances."""
+        hs, ws = self.scaled_size
+        hp, wp = self.padded_size(min_side)
+
+        def dist(n_pad: int, n: int, flipped: bool) -> np.ndarray:
+            i = np.arange(n_pad)
+            i = n_pad - 1 - i if flipped else i
+            return np.clip(np.minimum(i, n - 1 - i), 0, None).astype(np.float32)
+
+        return dist(hp, hs, bool(flip & 2)), dist(wp, ws, bool(flip & 1))
+
     def _check_hw(self, arr: np.ndarray, what: str) -> None:
         if arr.shape[:2] != (self.height, self.width):
             raise B2PError(f"{what} is {arr.shape[1]}x{arr.shape[0]}, the geometry is for {self.width}x{self.height}")

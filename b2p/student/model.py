@@ -7,7 +7,9 @@ ReLU) take 256 -> 128 -> 64 -> 32 channels; the result is resized to the detail 
 conv3x3, H/4, 32 ch), concatenated and mixed (conv3x3 64 -> 64); two heads of the same shape (x2,
 conv3x3 64 -> 32 BN ReLU, x2, conv1x1) give binary (2) and fine (K + 1) logits at the input size.
 Our optional additions (off by default, so the paper's student is unchanged): `context: strip` (StripContext
-after the fusion) and `refine: true` (PixelRefine on the logits at the input size).
+after the fusion; `strip_valid`: its means over the image's own pixels, padding left out), `edges: true` (each
+row's and column's distance to the image's nearest edge joins that context) and `refine: true` (PixelRefine
+on the logits at the input size).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from b2p.student.backbones import (
 
 ADAPTATIONS = ("bitfit", "frozen", "full")
 DECODERS = ("full", "lite")
-CONTEXTS = ("none", "strip")
+CONTEXTS = ("none", "strip", "strip_valid")
+STRIP_CONTEXTS = ("strip", "strip_valid")  # the modes with StripContext (row / column / image means)
 ARCHS = ("b2p", "unet")
 UNET_MULTIPLE = 8  # three 2x2 max-pools
 # the U-Net learns from scratch on whatever it is fed: the symmetric [-1, 1] scaling, recorded like any other
@@ -75,6 +78,10 @@ class StudentConfig:
     # a full-resolution refinement of both heads' logits from the image itself (PixelRefine): thin defects
     # are 1-3 px wide, finer than the heads' stride-2 features
     refine: bool = False
+    # with a strip context: each row's and column's distance to the image's nearest edge joins the means
+    # (StripContext): defects that hug the edges of a part, such as Magnetic-Tile's bands, look like the
+    # plain surface in a tile cut from the middle of the image
+    edges: bool = False
     upsample_steps: int | None = None  # x2 steps of the three up-steps; None: 3 for ViT, to ~H/4 for CNNs
     unet_base: int = 32
     # tiny DINOv2 config for tests (hidden_size, num_hidden_layers, ...): always random weights
@@ -100,6 +107,8 @@ class StudentConfig:
             # never ignored silently: the U-Net baseline has neither part
             raise B2PError("context and refine are parts of the Boxes2Pixels student; arch unet has neither: "
                 "set train.context: none and train.refine: false (or --set context=none --set refine=false)")
+        if self.edges and self.context not in STRIP_CONTEXTS:
+            raise B2PError(f"edges join the strip context: set context to one of {list(STRIP_CONTEXTS)} or edges to false")
         if self.num_classes < 2:
             raise B2PError("the student needs at least one defect class")
         if self.taps is None:
@@ -189,17 +198,44 @@ class LiteFusion(nn.Module):
 class StripContext(nn.Module):
     """x + BN(conv1x1([row mean - mean, column mean - mean, mean])), the means over the whole input (strip
     pooling, Hou et al. 2020). Why: a 3x3 decoder sees a few hundred pixels; a defect such as Magnetic-Tile's
-    "uneven" band is a whole row range slightly darker than the rest of the image, visible only against it."""
+    "uneven" band is a whole row range slightly darker than the rest of the image, visible only against it.
 
-    def __init__(self, c: int):
+    `valid_only` (context `strip_valid`): the means over the image's own pixels (`valid`), padding left out:
+    a 180 px wide image in a 256 px tile otherwise has 30 % of every row mean made of black padding, and a
+    padded row's profile dwarfs the few grey levels that set a band apart."""
+
+    EDGE_SCALES = (8.0, 32.0, 128.0)  # model px: exp(-distance / scale), from a few pixels to a tile
+
+    def __init__(self, c: int, valid_only: bool = False, edges: bool = False):
         super().__init__()
-        self.mix = nn.Sequential(nn.Conv2d(3 * c, c, 1), nn.BatchNorm2d(c))
+        self.mix = nn.Sequential(nn.Conv2d(3 * c + (2 * len(self.EDGE_SCALES) if edges else 0), c, 1), nn.BatchNorm2d(c))
+        self.valid_only, self.edges = valid_only, edges
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = x.mean((-2, -1), keepdim=True)
-        rows, cols = x.mean(-1, keepdim=True) - g, x.mean(-2, keepdim=True) - g
-        z = torch.cat([rows.expand_as(x), cols.expand_as(x), g.expand_as(x)], 1)
-        return F.relu(x + self.mix(z))
+    def forward(
+        self, x: torch.Tensor, valid: torch.Tensor | None = None, edges: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`edges` (BxH, BxW: each input row's / column's distance to the image's nearest edge, model px, at
+        the input's resolution) is needed when the context was built with `edges`."""
+        if not self.valid_only or valid is None:
+            g = x.mean((-2, -1), keepdim=True)
+            rows, cols = x.mean(-1, keepdim=True) - g, x.mean(-2, keepdim=True) - g
+        else:  # valid: Bx1xhxw, 1 on image pixels; a row or column without any keeps 0 (no profile)
+            m = valid.to(x.dtype)
+            xm = x * m
+            n_rows, n_cols = m.sum(-1, keepdim=True), m.sum(-2, keepdim=True)
+            g = xm.sum((-2, -1), keepdim=True) / n_rows.sum(-2, keepdim=True).clamp_min(1)
+            rows = (xm.sum(-1, keepdim=True) / n_rows.clamp_min(1) - g) * (n_rows > 0)
+            cols = (xm.sum(-2, keepdim=True) / n_cols.clamp_min(1) - g) * (n_cols > 0)
+        z = [rows.expand_as(x), cols.expand_as(x), g.expand_as(x)]
+        if self.edges:
+            if edges is None:
+                raise B2PError("this strip context reads the distances to the image edges: pass edges=(rows, cols)")
+            h, w = x.shape[-2:]
+            er = F.interpolate(edges[0][:, None, :, None].to(x.dtype), size=(h, 1), mode="area")
+            ec = F.interpolate(edges[1][:, None, None, :].to(x.dtype), size=(1, w), mode="area")
+            for s in self.EDGE_SCALES:
+                z += [torch.exp(-er / s).expand(-1, -1, h, w), torch.exp(-ec / s).expand(-1, -1, h, w)]
+        return F.relu(x + self.mix(torch.cat(z, 1)))
 
 
 class UpStep(nn.Module):
@@ -227,10 +263,11 @@ class HierarchicalDecoder(nn.Module):
         vit: bool = False,
         lite: bool = False,
         context: str = "none",
+        edges: bool = False,
     ):
         super().__init__()
         # built first (the order of initialisation the recorded runs used; it is applied after the fusion)
-        self.context = StripContext(dim) if context == "strip" else None
+        self.context = StripContext(dim, context == "strip_valid", edges) if context in STRIP_CONTEXTS else None
         self.proj = nn.ModuleList([_cbr(c, dim, k=1) for c in in_channels])
         self.fuse = nn.ModuleList([(LiteFusion if lite else ResidualFusion)(dim) for _ in range(len(in_channels) - 1)])
         finest = min(strides)
@@ -248,7 +285,11 @@ class HierarchicalDecoder(nn.Module):
                 [UpStep(chans[i], chans[i + 1], 2 if i < self.upsample_steps else 1) for i in range(3)]
             )
 
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, feats: list[torch.Tensor], valid: torch.Tensor | None = None, edges: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`valid` Bx1xHxW (any resolution; 1 on image pixels): only a `strip_valid` context reads it; `edges`
+        (StripContext) only a context built with edges."""
         size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])
         p = [proj(f) for proj, f in zip(self.proj, feats)]
         p = [x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in p]
@@ -256,7 +297,9 @@ class HierarchicalDecoder(nn.Module):
         for i in range(len(p) - 2, -1, -1):  # deepest first
             x = self.fuse[len(p) - 2 - i](x, p[i])
         if self.context is not None:
-            x = self.context(x)
+            if valid is not None and self.context.valid_only:  # a fused cell counts when mostly image
+                valid = F.interpolate(valid.to(x.dtype), size=x.shape[-2:], mode="area") > 0.5
+            x = self.context(x, valid, edges)
         for up in self.up:
             x = up(x)
         return x
@@ -318,7 +361,7 @@ class Boxes2PixelsStudent(nn.Module):
         lite = config.decoder == "lite"
         self.decoder = HierarchicalDecoder(
             info.channels, info.strides, config.decoder_dim, config.upsample_steps, vit=config.backbone in DINOV2_SIZES, lite=lite,
-            context=config.context,
+            context=config.context, edges=config.edges,
         )
         self.detail = nn.Sequential(_cbr(3, 24, stride=2), _cbr(24, 32, stride=2)) if config.detail_branch else None
         mixed, mid = (32, 16) if lite else (64, 32)
@@ -356,11 +399,22 @@ class Boxes2PixelsStudent(nn.Module):
     def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor, feats: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        feats: list[torch.Tensor] | None = None,
+        valid: torch.Tensor | None = None,
+        edges: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """`valid` BxHxW bool (True on image pixels, False on padding; None: all image) for `strip_valid`;
+        `edges` (BxH, BxW distances to the image's edges, Geometry.edge_distance) for a model with `edges`,
+        None: the input is the whole image."""
         h, w = x.shape[-2:]
         if feats is None:
             feats = self.backbone(x)
-        y = self.decoder([f.to(x.dtype) for f in feats])
+        if self.config.edges and edges is None:
+            edges = tuple(torch.minimum(i, n - 1 - i).to(x.dtype).expand(x.shape[0], n) for n, i in ((h, torch.arange(h, device=x.device)), (w, torch.arange(w, device=x.device))))
+        y = self.decoder([f.to(x.dtype) for f in feats], None if valid is None else valid[:, None], edges)
         if self.detail is not None:
             d = self.detail(x)
             y = torch.cat([_resize_to(y, d.shape[-2:]), d], dim=1)

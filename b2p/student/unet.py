@@ -33,7 +33,7 @@ class SmallUNet(nn.Module):
 
     backbone_frozen = False
 
-    def forward(self, x: torch.Tensor, feats=None) -> dict:
+    def forward(self, x: torch.Tensor, feats=None, valid=None, edges=None) -> dict:  # the B2P student's inputs, unused
         h, w = x.shape[-2:]
         skips = []
         y = x
