@@ -11,7 +11,7 @@ import torch
 from b2p.errors import B2PError
 from b2p.student import backbones
 from b2p.student.backbones import hf_to_official, load_dinov2, official_to_hf
-from b2p.student.model import StripContext, StudentConfig, build_model, count_params
+from b2p.student.model import StudentConfig, build_model, count_params
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, patch_size=8, image_size=32)
 
@@ -228,40 +228,6 @@ def test_strip_context_sees_the_whole_input():
     for extra in ({"context": "strip"}, {"refine": True}):  # the U-Net has neither part: refused, not ignored
         with pytest.raises(B2PError, match="arch unet has neither"):
             StudentConfig(num_classes=3, arch="unet", **extra)
-
-
-def test_strip_valid_context_leaves_padding_out_of_its_means():
-    torch.manual_seed(0)
-    m = build_model(StudentConfig(num_classes=3, tile_size=64, decoder_dim=32, decoder="lite", context="strip_valid"), weights="random").eval()
-    ctx = m.decoder.context
-    assert ctx is not None and ctx.valid_only
-    with torch.no_grad():
-        ctx.mix[0].weight.normal_()
-    x = torch.randn(1, 32, 8, 12)
-    valid = torch.zeros(1, 1, 8, 12, dtype=torch.bool)
-    valid[..., :5, :7] = True  # the image: 5 rows x 7 columns, the rest padding
-    x2 = x.clone()
-    x2[..., 5:, :] += 4.0  # change only the padding
-    x2[..., :, 7:] -= 4.0
-    with torch.no_grad():
-        a, b = ctx(x, valid), ctx(x2, valid)
-        # the image's own cells do not see what the padding holds ...
-        assert torch.allclose(a[..., :5, :7], b[..., :5, :7], atol=1e-5)
-        # ... they equal the context of the image alone (the means of the valid cells only) ...
-        alone = ctx(x[..., :5, :7].contiguous(), torch.ones(1, 1, 5, 7, dtype=torch.bool))
-        assert torch.allclose(a[..., :5, :7], alone, atol=1e-5)
-        # ... while `strip` (whole-input means) does, and an all-valid mask is exactly `strip`
-        plain = StripContext(32).eval()
-        plain.load_state_dict(ctx.state_dict())
-        assert not torch.allclose(plain(x)[..., :5, :7], plain(x2)[..., :5, :7], atol=1e-3)
-        assert torch.allclose(ctx(x, torch.ones(1, 1, 8, 12, dtype=torch.bool)), plain(x), atol=1e-5)
-        # the whole model: padding pixels of the input do not reach the image's logits through the context
-        img = torch.randn(1, 3, 64, 64)
-        v = torch.zeros(1, 64, 64, dtype=torch.bool)
-        v[:, :40, :48] = True
-        out = m(img, valid=v)["fine"]
-        assert out.shape == (1, 3, 64, 64)
-        assert not torch.allclose(out, m(img)["fine"])  # the mask is used, not ignored
 
 
 def test_edges_join_the_strip_context_and_need_it():

@@ -54,22 +54,22 @@ class PointwiseNet(torch.nn.Module):
         torch.manual_seed(0)
         self.conv = torch.nn.Conv2d(3, config.num_classes, 1)
 
-    def forward(self, x, feats=None, valid=None, edges=None):
+    def forward(self, x, feats=None, edges=None):
         return {"fine": self.conv(x), "binary": None}
 
 
 def _single_pass_probs(model, img: np.ndarray) -> torch.Tensor:
     c = model.config
     geo = Geometry.for_image(*img.shape[:2], scale=c.scale, max_side=c.max_side, multiple=c.multiple)
-    canvas, valid = geo.image_to_model(img, min_side=c.tile_size)
+    canvas, _ = geo.image_to_model(img, min_side=c.tile_size)
     edges = tuple(torch.from_numpy(d)[None] for d in geo.edge_distance(c.tile_size))
     with torch.no_grad():
-        lg = model(normalise(canvas, c.mean, c.std)[None], valid=torch.from_numpy(valid)[None], edges=edges)["fine"][0]
+        lg = model(normalise(canvas, c.mean, c.std)[None], edges=edges)["fine"][0]
     return torch.softmax(geo.logits_to_image(lg), 0)
 
 
 @pytest.mark.parametrize("shape", [(50, 60), (64, 64), (20, 33)])
-@pytest.mark.parametrize("extra", [{}, {"context": "strip_valid", "edges": True}])
+@pytest.mark.parametrize("extra", [{}, {"context": "strip", "edges": True}])
 def test_one_tile_image_equals_a_single_forward_pass(shape, extra):
     model = _tiny_b2p(tile=64, **extra)
     img = _image(*shape)
@@ -109,7 +109,7 @@ def test_prediction_window_is_bounded_by_the_tile_and_the_padded_image():
     seen = []
     real_forward = model.forward
 
-    def spy(x, feats=None, valid=None, edges=None):
+    def spy(x, feats=None, edges=None):
         seen.append(tuple(x.shape[-2:]))
         return real_forward(x)
 

@@ -101,7 +101,7 @@ def test_decoder_and_prediction_window_are_checked_naming_file_and_key(tmp_path)
         check_params_file(p)
     msg = str(e.value)
     assert "train.decoder" in msg and "must be one of ['full', 'lite']" in msg
-    assert "train.context" in msg and "must be one of ['none', 'strip', 'strip_valid']" in msg
+    assert "train.context" in msg and "must be one of ['none', 'strip']" in msg
     assert "train.refine" in msg and "boolean" in msg
     assert "predict.window" in msg and "greater than or equal to 1" in msg and str(p) in msg
     assert "predict.tta" in msg and "flips" in msg

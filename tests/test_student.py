@@ -71,7 +71,7 @@ def test_tiny_random_backbone_learns(taught, tmp_path: Path):
 
 @pytest.mark.parametrize(
     "decoder,extra",
-    [("full", {}), ("lite", {}), ("lite", {"context": "strip", "refine": True}), ("lite", {"context": "strip_valid", "edges": True})],
+    [("full", {}), ("lite", {}), ("lite", {"context": "strip", "refine": True}), ("lite", {"context": "strip", "edges": True})],
 )
 def test_checkpoint_round_trip_identical_predictions(tmp_path: Path, decoder: str, extra: dict):
     torch.manual_seed(0)

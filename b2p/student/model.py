@@ -7,9 +7,8 @@ ReLU) take 256 -> 128 -> 64 -> 32 channels; the result is resized to the detail 
 conv3x3, H/4, 32 ch), concatenated and mixed (conv3x3 64 -> 64); two heads of the same shape (x2,
 conv3x3 64 -> 32 BN ReLU, x2, conv1x1) give binary (2) and fine (K + 1) logits at the input size.
 Our optional additions (off by default, so the paper's student is unchanged): `context: strip` (StripContext
-after the fusion; `strip_valid`: its means over the image's own pixels, padding left out), `edges: true` (each
-row's and column's distance to the image's nearest edge joins that context) and `refine: true` (PixelRefine
-on the logits at the input size).
+after the fusion; with `edges: true` each row's and column's distance to the image's nearest edge joins it)
+and `refine: true` (PixelRefine on the logits at the input size).
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ from b2p.student.backbones import (
 
 ADAPTATIONS = ("bitfit", "frozen", "full")
 DECODERS = ("full", "lite")
-CONTEXTS = ("none", "strip", "strip_valid")
-STRIP_CONTEXTS = ("strip", "strip_valid")  # the modes with StripContext (row / column / image means)
+CONTEXTS = ("none", "strip")
 ARCHS = ("b2p", "unet")
 UNET_MULTIPLE = 8  # three 2x2 max-pools
 # the U-Net learns from scratch on whatever it is fed: the symmetric [-1, 1] scaling, recorded like any other
@@ -107,8 +105,8 @@ class StudentConfig:
             # never ignored silently: the U-Net baseline has neither part
             raise B2PError("context and refine are parts of the Boxes2Pixels student; arch unet has neither: "
                 "set train.context: none and train.refine: false (or --set context=none --set refine=false)")
-        if self.edges and self.context not in STRIP_CONTEXTS:
-            raise B2PError(f"edges join the strip context: set context to one of {list(STRIP_CONTEXTS)} or edges to false")
+        if self.edges and self.context != "strip":
+            raise B2PError("edges join the strip context: set context to strip or edges to false")
         if self.num_classes < 2:
             raise B2PError("the student needs at least one defect class")
         if self.taps is None:
@@ -200,32 +198,21 @@ class StripContext(nn.Module):
     pooling, Hou et al. 2020). Why: a 3x3 decoder sees a few hundred pixels; a defect such as Magnetic-Tile's
     "uneven" band is a whole row range slightly darker than the rest of the image, visible only against it.
 
-    `valid_only` (context `strip_valid`): the means over the image's own pixels (`valid`), padding left out:
-    a 180 px wide image in a 256 px tile otherwise has 30 % of every row mean made of black padding, and a
-    padded row's profile dwarfs the few grey levels that set a band apart."""
+    `edges`: each row's and column's distance to the image's nearest edge joins the means, as exp(-d / s) at
+    a few scales: a tile cut from the middle of an image cannot tell otherwise that a band hugs its edge."""
 
     EDGE_SCALES = (8.0, 32.0, 128.0)  # model px: exp(-distance / scale), from a few pixels to a tile
 
-    def __init__(self, c: int, valid_only: bool = False, edges: bool = False):
+    def __init__(self, c: int, edges: bool = False):
         super().__init__()
         self.mix = nn.Sequential(nn.Conv2d(3 * c + (2 * len(self.EDGE_SCALES) if edges else 0), c, 1), nn.BatchNorm2d(c))
-        self.valid_only, self.edges = valid_only, edges
+        self.edges = edges
 
-    def forward(
-        self, x: torch.Tensor, valid: torch.Tensor | None = None, edges: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`edges` (BxH, BxW: each input row's / column's distance to the image's nearest edge, model px, at
         the input's resolution) is needed when the context was built with `edges`."""
-        if not self.valid_only or valid is None:
-            g = x.mean((-2, -1), keepdim=True)
-            rows, cols = x.mean(-1, keepdim=True) - g, x.mean(-2, keepdim=True) - g
-        else:  # valid: Bx1xhxw, 1 on image pixels; a row or column without any keeps 0 (no profile)
-            m = valid.to(x.dtype)
-            xm = x * m
-            n_rows, n_cols = m.sum(-1, keepdim=True), m.sum(-2, keepdim=True)
-            g = xm.sum((-2, -1), keepdim=True) / n_rows.sum(-2, keepdim=True).clamp_min(1)
-            rows = (xm.sum(-1, keepdim=True) / n_rows.clamp_min(1) - g) * (n_rows > 0)
-            cols = (xm.sum(-2, keepdim=True) / n_cols.clamp_min(1) - g) * (n_cols > 0)
+        g = x.mean((-2, -1), keepdim=True)
+        rows, cols = x.mean(-1, keepdim=True) - g, x.mean(-2, keepdim=True) - g
         z = [rows.expand_as(x), cols.expand_as(x), g.expand_as(x)]
         if self.edges:
             if edges is None:
@@ -267,7 +254,7 @@ class HierarchicalDecoder(nn.Module):
     ):
         super().__init__()
         # built first (the order of initialisation the recorded runs used; it is applied after the fusion)
-        self.context = StripContext(dim, context == "strip_valid", edges) if context in STRIP_CONTEXTS else None
+        self.context = StripContext(dim, edges) if context == "strip" else None
         self.proj = nn.ModuleList([_cbr(c, dim, k=1) for c in in_channels])
         self.fuse = nn.ModuleList([(LiteFusion if lite else ResidualFusion)(dim) for _ in range(len(in_channels) - 1)])
         finest = min(strides)
@@ -285,11 +272,8 @@ class HierarchicalDecoder(nn.Module):
                 [UpStep(chans[i], chans[i + 1], 2 if i < self.upsample_steps else 1) for i in range(3)]
             )
 
-    def forward(
-        self, feats: list[torch.Tensor], valid: torch.Tensor | None = None, edges: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """`valid` Bx1xHxW (any resolution; 1 on image pixels): only a `strip_valid` context reads it; `edges`
-        (StripContext) only a context built with edges."""
+    def forward(self, feats: list[torch.Tensor], edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`edges`: see StripContext (read only by a context built with edges)."""
         size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])
         p = [proj(f) for proj, f in zip(self.proj, feats)]
         p = [x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in p]
@@ -297,9 +281,7 @@ class HierarchicalDecoder(nn.Module):
         for i in range(len(p) - 2, -1, -1):  # deepest first
             x = self.fuse[len(p) - 2 - i](x, p[i])
         if self.context is not None:
-            if valid is not None and self.context.valid_only:  # a fused cell counts when mostly image
-                valid = F.interpolate(valid.to(x.dtype), size=x.shape[-2:], mode="area") > 0.5
-            x = self.context(x, valid, edges)
+            x = self.context(x, edges)
         for up in self.up:
             x = up(x)
         return x
@@ -340,6 +322,12 @@ class PixelRefine(nn.Module):
 
     def forward(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return logits + self.body(torch.cat([logits, image], 1))
+
+
+def _whole_input_edges(n: int, x: torch.Tensor) -> torch.Tensor:
+    """Bxn distances to the nearer end of an input side of n px (the input taken as the whole image)."""
+    i = torch.arange(n, device=x.device)
+    return torch.minimum(i, n - 1 - i).to(x.dtype).expand(x.shape[0], n)
 
 
 def _resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -400,21 +388,16 @@ class Boxes2PixelsStudent(nn.Module):
         return self.backbone(x)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        feats: list[torch.Tensor] | None = None,
-        valid: torch.Tensor | None = None,
-        edges: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, x: torch.Tensor, feats: list[torch.Tensor] | None = None, edges: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor | None]:
-        """`valid` BxHxW bool (True on image pixels, False on padding; None: all image) for `strip_valid`;
-        `edges` (BxH, BxW distances to the image's edges, Geometry.edge_distance) for a model with `edges`,
-        None: the input is the whole image."""
+        """`edges` (BxH, BxW: each row's / column's distance to the image's edges, Geometry.edge_distance) for a
+        model with `edges`; None: the input is the whole image."""
         h, w = x.shape[-2:]
         if feats is None:
             feats = self.backbone(x)
         if self.config.edges and edges is None:
-            edges = tuple(torch.minimum(i, n - 1 - i).to(x.dtype).expand(x.shape[0], n) for n, i in ((h, torch.arange(h, device=x.device)), (w, torch.arange(w, device=x.device))))
-        y = self.decoder([f.to(x.dtype) for f in feats], None if valid is None else valid[:, None], edges)
+            edges = tuple(_whole_input_edges(n, x) for n in (h, w))
+        y = self.decoder([f.to(x.dtype) for f in feats], edges)
         if self.detail is not None:
             d = self.detail(x)
             y = torch.cat([_resize_to(y, d.shape[-2:]), d], dim=1)

@@ -34,7 +34,6 @@ from b2p.fileio import atomic_write, read_image
 from b2p.labels import label_map_key, label_map_path, write_label_map
 from b2p.student.data import load_batch_files_for_inference, normalise, prepare_image
 from b2p.student.geometry import Geometry
-from b2p.student.model import STRIP_CONTEXTS
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULT_OVERLAP = 0.25  # of the tile side
@@ -148,7 +147,7 @@ def window_of(model: torch.nn.Module, window: int | None = None) -> int:
     seed 2)."""
     c = model.config
     if window is None:
-        window = c.tile_size if c.context in STRIP_CONTEXTS else DEFAULT_WINDOW
+        window = c.tile_size if c.context == "strip" else DEFAULT_WINDOW
     w = int(window)
     if w < 1:
         raise B2PError(f"the prediction window must be a positive number of pixels, got {window}")
@@ -209,7 +208,7 @@ def _window_logits(
     geo = geometry_of(model, img.shape[0], img.shape[1])
     # the canvas is padded as in training (to at least one tile); the square window never exceeds it, so a
     # large window never pads a small or elongated image further
-    canvas, valid = geo.image_to_model(img, min_side=c.tile_size)  # HpxWpx3 uint8: resized, padded
+    canvas, _ = geo.image_to_model(img, min_side=c.tile_size)  # HpxWpx3 uint8: resized, padded
     tile = max(c.tile_size, min(window_of(model, window), *canvas.shape[:2]))
     ov = overlap_px(tile, overlap)
     origins = geo.tile_origins(tile, ov, min_side=c.tile_size)
@@ -221,9 +220,8 @@ def _window_logits(
     for i in range(0, len(origins), tile_batch):
         chunk = origins[i : i + tile_batch]
         tiles = torch.stack([normalise(canvas[y0 : y0 + tile, x0 : x0 + tile], c.mean, c.std) for y0, x0 in chunk])
-        vt = torch.stack([torch.from_numpy(valid[y0 : y0 + tile, x0 : x0 + tile]) for y0, x0 in chunk])
-        edges = tuple(torch.stack([d[o : o + tile] for o in starts]).to(device) for d, starts in ((er, [y for y, _ in chunk]), (ec, [x for _, x in chunk])))
-        logits = model(tiles.to(device), valid=vt.to(device), edges=edges)["fine"].float()
+        edges = (torch.stack([er[y0 : y0 + tile] for y0, _ in chunk]).to(device), torch.stack([ec[x0 : x0 + tile] for _, x0 in chunk]).to(device))
+        logits = model(tiles.to(device), edges=edges)["fine"].float()
         for (y0, x0), lg in zip(chunk, logits):
             acc[:, y0 : y0 + tile, x0 : x0 + tile].addcmul_(lg, ramp)
             wsum[y0 : y0 + tile, x0 : x0 + tile].add_(ramp)

@@ -72,7 +72,7 @@ class TrainParams:
     decoder: str = "full"  # full (the paper's) | lite (about a quarter of its cost; model.py)
     edges: bool = False  # with a strip context: distances to the image's edges join it (model.py StripContext)
     refine: bool = False  # a full-resolution correction of the logits from the image (thin defects; model.py)
-    context: str = "none"  # none (the paper's) | strip (row / column / image means join the decoder; model.py) | strip_valid (the same, padding left out of the means)
+    context: str = "none"  # none (the paper's) | strip (row / column / image means join the decoder; model.py)
     unet_base: int = 32
     dinov2_config: dict | None = None  # tiny random DINOv2 for tests
     # optimisation
@@ -344,7 +344,7 @@ def train_student(
                 batch = _to_device(batch, device)
                 feats = features(batch, ds_train)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    out = model(batch["image"], feats, batch["valid"], (batch["edge_rows"], batch["edge_cols"]))
+                    out = model(batch["image"], feats, (batch["edge_rows"], batch["edge_cols"]))
                 loss, parts = loss_fn(out, batch, epoch)
                 if not torch.isfinite(loss):
                     raise B2PError(f"training diverged (loss {float(loss)} at epoch {epoch + 1}); lower lr or check the inputs")
@@ -437,7 +437,7 @@ def _validate(model, dl, ds, truth, features, loss_fn, device, use_amp, amp_dtyp
         batch = _to_device(batch, device)
         feats = features(batch, ds)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            out = model(batch["image"], feats, batch["valid"], (batch["edge_rows"], batch["edge_cols"]))
+            out = model(batch["image"], feats, (batch["edge_rows"], batch["edge_cols"]))
         # validation loss without self-correction: the pseudo-labels as they are
         _, parts = loss_fn(out, batch, -1)  # epoch -1: self-correction off
         total += parts["loss"]

@@ -33,7 +33,7 @@ class SmallUNet(nn.Module):
 
     backbone_frozen = False
 
-    def forward(self, x: torch.Tensor, feats=None, valid=None, edges=None) -> dict:  # the B2P student's inputs, unused
+    def forward(self, x: torch.Tensor, feats=None, edges=None) -> dict:  # feats, edges: the B2P student's (unused)
         h, w = x.shape[-2:]
         skips = []
         y = x
