@@ -390,6 +390,14 @@ def test_cli_errors(taught, tmp_path: Path):
     r = runner.invoke(app, ["train", "--imported", str(path.parent), "--teacher-root", str(teach), "--out", str(tmp_path / "m"),
                             "--params", str(ok), "--params", str(aug)])
     assert r.exit_code == 1 and "train.augment: must be one of" in r.output and "aug.yaml" in r.output
+    # image-edge distances without the strip context they join: one error before anything is written
+    old = tmp_path / "m2" / "model.pt"
+    old.parent.mkdir()
+    old.write_bytes(b"an earlier model")
+    r = runner.invoke(app, ["train", "--imported", str(path.parent), "--teacher-root", str(teach), "--out", str(old.parent),
+                            "--set", "edges=true", "--set", "context=none", "--epochs", "1"])
+    assert r.exit_code == 1 and "edges join the strip context: set context to strip or edges to false" in r.output, r.output
+    assert old.read_bytes() == b"an earlier model" and sorted(p.name for p in old.parent.iterdir()) == ["model.pt"]
     # no model yet
     r = runner.invoke(app, ["predict", "--model", str(tmp_path / "none"), "--images", str(tmp_path)])
     assert r.exit_code == 1

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from b2p.errors import B2PError
+from b2p.student.geometry import Geometry
 from b2p.student.backbones import (
     BACKBONES,
     DINOV2_SIZES,
@@ -324,12 +325,6 @@ class PixelRefine(nn.Module):
         return logits + self.body(torch.cat([logits, image], 1))
 
 
-def _whole_input_edges(n: int, x: torch.Tensor) -> torch.Tensor:
-    """Bxn distances to the nearer end of an input side of n px (the input taken as the whole image)."""
-    i = torch.arange(n, device=x.device)
-    return torch.minimum(i, n - 1 - i).to(x.dtype).expand(x.shape[0], n)
-
-
 def _resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
@@ -395,8 +390,8 @@ class Boxes2PixelsStudent(nn.Module):
         h, w = x.shape[-2:]
         if feats is None:
             feats = self.backbone(x)
-        if self.config.edges and edges is None:
-            edges = tuple(_whole_input_edges(n, x) for n in (h, w))
+        if self.config.edges and edges is None:  # the input taken as the whole image, unpadded
+            edges = tuple(torch.from_numpy(d).to(x).expand(x.shape[0], -1) for d in Geometry(h, w, 1.0, multiple=1).edge_distance())
         y = self.decoder([f.to(x.dtype) for f in feats], edges)
         if self.detail is not None:
             d = self.detail(x)

@@ -220,8 +220,9 @@ def _window_logits(
     for i in range(0, len(origins), tile_batch):
         chunk = origins[i : i + tile_batch]
         tiles = torch.stack([normalise(canvas[y0 : y0 + tile, x0 : x0 + tile], c.mean, c.std) for y0, x0 in chunk])
-        edges = (torch.stack([er[y0 : y0 + tile] for y0, _ in chunk]).to(device), torch.stack([ec[x0 : x0 + tile] for _, x0 in chunk]).to(device))
-        logits = model(tiles.to(device), edges=edges)["fine"].float()
+        rows = torch.stack([er[y0 : y0 + tile] for y0, _ in chunk])  # each window's distances to the image edges
+        cols = torch.stack([ec[x0 : x0 + tile] for _, x0 in chunk])
+        logits = model(tiles.to(device), edges=(rows.to(device), cols.to(device)))["fine"].float()
         for (y0, x0), lg in zip(chunk, logits):
             acc[:, y0 : y0 + tile, x0 : x0 + tile].addcmul_(lg, ramp)
             wsum[y0 : y0 + tile, x0 : x0 + tile].add_(ramp)

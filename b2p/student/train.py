@@ -70,9 +70,9 @@ class TrainParams:
     crops_per_image: int = 1
     decoder_dim: int | None = None  # 256 for DINOv2 (paper), 128 for EfficientNet-Lite0
     decoder: str = "full"  # full (the paper's) | lite (about a quarter of its cost; model.py)
-    edges: bool = False  # with a strip context: distances to the image's edges join it (model.py StripContext)
     refine: bool = False  # a full-resolution correction of the logits from the image (thin defects; model.py)
     context: str = "none"  # none (the paper's) | strip (row / column / image means join the decoder; model.py)
+    edges: bool = False  # with a strip context: distances to the image's edges join it (model.py StripContext)
     unet_base: int = 32
     dinov2_config: dict | None = None  # tiny random DINOv2 for tests
     # optimisation
