@@ -184,8 +184,9 @@ def test_bench_report_tables(tmp_path: Path, synthetic_batch) -> None:
     from b2p.pipeline.report import BOXED_SOURCE
 
     for student in ("good", "empty"):
-        # the empty student's box-guided masks are perfect: a row of their own, right after the student
-        boxed = [MaskSource(BOXED_SOURCE, tmp_path / "pred/good")] if student == "empty" else []
+        # the empty student's box-guided masks are perfect and its snapped ones empty: rows of their own, right
+        # after the student, in that order
+        boxed = [MaskSource("student_snap", tmp_path / "pred/empty"), MaskSource(BOXED_SOURCE, tmp_path / "pred/good")] if student == "empty" else []
         evaluate([batch_file], tmp_path / "eval" / "perfect" / student, tmp_path / "teach/perfect",
                  tmp_path / "pred" / student, extra_sources=boxed, plots=False, progress=False)
     runs = find_runs(tmp_path / "eval")
@@ -194,21 +195,22 @@ def test_bench_report_tables(tmp_path: Path, synthetic_batch) -> None:
     kinds = [(r["kind"], r["name"]) for r in rep["rows"]]
     assert kinds == [("teacher", "teacher: perfect"), ("baseline", "box fill (no learning)"),
                      ("student", "empty <- perfect"), ("student+boxes", "empty <- perfect (+ boxes)"),
-                     ("student", "good <- perfect")]
+                     ("student+snap", "empty <- perfect (snapped to the image)"), ("student", "good <- perfect")]
     assert rep["rows"][3]["metrics"]["binary_iou"] == pytest.approx(1.0)
-    del rep["rows"][3]
+    assert rep["rows"][4]["metrics"]["binary_iou"] == pytest.approx(0.0)
+    del rep["rows"][3:5]
     teacher, box, empty, good = rep["rows"]
     assert teacher["metrics"]["miou"] == pytest.approx(1.0) and good["metrics"]["binary_iou"] == pytest.approx(1.0)
     assert empty["metrics"]["binary_iou"] == pytest.approx(0.0) and empty["metrics"]["binary_recall"] == pytest.approx(0.0)
     assert 0 < box["metrics"]["binary_iou"] < 1 and box["metrics"]["binary_recall"] == pytest.approx(1.0)
     assert good["train_seconds"] is None and good["ms_per_image"] is None  # not recorded: shown as '-'
     md = report_markdown(build_report(runs))
-    assert md.count("\n| ") == 6 and "| good <- perfect | 1.0000 |" in md and "| - |" in md
+    assert md.count("\n| ") == 7 and "| good <- perfect | 1.0000 |" in md and "| - |" in md
     assert "| empty <- perfect (+ boxes) | 1.0000 |" in md
     # the CLI writes both files; a folder without runs is a clear error
     res = runner.invoke(app, ["bench-report", str(tmp_path / "eval"), "--out", str(tmp_path / "results")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "results" / "report.json").read_text())["rows"][4]["name"] == "good <- perfect"
+    assert json.loads((tmp_path / "results" / "report.json").read_text())["rows"][5]["name"] == "good <- perfect"
     assert (tmp_path / "results" / "report.md").read_text() == md
     res = runner.invoke(app, ["bench-report", str(tmp_path / "teach")])
     assert res.exit_code == 1 and "no metrics.json" in res.output
@@ -238,7 +240,7 @@ def test_main_pipeline_fresh_noop_param_change_and_add_batch(tmp_path: Path, mon
     from b2p.evaluate.evaluate import MAIN_METRICS
 
     assert {src: set(sec) for src, sec in declared["data/eval/metrics.json"]["data"].items()} == {
-        src: {*MAIN_METRICS, "images"} for src in ("student", "teacher", "box", "student_boxes")}
+        src: {*MAIN_METRICS, "images"} for src in ("student", "teacher", "box", "student_boxes", "student_snap")}
     assert "per_class" in json.loads((root / "data/eval/details.json").read_text())["teacher"]
     plots = json.loads(dvc(root, "plots", "show", "--json", "-o", str(tmp_path / "plots")).stdout)["data"]
     assert set(plots) == {"training curves", "per-class IoU", "data/eval/plots/summary.png",

@@ -114,6 +114,10 @@ def test_predict_params_offer_exactly_the_test_time_augmentations_predict_knows(
     from b2p.student.predict import TTA_MODES
 
     assert set(typing.get_args(PredictParams.model_fields["tta"].annotation)) == set(TTA_MODES)
+    from b2p.student.snap import SNAP_MODES, SnapSettings
+
+    assert set(typing.get_args(PredictParams.model_fields["snap"].annotation)) == set(SNAP_MODES)
+    assert PredictParams().snap_sure == SnapSettings().sure
 
 
 @pytest.mark.parametrize("path", ["params.yaml", *sorted(str(p.relative_to(REPO)) for p in (REPO / "pipelines").rglob("*.yaml") if p.name != "dvc.yaml")])

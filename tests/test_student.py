@@ -366,6 +366,34 @@ def test_cli_train_and_predict(taught, tmp_path: Path):
             assert lm.any() and set(np.unique(lm)) <= {0, rec.boxes[0].category_id}
     r = runner.invoke(app, ["predict", "--model", str(model_dir), "--images", str(folder), "--out", str(out), "--boxes-out", str(boxed)])
     assert r.exit_code == 1 and "--boxes-out needs box annotations" in r.output
+    # snapped maps: --snap none writes the student's own maps there; grabcut needs --snap-out, a folder of its own
+    snapped = tmp_path / "snapped"
+    r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--split", "all", "--out", str(pred), "--snap-out", str(snapped)])
+    assert r.exit_code == 0, r.output
+    for rec in b.images:
+        own = read_label_map(label_map_path(pred, b.name, rec.file_name))
+        assert np.array_equal(read_label_map(label_map_path(snapped, b.name, rec.file_name)), own)
+    r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--out", str(pred), "--snap", "grabcut"])
+    assert r.exit_code == 1 and "--snap-out" in r.output
+    # with a snap, the box-guided masks are the snapped mask inside the boxes (a rescued box adds pixels)
+    r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--split", "all", "--out", str(pred),
+                            "--snap", "grabcut", "--snap-out", str(snapped), "--boxes-out", str(boxed)])
+    assert r.exit_code == 0, r.output
+    for rec in b.images:
+        inside = np.zeros((rec.height, rec.width), dtype=bool)
+        for box in rec.boxes:
+            inside |= box_mask(np.asarray(box.xyxy), inside.shape)
+        sm = read_label_map(label_map_path(snapped, b.name, rec.file_name)) > 0
+        bm = read_label_map(label_map_path(boxed, b.name, rec.file_name)) > 0
+        assert not bm[~inside].any() and bm[sm & inside].all()
+    r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--out", str(pred), "--snap", "grabcut", "--snap-out", str(pred)])
+    assert r.exit_code == 1 and "different folders" in r.output
+    for bad in (["--snap", "crf"], ["--snap-sure", "0.4"]):
+        r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--out", str(pred), "--snap-out", str(snapped), *bad])
+        assert r.exit_code == 1 and "snap" in r.output, r.output
+    r = runner.invoke(app, ["predict", "--model", str(model_dir), "--images", str(folder), "--out", str(out), "--snap", "grabcut", "--snap-out", str(snapped / "free")])
+    assert r.exit_code == 0, r.output
+    assert read_label_map(snapped / "free" / "big.png").shape == (50, 70)
 
 
 def test_cli_errors(taught, tmp_path: Path):

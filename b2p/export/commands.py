@@ -28,7 +28,7 @@ def export(
     batch: list[str] = typer.Option(None, "--batch", help="Batch name(s), repeatable or comma-separated; default all."),
     out: Path = typer.Option(Path("data/export"), "--out", help="Export root: one sub-folder per format."),
     fmt: list[str] = typer.Option(None, "--format", help="coco, yolo (YOLO-seg) or semantic; repeatable or comma-separated; default all three."),
-    source: str = typer.Option(None, "--source", help="Masks to export: boxes (box-guided student, default), final, teacher or student."),
+    source: str = typer.Option(None, "--source", help="Masks to export: boxes (box-guided student, default), final, teacher, student or snapped (b2p predict --snap-out)."),
     source_root: Path = typer.Option(None, "--source-root", help="Read the masks from this root instead of the source's default folder."),
     split: list[str] = typer.Option(None, "--split", help="Split(s) to export, repeatable or comma-separated; default every split."),
     images: str = typer.Option(None, "--images", help="copy (default), symlink or hardlink the images into the export."),

@@ -45,6 +45,7 @@ SOURCES = {
     "final": "data/final",  # `b2p finalize` output
     "teacher": "data/teach",  # teacher pseudo-masks
     "student": "data/predict",  # the student alone, without the boxes
+    "snapped": "data/predict_snap",  # the student alone snapped to the image (b2p predict --snap)
 }
 DEFAULT_SOURCE = "boxes"
 FORMATS = ("coco", "yolo", "semantic")

@@ -10,7 +10,8 @@ in the table when a figure is missing rather than inventing one):
 - `TEACH_ROOT/<teacher>/<batch>/provenance.json`: the teacher's time per image.
 
 Rows: one per teacher (its pseudo-masks scored against the manual masks), the box-fill baseline, and one
-per trained student, plus one for its box-guided masks when evaluate scored them (section `student_boxes`).
+per trained student, plus one for its box-guided masks and one for its masks snapped to the image when
+evaluate scored them (sections `student_boxes`, `student_snap`).
 Metrics are the paper's (mIoU, anomaly mIoU, binary IoU / precision / recall / F1), all pooled over the
 evaluated split (see b2p/evaluate/metrics.py).
 """
@@ -30,6 +31,9 @@ METRIC_HEADS = ("mIoU", "anomaly mIoU", "binary IoU", "binary P", "binary R", "b
 MAIN_RUN = "main"
 # evaluate's section for the student's box-guided masks (`b2p predict --boxes-out`, `--source student_boxes=...`)
 BOXED_SOURCE = "student_boxes"
+# evaluate's sections of a student's other masks -> (row kind, suffix of the row's name), in table order:
+# box-guided, and snapped to the image (`b2p predict --snap-out`, `--source student_snap=...`)
+STUDENT_EXTRAS = {BOXED_SOURCE: ("student+boxes", " (+ boxes)"), "student_snap": ("student+snap", " (snapped to the image)")}
 
 
 @dataclass
@@ -132,19 +136,18 @@ def build_report(runs: list[Run], teach_root: str | Path | None = None, title: s
         rows.append(box_row)
     for r in runs:
         rows.append(_student_row(r, "student"))
-        if BOXED_SOURCE in r.metrics:
-            rows.append(_student_row(r, BOXED_SOURCE))
+        rows += [_student_row(r, src) for src in STUDENT_EXTRAS if src in r.metrics]
     return {"title": title, "metrics": list(METRICS), "rows": rows}
 
 
 def _student_row(r: Run, section: str) -> dict:
-    """A student's row: its plain predictions (`student`) or its box-guided masks (`BOXED_SOURCE`)."""
+    """A student's row: its plain predictions (`student`) or other masks of it (STUDENT_EXTRAS)."""
     s = r.metrics[section]
     name = r.student if r.name == MAIN_RUN else f"{r.student} <- {r.teacher}"
-    boxed = section == BOXED_SOURCE
+    kind, suffix = STUDENT_EXTRAS.get(section, ("student", ""))
     return {
-        "kind": "student+boxes" if boxed else "student",
-        "name": f"{name} (+ boxes)" if boxed else name,
+        "kind": kind,
+        "name": name + suffix,
         "run": r.name,
         "teacher": r.teacher,
         "student": r.student,

@@ -96,6 +96,9 @@ def predict(
         None, "--boxes-out", help="Also write box-guided label maps here: the student's defect pixels inside each annotated box, with the box's class."
     ),
     box_threshold: float = typer.Option(0.5, "--box-threshold", min=0.0, max=1.0, help="p(defect) a pixel needs inside a box (--boxes-out)."),
+    snap: str = typer.Option("none", "--snap", help="grabcut: the student's mask snapped to the image by GrabCut seeded with its own probabilities (no boxes), written to --snap-out; box-guided masks (--boxes-out) are then cut from it. none: no snapping."),
+    snap_out: Path = typer.Option(None, "--snap-out", help="Also write the snapped label maps here (same layout as --out)."),
+    snap_sure: float = typer.Option(0.9, "--snap-sure", help="--snap grabcut: p(defect) >= this is fixed defect, <= 1 - this fixed background; GrabCut settles the rest."),
 ) -> None:
     """Predict defect label maps with a trained student.
 
@@ -106,14 +109,27 @@ def predict(
     With --boxes-out ROOT (batches only), also ROOT/<batch>/labelmaps/<key>.png: every annotated box turned
     into a mask by the student (its pixels above --box-threshold, or the box's most likely pixels when none
     is), background outside the boxes: the student used as a better teacher for the annotated images.
+
+    With --snap-out ROOT, also the label maps snapped to the image (--snap grabcut: b2p/student/snap.py), in
+    the layout of --out; --out always holds the student's own maps. With --snap grabcut, the box-guided
+    masks keep the snapped mask's pixels inside each box.
     """
     from b2p.schema import check_finite
     from b2p.student.predict import items_from_batches, items_from_folder, run_prediction
+    from b2p.student.snap import SnapSettings, check_snap
 
     check_finite(box_threshold, "--box-threshold")
-    for root in (out, boxes_out):
-        if root is not None and root.exists() and not root.is_dir():
+    check_finite(snap_sure, "--snap-sure")
+    check_snap(snap)
+    if snap != "none" and snap_out is None and boxes_out is None:
+        raise B2PError(f"--snap {snap} writes its maps to --snap-out ROOT (or shapes the box-guided ones of --boxes-out): give one")
+    snap_settings = SnapSettings(sure=snap_sure)
+    roots = [r for r in (out, boxes_out, snap_out) if r is not None]
+    for root in roots:
+        if root.exists() and not root.is_dir():
             raise B2PError("is a file; predictions are written into a folder here", root)
+    if len({r.resolve() for r in roots}) < len(roots):
+        raise B2PError("--out, --boxes-out and --snap-out must be different folders (one would overwrite the other)", snap_out or boxes_out)
     if batch_size < 1:
         raise B2PError(f"--batch-size must be at least 1, got {batch_size}")
 
@@ -124,7 +140,7 @@ def predict(
         from b2p.labels import check_label_map_keys
 
         check_label_map_keys(list_images(images) if images.is_dir() else [], images)
-        items = items_from_folder(images, out, probs)
+        items = items_from_folder(images, out, probs, snap_out)
     else:
         from b2p.project import resolve_batch_files
 
@@ -134,8 +150,14 @@ def predict(
         files = resolve_batch_files(imported, batch)
         ck = read_checkpoint(model)
         check_class_lists(ck["class_names"], list(class_list_of(load_batches(files)).names), ck["path"])
-        items = items_from_batches(files, split, out, probs, boxes_out)
+        items = items_from_batches(files, split, out, probs, boxes_out, snap_out)
         if not items:
             raise B2PError(f"the {split} split of the chosen batches holds no images: nothing to predict")
-    res = run_prediction(model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap, window=window, tta=tta)
-    typer.echo(f"wrote {res['images']} label maps under {out}" + (f" and box-guided ones under {boxes_out}" if boxes_out else ""))
+    res = run_prediction(
+        model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap, window=window, tta=tta,
+        snap=snap, snap_settings=snap_settings,
+    )
+    typer.echo(
+        f"wrote {res['images']} label maps under {out}" + (f", box-guided ones under {boxes_out}" if boxes_out else "")
+        + (f", snapped ones ({snap}) under {snap_out}" if snap_out else "")
+    )

@@ -34,6 +34,7 @@ from b2p.fileio import atomic_write, read_image
 from b2p.labels import label_map_key, label_map_path, write_label_map
 from b2p.student.data import load_batch_files_for_inference, normalise, prepare_image
 from b2p.student.geometry import Geometry
+from b2p.student.snap import GMM_COMPONENTS, SnapSettings, check_snap, snap_grabcut
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULT_OVERLAP = 0.25  # of the tile side
@@ -85,10 +86,16 @@ class PredictItem:
     boxes_xyxy: np.ndarray | None = None  # Nx4 annotated boxes (batches only)
     box_classes: np.ndarray | None = None  # N class ids
     boxed_out: Path | None = None  # box-guided label map
+    snapped_out: Path | None = None  # label map snapped to the image (snap.py)
 
 
 def within_boxes(
-    p_defect: np.ndarray, boxes_xyxy: np.ndarray, class_ids: np.ndarray, threshold: float = 0.5, relative: float = 0.5
+    p_defect: np.ndarray,
+    boxes_xyxy: np.ndarray,
+    class_ids: np.ndarray,
+    threshold: float = 0.5,
+    relative: float = 0.5,
+    defect: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Box-guided label map from an HxW defect probability map; returns (label map, boxes rescued).
 
@@ -96,6 +103,8 @@ def within_boxes(
     smaller mask wins, as for teachers). A box is an annotator's statement that a defect is there, so a box
     where the student finds nothing is never left empty: it keeps its pixels with p(defect) >= `relative`
     x the box's highest p(defect) (the student's best guess), and is counted as rescued.
+    `defect` (HxW bool, e.g. the student's mask snapped to the image) replaces p(defect) > `threshold` as
+    the pixels a box keeps; the rescue still ranks by p(defect).
     """
     from b2p.labels import paint_label_map
     from b2p.teach.base import box_pixel_bounds  # the same box pixels as the box teacher and box fill
@@ -106,7 +115,7 @@ def within_boxes(
         xa, ya, xb, yb = box_pixel_bounds(box, (h, w))
         m = np.zeros((h, w), dtype=bool)
         inside = p_defect[ya:yb, xa:xb]
-        keep = inside > threshold
+        keep = defect[ya:yb, xa:xb] if defect is not None else inside > threshold
         if inside.size and not keep.any():
             keep = inside >= relative * float(inside.max())
             rescued += 1
@@ -288,9 +297,13 @@ def run_prediction(
     overlap: float = DEFAULT_OVERLAP,
     window: int | None = None,
     tta: str = "none",
+    snap: str = "none",
+    snap_settings: SnapSettings | None = None,
 ) -> dict:
-    """Predict every item and write its label map (and probabilities when `probs_out` is set, and the
-    box-guided label map when `boxed_out` is set). Images one at a time, `tile_batch` tiles per forward pass."""
+    """Predict every item and write its label map (and probabilities when `probs_out` is set, the
+    box-guided label map when `boxed_out` is set, and the label map snapped to the image by `snap` when
+    `snapped_out` is set: snap.py; with snap "none" that map is the student's own). With a snap, the
+    box-guided maps are cut from the snapped mask too. Images one at a time, `tile_batch` tiles per pass."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from b2p.student.checkpoint import load_student
@@ -302,6 +315,8 @@ def run_prediction(
         raise B2PError(f"tiles per forward pass must be at least 1, got {tile_batch}")
     check_overlap(overlap)  # refuse a bad overlap or TTA before loading anything
     check_tta(tta)
+    check_snap(snap)
+    snap_settings = snap_settings or SnapSettings()
     dev = pick_device(device)
     model, ck = load_student(model_dir, dev)
     c = model.config
@@ -310,16 +325,30 @@ def run_prediction(
         if c.legacy_input_size is not None
         else f"windows {window_of(model, window)} px (trained on {c.tile_size} px tiles), overlap {overlap:g}, scale {c.scale:g}" + (f", max side {c.max_side}" if c.max_side else "")
     ) + ("" if tta == "none" else f"; TTA {tta} (x{len(TTA_MODES[tta])} the time)")
+    if snap != "none":
+        how += f"; snapped to the image: {snap} (sure at p >= {snap_settings.sure:g})"
+    elif any(it.snapped_out is not None for it in items):
+        how += "; snap none: the snapped maps are the student's own"
     console.print(f"student from {ck['path']}: backbone {describe_backbone(model)}; {len(items)} images on {dev}; {how}")
-    n_defect_px = rescued = n_boxes = 0
+    n_defect_px = rescued = n_boxes = n_snapped = n_unsnapped = 0
     with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=not progress) as bar:
         task = bar.add_task("predict", total=len(items))
         for it in items:
-            lm, pr = predict_image(model, read_image(it.image_path), dev, overlap, tile_batch, window, tta)
+            img = read_image(it.image_path)
+            lm, pr = predict_image(model, img, dev, overlap, tile_batch, window, tta)
             write_label_map(it.label_out, lm)
+            snapped = None
+            if snap == "grabcut" and (it.snapped_out is not None or it.boxed_out is not None):
+                snapped, ok = snap_grabcut(img, pr, snap_settings)
+                n_snapped += ok
+                n_unsnapped += not ok
+            if it.snapped_out is not None:
+                write_label_map(it.snapped_out, lm if snapped is None else snapped)
             n_defect_px += int(np.count_nonzero(lm))
             if it.boxed_out is not None:
-                boxed, r = within_boxes(1.0 - pr[0], it.boxes_xyxy, it.box_classes, box_threshold)
+                # snapped: each box keeps the snapped mask's pixels (the box threshold then plays no part)
+                defect = None if snapped is None else snapped > 0
+                boxed, r = within_boxes(1.0 - pr[0], it.boxes_xyxy, it.box_classes, box_threshold, defect=defect)
                 write_label_map(it.boxed_out, boxed)
                 rescued += r
                 n_boxes += len(it.box_classes)
@@ -331,14 +360,28 @@ def run_prediction(
             f"box-guided masks for {n_boxes} boxes; {rescued} boxes had no pixel above p(defect) {box_threshold} "
             "and kept the student's best pixels in them"
         )
-    return {"images": len(items), "defect_pixels": n_defect_px, "model": ck["path"], "boxes": n_boxes, "boxes_rescued": rescued}
+    if n_unsnapped:
+        console.print(
+            f"snap {snap}: {n_unsnapped} of {n_snapped + n_unsnapped} images kept the student's own map (fewer than "
+            f"{GMM_COMPONENTS} defect or background pixels: no colour model to snap with)"
+        )
+    return {
+        "images": len(items), "defect_pixels": n_defect_px, "model": ck["path"], "boxes": n_boxes, "boxes_rescued": rescued,
+        "snapped": n_snapped, "unsnapped": n_unsnapped,
+    }
 
 
 def items_from_batches(
-    batch_files: list[Path], split: str, out_root: str | Path, probs: bool, boxed_root: str | Path | None = None
+    batch_files: list[Path],
+    split: str,
+    out_root: str | Path,
+    probs: bool,
+    boxed_root: str | Path | None = None,
+    snapped_root: str | Path | None = None,
 ) -> list[PredictItem]:
     """One item per image of `split` (all, one of splits.SPLITS or a comma-separated list of them):
-    ROOT/<batch>/labelmaps/<key>.png (+ probs/<key>.npz, + BOXED_ROOT/<batch>/labelmaps/<key>.png)."""
+    ROOT/<batch>/labelmaps/<key>.png (+ probs/<key>.npz, + BOXED_ROOT/<batch>/labelmaps/<key>.png, +
+    SNAPPED_ROOT/<batch>/labelmaps/<key>.png)."""
     from b2p.splits import parse_splits
 
     parse_splits(split)  # refuse a bad split before reading any batch
@@ -347,12 +390,13 @@ def items_from_batches(
         lp = label_map_path(out_root, rec.batch, rec.file_name)
         pp = Path(out_root) / rec.batch / "probs" / f"{label_map_key(rec.file_name)}.npz" if probs else None
         bp = label_map_path(boxed_root, rec.batch, rec.file_name) if boxed_root is not None else None
-        out.append(PredictItem(rec.path, lp, pp, rec.boxes_xyxy(), rec.box_class_ids(), bp))
+        sp = label_map_path(snapped_root, rec.batch, rec.file_name) if snapped_root is not None else None
+        out.append(PredictItem(rec.path, lp, pp, rec.boxes_xyxy(), rec.box_class_ids(), bp, sp))
     return out
 
 
-def items_from_folder(images_dir: str | Path, out_dir: str | Path, probs: bool) -> list[PredictItem]:
-    """Every image under `images_dir` (recursively) -> OUT/<key>.png (+ OUT/probs/<key>.npz)."""
+def items_from_folder(images_dir: str | Path, out_dir: str | Path, probs: bool, snapped_dir: str | Path | None = None) -> list[PredictItem]:
+    """Every image under `images_dir` (recursively) -> OUT/<key>.png (+ OUT/probs/<key>.npz, + SNAPPED/<key>.png)."""
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     if not images_dir.is_dir():
         raise B2PError("image folder not found", images_dir)
@@ -362,5 +406,6 @@ def items_from_folder(images_dir: str | Path, out_dir: str | Path, probs: bool) 
     out = []
     for f in files:
         key = label_map_key(f.relative_to(images_dir).as_posix())
-        out.append(PredictItem(f, out_dir / f"{key}.png", out_dir / "probs" / f"{key}.npz" if probs else None))
+        sp = Path(snapped_dir) / f"{key}.png" if snapped_dir is not None else None
+        out.append(PredictItem(f, out_dir / f"{key}.png", out_dir / "probs" / f"{key}.npz" if probs else None, snapped_out=sp))
     return out
