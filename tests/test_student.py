@@ -388,9 +388,15 @@ def test_cli_train_and_predict(taught, tmp_path: Path):
         assert not bm[~inside].any() and bm[sm & inside].all()
     r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--out", str(pred), "--snap", "grabcut", "--snap-out", str(pred)])
     assert r.exit_code == 1 and "different folders" in r.output
-    for bad in (["--snap", "crf"], ["--snap-sure", "0.4"]):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    before = {p: p.read_bytes() for p in sorted(pred.rglob("*.png")) + sorted(snapped.rglob("*.png"))}
+    for bad, says in ((["--snap", "crf"], "--snap must be one of"), (["--snap-sure", "0.4"], "--snap-sure"),
+                      (["--snap", "grabcut", "--snap-out", str(a_file)], "is a file")):
         r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--out", str(pred), "--snap-out", str(snapped), *bad])
-        assert r.exit_code == 1 and "snap" in r.output, r.output
+        assert r.exit_code == 1 and says in r.output, r.output
+    # refused before anything is written: the earlier maps are untouched
+    assert {p: p.read_bytes() for p in before} == before and a_file.read_text() == "not a folder"
     r = runner.invoke(app, ["predict", "--model", str(model_dir), "--images", str(folder), "--out", str(out), "--snap", "grabcut", "--snap-out", str(snapped / "free")])
     assert r.exit_code == 0, r.output
     assert read_label_map(snapped / "free" / "big.png").shape == (50, 70)

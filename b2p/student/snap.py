@@ -4,7 +4,7 @@ Why: on small images the student's decoder works at stride 2-8 and paints each d
 rim of a few pixels, confidently: no threshold removes it (README "Main job"). The image itself knows where
 a dark defect ends. Here the student decides what is surely defect (p(defect) >= `sure`) and surely
 background (p(defect) <= 1 - `sure`); OpenCV's GrabCut learns the colours of both from the whole image
-and settles only the pixels in between (the rim). No box is read: this is still the student alone at
+(from each window of a large one: SnapSettings.window) and settles only the pixels in between (the rim). No box is read: this is still the student alone at
 test time. Each defect pixel keeps the student's most likely defect class.
 
 It is an option, not a default (`b2p predict --snap grabcut`): it pays where defects differ in colour from
@@ -45,7 +45,7 @@ class SnapSettings:
 
     def __post_init__(self) -> None:
         if not 0.5 < self.sure < 1.0:
-            raise B2PError(f"snap sure must be in (0.5, 1), got {self.sure}")
+            raise B2PError(f"--snap-sure (predict.snap_sure) must be in (0.5, 1): p(defect) at or above it is fixed defect, got {self.sure}")
         if self.iterations < 1:
             raise B2PError(f"snap iterations must be >= 1, got {self.iterations}")
         if self.overlap < 0 or self.window <= 2 * self.overlap:
