@@ -86,6 +86,7 @@ COMMANDS = [
     ("bench-report", "b2p.pipeline.commands", "bench_report"),
     ("suite", "b2p.pipeline.commands", "suite"),
     ("suite-combine", "b2p.pipeline.commands", "suite_combine"),
+    ("suite-select", "b2p.pipeline.commands", "suite_select"),
     ("suite-report", "b2p.pipeline.commands", "suite_report"),
     ("suite-readme", "b2p.pipeline.commands", "suite_readme"),
 ]

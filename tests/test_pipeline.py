@@ -161,7 +161,9 @@ def test_dvc_parses_every_pipeline(tmp_path: Path) -> None:
         f"teach@{t}" for t in p["teachers"]} | {
         f"{stage}{suffix}@{run}" for stage in ("train", "predict", "finalize", "evaluate")
         for suffix, group in groups.items() for run in group} | {
-        f"{stage}@{t}-{seed}" for stage in ("combine", "evaluate_combine") for t in p["teachers"] for seed in seeds}
+        f"{stage}@{t}-{seed}" for stage in ("combine", "evaluate_combine") for t in p["teachers"] for seed in seeds} | {
+        f"select@{t}-{s}-{seed}" for t in p["teachers"] for s in p["select"]["students"] for seed in seeds} | {
+        f"select_distill@{run}" for run in groups["_distill"]}
 
 
 # --- bench-report on real evaluate outputs ----------------------------------------------------------------

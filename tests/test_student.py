@@ -523,3 +523,53 @@ def test_training_at_half_scale_records_its_geometry_and_scores_val_at_image_siz
     assert (model.config.scale, model.config.tile_size) == (0.5, 16)
     capped = train_student([path], teach, tmp_path / "c", tiny_params(epochs=1, max_side=24, tile_size=16, select="last"), progress=False)
     assert capped["geometry"]["max_side"] == 24
+
+
+def test_every_rules_epoch_is_kept_and_scored_on_test_as_evaluate_scores_it(taught, tmp_path: Path):
+    """keep_rule_models: each rule's own epoch is written (rules/<rule>.pt, those weights); `b2p suite-select`
+    scores every rule's epoch on the test masks exactly as `b2p predict` + `b2p evaluate` score that model."""
+    from b2p.pipeline.rule_scores import score_rules
+
+    path, teach, _ = taught
+    out = tmp_path / "m"
+    m = train_student([path], teach, out, tiny_params(epochs=5, lr=2e-2, select="box", keep_rule_models=True), progress=False)
+    rows = _curves(out / "curves.csv")
+    want = {"box": 1 + int(np.argmax([float(r["val_box_score"] or 0) for r in rows])),
+            "pseudo": 1 + int(np.argmax([float(r["val_anomaly_miou"] or 0) for r in rows])), "last": 5}
+    rules = json.loads((out / "metrics.json").read_text())["rules"]
+    assert {r: v["epoch"] for r, v in rules.items()} == want and rules["box"]["file"] == "model.pt" == m["rules"]["box"]["file"]
+    own = [r for r in rules if rules[r]["epoch"] != want["box"]]
+    assert own, "this seed's rules must disagree, or the rule models go untested"
+    saved = load_student(out)[0].state_dict()
+    for r in rules:
+        f = rules[r]["file"]
+        assert f == (f"rules/{r}.pt" if r in own else "model.pt")
+        model, ck = load_student(out / f)
+        assert ck["info"]["best_epoch"] == want[r]
+        same = all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+        assert same == (r not in own)
+    # without keep_rule_models: the epochs are recorded, no rule model is written, scoring refuses
+    bare = tmp_path / "bare"
+    train_student([path], teach, bare, tiny_params(epochs=5, lr=2e-2, select="box"), progress=False)
+    assert not (bare / "rules").exists()
+    with pytest.raises(Exception, match="keep_rule_models"):
+        score_rules(bare, [path], progress=False)
+
+    runner = CliRunner()
+    res_file = tmp_path / "select.json"
+    r = runner.invoke(app, ["suite-select", str(out), "--imported", str(path.parent), "--out", str(res_file), "--quiet"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(res_file.read_text())
+    assert res["select"] == "box" and set(res["rules"]) == {"box", "pseudo", "last"}
+    for rule in res["rules"]:  # each rule's test score = predict + evaluate of its model
+        f = res["rules"][rule]["file"]
+        pred = tmp_path / f"pred_{rule}"
+        assert runner.invoke(app, ["predict", "--model", str(out / f), "--imported", str(path.parent), "--split", "test", "--out", str(pred)]).exit_code == 0
+        ev = tmp_path / f"eval_{rule}"
+        r = runner.invoke(app, ["evaluate", "--imported", str(path.parent), "--pred-root", str(pred), "--no-teacher", "--no-plots", "--out", str(ev)])
+        assert r.exit_code == 0, r.output
+        st = json.loads((ev / "metrics.json").read_text())["student"]
+        assert res["rules"][rule]["test"]["binary_iou"] == pytest.approx(st["binary_iou"], abs=1e-9)
+        assert res["rules"][rule]["test"]["anomaly_miou"] == pytest.approx(st["anomaly_miou"], abs=1e-9)
+    r = runner.invoke(app, ["suite-select", str(bare), "--imported", str(path.parent), "--out", str(tmp_path / "x.json")])
+    assert r.exit_code == 1 and "keep_rule_models" in r.output and not (tmp_path / "x.json").exists()

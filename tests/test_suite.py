@@ -167,7 +167,8 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
         f"{st}_boxes_only@boxes-only-boxes-pairwise-{s}" for st in steps for s in (1, 2)} | {
         f"{st}_round2@grabcut-b2p-{s}" for st in steps for s in (1, 2)} | {
         f"{st}_distill@grabcut-b2p-{s}" for st in steps for s in (1, 2)} | {
-        f"{st}@grabcut-{s}" for st in ("combine", "evaluate_combine") for s in (1, 2)}, ran
+        f"{st}@grabcut-{s}" for st in ("combine", "evaluate_combine") for s in (1, 2)} | {
+        f"{st}@grabcut-b2p-{s}" for st in ("select", "select_distill") for s in (1, 2)}, ran
 
     out = root / "reports" / "demo-tiles"
     res = json.loads((out / "results.json").read_text())
@@ -204,6 +205,17 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
         th = read_json(suite / "work/final_distill/grabcut/b2p" / seed / "thresholds.json")
         assert th["sources"]["teacher"] == f"work/combined/grabcut/{seed}" and th["sources"]["probs"] == f"work/predict/grabcut/b2p.distill/{seed}"
     assert "`S <- combined masks (T)`" in readme_section(res, "reports/demo-tiles")
+    # which epoch is kept: every rule's epoch per seed, scored on test; the saved model's rule (box) scores
+    # exactly what its student row does (the same model, window and test images)
+    sel = {r["name"]: r for r in res["selection"]}
+    assert set(sel) == {"b2p <- grabcut", distilled}
+    for name, r in sel.items():
+        assert [ru["rule"] for ru in r["rules"]] == ["box", "pseudo", "last"] and [ru["chosen"] for ru in r["rules"]] == [True, False, False]
+        assert all(ru["epochs"] == {"1": 1, "2": 1} for ru in r["rules"])  # one epoch: every rule keeps it
+        box = r["rules"][0]
+        assert box["binary_iou"]["mean"] == pytest.approx(rows[name]["metrics"]["binary_iou"]["mean"], abs=1e-6)
+        assert box["anomaly_miou"]["n"] == 2
+    assert "Which epoch is kept" in (out / "results.md").read_text() and "| b2p <- grabcut | box * | 1, 1 |" in (out / "results.md").read_text()
     assert rows["boxes-pairwise <- boxes only"]["kind"] == "boxes-only"
     assert rows["boxes-pairwise <- boxes only"]["params"] == read_json(suite / "work/models/boxes-only/boxes-pairwise/1/metrics.json")["params"]
     # the oracle trained on the manual masks: its teacher folder is them, and it never saw the test images
@@ -292,7 +304,7 @@ def test_suite_runner_on_other_folder_names(tmp_path: Path) -> None:
         f"{st}{kind}@{run}-3" for st in steps for kind, run in (("", "grabcut-b2p"), ("_oracle", "oracle-b2p"),
                                                                ("_boxes_only", "boxes-only-boxes-pairwise"), ("_round2", "grabcut-b2p"),
                                                                ("_distill", "grabcut-b2p"))} | {
-        "combine@grabcut-3", "evaluate_combine@grabcut-3"}
+        "combine@grabcut-3", "evaluate_combine@grabcut-3", "select@grabcut-b2p-3", "select_distill@grabcut-b2p-3"}
     assert all(v > 0 for v in res["stage_seconds"].values()) and res["total_seconds"] > 0
     head = _run(root, "git", "rev-parse", "HEAD").stdout.strip()
     assert res["git"] == {"commit": head, "dirty": True}  # params.yaml now names the dataset
@@ -330,7 +342,8 @@ def test_suite_params_name_only_existing_student_variants(tmp_path: Path) -> Non
     before = (suite / "params.yaml").read_text()
     assert set_dataset(suite, None, None, ["round2.students=[unet]"])[1] == "magnetic-tile"  # a real variant: written
     for spec, said in (("oracle.students=[b2p, nope]", "`oracle.students` names nope"),
-                       ("distill.students=b2p-lite", "`distill.students` must be a list")):
+                       ("distill.students=b2p-lite", "`distill.students` must be a list"),
+                       ("select.students=[b2p-lite]", "`select.students` names b2p-lite, not in `students:`")):
         written = (suite / "params.yaml").read_text()
         with pytest.raises(B2PError, match=said) as e:
             set_dataset(suite, None, None, [spec])

@@ -152,6 +152,29 @@ def suite_combine(
     run_teach(cfg, resolve_batch_files(work / "imported", None), out, resume=False, quiet=quiet)
 
 
+def suite_select(
+    model: Path = typer.Argument(..., help="A trained model folder (metrics.json lists each rule's epoch; rules/<rule>.pt)."),
+    imported: Path = typer.Option(..., "--imported", help="Folder of imported batch files."),
+    out: Path = typer.Option(..., "--out", help="Write the scores here (JSON)."),
+    split: str = typer.Option("test", "--split", help="Whose manual masks score the rules."),
+    window: int = typer.Option(None, "--window", help="Prediction window, as the suite's `b2p predict` of this model uses it."),
+    device: str = typer.Option("auto", "--device"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Which epoch is kept, and what it scores: every `train.select` rule's epoch of MODEL predicted on SPLIT and scored (student alone).
+
+    Rules that keep the same epoch share one prediction; a rule with its own epoch needs MODEL/rules/<rule>.pt (`train.keep_rule_models: true`). `b2p suite-report` puts the result in its "Which epoch is kept" table.
+    """
+    from b2p.fileio import write_json_atomic
+    from b2p.project import resolve_batch_files
+    from b2p.pipeline.rule_scores import score_rules
+
+    res = score_rules(model, resolve_batch_files(imported, None), split, window, device, progress=not quiet)
+    write_json_atomic(out, res)
+    line = ", ".join(f"{r} epoch {v['epoch']}: binary IoU {v[split]['binary_iou']:.3f}" for r, v in res["rules"].items())
+    typer.echo(f"{model} ({res['images']} {split} images): {line}")
+
+
 def suite_report(
     work: Path = typer.Argument(..., help="The suite's work folder (eval/, models/, teach/, imported/)."),
     name: str = typer.Option(..., "--name", help="Dataset name (its batch file is WORK/imported/NAME.json)."),

@@ -10,7 +10,9 @@ The suite (pipelines/suite/dvc.yaml) leaves in its work folder:
   `<student>.distill` that student trained on the combined masks of the same teacher and seed (its evaluate's
   "teacher" section is those combined masks);
 - `models/<teacher>/<student>/<seed>/metrics.json` + `model.pt` (`b2p train`);
-- `teach/<teacher>/<batch>/provenance.json`, `imported/<name>.json`, `classes.json`, `raw/boxes.json`.
+- `teach/<teacher>/<batch>/provenance.json`, `imported/<name>.json`, `classes.json`, `raw/boxes.json`;
+- `select/<teacher>/<student>/<seed>.json` (`b2p suite-select`, optional): the epoch each `train.select` rule
+  keeps, scored on test as the student alone; the "Which epoch is kept" table.
 
 Rows (in this order): the box fill; every teacher (its pseudo-masks); every (teacher, student) and each
 mask source evaluate scored for it (`student`: the student alone; `student_boxes`: its box-guided masks;
@@ -154,6 +156,28 @@ def run_name(teacher: str, student: str) -> str:
     return f"{s} <- {t}" + (", round 2" if round2 else "")
 
 
+def selection_rows(select_root: Path) -> list[dict]:
+    """`select/<teacher>/<student>/<seed>.json` per (teacher, student): for each rule the epoch it keeps per
+    seed and the test scores of those epochs over the seeds (mean, sd); `chosen` is the saved model's rule."""
+    out = []
+    for d in sorted(p for p in select_root.glob("*/*") if p.is_dir()):
+        files = sorted(d.glob("*.json"), key=lambda f: _seed_key(f.stem))
+        if not files:
+            continue
+        per_seed = {f.stem: read_json(f, "rule scores") for f in files}
+        first = next(iter(per_seed.values()))
+        split = first.get("split", "test")
+        rules = []
+        for rule in first["rules"]:
+            got = [r["rules"].get(rule) for r in per_seed.values()]
+            if any(g is None for g in got):
+                raise B2PError(f"rule {rule!r} missing for some seeds", d)
+            rules.append({"rule": rule, "chosen": rule == first.get("select"), "epochs": {s: r["rules"][rule]["epoch"] for s, r in per_seed.items()},
+                          **{m: mean_std([g[split][m] for g in got]) for m in ("binary_iou", "anomaly_miou")}})
+        out.append({"teacher": d.parent.name, "student": d.name, "name": run_name(d.parent.name, d.name), "split": split, "rules": rules})
+    return out
+
+
 def combine_choices(root: Path, seeds: dict[str, Path]) -> dict[str, dict[str, str]]:
     """{seed: {class: chosen candidate}} from the combine stage's provenance (ROOT/<seed>/<batch>/provenance.json)."""
     out: dict[str, dict[str, str]] = {}
@@ -273,6 +297,7 @@ def collect_results(
         "seeds": params.get("seeds"),
         "metrics": list(METRICS),
         "rows": rows,
+        "selection": selection_rows(work / "select") if (work / "select").is_dir() else [],
         "machine": machine_info(),
         "git": git_info(params_file.parent, [Path(out)] if out is not None else []),
         "command": (times or {}).get("command"),
@@ -357,6 +382,15 @@ def results_markdown(results: dict) -> str:
             lines += ["", f"{r['name']}: the source chosen per class, by seed", "",
                       "| seed | " + " | ".join(classes[1:]) + " |", "|" + " --- |" * len(classes)]
             lines += [f"| {seed} | " + " | ".join(ch.get(c, "-") for c in classes[1:]) + " |" for seed, ch in r["choice"].items()]
+    if results.get("selection"):
+        lines += ["", "Which epoch is kept (`train.select`): the epoch each rule keeps on val (per seed), scored on test as the student "
+                  "alone (`b2p suite-select`); `*`: the rule the saved model follows. `box`: the teacher-free box-fit score; "
+                  "`pseudo`: val anomaly mIoU against the pseudo-masks (rewards copying them); `last`: the last epoch.", "",
+                  "| row | rule | epoch by seed | binary IoU | anomaly mIoU |", "| --- | --- | --- | --- | --- |"]
+        for r in results["selection"]:
+            for i, ru in enumerate(r["rules"]):
+                lines.append(f"| {r['name'] if i == 0 else ''} | {ru['rule']}{' *' if ru['chosen'] else ''} | "
+                             + ", ".join(str(e) for e in ru["epochs"].values()) + f" | {fmt_stat(ru['binary_iou'])} | {fmt_stat(ru['anomaly_miou'])} |")
     lines += ["", f"Machine: {_where(results)}; generated {results['generated']}.", ""]
     if results.get("stage_seconds"):
         lines += [f"Command: `{results['command']}` ({results['jobs']} stages side by side, "

@@ -85,6 +85,10 @@ def check_variants(suite_dir: Path, data: dict, params_file: Path) -> None:
         if missing:
             raise B2PError(f"`{key}` names {', '.join(missing)}: no students/<name>.yaml for it (variants here: "
                            f"{', '.join(have)})", params_file)
+    # the rule scores read the models of `students:` trainings: a student not trained there has none
+    untrained = [str(n) for n in ((data.get("select") or {}).get("students") or []) if n not in (data.get("students") or [])]
+    if untrained:
+        raise B2PError(f"`select.students` names {', '.join(untrained)}, not in `students:` (only those are trained on every teacher)", params_file)
 
 
 def set_dataset(suite_dir: Path, root: Path | None, name: str | None, overrides: list[str] = ()) -> tuple[str, str]:

@@ -15,6 +15,15 @@ from __future__ import annotations
 import numpy as np
 
 SELECT_RULES = ("box", "pseudo", "last")
+RULES_DIR = "rules"  # MODEL_DIR/rules/<rule>.pt: the epoch another rule would have kept (train.keep_rule_models)
+
+
+def rule_score(rule: str, val: dict | None) -> float | None:
+    """An epoch's score under `rule` from its validation dict (train.py `_validate`); None for `last` or
+    without validation (every epoch then replaces the one before). Higher is better."""
+    if val is None or rule == "last":
+        return None
+    return (val["box_score"] if rule == "box" else val["anomaly_miou"]) or 0.0
 
 
 class BoxFitScore:

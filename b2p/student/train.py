@@ -16,6 +16,7 @@ import csv
 import io
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -43,7 +44,7 @@ from b2p.student.data import (
 from b2p.student.geometry import IGNORE
 from b2p.student.losses import LossParams, StudentLoss
 from b2p.student.model import StudentConfig, build_model, count_params, describe_backbone
-from b2p.student.selection import SELECT_RULES, BoxFitScore
+from b2p.student.selection import RULES_DIR, SELECT_RULES, BoxFitScore, rule_score
 
 
 @dataclass
@@ -85,6 +86,9 @@ class TrainParams:
     ema_warmup: bool = True  # decay min(d, (1+t)/(10+t)): short runs still get a useful EMA
     patience: int = 25
     select: str = "box"  # box (teacher-free, default) | pseudo (val mIoU vs pseudo-masks) | last (selection.py)
+    # also write OUT/rules/<rule>.pt for every other rule that keeps a different epoch (the benchmark suite
+    # scores them on test: `b2p suite-select`); metrics.json lists every rule's epoch in any case
+    keep_rule_models: bool = False
     seed: int = 42
     amp: bool = True  # only on a GPU
     device: str = "auto"  # auto | cpu | cuda
@@ -331,6 +335,8 @@ def train_student(
     best_state: dict | None = None
     best_score: float | None = None
     best_epoch, since_best, epochs_run = -1, 0, 0
+    # what every other rule would keep: {rule: {"epoch", "score", "state"}} (state only with keep_rule_models)
+    others: dict[str, dict] = {}
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
         task = bar.add_task("train", total=params.epochs, info="")
@@ -372,14 +378,21 @@ def train_student(
             if val_samples:
                 val = _validate(ema.model, dl_val, ds_val, val_truth, features, loss_fn, device, use_amp, amp_dtype, num_classes, class_names)
                 row.update({f"val_{k}": val[k] for k in ("loss", "miou", "anomaly_miou", "binary_iou", "binary_f1", "box_dice", "outside_share", "box_score")})
-            score = None if val is None or select == "last" else (val["box_score"] if select == "box" else val["anomaly_miou"]) or 0.0
+            score = rule_score(select, val)
+            if val is not None:
+                for rule in (r for r in SELECT_RULES if r != select):
+                    sc, o = rule_score(rule, val), others.get(rule)
+                    if o is None or sc is None or sc > o["score"]:
+                        keep = params.keep_rule_models and rule != "last"  # `last`: the final EMA state, taken at the end
+                        state = _state(ema.model) if keep else None
+                        others[rule] = {"epoch": epoch + 1, "score": sc, "state": state}
             row["select_score"] = score
             row["seconds"] = time.perf_counter() - t_ep  # train + val
             curves.append(row)
             epochs_run = epoch + 1
             if score is None or best_score is None or score > best_score:
                 best, best_score, best_epoch, since_best = val, score, epoch + 1, 0
-                best_state = {k: v.detach().to("cpu").clone() for k, v in ema.model.state_dict().items()}
+                best_state = _state(ema.model)
             else:
                 since_best += 1
             info = f"loss {row.get('train_loss', float('nan')):.4f}" + (f"  val {select} {score:.4f}" if score is not None else "")
@@ -407,6 +420,21 @@ def train_student(
     }
     info = {"best_epoch": best_epoch, "select": params.select, "val": metrics["val"], "train_params": asdict(params)}
     save_checkpoint(out_dir / MODEL_FILE, config, class_names, provenance, best_state, info)
+    if "last" in others:  # the EMA weights after the last epoch run
+        others["last"].update(epoch=epochs_run, state=_state(ema.model) if params.keep_rule_models else None)
+    metrics["rules"] = {select: {"epoch": best_epoch, "score": best_score, "file": MODEL_FILE}}
+    rules_dir = out_dir / RULES_DIR
+    if rules_dir.exists():  # a retrained folder: no rule model of an earlier run may survive
+        shutil.rmtree(rules_dir)
+    for rule, o in others.items():
+        file = None
+        if o["epoch"] == best_epoch:
+            file = MODEL_FILE  # the same epoch: the same weights
+        elif params.keep_rule_models:
+            file = f"{RULES_DIR}/{rule}.pt"
+            rule_info = {**info, "best_epoch": o["epoch"], "select": rule}
+            save_checkpoint(out_dir / file, config, class_names, provenance, o["state"], rule_info)
+        metrics["rules"][rule] = {"epoch": o["epoch"], "score": o["score"], "file": file}
     write_json_atomic(out_dir / "metrics.json", metrics)
     _write_curves(out_dir / "curves.csv", curves)
     v = metrics["val"]
@@ -417,6 +445,11 @@ def train_student(
         + f") in {seconds:.1f} s; backbone {describe_backbone(model)}"
     )
     return metrics
+
+
+def _state(model: torch.nn.Module) -> dict:
+    """A CPU copy of the model's weights (the EMA's, at this epoch)."""
+    return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
