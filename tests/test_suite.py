@@ -216,6 +216,7 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
         assert box["binary_iou"]["mean"] == pytest.approx(rows[name]["metrics"]["binary_iou"]["mean"], abs=1e-6)
         assert box["anomaly_miou"]["n"] == 2
     assert "Which epoch is kept" in (out / "results.md").read_text() and "| b2p <- grabcut | box * | 1, 1 |" in (out / "results.md").read_text()
+    assert "| b2p <- grabcut | box * | 1, 1 |" in readme_section(res, "reports/demo-tiles")  # the README shows it too
     assert rows["boxes-pairwise <- boxes only"]["kind"] == "boxes-only"
     assert rows["boxes-pairwise <- boxes only"]["params"] == read_json(suite / "work/models/boxes-only/boxes-pairwise/1/metrics.json")["params"]
     # the oracle trained on the manual masks: its teacher folder is them, and it never saw the test images

@@ -348,6 +348,19 @@ def _where(results: dict) -> str:
     return f"{m['cpu']}, {m['cores']} cores, {gpu}; commit {commit}"
 
 
+def selection_table(results: dict) -> list[str]:
+    """The "Which epoch is kept" table (results["selection"], `b2p suite-select`), with its legend."""
+    lines = ["Which epoch is kept (`train.select`): the epoch each rule keeps on val (per seed), scored on test as the student "
+             "alone (`b2p suite-select`); `*`: the rule the saved model follows. `box`: the teacher-free box-fit score; "
+             "`pseudo`: val anomaly mIoU against the pseudo-masks (rewards copying them); `last`: the last epoch.", "",
+             "| row | rule | epoch by seed | binary IoU | anomaly mIoU |", "| --- | --- | --- | --- | --- |"]
+    for r in results.get("selection") or []:
+        for i, ru in enumerate(r["rules"]):
+            lines.append(f"| {r['name'] if i == 0 else ''} | {ru['rule']}{' *' if ru['chosen'] else ''} | "
+                         + ", ".join(str(e) for e in ru["epochs"].values()) + f" | {fmt_stat(ru['binary_iou'])} | {fmt_stat(ru['anomaly_miou'])} |")
+    return lines
+
+
 def results_markdown(results: dict) -> str:
     ds = results["dataset"]
     seeds = results.get("seeds") or []
@@ -383,14 +396,7 @@ def results_markdown(results: dict) -> str:
                       "| seed | " + " | ".join(classes[1:]) + " |", "|" + " --- |" * len(classes)]
             lines += [f"| {seed} | " + " | ".join(ch.get(c, "-") for c in classes[1:]) + " |" for seed, ch in r["choice"].items()]
     if results.get("selection"):
-        lines += ["", "Which epoch is kept (`train.select`): the epoch each rule keeps on val (per seed), scored on test as the student "
-                  "alone (`b2p suite-select`); `*`: the rule the saved model follows. `box`: the teacher-free box-fit score; "
-                  "`pseudo`: val anomaly mIoU against the pseudo-masks (rewards copying them); `last`: the last epoch.", "",
-                  "| row | rule | epoch by seed | binary IoU | anomaly mIoU |", "| --- | --- | --- | --- | --- |"]
-        for r in results["selection"]:
-            for i, ru in enumerate(r["rules"]):
-                lines.append(f"| {r['name'] if i == 0 else ''} | {ru['rule']}{' *' if ru['chosen'] else ''} | "
-                             + ", ".join(str(e) for e in ru["epochs"].values()) + f" | {fmt_stat(ru['binary_iou'])} | {fmt_stat(ru['anomaly_miou'])} |")
+        lines += ["", *selection_table(results)]
     lines += ["", f"Machine: {_where(results)}; generated {results['generated']}.", ""]
     if results.get("stage_seconds"):
         lines += [f"Command: `{results['command']}` ({results['jobs']} stages side by side, "
@@ -452,6 +458,8 @@ def readme_section(results: dict, results_dir: str) -> str:
     ]
     if legend(results):
         lines += ["", legend(results)]
+    if results.get("selection"):
+        lines += ["", *selection_table(results)]
     return "\n".join(lines)
 
 
