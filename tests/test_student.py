@@ -573,3 +573,12 @@ def test_every_rules_epoch_is_kept_and_scored_on_test_as_evaluate_scores_it(taug
         assert res["rules"][rule]["test"]["anomaly_miou"] == pytest.approx(st["anomaly_miou"], abs=1e-9)
     r = runner.invoke(app, ["suite-select", str(bare), "--imported", str(path.parent), "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 1 and "keep_rule_models" in r.output and not (tmp_path / "x.json").exists()
+    # a model trained before the rules were recorded: one line naming its metrics.json; an earlier result is kept
+    old = json.loads((bare / "metrics.json").read_text())
+    del old["rules"]
+    (bare / "metrics.json").write_text(json.dumps(old))
+    before = res_file.read_bytes()
+    r = runner.invoke(app, ["suite-select", str(bare), "--imported", str(path.parent), "--out", str(res_file)])
+    assert r.exit_code == 1 and "retrain" in r.output and "metrics.json" in r.output and res_file.read_bytes() == before
+    r = runner.invoke(app, ["suite-select", str(out), "--imported", str(path.parent), "--split", "val", "--out", str(res_file)])
+    assert r.exit_code == 1 and "has a manual mask" in r.output and res_file.read_bytes() == before

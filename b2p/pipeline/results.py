@@ -171,7 +171,7 @@ def selection_rows(select_root: Path) -> list[dict]:
         for rule in first["rules"]:
             got = [r["rules"].get(rule) for r in per_seed.values()]
             if any(g is None for g in got):
-                raise B2PError(f"rule {rule!r} missing for some seeds", d)
+                raise B2PError(f"rule {rule!r} is scored for some seeds only: rerun `b2p suite-select` for every seed", d)
             rules.append({"rule": rule, "chosen": rule == first.get("select"), "epochs": {s: r["rules"][rule]["epoch"] for s, r in per_seed.items()},
                           **{m: mean_std([g[split][m] for g in got]) for m in ("binary_iou", "anomaly_miou")}})
         out.append({"teacher": d.parent.name, "student": d.name, "name": run_name(d.parent.name, d.name), "split": split, "rules": rules})

@@ -35,15 +35,13 @@ def score_rules(
     metrics = read_json(model_dir / "metrics.json", "training metrics")
     rules = metrics.get("rules")
     if not rules:
-        raise B2PError("no per-rule epochs in metrics.json (trained before `rules` were recorded, or without a val split): retrain", model_dir / "metrics.json")
+        raise B2PError("no per-rule epochs (`rules`): this model was trained before they were recorded; retrain it", model_dir / "metrics.json")
     for rule, r in rules.items():
         if r.get("file") is None:
             raise B2PError(f"rule {rule!r} keeps epoch {r['epoch']}, but its model was not written: train with keep_rule_models: true", model_dir)
     batches = load_batches(batch_files)
     names = list(class_list_of(batches).names)
-    images = select_images(batches, split)
-    if not images:
-        raise B2PError(f"no manually masked image in split {split!r} to score the rules on")
+    images = select_images(batches, split)  # refuses a split without manual masks
     dev = pick_device(device)
     truths = [im.manual_label_map() for im in images]
     by_file: dict[str, dict] = {}
