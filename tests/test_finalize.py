@@ -133,6 +133,57 @@ def test_student_alone_rule_chosen_on_calib_and_splits_limit_the_output(tmp_path
     assert r.exit_code == 1 and "tset" in r.output and not (tmp_path / "f2").exists()
 
 
+def test_student_alone_snaps_to_the_image_where_calib_says_it_pays(tmp_path):
+    """A student sure of each dark defect (p 0.99) but painting a 2 px rim of plain surface around it almost
+    as surely (0.93): no threshold of the grid (<= 0.9) drops the rim, while the snap at sure 0.95 lets the
+    image's colours settle it. Calib picks that snap; the test images get it; without snap candidates
+    (`--no-student-snap`) a threshold is chosen. An image that changed size since import: one error, exit 1,
+    no mask written."""
+    from scipy.ndimage import binary_dilation
+
+    from b2p.finalize.final import SNAP_SURES
+    from b2p.student.predict import write_probs
+
+    batch_file, truth = make_synthetic_batch(tmp_path, n_images=10, size=64, seed=5, manual_every=2, calib=0.7)
+    batch = load_batch(batch_file)
+    for im in batch.images:
+        lm = truth[im.file_name]
+        rim = binary_dilation(lm > 0, iterations=2) & (lm == 0)
+        p = np.where(lm > 0, 0.99, np.where(rim, 0.93, 0.01)).astype(np.float32)
+        cls = np.where(lm == 2, 2, 1)  # the rim takes the crack's class: the fine head's own guess
+        write_probs(probs_path(tmp_path / "pred", im.batch, im.file_name), np.stack([1 - p, np.where(cls == 1, p, 0), np.where(cls == 2, p, 0)]),
+                    ["background", "crack", "spot"])
+    args = ["finalize", "--imported", str(batch_file.parent), "--probs", str(tmp_path / "pred"), "--split", "calib,test", "--quiet"]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "final"), "--student-out", str(tmp_path / "alone")])
+    assert r.exit_code == 0, r.output
+    st = json.loads((tmp_path / "alone" / "threshold.json").read_text())
+    assert st["snap_sure"] == 0.95 and st["rule"] == "snapped to the image (GrabCut, sure 0.95)" and st["unsnapped"] == 0
+    assert [g["snap_sure"] for g in st["grid"] if g["snap_sure"] is not None] == list(SNAP_SURES)
+    best_plain = max(g["binary_iou"] for g in st["grid"] if g["snap_sure"] is None)
+    assert best_plain < 0.75 and st["calib"]["binary_iou"] > 0.95, (best_plain, st["calib"])
+    assert "snapped to the image" in r.output
+    for im in batch.split("test"):
+        lm, t = read_label_map(label_map_path(tmp_path / "alone", "b1", im.file_name)), truth[im.file_name]
+        iou = ((lm > 0) & (t > 0)).sum() / ((lm > 0) | (t > 0)).sum()
+        assert iou > 0.9, (im.file_name, iou)
+        assert set(np.unique(lm[t > 0])) <= {1, 2} and (lm[t == 2] == 2).all()  # the student's classes kept
+
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "final2"), "--student-out", str(tmp_path / "alone2"), "--no-student-snap"])
+    assert r.exit_code == 0, r.output
+    st2 = json.loads((tmp_path / "alone2" / "threshold.json").read_text())
+    # every plain rule keeps the rim alike: the tie goes to the argmax
+    assert st2["snap_sure"] is None and st2["rule"] == "argmax" and len(st2["grid"]) == 10 and st2["calib"]["binary_iou"] == best_plain
+
+    # a test image replaced by a larger one after import: refused before any mask is written
+    im = batch.split("test")[0]
+    from b2p.fileio import write_png_atomic
+
+    write_png_atomic(im.path, np.full((im.height + 8, im.width, 3), 150, np.uint8))
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "final3"), "--student-out", str(tmp_path / "alone3")])
+    assert r.exit_code == 1 and im.file_name in r.output and "re-import" in r.output and "Traceback" not in r.output
+    assert not list((tmp_path / "alone3").rglob("*.png")) and not list((tmp_path / "final3").rglob("*.png"))
+
+
 def test_probabilities_files_old_and_new_read_alike(tmp_path):
     from b2p.errors import B2PError
     from b2p.student.predict import PROBS_SCALE, read_probs, write_probs

@@ -14,7 +14,8 @@ def finalize(
     teacher_root: Path = typer.Option(None, "--teacher-root", help="Also blend in this teacher's label maps (alpha < 1 becomes possible)."),
     out: Path = typer.Option(Path("data/final"), "--out", help="Output root (teacher layout: OUT/<batch>/labelmaps/<key>.png)."),
     split: str = typer.Option("all", "--split", help="Images that get output masks: all, or a comma-separated list of splits (calib,test). Calib probabilities are read in any case."),
-    student_out: Path = typer.Option(None, "--student-out", help="Also write the student alone, its decision rule (argmax or a p(defect) threshold) chosen on calib by binary IoU, here (no boxes used)."),
+    student_out: Path = typer.Option(None, "--student-out", help="Also write the student alone, its decision rule (argmax, a p(defect) threshold, or the map snapped to the image) chosen on calib by binary IoU, here (no boxes used)."),
+    student_snap: bool = typer.Option(True, "--student-snap/--no-student-snap", help="With --student-out: the maps snapped to the image (GrabCut seeded by the student, `b2p predict --snap`) are candidates too (about 3 GrabCut runs per calib image)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Final pixel masks of every box-annotated image, with settings chosen on the calib split.
@@ -28,7 +29,7 @@ def finalize(
     from b2p.project import resolve_batch_files
 
     console = Console(stderr=True)
-    r = run(resolve_batch_files(imported, batch), probs, out, teacher_root, progress=not quiet, splits=split, student_out=student_out)
+    r = run(resolve_batch_files(imported, batch), probs, out, teacher_root, progress=not quiet, splits=split, student_out=student_out, student_snap=student_snap)
     t = Table(title=f"final masks: settings per class ({r.calib_images} calib images)")
     for col in ("class", "alpha", "t", "calib IoU", "default IoU", "reason"):
         t.add_column(col, justify="left" if col in ("class", "reason") else "right")
@@ -49,5 +50,6 @@ def finalize(
         st = r.student
         calib = "" if st["calib"] is None else (
             f" (calib binary IoU {st['calib']['binary_iou'] or 0:.4f}, argmax {st['default_calib']['binary_iou'] or 0:.4f})")
-        console.print(f"student alone: {st['rule']}, {st['reason']}{calib}; masks under {student_out}", highlight=False)
+        unsnapped = "" if not st.get("unsnapped") else f"; {st['unsnapped']} images kept the argmax (nothing to snap: no colour model)"
+        console.print(f"student alone: {st['rule']}, {st['reason']}{calib}{unsnapped}; masks under {student_out}", highlight=False)
     console.print(f"wrote {r.images} label maps ({r.boxes} boxes, {r.rescued} rescued) under {r.out}", highlight=False)

@@ -20,9 +20,13 @@ even odds). Calib images are only measured here: their manual masks never become
 The student alone, calibrated (`student_out`, our addition): the plain prediction is the argmax of the fine
 head, which calls a pixel background whenever background beats each defect class singly, even when the
 defect classes together are more likely (the student's recall on Magnetic-Tile: 0.37 at precision 0.71).
-On the calib images we choose, by binary IoU, between that argmax and "defect where p(defect) >= t, then
-the most likely defect class" for t in STUDENT_THRESHOLDS (ties: the argmax, then the earlier t). No box
-is used: these are the masks the student gives an image nobody annotated.
+On the calib images we choose, by binary IoU, between that argmax, "defect where p(defect) >= t, then
+the most likely defect class" for t in STUDENT_THRESHOLDS, and the student's map snapped to the image
+(b2p/student/snap.py: GrabCut seeded by p(defect), sure at SNAP_SURES; `student_snap=False` leaves it
+out) (ties: the argmax, then the earlier rule). Why the snap is a candidate here: it pays on some surfaces
+(the demo's dark marks) and costs on others (Magnetic-Tile's faint grey regions), so it is measured per
+dataset instead of set by hand. No box is used: these are the masks the student gives an image nobody
+annotated.
 
 `splits` limits which images get output masks (default all; calib probabilities are read in any case).
 
@@ -52,6 +56,38 @@ THRESHOLDS = (0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8)
 RESCUE_RELATIVE = 0.5
 ARGMAX = None  # the student-alone rule "argmax of the fine head" (the default, as `b2p predict` writes it)
 STUDENT_THRESHOLDS = (ARGMAX, 0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9)
+# the snapped candidates' `sure` (snap.py; `b2p predict --snap-sure`): the demo's choice and its neighbours
+SNAP_SURES = (0.9, 0.8, 0.95)
+
+
+@dataclass(frozen=True)
+class StudentRule:
+    """One student-alone decision rule: t (ARGMAX or a p(defect) threshold), or a snap to the image."""
+
+    t: float | None = ARGMAX
+    snap_sure: float | None = None  # set: snap.py's GrabCut at this `sure` (t is then unused)
+
+    @property
+    def name(self) -> str:
+        if self.snap_sure is not None:
+            return f"snapped to the image (GrabCut, sure {self.snap_sure:g})"
+        return _rule_name(self.t)
+
+    def label_map(self, probs: np.ndarray, image: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+        """(HxW label map, snapped): `image` (HxWx3 uint8 RGB) is read only by a snap rule; a snap that
+        finds no colour model (snap.py) keeps the argmax and says so (False)."""
+        if self.snap_sure is None:
+            return student_label_map(probs, self.t), False
+        from b2p.student.snap import SnapSettings, snap_grabcut
+
+        if image is None:
+            raise B2PError("a snapped student-alone rule needs the image")
+        return snap_grabcut(image, probs, SnapSettings(sure=self.snap_sure))
+
+
+def student_rules(snap: bool = True) -> list[StudentRule]:
+    """The candidates, in tie-break order: the argmax first (the default)."""
+    return [StudentRule(t) for t in STUDENT_THRESHOLDS] + ([StudentRule(snap_sure=s) for s in SNAP_SURES] if snap else [])
 
 
 @dataclass
@@ -65,7 +101,7 @@ class FinalResult:
     calib_scores: dict | None = None  # metrics.scores of the chosen settings on calib
     default_scores: dict | None = None
     grid_scores: list[dict] = field(default_factory=list)
-    student: dict | None = None  # the calibrated student alone: {"t", "reason", "calib", "grid"}
+    student: dict | None = None  # the calibrated student alone: {"t", "snap_sure", "rule", "reason", "calib", "grid", "unsnapped"}
 
 
 def probs_path(root: str | Path, batch: str, file_name: str) -> Path:
@@ -90,6 +126,16 @@ def read_class_probabilities(root: str | Path, im: ImageRecord) -> np.ndarray:
     if probs.ndim != 3 or probs.shape[1:] != (im.height, im.width):
         raise B2PError(f"probabilities are {probs.shape}, expected (K+1)x{im.height}x{im.width}", p)
     return probs
+
+
+def _read_image_of(im: ImageRecord) -> np.ndarray:
+    """The image's pixels (a snap reads them), refused when the file no longer has the imported size."""
+    from b2p.fileio import read_image
+
+    img = read_image(im.path)
+    if img.shape[:2] != (im.height, im.width):
+        raise B2PError(f"the image is {img.shape[1]}x{img.shape[0]} px, imported as {im.width}x{im.height}: re-import its batch", im.path)
+    return img
 
 
 def student_label_map(probs: np.ndarray, t: float | None) -> np.ndarray:
@@ -154,9 +200,12 @@ def finalize(
     progress: bool = True,
     splits: str = "all",
     student_out: str | Path | None = None,
+    student_snap: bool = True,
 ) -> FinalResult:
     """Choose (alpha, t) per class on calib, then write the final masks of every image of `splits` (and, with
-    `student_out`, the calibrated student alone); see the module docstring."""
+    `student_out`, the calibrated student alone, snapped candidates included unless `student_snap` is
+    False); see the module docstring."""
+
     from b2p.evaluate.metrics import ConfusionMatrix
     from b2p.splits import parse_splits
     from b2p.teach.base import _Progress
@@ -181,14 +230,18 @@ def finalize(
     grid_scores: list[dict] = []
     calib_scores = default_scores = None
     cached, student_maps = [], []
+    rules = student_rules(student_snap)
     if calib:
         grid = _grid(teacher_root is not None)
-        for im in calib:
-            probs = read_class_probabilities(probs_root, im)
-            cached.append((im, 1.0 - probs[0], teacher_map(im), im.manual_label_map()))
-            if student_out is not None:
-                student_maps.append({t: student_label_map(probs, t) for t in STUDENT_THRESHOLDS})
-            del probs
+        with _Progress(progress and student_out is not None and student_snap, "finalize: student-alone rules", len(calib)) as advance:
+            for im in calib:
+                probs = read_class_probabilities(probs_root, im)
+                cached.append((im, 1.0 - probs[0], teacher_map(im), im.manual_label_map()))
+                if student_out is not None:
+                    img = _read_image_of(im) if student_snap else None
+                    student_maps.append({r: r.label_map(probs, img)[0] for r in rules})
+                del probs
+                advance(1)
         per_point = []
         with _Progress(progress, "finalize: calibrating", len(grid)) as advance:
             for a, t in grid:
@@ -216,10 +269,14 @@ def finalize(
             choice[n] = {"alpha": DEFAULT[0], "t": DEFAULT[1], "reason": "no calib images: default", "calib_iou": None, "default_iou": None}
     student = None
     if student_out is not None:
-        student = _choose_student_rule(student_maps, [c[3] for c in cached], names, k1)
+        student = _choose_student_rule(student_maps, [c[3] for c in cached], names, k1, rules)
+        student_rule = StudentRule(student["t"], student["snap_sure"])
     settings = {classes.id_of(n): (c["alpha"], c["t"]) for n, c in choice.items()}
 
-    n_images = n_boxes = rescued = 0
+    if student is not None and student_rule.snap_sure is not None:
+        for im in (im for b in batches for im in b.split(*wanted)):  # an image that changed stops the run before any mask is written
+            _read_image_of(im)
+    n_images = n_boxes = rescued = unsnapped = 0
     cm_chosen = ConfusionMatrix(k1)
     total = sum(len(b.split(*wanted)) for b in batches)
     with _Progress(progress, "finalize: masks", total) as advance:
@@ -230,7 +287,10 @@ def finalize(
                 lm, r = final_label_map(1.0 - probs[0], im.boxes_xyxy(), im.box_class_ids(), settings, teacher_map(im))
                 write_label_map(label_map_path(out, b.name, im.file_name), lm)
                 if student is not None:
-                    write_label_map(label_map_path(student_out, b.name, im.file_name), student_label_map(probs, student["t"]))
+                    img = _read_image_of(im) if student_rule.snap_sure is not None else None
+                    alone, ok = student_rule.label_map(probs, img)
+                    unsnapped += img is not None and not ok
+                    write_label_map(label_map_path(student_out, b.name, im.file_name), alone)
                 if im.split == "calib" and im.has_manual_mask:
                     cm_chosen.update(lm, im.manual_label_map())
                 b_boxes += len(im.boxes)
@@ -254,6 +314,7 @@ def finalize(
         calib_scores = cm_chosen.scores(names)
     result = FinalResult(out, n_images, n_boxes, rescued, len(calib), choice, calib_scores, default_scores, grid_scores, student)
     if student is not None:
+        student["unsnapped"] = unsnapped if student_rule.snap_sure is not None else None
         write_json_atomic(Path(student_out) / "threshold.json", {**student, "splits": list(wanted), "sources": {"probs": str(probs_root)}})
     write_json_atomic(
         out / "thresholds.json",
@@ -274,24 +335,25 @@ def finalize(
     return result
 
 
-def _choose_student_rule(maps: list[dict], truths: list[np.ndarray], names: list[str], k1: int) -> dict:
+def _choose_student_rule(maps: list[dict], truths: list[np.ndarray], names: list[str], k1: int, rules: list[StudentRule]) -> dict:
     """The student-alone rule with the best binary IoU on calib (module docstring); the argmax without calib.
-    `maps[i][t]`: calib image i's label map under rule t; `truths[i]`: its manual label map."""
+    `maps[i][rule]`: calib image i's label map under that rule; `truths[i]`: its manual label map."""
     from b2p.evaluate.metrics import ConfusionMatrix
 
     if not truths:
-        return {"t": ARGMAX, "rule": _rule_name(ARGMAX), "reason": "no calib images: default", "calib": None, "grid": []}
+        return {"t": ARGMAX, "snap_sure": None, "rule": _rule_name(ARGMAX), "reason": "no calib images: default", "calib": None, "grid": []}
     grid, best = [], None
-    for i, t in enumerate(STUDENT_THRESHOLDS):
+    for i, rule in enumerate(rules):
         cm = ConfusionMatrix(k1)
         for m, truth in zip(maps, truths):
-            cm.update(m[t], truth)
+            cm.update(m[rule], truth)
         s = _summary(cm.scores(names))
-        grid.append({"t": t, "rule": _rule_name(t), **s})
+        grid.append({"t": rule.t, "snap_sure": rule.snap_sure, "rule": rule.name, **s})
         if best is None or (s["binary_iou"] or 0.0) > (grid[best]["binary_iou"] or 0.0):
             best = i
     chosen = grid[best]
-    return {"t": chosen["t"], "rule": chosen["rule"], "reason": "best binary IoU on calib", "calib": {k: chosen[k] for k in ("binary_iou", "anomaly_miou", "per_class_iou")},
+    return {"t": chosen["t"], "snap_sure": chosen["snap_sure"], "rule": chosen["rule"], "reason": "best binary IoU on calib",
+            "calib": {k: chosen[k] for k in ("binary_iou", "anomaly_miou", "per_class_iou")},
             "default_calib": {k: grid[0][k] for k in ("binary_iou", "anomaly_miou", "per_class_iou")}, "grid": grid}
 
 
