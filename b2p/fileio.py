@@ -142,22 +142,48 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Bit depth: b2p works on 8-bit images. A 16-bit file usually holds 10-, 12- or 14-bit sensor data that only
+# its maker knows the range of, so no fixed rule converts it right (OpenCV's /256 makes 12-bit data nearly
+# black) and a per-image max would change intensities from one image to the next. Such files are refused.
 def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file as HxWx3 uint8 RGB (grayscale is replicated), or raise a B2PError naming it."""
+    """Decode an image file as HxWx3 uint8 RGB.
+
+    Grey, palette, RGBA (alpha dropped) and CMYK files are converted to RGB; a file of more than 8 bits per
+    channel or one that does not decode raises a B2PError naming it.
+    """
     import cv2
 
     path = Path(path)
     if not path.is_file():
         raise B2PError("image file not found", path)
     data = np.fromfile(path, dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    # ANYDEPTH keeps 16-bit samples so they can be refused; 8-bit files decode exactly as with IMREAD_COLOR
+    # alone
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
+    if img is None and data.size:
+        # a 1-channel float TIFF decodes only unchanged: look, to say why it is refused
+        deep = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        if deep is not None and deep.dtype != np.uint8:
+            raise B2PError(_deep_image_message(deep), path)
     if img is None:
         raise B2PError("image file could not be decoded (corrupt or not an image)", path)
+    if img.dtype != np.uint8:
+        raise B2PError(_deep_image_message(img), path)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def _deep_image_message(img: np.ndarray) -> str:
+    kind = "floating-point" if np.issubdtype(img.dtype, np.floating) else "integer"
+    top = img.max() if img.size else 0
+    return (
+        f"image has {img.dtype.itemsize * 8}-bit {kind} samples (largest value {top:g}); b2p reads 8-bit images "
+        "only and does not guess the real bit depth: convert every image to 8-bit with one fixed scale, the "
+        "same for all, from the data's real bit depth (12-bit data: value * 255 / 4095, rounded)"
+    )
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image file, decoding it fully so a corrupt file is caught here."""
+    """(width, height) of an image file, decoding it fully so a corrupt or 16-bit file is caught here."""
     img = read_image(path)
     return img.shape[1], img.shape[0]
 

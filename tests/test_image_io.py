@@ -1,4 +1,4 @@
-"""Image and label-map decoding every stage shares: palette label maps.
+"""Image and label-map decoding every stage shares: bit depth, palette label maps.
 
 Real files written with OpenCV and Pillow; the import CLI shows what a user sees (exit code, one message
 naming the file)."""
@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from b2p.cli import app
 from b2p.dataset import load_batch
 from b2p.errors import B2PError
+from b2p.fileio import read_image
 from b2p.labels import read_label_map
 
 runner = CliRunner()
@@ -41,6 +42,58 @@ def _import(tmp_path: Path, images: Path, names: list[str], sizes: list[tuple[in
     args = ["import", "--batch", "b1", "--images", images, "--coco", tmp_path / "ann.json",
             "--classes", tmp_path / "classes.json", "--out", out, *(["--masks", masks] if masks else [])]
     return runner.invoke(app, [str(a) for a in args]), out
+
+
+# --- bit depth: more than 8 bits per channel is refused, 8-bit decoding unchanged ----------------------------
+
+
+def _twelve_bit(path: Path, channels: int = 1) -> Path:
+    grey = (np.arange(H * W, dtype=np.uint16).reshape(H, W) * 17 % 4081).astype(np.uint16)  # 0..4080
+    cv2.imwrite(str(path), grey if channels == 1 else np.repeat(grey[..., None], channels, axis=2))
+    return path
+
+
+@pytest.mark.parametrize("name,channels", [("g.png", 1), ("rgb.png", 3), ("rgba.png", 4), ("g.tiff", 1)])
+def test_16_bit_image_is_refused_not_squashed(tmp_path, name, channels):
+    path = _twelve_bit(tmp_path / name, channels)
+    with pytest.raises(B2PError) as e:
+        read_image(path)
+    assert e.value.path == path and "16-bit integer samples (largest value 4080)" in e.value.problem
+    assert "8-bit" in e.value.problem and "4095" in e.value.problem
+
+
+def test_float_tiff_is_refused_as_deep_not_as_corrupt(tmp_path):
+    cv2.imwrite(str(tmp_path / "f.tiff"), np.full((H, W), 0.5, np.float32))
+    with pytest.raises(B2PError, match="32-bit floating-point samples"):
+        read_image(tmp_path / "f.tiff")
+
+
+def test_import_of_a_16_bit_image_exits_1_naming_the_file(tmp_path):
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "ok.png"), _raw())
+    _twelve_bit(tmp_path / "images" / "deep.png")
+    r, out = _import(tmp_path, tmp_path / "images", ["ok.png", "deep.png"], [(W, H), (W, H)])
+    assert r.exit_code == 1, r.output
+    assert "deep.png" in r.output and "16-bit" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_8_bit_grey_rgba_palette_and_cmyk_decode_as_before(tmp_path):
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (H, W), dtype=np.uint8)).save(tmp_path / "g.png")
+    Image.fromarray(rng.integers(0, 255, (H, W, 4), dtype=np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    pal = Image.fromarray(rng.integers(0, 3, (H, W), dtype=np.uint8), "P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255])
+    pal.save(tmp_path / "p.png")
+    Image.fromarray(rng.integers(0, 255, (H, W, 4), dtype=np.uint8), "CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(tmp_path / "rgb.jpg")
+    for name in ["g.png", "rgba.png", "p.png", "cmyk.jpg", "rgb.jpg"]:
+        path = tmp_path / name
+        expected = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        img = read_image(path)
+        assert img.dtype == np.uint8 and img.shape == (H, W, 3), name
+        np.testing.assert_array_equal(img, expected, err_msg=name)
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png")[..., 0], np.asarray(pal.convert("RGB"))[..., 0])
 
 
 # --- label maps: a palette PNG is read by its indices, an RGB one is still refused ---------------------------
