@@ -1,4 +1,4 @@
-"""Image and label-map decoding every stage shares: bit depth, palette label maps.
+"""Image and label-map decoding every stage shares: EXIF orientation, bit depth, palette label maps.
 
 Real files written with OpenCV and Pillow; the import CLI shows what a user sees (exit code, one message
 naming the file)."""
@@ -6,22 +6,23 @@ naming the file)."""
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps, PngImagePlugin
 from typer.testing import CliRunner
 
 from b2p.cli import app
 from b2p.dataset import load_batch
 from b2p.errors import B2PError
-from b2p.fileio import read_image
+from b2p.fileio import describe_size_mismatch, exif_orientation, image_size, read_image
 from b2p.labels import read_label_map
 
 runner = CliRunner()
-W, H = 40, 24
+W, H = 40, 24  # stored pixels: wider than high, so a 90-degree orientation shows as a transposed size
 
 
 def _raw(seed: int = 0) -> np.ndarray:
@@ -29,6 +30,13 @@ def _raw(seed: int = 0) -> np.ndarray:
     img = np.random.default_rng(seed).integers(0, 200, (H, W, 3), dtype=np.uint8)
     img[:4, :6] = 255
     return img
+
+
+def _save_oriented(path: Path, pixels: np.ndarray, orientation: int, **kw) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif, **kw)
+    return path
 
 
 def _import(tmp_path: Path, images: Path, names: list[str], sizes: list[tuple[int, int]], masks: Path | None = None):
@@ -42,6 +50,69 @@ def _import(tmp_path: Path, images: Path, names: list[str], sizes: list[tuple[in
     args = ["import", "--batch", "b1", "--images", images, "--coco", tmp_path / "ann.json",
             "--classes", tmp_path / "classes.json", "--out", out, *(["--masks", masks] if masks else [])]
     return runner.invoke(app, [str(a) for a in args]), out
+
+
+# --- EXIF orientation: applied as displayed, reported by exif_orientation, the same for every format --------
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff", "webp"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_applied_as_pillow_displays_it_and_reported(tmp_path, fmt, orientation):
+    path = _save_oriented(tmp_path / f"a.{fmt}", _raw(), orientation, **({"lossless": True} if fmt == "webp" else {}))
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    np.testing.assert_array_equal(read_image(path), shown)
+    assert exif_orientation(path) == orientation
+    assert image_size(path) == (shown.shape[1], shown.shape[0])
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_jpeg_orientation_applied_and_reported(tmp_path, orientation):
+    path = _save_oriented(tmp_path / "a.jpg", _raw(), orientation, quality=95)
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")).astype(int)
+    img = read_image(path)
+    assert img.shape == shown.shape and np.abs(img.astype(int) - shown).mean() < 2  # two JPEG decoders
+    assert exif_orientation(path) == orientation
+
+
+def test_png_exif_after_the_pixels_counts_and_imagemagick_text_profile_does_not(tmp_path):
+    """The report follows the decoder: OpenCV honours an eXIf chunk anywhere, ignores the text profile."""
+    data = _save_oriented(tmp_path / "early.png", _raw(), 6).read_bytes()
+    at = data.index(b"eXIf") - 4
+    chunk = data[at : at + 12 + struct.unpack(">I", data[at : at + 4])[0]]
+    rest = data[:at] + data[at + len(chunk) :]
+    end = rest.index(b"IEND") - 4
+    (tmp_path / "late.png").write_bytes(rest[:end] + chunk + rest[end:])
+    assert exif_orientation(tmp_path / "late.png") == 6 and read_image(tmp_path / "late.png").shape == (W, H, 3)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    blob = exif.tobytes().hex()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(blob) // 2:8d}\n{blob}\n")
+    Image.fromarray(_raw()).save(tmp_path / "text.png", pnginfo=info)
+    assert exif_orientation(tmp_path / "text.png") == 1
+    np.testing.assert_array_equal(read_image(tmp_path / "text.png"), _raw())
+
+
+def test_no_or_unreadable_orientation_is_1(tmp_path):
+    cv2.imwrite(str(tmp_path / "plain.png"), _raw())
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    assert exif_orientation(tmp_path / "plain.png") == 1 and exif_orientation(tmp_path / "junk.jpg") == 1
+
+
+def test_size_mismatch_of_a_turned_image_names_its_exif_orientation(tmp_path):
+    path = _save_oriented(tmp_path / "a.jpg", _raw(), 6)
+    w, h = image_size(path)
+    assert (w, h) == (H, W)
+    text = describe_size_mismatch(path, (W, H), (w, h))  # declared as the raw pixels are stored
+    assert f"'a.jpg' is declared {W}x{H} but the file is {H}x{W}" in text
+    assert "EXIF orientation 6 (rotated 90 degrees clockwise)" in text and f"declare {H}x{W}" in text
+    assert "-Orientation=1" in text
+    # a size off by something else, or a transposed size without such a tag, says nothing of EXIF
+    assert "EXIF" not in describe_size_mismatch(path, (W + 1, H), (w, h))
+    cv2.imwrite(str(tmp_path / "b.png"), _raw()[:, : H])  # 24x24: no tag
+    assert "EXIF" not in describe_size_mismatch(tmp_path / "b.png", (H, W), (W, H), name="sub/b.png")
+    assert "'sub/b.png'" in describe_size_mismatch(tmp_path / "b.png", (H, W), (W, H), name="sub/b.png")
 
 
 # --- bit depth: more than 8 bits per channel is refused, 8-bit decoding unchanged ----------------------------
