@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import posixpath
+import struct
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -142,22 +144,132 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# EXIF orientation: how a viewer must turn the stored pixels to show the image upright (1 = as stored).
+# b2p reads every image as displayed, orientation applied, as browsers, phones and most annotation tools
+# show it, so boxes drawn on the displayed image land on the right pixels. Boxes made on the raw pixels
+# (PIL, labelImg, many scripts) do not: the importer warns about every oriented image it meets.
+ORIENTATIONS = {
+    1: "upright",
+    2: "mirrored left-right",
+    3: "rotated 180 degrees",
+    4: "mirrored top-bottom",
+    5: "mirrored left-right, then rotated 90 degrees counter-clockwise",
+    6: "rotated 90 degrees clockwise",
+    7: "mirrored left-right, then rotated 90 degrees clockwise",
+    8: "rotated 90 degrees counter-clockwise",
+}
+
+
+def _png_exif_chunk(path: Path) -> bytes | None:
+    """The payload of a PNG's eXIf chunk, walking the chunk headers only (no pixel decoding)."""
+    with open(path, "rb") as f:
+        f.seek(8)
+        while len(header := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"eXIf":
+                return f.read(length)
+            if kind == b"IEND":
+                break
+            f.seek(length + 4, os.SEEK_CUR)  # data and CRC
+    return None
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The EXIF orientation (1..8) `read_image` applies to this file; 1 when it has none.
+
+    Read from the header only, so it is cheap next to decoding. In a PNG only the eXIf chunk counts, as for
+    OpenCV and browsers (not ImageMagick's older 'Raw profile type exif' text, which Pillow also reads).
+    """
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only the header is read
+            with Image.open(path) as im:
+                if im.format == "PNG":
+                    exif = Image.Exif()
+                    if (chunk := _png_exif_chunk(path)) is not None:
+                        exif.load(chunk)
+                else:
+                    exif = im.getexif()
+        value = exif.get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError):
+        return 1  # unreadable here: read_image names the file when it cannot decode it
+    return value if isinstance(value, int) and value in ORIENTATIONS else 1  # OpenCV ignores other values
+
+
+def describe_orientation(orientation: int) -> str:
+    """'EXIF orientation 6 (rotated 90 degrees clockwise)': the words every message about a tag uses."""
+    return f"EXIF orientation {orientation} ({ORIENTATIONS.get(orientation, 'unknown')})"
+
+
+def describe_size_mismatch(
+    path: str | Path, declared_wh: tuple[int | None, int | None], actual_wh: tuple[int, int], name: str | None = None
+) -> str:
+    """The problem text for image `name` (default: the file name) whose decoded size (`read_image`, orientation
+    applied) differs from the size its annotations declare.
+
+    When the declared size is the decoded one turned by 90 degrees and the file carries such an orientation,
+    the text says so and what to do: the declaration, and likely its boxes, were made on the raw pixels.
+    """
+    (dw, dh), (w, h) = declared_wh, actual_wh
+    text = f"image {name or Path(path).name!r} is declared {dw}x{dh} but the file is {w}x{h}"
+    orientation = exif_orientation(path) if (dw, dh) == (h, w) else 1
+    if orientation >= 5:
+        text += (
+            f": its {describe_orientation(orientation)} turns the stored {h}x{w} pixels, and b2p reads images as "
+            f"displayed. If the boxes were drawn on the displayed image, declare {w}x{h}; if on the raw "
+            "pixels, remove the tag (exiftool -Orientation=1 -n FILE)"
+        )
+    return text
+
+
+# Bit depth: b2p works on 8-bit images. A 16-bit file usually holds 10-, 12- or 14-bit sensor data that only
+# its maker knows the range of, so no fixed rule converts it right (OpenCV's /256 makes 12-bit data nearly
+# black) and a per-image max would change intensities from one image to the next. Such files are refused.
 def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file as HxWx3 uint8 RGB (grayscale is replicated), or raise a B2PError naming it."""
+    """Decode an image file as HxWx3 uint8 RGB, as displayed (EXIF orientation applied, see ORIENTATIONS).
+
+    Grey, palette, RGBA (alpha dropped) and CMYK files are converted to RGB; a file of more than 8 bits per
+    channel or one that does not decode raises a B2PError naming it.
+    """
     import cv2
 
     path = Path(path)
     if not path.is_file():
         raise B2PError("image file not found", path)
     data = np.fromfile(path, dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    # ANYDEPTH keeps 16-bit samples so they can be refused; 8-bit files decode exactly as with IMREAD_COLOR
+    # alone, orientation included
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
+    if img is None and data.size:
+        # a 1-channel float TIFF decodes only unchanged: look, to say why it is refused
+        deep = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        if deep is not None and deep.dtype != np.uint8:
+            raise B2PError(_deep_image_message(deep), path)
     if img is None:
         raise B2PError("image file could not be decoded (corrupt or not an image)", path)
+    if img.dtype != np.uint8:
+        raise B2PError(_deep_image_message(img), path)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def _deep_image_message(img: np.ndarray) -> str:
+    kind = "floating-point" if np.issubdtype(img.dtype, np.floating) else "integer"
+    top = img.max() if img.size else 0
+    return (
+        f"image has {img.dtype.itemsize * 8}-bit {kind} samples (largest value {top:g}); b2p reads 8-bit images "
+        "only and does not guess the real bit depth: convert every image to 8-bit with one fixed scale, the "
+        "same for all, from the data's real bit depth (12-bit data: value * 255 / 4095, rounded)"
+    )
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image file, decoding it fully so a corrupt file is caught here."""
+    """(width, height) of an image file as displayed, decoding it fully so a corrupt or 16-bit file is caught here.
+
+    Compare it with a declared size through `describe_size_mismatch`, which names an EXIF orientation.
+    """
     img = read_image(path)
     return img.shape[1], img.shape[0]
 

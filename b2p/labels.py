@@ -1,9 +1,9 @@
 """The class list and the label-map format: the one place that defines both.
 
 Label map: a single-channel uint8 PNG the size of its image; 0 is background and every other value is a
-canonical class id (1..K) from the project's class list. Teacher pseudo-masks, manual masks and student
-predictions are all stored this way, one file per image, at
-`<root>/<batch>/labelmaps/<label_map_key(file_name)>.png`.
+canonical class id (1..K) from the project's class list; a palette PNG (VOC-style) counts as single-channel
+and is read by its indices, never its colours. Teacher pseudo-masks, manual masks and student predictions
+are all stored this way, one file per image, at `<root>/<batch>/labelmaps/<label_map_key(file_name)>.png`.
 
 Class list file (`data/classes.json` by default): `{"classes": [{"id": 1, "name": "crack"}, ...]}` with
 ids 1..K in order. It is shared by every batch: ids never change once given, new classes are appended only
@@ -159,7 +159,7 @@ def read_label_map(path: str | Path, shape: tuple[int, int] | None = None, num_c
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:
         raise B2PError("label map is an empty (0-byte) file", path)
-    lm = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    lm = _palette_indices(data) if _is_palette_png(data) else cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if lm is None:
         raise B2PError("label map could not be decoded (corrupt or not an image)", path)
     if lm.ndim == 3:
@@ -177,6 +177,28 @@ def read_label_map(path: str | Path, shape: tuple[int, int] | None = None, num_c
     if num_classes is not None and lm.size and int(lm.max()) > num_classes:
         raise B2PError(f"label map holds class id {int(lm.max())} but only {num_classes} classes exist", path)
     return lm.astype(np.uint8)
+
+
+def _is_palette_png(data: np.ndarray) -> bool:
+    """A PNG of colour type 3 (palette): its IHDR chunk comes first, colour type at byte 25."""
+    head = data[:26].tobytes()
+    return len(head) == 26 and head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and head[25] == 3
+
+
+def _palette_indices(data: np.ndarray) -> np.ndarray | None:
+    """A palette PNG's indices (VOC-style masks: the index is the class id, the palette only colours it).
+
+    OpenCV expands the palette into colours, so Pillow reads these; None when the file does not decode.
+    """
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            return np.asarray(im) if im.mode == "P" else None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 # --- painting instance masks into one label map --------------------------------------------------------
