@@ -228,7 +228,8 @@ def test_params_section_sets_the_options(project: Path) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown source", "missing masks", "wrong-size mask", "out is a file", "foreign folder", "unknown split", "unknown format"],
+    ["unknown source", "missing masks", "wrong-size mask", "out is a file", "foreign folder", "unknown split", "unknown format",
+     "image replaced", "image resized"],
 )
 def test_bad_input_is_one_clear_error_and_writes_nothing(project: Path, case: str) -> None:
     args = ["export", "--out", "data/export"]
@@ -248,6 +249,10 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(project: Path, case: st
         (project / "data/export/coco").mkdir(parents=True)
         (project / "data/export/coco/mine.txt").write_text("keep me")
         expect = "is not a b2p export"
+    elif case.startswith("image"):  # same size: the other picture would be exported with c.png's masks
+        h, w = (H, W) if case == "image replaced" else (H + 8, W)
+        write_png_atomic(project / "raw/images/c.png", np.random.default_rng(9).integers(0, 255, (h, w, 3), dtype=np.uint8))
+        expect = "changed since `b2p import`"
     elif case == "unknown split":
         args += ["--split", "tset"]
         expect = "no images in split(s) ['tset']"
@@ -258,6 +263,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(project: Path, case: st
     res = runner.invoke(app, args)
     assert res.exit_code == 1
     assert expect in res.output and "Traceback" not in res.output
+    assert not case.startswith("image") or "c.png" in res.output
     assert len(res.output.strip().splitlines()) <= 2  # one message (a long path may wrap once)
     assert _tree(project) == before  # nothing written, nothing removed
     assert (project / "data/export").exists() == (case in ("out is a file", "foreign folder"))

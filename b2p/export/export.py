@@ -146,8 +146,8 @@ def _scores(source_root: Path, batch: str) -> dict[int, float]:
 
 
 def collect_items(batch_files: list[Path], source_root: Path, splits: tuple[str, ...]) -> tuple[ClassList, dict[str, list[ExportItem]], list]:
-    """The images to export by split, each with its label map; every label map must exist (checked here,
-    before anything is written)."""
+    """The images to export by split, each with its label map; every label map must exist and every image
+    be the one imported (sha256; checked here, before anything is written)."""
     batches = load_batches(batch_files)
     classes = class_list_of(batches)
     present = {im.split for b in batches for im in b.images}
@@ -173,6 +173,10 @@ def collect_items(batch_files: list[Path], source_root: Path, splits: tuple[str,
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise B2PError(f"mask source has no label map for {len(missing)} exported image(s){more}", missing[0])
+    from b2p.teach.base import _check_unchanged  # the check teach makes
+
+    for item in (i for items in by_split.values() for i in items):  # a replaced image must not get the old one's masks
+        _check_unchanged(item.record)
     return classes, by_split, batches
 
 
