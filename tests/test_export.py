@@ -269,6 +269,20 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(project: Path, case: st
     assert (project / "data/export").exists() == (case in ("out is a file", "foreign folder"))
 
 
+def test_stale_stages_of_a_killed_export_are_removed(project: Path) -> None:
+    out = project / "data/export"
+    for stale in (".coco.k1.building/images", ".semantic.k2.building/img_dir/train", ".yolo.k3.building"):
+        (out / stale).mkdir(parents=True)
+        (out / stale / "half.png").write_bytes(b"half")
+    # killed mid-swap: the old yolo export sits in its .old folder and yolo/ is gone; it goes back
+    (out / ".yolo.k4.old/yolo").mkdir(parents=True)
+    (out / ".yolo.k4.old/yolo/export.json").write_text("{}")
+    (out / ".mine").mkdir()  # not b2p's: kept
+    _export("--format", "coco,semantic")
+    assert sorted(p.name for p in out.iterdir()) == [".mine", "coco", "semantic", "yolo"]
+    assert (out / "yolo/export.json").read_text() == "{}"
+
+
 def test_teacher_source_records_its_provenance(project: Path) -> None:
     from b2p.teach.base import teach_batch
     from b2p.teach.box import BoxTeacher

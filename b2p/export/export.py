@@ -14,8 +14,8 @@ polygons, how well they rasterise back.
 
 Reproducible and all-or-nothing: JSON keys are sorted, nothing carries a time, and every format is built
 in a hidden folder beside its target (each file written atomically) that replaces the old folder only
-after every format has been built; on any error the hidden folders are removed and nothing changes. A
-folder is replaced only if it holds a b2p `export.json`, so an existing folder b2p did not write is
+after every format has been built; on any error the hidden folders are removed and nothing changes (those
+of a killed run are removed by the next). A folder is replaced only if it holds a b2p `export.json`, so an existing folder b2p did not write is
 refused rather than deleted.
 """
 
@@ -386,6 +386,20 @@ WRITERS = {"coco": CocoWriter, "yolo": YoloWriter, "semantic": SemanticWriter}
 # --- the job -------------------------------------------------------------------------------------------
 
 
+def _clear_stale_stages(out: Path) -> None:
+    """Remove the hidden folders a killed export left in `out` (only b2p's own names). A `.old` folder still
+    holding a format whose folder is gone was killed mid-swap: that complete export goes back first."""
+    if not out.is_dir():
+        return
+    for fmt in FORMATS:
+        for old in out.glob(f".{fmt}.*.old"):
+            if (old / fmt / MARKER).is_file() and not (out / fmt).exists():
+                os.replace(old / fmt, out / fmt)
+            shutil.rmtree(old, ignore_errors=True)
+        for stage in out.glob(f".{fmt}.*.building"):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _staged(targets: list[Path]) -> Iterator[list[Path]]:
     """Hidden build folders beside `targets`; on success they replace the targets, on error they vanish."""
@@ -469,6 +483,7 @@ def export_dataset(
         "model": _model_record(Path(model_dir)) if model_dir is not None and opts.source != "teacher" else None,
     }
     n_items = sum(len(v) for v in by_split.values())
+    _clear_stale_stages(out)
     with _staged(targets) as stages:
         writers = [WRITERS[f](s, classes, opts, info) for f, s in zip(dict.fromkeys(opts.formats), stages)]
         need_instances = any(w.needs_instances for w in writers)
