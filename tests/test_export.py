@@ -283,6 +283,44 @@ def test_stale_stages_of_a_killed_export_are_removed(project: Path) -> None:
     assert (out / "yolo/export.json").read_text() == "{}"
 
 
+def _manifest_root(root: Path, *model_shas: str) -> None:
+    """A prediction manifest naming the model(s) that wrote the maps of `root` (one run each, split between them)."""
+    from b2p.student.predict import MANIFEST, PREDICT_FORMAT
+
+    maps = [f"demo/labelmaps/{n}.png" for n in "abcd"]
+    runs = [{"model": {"path": "elsewhere/model.pt", "sha256": sha}, "settings": {"window": 512}, "inputs": {},
+             "maps": maps[i :: len(model_shas)]} for i, sha in enumerate(model_shas)]
+    write_json_atomic(root / MANIFEST, {"b2p_predict": PREDICT_FORMAT, "maps": "boxes", "runs": runs})
+
+
+def test_model_is_recorded_only_for_the_students_own_masks(project: Path) -> None:
+    model = project / "data/models/student"
+    model.mkdir(parents=True)
+    (model / "model.pt").write_bytes(b"weights")
+
+    def recorded(*args: str):
+        _export("--format", "semantic", *args)
+        return json.loads((project / "data/export/semantic/export.json").read_text())["info"]["model"]
+
+    assert recorded()["sha256"] == sha256_file(model / "model.pt")  # default root, no manifest: --model
+    copy = project / "elsewhere"
+    import shutil
+
+    shutil.copytree(project / "data/predict_boxes", copy)
+    assert recorded("--source-root", str(copy)) is None  # --model says nothing about masks from elsewhere
+    _manifest_root(copy, "f" * 64)
+    rec = recorded("--source-root", str(copy))
+    assert rec["sha256"] == "f" * 64 and rec["path"] == "elsewhere/model.pt"  # the model that wrote them
+    res = runner.invoke(app, ["export", "--quiet", "--format", "semantic", "--source-root", str(copy)])
+    assert "elsewhere/model.pt" in res.output
+    # maps of two models in one root: refused before anything is written
+    _manifest_root(copy, "f" * 64, "e" * 64)
+    before = _tree(project / "data/export")
+    res = runner.invoke(app, ["export", "--quiet", "--format", "semantic", "--source-root", str(copy)])
+    assert res.exit_code == 1 and "different models" in res.output and "predict.json" in res.output, res.output
+    assert _tree(project / "data/export") == before
+
+
 def test_teacher_source_records_its_provenance(project: Path) -> None:
     from b2p.teach.base import teach_batch
     from b2p.teach.box import BoxTeacher

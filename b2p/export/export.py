@@ -48,6 +48,7 @@ SOURCES = {
     "snapped": "data/predict_snap",  # the student alone snapped to the image (b2p predict --snap)
 }
 DEFAULT_SOURCE = "boxes"
+STUDENT_SOURCES = ("boxes", "student", "snapped")  # written by `b2p predict`: a model stands behind them
 FORMATS = ("coco", "yolo", "semantic")
 IMAGE_MODES = ("copy", "symlink", "hardlink")
 COCO_MASKS = ("rle", "polygons")
@@ -126,7 +127,19 @@ def _teacher_record(teacher_root: Path, batches: list[str]) -> dict | None:
     return out or None
 
 
-def _model_record(model_dir: Path) -> dict | None:
+def _model_record(model_dir: Path | None, source: str, source_root: Path, maps: list[Path]) -> dict | None:
+    """The student behind the masks: the one the source root's prediction manifest names (`maps` must all
+    be its run's), else `model_dir` for a student source read from its default root (a root predicted before
+    manifests); None for masks that are not the student's own."""
+    from b2p.student.predict import MANIFEST, read_prediction_manifest
+
+    if source not in STUDENT_SOURCES:
+        return None
+    if (source_root / MANIFEST).is_file():
+        m = read_prediction_manifest(source_root, maps)  # refuses maps of two models or of an earlier run
+        return {**m["model"], "settings": m["settings"]}
+    if model_dir is None or source_root.resolve() != Path(SOURCES[source]).resolve():
+        return None  # masks from elsewhere: --model says nothing about them
     ckpt = model_dir / "model.pt"
     if not ckpt.is_file():
         return None
@@ -480,7 +493,8 @@ def export_dataset(
         "splits": splits,
         "batches": [b.name for b in batches],
         "teacher": _teacher_record(teacher_root, [b.name for b in batches]) if teacher_root is not None else None,
-        "model": _model_record(Path(model_dir)) if model_dir is not None and opts.source != "teacher" else None,
+        "model": _model_record(Path(model_dir) if model_dir is not None else None, opts.source, source_root,
+                               [i.label_map for items in by_split.values() for i in items]),
     }
     n_items = sum(len(v) for v in by_split.values())
     _clear_stale_stages(out)
