@@ -228,7 +228,8 @@ def test_params_section_sets_the_options(project: Path) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown source", "missing masks", "wrong-size mask", "out is a file", "foreign folder", "unknown split", "unknown format"],
+    ["unknown source", "missing masks", "wrong-size mask", "out is a file", "foreign folder", "unknown split", "unknown format",
+     "image replaced", "image resized"],
 )
 def test_bad_input_is_one_clear_error_and_writes_nothing(project: Path, case: str) -> None:
     args = ["export", "--out", "data/export"]
@@ -248,6 +249,10 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(project: Path, case: st
         (project / "data/export/coco").mkdir(parents=True)
         (project / "data/export/coco/mine.txt").write_text("keep me")
         expect = "is not a b2p export"
+    elif case.startswith("image"):  # same size: the other picture would be exported with c.png's masks
+        h, w = (H, W) if case == "image replaced" else (H + 8, W)
+        write_png_atomic(project / "raw/images/c.png", np.random.default_rng(9).integers(0, 255, (h, w, 3), dtype=np.uint8))
+        expect = "changed since `b2p import`"
     elif case == "unknown split":
         args += ["--split", "tset"]
         expect = "no images in split(s) ['tset']"
@@ -258,9 +263,62 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(project: Path, case: st
     res = runner.invoke(app, args)
     assert res.exit_code == 1
     assert expect in res.output and "Traceback" not in res.output
+    assert not case.startswith("image") or "c.png" in res.output
     assert len(res.output.strip().splitlines()) <= 2  # one message (a long path may wrap once)
     assert _tree(project) == before  # nothing written, nothing removed
     assert (project / "data/export").exists() == (case in ("out is a file", "foreign folder"))
+
+
+def test_stale_stages_of_a_killed_export_are_removed(project: Path) -> None:
+    out = project / "data/export"
+    for stale in (".coco.k1.building/images", ".semantic.k2.building/img_dir/train", ".yolo.k3.building"):
+        (out / stale).mkdir(parents=True)
+        (out / stale / "half.png").write_bytes(b"half")
+    # killed mid-swap: the old yolo export sits in its .old folder and yolo/ is gone; it goes back
+    (out / ".yolo.k4.old/yolo").mkdir(parents=True)
+    (out / ".yolo.k4.old/yolo/export.json").write_text("{}")
+    (out / ".mine").mkdir()  # not b2p's: kept
+    _export("--format", "coco,semantic")
+    assert sorted(p.name for p in out.iterdir()) == [".mine", "coco", "semantic", "yolo"]
+    assert (out / "yolo/export.json").read_text() == "{}"
+
+
+def _manifest_root(root: Path, *model_shas: str) -> None:
+    """A prediction manifest naming the model(s) that wrote the maps of `root` (one run each, split between them)."""
+    from b2p.student.predict import MANIFEST, PREDICT_FORMAT
+
+    maps = [f"demo/labelmaps/{n}.png" for n in "abcd"]
+    runs = [{"model": {"path": "elsewhere/model.pt", "sha256": sha}, "settings": {"window": 512}, "inputs": {},
+             "maps": maps[i :: len(model_shas)]} for i, sha in enumerate(model_shas)]
+    write_json_atomic(root / MANIFEST, {"b2p_predict": PREDICT_FORMAT, "maps": "boxes", "runs": runs})
+
+
+def test_model_is_recorded_only_for_the_students_own_masks(project: Path) -> None:
+    model = project / "data/models/student"
+    model.mkdir(parents=True)
+    (model / "model.pt").write_bytes(b"weights")
+
+    def recorded(*args: str):
+        _export("--format", "semantic", *args)
+        return json.loads((project / "data/export/semantic/export.json").read_text())["info"]["model"]
+
+    assert recorded()["sha256"] == sha256_file(model / "model.pt")  # default root, no manifest: --model
+    copy = project / "elsewhere"
+    import shutil
+
+    shutil.copytree(project / "data/predict_boxes", copy)
+    assert recorded("--source-root", str(copy)) is None  # --model says nothing about masks from elsewhere
+    _manifest_root(copy, "f" * 64)
+    rec = recorded("--source-root", str(copy))
+    assert rec["sha256"] == "f" * 64 and rec["path"] == "elsewhere/model.pt"  # the model that wrote them
+    res = runner.invoke(app, ["export", "--quiet", "--format", "semantic", "--source-root", str(copy)])
+    assert "elsewhere/model.pt" in res.output
+    # maps of two models in one root: refused before anything is written
+    _manifest_root(copy, "f" * 64, "e" * 64)
+    before = _tree(project / "data/export")
+    res = runner.invoke(app, ["export", "--quiet", "--format", "semantic", "--source-root", str(copy)])
+    assert res.exit_code == 1 and "different models" in res.output and "predict.json" in res.output, res.output
+    assert _tree(project / "data/export") == before
 
 
 def test_teacher_source_records_its_provenance(project: Path) -> None:

@@ -34,7 +34,7 @@ def export(
     images: str = typer.Option(None, "--images", help="copy (default), symlink or hardlink the images into the export."),
     coco_masks: str = typer.Option(None, "--coco-masks", help="COCO segmentation as rle (exact, default) or polygons."),
     teacher_root: Path = typer.Option(Path("data/teach"), "--teacher-root", help="Teacher root, for the provenance record."),
-    model: Path = typer.Option(Path("data/models/student"), "--model", help="Student model folder, for the provenance record."),
+    model: Path = typer.Option(Path("data/models/student"), "--model", help="Student model folder, for the provenance record of student masks read from their default root without a predict.json."),
     params: Path = typer.Option(None, "--params", help="YAML file whose `export:` section sets the options above."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -89,6 +89,6 @@ def export(
     info = first["info"]
     console.print(
         f"masks: {info['source']} ({info['source_root']}); teacher recorded: {'yes' if info['teacher'] else 'no'}; "
-        f"model recorded: {'yes' if info['model'] else 'no'}",
+        f"model: {info['model']['path'] if info['model'] else 'not recorded'}",
         highlight=False,
     )

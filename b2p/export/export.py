@@ -14,8 +14,8 @@ polygons, how well they rasterise back.
 
 Reproducible and all-or-nothing: JSON keys are sorted, nothing carries a time, and every format is built
 in a hidden folder beside its target (each file written atomically) that replaces the old folder only
-after every format has been built; on any error the hidden folders are removed and nothing changes. A
-folder is replaced only if it holds a b2p `export.json`, so an existing folder b2p did not write is
+after every format has been built; on any error the hidden folders are removed and nothing changes (those
+of a killed run are removed by the next). A folder is replaced only if it holds a b2p `export.json`, so an existing folder b2p did not write is
 refused rather than deleted.
 """
 
@@ -48,6 +48,7 @@ SOURCES = {
     "snapped": "data/predict_snap",  # the student alone snapped to the image (b2p predict --snap)
 }
 DEFAULT_SOURCE = "boxes"
+STUDENT_SOURCES = ("boxes", "student", "snapped")  # written by `b2p predict`: a model stands behind them
 FORMATS = ("coco", "yolo", "semantic")
 IMAGE_MODES = ("copy", "symlink", "hardlink")
 COCO_MASKS = ("rle", "polygons")
@@ -126,7 +127,19 @@ def _teacher_record(teacher_root: Path, batches: list[str]) -> dict | None:
     return out or None
 
 
-def _model_record(model_dir: Path) -> dict | None:
+def _model_record(model_dir: Path | None, source: str, source_root: Path, maps: list[Path]) -> dict | None:
+    """The student behind the masks: the one the source root's prediction manifest names (`maps` must all
+    be its run's), else `model_dir` for a student source read from its default root (a root predicted before
+    manifests); None for masks that are not the student's own."""
+    from b2p.student.predict import MANIFEST, read_prediction_manifest
+
+    if source not in STUDENT_SOURCES:
+        return None
+    if (source_root / MANIFEST).is_file():
+        m = read_prediction_manifest(source_root, maps)  # refuses maps of two models or of an earlier run
+        return {**m["model"], "settings": m["settings"]}
+    if model_dir is None or source_root.resolve() != Path(SOURCES[source]).resolve():
+        return None  # masks from elsewhere: --model says nothing about them
     ckpt = model_dir / "model.pt"
     if not ckpt.is_file():
         return None
@@ -146,8 +159,8 @@ def _scores(source_root: Path, batch: str) -> dict[int, float]:
 
 
 def collect_items(batch_files: list[Path], source_root: Path, splits: tuple[str, ...]) -> tuple[ClassList, dict[str, list[ExportItem]], list]:
-    """The images to export by split, each with its label map; every label map must exist (checked here,
-    before anything is written)."""
+    """The images to export by split, each with its label map; every label map must exist and every image
+    be the one imported (sha256; checked here, before anything is written)."""
     batches = load_batches(batch_files)
     classes = class_list_of(batches)
     present = {im.split for b in batches for im in b.images}
@@ -173,6 +186,10 @@ def collect_items(batch_files: list[Path], source_root: Path, splits: tuple[str,
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise B2PError(f"mask source has no label map for {len(missing)} exported image(s){more}", missing[0])
+    from b2p.teach.base import _check_unchanged  # the check teach makes
+
+    for item in (i for items in by_split.values() for i in items):  # a replaced image must not get the old one's masks
+        _check_unchanged(item.record)
     return classes, by_split, batches
 
 
@@ -382,6 +399,20 @@ WRITERS = {"coco": CocoWriter, "yolo": YoloWriter, "semantic": SemanticWriter}
 # --- the job -------------------------------------------------------------------------------------------
 
 
+def _clear_stale_stages(out: Path) -> None:
+    """Remove the hidden folders a killed export left in `out` (only b2p's own names). A `.old` folder still
+    holding a format whose folder is gone was killed mid-swap: that complete export goes back first."""
+    if not out.is_dir():
+        return
+    for fmt in FORMATS:
+        for old in out.glob(f".{fmt}.*.old"):
+            if (old / fmt / MARKER).is_file() and not (out / fmt).exists():
+                os.replace(old / fmt, out / fmt)
+            shutil.rmtree(old, ignore_errors=True)
+        for stage in out.glob(f".{fmt}.*.building"):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _staged(targets: list[Path]) -> Iterator[list[Path]]:
     """Hidden build folders beside `targets`; on success they replace the targets, on error they vanish."""
@@ -462,9 +493,11 @@ def export_dataset(
         "splits": splits,
         "batches": [b.name for b in batches],
         "teacher": _teacher_record(teacher_root, [b.name for b in batches]) if teacher_root is not None else None,
-        "model": _model_record(Path(model_dir)) if model_dir is not None and opts.source != "teacher" else None,
+        "model": _model_record(Path(model_dir) if model_dir is not None else None, opts.source, source_root,
+                               [i.label_map for items in by_split.values() for i in items]),
     }
     n_items = sum(len(v) for v in by_split.values())
+    _clear_stale_stages(out)
     with _staged(targets) as stages:
         writers = [WRITERS[f](s, classes, opts, info) for f, s in zip(dict.fromkeys(opts.formats), stages)]
         need_instances = any(w.needs_instances for w in writers)

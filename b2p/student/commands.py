@@ -113,9 +113,13 @@ def predict(
     With --snap-out ROOT, also the label maps snapped to the image (--snap grabcut: b2p/student/snap.py), in
     the layout of --out; --out always holds the student's own maps. With --snap grabcut, the box-guided
     masks keep the snapped mask's pixels inside each box.
+
+    Every image is checked first (it exists and, for batches, is the one imported); no output folder may lie
+    in, or hold, the images. Each output root gets its new files only once all are built, then predict.json
+    (the model's path and sha256, the settings, the maps written), so a failed run changes nothing.
     """
     from b2p.schema import check_finite
-    from b2p.student.predict import items_from_batches, items_from_folder, run_prediction
+    from b2p.student.predict import check_roots_apart, items_from_batches, items_from_folder, run_prediction
     from b2p.student.snap import SnapSettings, check_snap
 
     check_finite(box_threshold, "--box-threshold")
@@ -124,11 +128,11 @@ def predict(
     if snap != "none" and snap_out is None and boxes_out is None:
         raise B2PError(f"--snap {snap} writes its maps to --snap-out ROOT (or shapes the box-guided ones of --boxes-out): give one")
     snap_settings = SnapSettings(sure=snap_sure)
-    roots = [r for r in (out, boxes_out, snap_out) if r is not None]
-    for root in roots:
+    named = {opt: r for opt, r in (("--out", out), ("--boxes-out", boxes_out), ("--snap-out", snap_out)) if r is not None}
+    for root in named.values():
         if root.exists() and not root.is_dir():
             raise B2PError("is a file; predictions are written into a folder here", root)
-    if len({r.resolve() for r in roots}) < len(roots):
+    if len({r.resolve() for r in named.values()}) < len(named):
         raise B2PError("--out, --boxes-out and --snap-out must be different folders (one would overwrite the other)", snap_out or boxes_out)
     if batch_size < 1:
         raise B2PError(f"--batch-size must be at least 1, got {batch_size}")
@@ -139,8 +143,10 @@ def predict(
         from b2p.ingest.source import list_images
         from b2p.labels import check_label_map_keys
 
+        check_roots_apart(named, images_dir=images)  # else the maps overwrite the images, or are read as images
         check_label_map_keys(list_images(images) if images.is_dir() else [], images)
         items = items_from_folder(images, out, probs, snap_out)
+        inputs = {"images": str(images)}
     else:
         from b2p.project import resolve_batch_files
 
@@ -153,9 +159,12 @@ def predict(
         items = items_from_batches(files, split, out, probs, boxes_out, snap_out)
         if not items:
             raise B2PError(f"the {split} split of the chosen batches holds no images: nothing to predict")
+        check_roots_apart(named, images=[it.image_path for it in items])
+        inputs = {"imported": str(imported), "batches": [f.stem for f in files], "split": split}
+    kinds = {"--out": "student", "--boxes-out": "boxes", "--snap-out": "snapped"}
     res = run_prediction(
         model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap, window=window, tta=tta,
-        snap=snap, snap_settings=snap_settings,
+        snap=snap, snap_settings=snap_settings, roots={kinds[opt]: r for opt, r in named.items()}, inputs=inputs,
     )
     typer.echo(
         f"wrote {res['images']} label maps under {out}" + (f", box-guided ones under {boxes_out}" if boxes_out else "")

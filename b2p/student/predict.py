@@ -22,6 +22,12 @@ annotated images themselves, and it is scored like a teacher (both see the same 
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +35,9 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from b2p.dataset import ImageRecord
 from b2p.errors import B2PError
-from b2p.fileio import atomic_write, read_image
+from b2p.fileio import atomic_write, read_image, read_json, sha256_file, write_json_atomic
 from b2p.labels import label_map_key, label_map_path, write_label_map
 from b2p.student.data import load_batch_files_for_inference, normalise, prepare_image
 from b2p.student.geometry import Geometry
@@ -87,6 +94,7 @@ class PredictItem:
     box_classes: np.ndarray | None = None  # N class ids
     boxed_out: Path | None = None  # box-guided label map
     snapped_out: Path | None = None  # label map snapped to the image (snap.py)
+    record: ImageRecord | None = None  # the import record (batches): the image must still be the one imported
 
 
 def within_boxes(
@@ -163,6 +171,13 @@ def window_of(model: torch.nn.Module, window: int | None = None) -> int:
     return max(c.tile_size, -(-w // c.multiple) * c.multiple)
 
 
+def window_for(model: torch.nn.Module, window: int | None, height: int, width: int) -> int:
+    """The window an HxW image is predicted in: `window_of`, capped by the image's padded model-scale canvas
+    (a window never pads a small or elongated image further), never below the training tile."""
+    c = model.config
+    return max(c.tile_size, min(window_of(model, window), *geometry_of(model, height, width).padded_size(c.tile_size)))
+
+
 def geometry_of(model: torch.nn.Module, height: int, width: int) -> Geometry:
     """The geometry `model` was trained in, for an HxW image."""
     c = model.config
@@ -218,7 +233,7 @@ def _window_logits(
     # the canvas is padded as in training (to at least one tile); the square window never exceeds it, so a
     # large window never pads a small or elongated image further
     canvas, _ = geo.image_to_model(img, min_side=c.tile_size)  # HpxWpx3 uint8: resized, padded
-    tile = max(c.tile_size, min(window_of(model, window), *canvas.shape[:2]))
+    tile = window_for(model, window, *img.shape[:2])
     ov = overlap_px(tile, overlap)
     origins = geo.tile_origins(tile, ov, min_side=c.tile_size)
     ramp = blend_window(tile, ov).to(device)
@@ -286,6 +301,171 @@ def predict_images(
     return [o[0] for o in out], [o[1] for o in out]
 
 
+# Each output root (--out, --boxes-out, --snap-out) says which model wrote it: MANIFEST, written only once
+# every file of a run is in place. A run builds its files in a hidden folder inside each root and moves them
+# in at the end, so a failed or killed run leaves the earlier maps as they were; a kill while moving leaves
+# the root without a manifest, which read_prediction_manifest refuses.
+MANIFEST = "predict.json"
+PREDICT_FORMAT = 1
+STAGE_PREFIX, STAGE_SUFFIX = ".predict.", ".building"
+# the outputs of an item that go to each kind of root
+ROOT_OUTPUTS = {"student": ("label_out", "probs_out"), "boxes": ("boxed_out",), "snapped": ("snapped_out",)}
+MAP_OF = {"student": "label_out", "boxes": "boxed_out", "snapped": "snapped_out"}
+
+
+def check_roots_apart(roots: dict[str, Path], images_dir: Path | None = None, images: Iterable[Path] = ()) -> None:
+    """Refuse an output root (option name -> folder) that is or lies inside the image folder, holds it, or
+    holds an input image: the maps would overwrite the images, or the next run would read them as images."""
+    d = Path(images_dir).resolve() if images_dir is not None else None
+    files = [Path(f).resolve() for f in images]
+    for opt, root in roots.items():
+        r = Path(root).resolve()
+        if d is not None and (r == d or d in r.parents):
+            raise B2PError(
+                f"{opt} is or lies inside the --images folder {images_dir}: the maps would overwrite the images or be "
+                "read as images by the next run; write them elsewhere", root,
+            )
+        if d is not None and r in d.parents:
+            raise B2PError(f"{opt} holds the --images folder {images_dir}: write the maps elsewhere", root)
+        held = next((f for f in files if r in f.parents), None)
+        if held is not None:
+            raise B2PError(f"{opt} holds the input image {held}: the maps would overwrite or mix with the images; write them elsewhere", root)
+
+
+def check_inputs(items: list[PredictItem]) -> None:
+    """Every image exists and, where it was imported, is still the imported one (sha256): all are checked
+    before anything is written, so a replaced image is never predicted with its old boxes."""
+    from b2p.teach.base import _check_unchanged  # the check teach makes
+
+    for it in items:
+        if it.record is not None:
+            _check_unchanged(it.record)
+        elif not Path(it.image_path).is_file():
+            raise B2PError("image file not found", it.image_path)
+
+
+def _outputs(it: PredictItem, kind: str) -> list[Path]:
+    return [Path(p) for p in (getattr(it, a) for a in ROOT_OUTPUTS[kind]) if p is not None]
+
+
+def _default_roots(items: list[PredictItem]) -> dict[str, Path]:
+    """The nearest folder holding all outputs of each kind (callers that name no roots)."""
+    roots = {}
+    for kind in ROOT_OUTPUTS:
+        parents = [str(p.absolute().parent) for it in items for p in _outputs(it, kind)]
+        if parents:
+            roots[kind] = Path(os.path.commonpath(parents))
+    return roots
+
+
+def _relative(path: Path, root: Path) -> Path:
+    try:
+        return Path(path).absolute().relative_to(Path(root).absolute())
+    except ValueError:
+        raise B2PError(f"output lies outside its prediction root {root}", path) from None
+
+
+@contextlib.contextmanager
+def _staged_roots(roots: dict[str, Path]) -> Iterator[dict[str, Path]]:
+    """A hidden build folder in each root (those a killed run left are removed first); on error they vanish,
+    with any output folder this run created."""
+    stages: dict[str, Path] = {}
+    created: list[Path] = []
+    try:
+        for kind, root in roots.items():
+            for stale in root.glob(f"{STAGE_PREFIX}*{STAGE_SUFFIX}") if root.is_dir() else []:
+                shutil.rmtree(stale, ignore_errors=True)
+            created += [p for p in [root, *root.parents] if not p.exists()]
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise B2PError("cannot create this folder: a file of that name is in the way", root) from None
+            stages[kind] = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=STAGE_SUFFIX, dir=root))
+        yield stages
+    except BaseException:
+        for s in stages.values():
+            shutil.rmtree(s, ignore_errors=True)
+        for p in sorted(created, key=lambda p: len(p.parts), reverse=True):  # deepest first; only empty ones go
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+def _merged_manifest(root: Path, kind: str, run: dict) -> dict:
+    """The root's manifest with `run` added: earlier runs keep only the maps this run did not replace."""
+    old = []
+    with contextlib.suppress(B2PError, AttributeError, TypeError):  # unreadable: its maps count as unrecorded
+        old = [r for r in read_json(root / MANIFEST, "prediction manifest").get("runs", []) if isinstance(r, dict)]
+    new = set(run["maps"])
+    runs = []
+    for r in old:
+        kept = [m for m in r.get("maps", []) if m not in new]
+        if kept:
+            runs.append({**r, "maps": kept})
+    return {"b2p_predict": PREDICT_FORMAT, "maps": kind, "runs": [*runs, run]}
+
+
+def _run_key(run: dict) -> str:
+    return json.dumps([run["model"]["sha256"], run["settings"]], sort_keys=True)
+
+
+def _commit(roots: dict[str, Path], stages: dict[str, Path], runs: dict[str, dict]) -> dict[str, dict]:
+    """Move every staged file into its root and write each root's manifest; returns the manifests."""
+    manifests = {k: _merged_manifest(roots[k], k, runs[k]) for k in roots}  # read before any manifest goes
+    for root in roots.values():
+        (root / MANIFEST).unlink(missing_ok=True)  # from here until the new manifest, the root reads as unfinished
+    for kind, root in roots.items():
+        stage = stages[kind]
+        for f in sorted(stage.rglob("*")):
+            if f.is_file():
+                dst = root / f.relative_to(stage)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dst)
+        shutil.rmtree(stage)
+    for kind, root in roots.items():
+        write_json_atomic(root / MANIFEST, manifests[kind])
+    return manifests
+
+
+def read_prediction_manifest(root: str | Path, maps: Iterable[str | Path] | None = None, probs: bool = False) -> dict:
+    """The manifest of a finished prediction root (MANIFEST), for stages that read its maps.
+
+    Refused (B2PError naming the file) when there is none (predict did not finish writing the root, or an
+    older b2p wrote it), when its maps come from runs with different models or settings, or when one of
+    `maps` (label-map paths under `root`) was not written by a recorded run (with `probs`: or was written
+    without its probabilities). Returns the manifest with the one `model` ({path, sha256}) and `settings`.
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise B2PError(
+            f"no {MANIFEST}: `b2p predict` did not finish writing this root (or an older b2p wrote it); run `b2p predict` again", root
+        )
+    m = read_json(path, "prediction manifest")
+    try:
+        runs = m["runs"]
+        keys = {_run_key(r) for r in runs}
+        recorded = {mp: r for r in runs for mp in r["maps"]}
+        ok = m["b2p_predict"] == PREDICT_FORMAT and len(runs) > 0
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise B2PError(f"not a b2p prediction manifest of format {PREDICT_FORMAT}; run `b2p predict` again", path)
+    if len(keys) > 1:
+        models = sorted({r["model"]["path"] for r in runs})
+        raise B2PError(
+            f"the maps here come from {len(runs)} predict runs with different models or settings ({', '.join(models)}): "
+            "predict every split again with one model", path,
+        )
+    for mp in maps or ():
+        r = recorded.get(Path(os.path.relpath(Path(mp).absolute(), root.absolute())).as_posix())
+        if r is None:
+            raise B2PError(f"label map not written by the predict run recorded in {path} (left from an earlier run?): predict its split again", mp)
+        if probs and not r.get("probs"):
+            raise B2PError(f"predicted without --probs (run recorded in {path}): predict its split again with --probs", mp)
+    return {**m, "model": runs[0]["model"], "settings": runs[0]["settings"]}
+
+
 def run_prediction(
     model_dir: str | Path,
     items: list[PredictItem],
@@ -299,11 +479,18 @@ def run_prediction(
     tta: str = "none",
     snap: str = "none",
     snap_settings: SnapSettings | None = None,
+    roots: dict[str, Path] | None = None,
+    inputs: dict | None = None,
 ) -> dict:
     """Predict every item and write its label map (and probabilities when `probs_out` is set, the
     box-guided label map when `boxed_out` is set, and the label map snapped to the image by `snap` when
     `snapped_out` is set: snap.py; with snap "none" that map is the student's own). With a snap, the
-    box-guided maps are cut from the snapped mask too. Images one at a time, `tile_batch` tiles per pass."""
+    box-guided maps are cut from the snapped mask too. Images one at a time, `tile_batch` tiles per pass.
+
+    `roots` ("student", "boxes", "snapped" -> folder; default: the nearest folder holding each kind's
+    outputs) get their files all at once at the end, and a MANIFEST naming the model, the settings, the
+    maps and `inputs` (what was predicted). Every image is checked (exists, unchanged since import) first.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from b2p.student.checkpoint import load_student
@@ -317,13 +504,22 @@ def run_prediction(
     check_tta(tta)
     check_snap(snap)
     snap_settings = snap_settings or SnapSettings()
+    roots = {k: Path(v) for k, v in (roots or _default_roots(items)).items()}
+    for it in items:  # every output inside its root, before anything is written
+        for kind in roots:
+            for p in _outputs(it, kind):
+                _relative(p, roots[kind])
+    check_inputs(items)
     dev = pick_device(device)
     model, ck = load_student(model_dir, dev)
+    model_rec = {"path": ck["path"], "sha256": sha256_file(ck["path"])}
     c = model.config
+    legacy = c.legacy_input_size is not None
+    nominal = None if legacy else window_of(model, window)
     how = (
         f"LEGACY square {c.legacy_input_size} px (version-1 model)"
-        if c.legacy_input_size is not None
-        else f"windows {window_of(model, window)} px (trained on {c.tile_size} px tiles), overlap {overlap:g}, scale {c.scale:g}" + (f", max side {c.max_side}" if c.max_side else "")
+        if legacy
+        else f"windows up to {nominal} px (trained on {c.tile_size} px tiles), overlap {overlap:g}, scale {c.scale:g}" + (f", max side {c.max_side}" if c.max_side else "")
     ) + ("" if tta == "none" else f"; TTA {tta} (x{len(TTA_MODES[tta])} the time)")
     if snap != "none":
         how += f"; snapped to the image: {snap} (sure at p >= {snap_settings.sure:g})"
@@ -331,30 +527,61 @@ def run_prediction(
         how += "; snap none: the snapped maps are the student's own"
     console.print(f"student from {ck['path']}: backbone {describe_backbone(model)}; {len(items)} images on {dev}; {how}")
     n_defect_px = rescued = n_boxes = n_snapped = n_unsnapped = 0
-    with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=not progress) as bar:
-        task = bar.add_task("predict", total=len(items))
-        for it in items:
-            img = read_image(it.image_path)
-            lm, pr = predict_image(model, img, dev, overlap, tile_batch, window, tta)
-            write_label_map(it.label_out, lm)
-            snapped = None
-            if snap == "grabcut" and (it.snapped_out is not None or it.boxed_out is not None):
-                snapped, ok = snap_grabcut(img, pr, snap_settings)
-                n_snapped += ok
-                n_unsnapped += not ok
-            if it.snapped_out is not None:
-                write_label_map(it.snapped_out, lm if snapped is None else snapped)
-            n_defect_px += int(np.count_nonzero(lm))
-            if it.boxed_out is not None:
-                # snapped: each box keeps the snapped mask's pixels (the box threshold then plays no part)
-                defect = None if snapped is None else snapped > 0
-                boxed, r = within_boxes(1.0 - pr[0], it.boxes_xyxy, it.box_classes, box_threshold, defect=defect)
-                write_label_map(it.boxed_out, boxed)
-                rescued += r
-                n_boxes += len(it.box_classes)
-            if it.probs_out is not None:
-                write_probs(it.probs_out, pr, ["background", *ck["class_names"]])
-            bar.advance(task)
+    used_windows: set[int] = set()
+    with _staged_roots(roots) as stages:
+
+        def staged(kind: str, path: Path) -> Path:
+            return stages[kind] / _relative(path, roots[kind])
+
+        with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=not progress) as bar:
+            task = bar.add_task("predict", total=len(items))
+            for it in items:
+                img = read_image(it.image_path)
+                if not legacy:
+                    used_windows.add(window_for(model, window, *img.shape[:2]))
+                lm, pr = predict_image(model, img, dev, overlap, tile_batch, window, tta)
+                write_label_map(staged("student", it.label_out), lm)
+                snapped = None
+                if snap == "grabcut" and (it.snapped_out is not None or it.boxed_out is not None):
+                    snapped, ok = snap_grabcut(img, pr, snap_settings)
+                    n_snapped += ok
+                    n_unsnapped += not ok
+                if it.snapped_out is not None:
+                    write_label_map(staged("snapped", it.snapped_out), lm if snapped is None else snapped)
+                n_defect_px += int(np.count_nonzero(lm))
+                if it.boxed_out is not None:
+                    # snapped: each box keeps the snapped mask's pixels (the box threshold then plays no part)
+                    defect = None if snapped is None else snapped > 0
+                    boxed, r = within_boxes(1.0 - pr[0], it.boxes_xyxy, it.box_classes, box_threshold, defect=defect)
+                    write_label_map(staged("boxes", it.boxed_out), boxed)
+                    rescued += r
+                    n_boxes += len(it.box_classes)
+                if it.probs_out is not None:
+                    write_probs(staged("student", it.probs_out), pr, ["background", *ck["class_names"]])
+                bar.advance(task)
+        student = {"window": nominal, "overlap": overlap, "tta": tta} if not legacy else {"legacy_input_size": c.legacy_input_size, "tta": tta}
+        snapping = {"snap": snap, **({"snap_sure": snap_settings.sure} if snap != "none" else {})}
+        settings = {"student": student, "snapped": {**student, **snapping}, "boxes": {**student, **snapping, "box_threshold": box_threshold}}
+        runs = {
+            kind: {
+                "model": model_rec, "settings": settings[kind], "inputs": inputs or {},
+                **({"probs": any(it.probs_out is not None for it in items)} if kind == "student" else {}),
+                "maps": sorted(_relative(getattr(it, MAP_OF[kind]), root).as_posix() for it in items if getattr(it, MAP_OF[kind]) is not None),
+            }
+            for kind, root in roots.items()
+        }
+        manifests = _commit(roots, stages, runs)
+    if used_windows and used_windows != {nominal}:
+        console.print(
+            f"windows used: {', '.join(str(w) for w in sorted(used_windows))} px (a window never exceeds the image's "
+            f"padded side at model scale; asked {nominal} px)"
+        )
+    for kind, m in manifests.items():
+        if len({_run_key(r) for r in m["runs"]}) > 1:
+            console.print(
+                f"[yellow]{roots[kind]} now holds maps of {len(m['runs'])} predict runs with different models or settings: "
+                "predict every split again with one model before using it[/]"
+            )
     if n_boxes:
         console.print(
             f"box-guided masks for {n_boxes} boxes; {rescued} boxes had no pixel above p(defect) {box_threshold} "
@@ -367,7 +594,7 @@ def run_prediction(
         )
     return {
         "images": len(items), "defect_pixels": n_defect_px, "model": ck["path"], "boxes": n_boxes, "boxes_rescued": rescued,
-        "snapped": n_snapped, "unsnapped": n_unsnapped,
+        "snapped": n_snapped, "unsnapped": n_unsnapped, "windows": sorted(used_windows),
     }
 
 
@@ -391,7 +618,7 @@ def items_from_batches(
         pp = Path(out_root) / rec.batch / "probs" / f"{label_map_key(rec.file_name)}.npz" if probs else None
         bp = label_map_path(boxed_root, rec.batch, rec.file_name) if boxed_root is not None else None
         sp = label_map_path(snapped_root, rec.batch, rec.file_name) if snapped_root is not None else None
-        out.append(PredictItem(rec.path, lp, pp, rec.boxes_xyxy(), rec.box_class_ids(), bp, sp))
+        out.append(PredictItem(rec.path, lp, pp, rec.boxes_xyxy(), rec.box_class_ids(), bp, sp, record=rec))
     return out
 
 

@@ -1,0 +1,178 @@
+"""`b2p predict` against hostile input: it never writes into its own input, never predicts an image that
+changed since import, and a prediction root says which model wrote it (predict.json) and is never left
+half-replaced. Tiny 32-px images and a random 4-channel U-Net: seconds on a CPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from b2p.cli import app
+from b2p.errors import B2PError
+from b2p.fileio import sha256_file, write_png_atomic
+from b2p.labels import label_map_path
+from conftest import make_synthetic_batch
+
+runner = CliRunner()
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _tree(*roots: Path) -> dict[Path, bytes]:
+    """Every file under the given folders with its bytes (what a refused run must not change)."""
+    return {p: p.read_bytes() for r in roots if r.is_dir() for p in sorted(r.rglob("*")) if p.is_file()}
+
+
+def _model(path: Path, seed: int = 0) -> Path:
+    import torch
+
+    from b2p.student.checkpoint import save_checkpoint
+    from b2p.student.model import StudentConfig, build_model
+
+    torch.manual_seed(seed)
+    cfg = StudentConfig(num_classes=3, arch="unet", unet_base=4, tile_size=32)
+    model = build_model(cfg)
+    save_checkpoint(path / "model.pt", cfg, ["crack", "spot"], model.provenance, model.state_dict())
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> dict:
+    batch_file, _ = make_synthetic_batch(tmp_path, n_images=3, size=32)
+    p = {"root": tmp_path, "imported": batch_file.parent, "images": tmp_path / "raw" / "b1" / "images",
+         "model": _model(tmp_path / "m1"), "pred": tmp_path / "pred"}
+    r = _predict(p, p["model"], "--boxes-out", tmp_path / "boxes", "--probs")
+    assert r.exit_code == 0, r.output
+    return p
+
+
+def _predict(p: dict, model: Path, *extra):
+    return _cli("predict", "--model", model, "--imported", p["imported"], "--split", "all", "--out", p["pred"], "--device", "cpu", *extra)
+
+
+def _maps(p: dict, root: Path) -> list[Path]:
+    return [label_map_path(root, "b1", f"img_{i:03d}.png") for i in range(3)]
+
+
+# --- 1. outputs never inside the input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["--out = the folder", "--out inside", "--snap-out inside", "--out holds it"])
+def test_output_root_in_or_around_the_image_folder_is_refused(project, where):
+    free = project["root"] / "free"
+    shutil.copytree(project["images"], free)
+    out = {"--out = the folder": free, "--out inside": free / "pred", "--out holds it": project["root"]}.get(where, project["root"] / "o")
+    extra = ["--snap-out", free / "snap"] if where == "--snap-out inside" else []
+    before = _tree(project["root"])
+    r = _cli("predict", "--model", project["model"], "--images", free, "--out", out, "--device", "cpu", *extra)
+    assert r.exit_code == 1, r.output
+    assert "--images folder" in r.output and ("--snap-out" if extra else "--out") in r.output, r.output
+    assert _tree(project["root"]) == before  # the images untouched, nothing written
+
+
+def test_batch_output_root_holding_the_input_images_is_refused(project):
+    before = _tree(project["root"])
+    r = _cli("predict", "--model", project["model"], "--imported", project["imported"], "--split", "all",
+             "--out", project["images"].parent, "--device", "cpu")
+    assert r.exit_code == 1 and "holds the input image" in r.output and "img_000.png" in r.output, r.output
+    assert _tree(project["root"]) == before
+
+
+# --- 2. an image changed since import is refused before anything is written ----------------------------------
+
+
+@pytest.mark.parametrize("change", ["replaced, same size", "resized", "deleted"])
+def test_image_changed_since_import_is_refused_before_writing(project, change):
+    img = project["images"] / "img_002.png"  # the last one: a file-by-file writer would have written the others
+    if change == "deleted":
+        img.unlink()
+    else:
+        side = 32 if change.startswith("replaced") else 48
+        write_png_atomic(img, np.random.default_rng(5).integers(0, 255, (side, side, 3), dtype=np.uint8))
+    before = _tree(project["pred"], project["root"] / "boxes")
+    r = _predict(project, _model(project["root"] / "m2", seed=1), "--boxes-out", project["root"] / "boxes", "--probs")
+    assert r.exit_code == 1, r.output
+    assert "img_002.png" in r.output, r.output
+    assert ("not found" if change == "deleted" else "changed since `b2p import`") in r.output, r.output
+    assert _tree(project["pred"], project["root"] / "boxes") == before
+
+
+# --- 3. the manifest: which model wrote a root; a failed run changes nothing ---------------------------------
+
+
+def test_manifest_names_the_model_and_a_second_model_on_one_split_is_refused_downstream(project):
+    from b2p.student.predict import read_prediction_manifest
+
+    m = read_prediction_manifest(project["pred"], _maps(project, project["pred"]), probs=True)
+    assert m["model"]["sha256"] == sha256_file(project["model"] / "model.pt") and m["maps"] == "student"
+    assert m["runs"][0]["inputs"]["split"] == "all" and len(m["runs"][0]["maps"]) == 3
+    assert read_prediction_manifest(project["root"] / "boxes")["settings"]["box_threshold"] == 0.5
+    # a second model on the test split only: the root now mixes two models
+    m2 = _model(project["root"] / "m2", seed=1)
+    r = _predict(project, m2, "--split", "test")
+    assert r.exit_code == 0 and "different models" in r.output, r.output
+    with pytest.raises(B2PError, match="2 predict runs with different models"):
+        read_prediction_manifest(project["pred"])
+    # every split again with the second model: one model again; without --probs, probabilities are refused
+    assert _predict(project, m2).exit_code == 0
+    m = read_prediction_manifest(project["pred"], _maps(project, project["pred"]))
+    assert m["model"]["sha256"] == sha256_file(m2 / "model.pt") and len(m["runs"]) == 1
+    with pytest.raises(B2PError, match="without --probs"):
+        read_prediction_manifest(project["pred"], _maps(project, project["pred"]), probs=True)
+    stray = project["pred"] / "b1" / "labelmaps" / "other.png"
+    with pytest.raises(B2PError, match="not written by the predict run"):
+        read_prediction_manifest(project["pred"], [stray])
+
+
+def test_a_run_that_fails_midway_leaves_the_root_as_it_was(project, monkeypatch):
+    import b2p.student.predict as predict
+
+    calls = {"n": 0}
+    real = predict.write_probs
+
+    def dies_on_the_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # what Ctrl-C does; kill -9 is the stale-stage case below
+        real(*a, **k)
+
+    monkeypatch.setattr(predict, "write_probs", dies_on_the_third)
+    before = _tree(project["pred"], project["root"] / "boxes")
+    with pytest.raises(KeyboardInterrupt):
+        predict.run_prediction(
+            _model(project["root"] / "m2", seed=1), predict.items_from_batches([project["imported"] / "b1.json"], "all", project["pred"], True,
+                                                                                project["root"] / "boxes"),
+            device="cpu", progress=False, roots={"student": project["pred"], "boxes": project["root"] / "boxes"},
+        )
+    assert _tree(project["pred"], project["root"] / "boxes") == before  # old maps, old manifest, no stage left
+
+
+def test_stale_stage_of_a_killed_run_is_removed_and_an_unfinished_root_refused(project):
+    from b2p.student.predict import MANIFEST, read_prediction_manifest
+
+    stale = project["pred"] / ".predict.abc123.building" / "b1" / "labelmaps"
+    stale.mkdir(parents=True)
+    (stale / "img_000.png").write_bytes(b"half")
+    mine = project["pred"] / ".mine"
+    mine.mkdir()
+    assert _predict(project, project["model"]).exit_code == 0
+    assert not stale.parent.parent.exists() and mine.is_dir()
+    # killed while moving files in: the manifest is gone until the end, so the root reads as unfinished
+    (project["pred"] / MANIFEST).unlink()
+    with pytest.raises(B2PError, match="did not finish"):
+        read_prediction_manifest(project["pred"])
+
+
+# --- 5. the log says the window actually used ------------------------------------------------------------------
+
+
+def test_window_larger_than_the_image_is_logged_as_used(project):
+    r = _predict(project, project["model"], "--window", "1000")
+    assert r.exit_code == 0, r.output
+    assert "windows used: 32 px" in r.output and "asked 1000 px" in r.output, r.output
