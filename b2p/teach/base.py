@@ -373,9 +373,9 @@ def check_teacher_root(teacher_root: str | Path, batch: Batch) -> None:
     if other:
         more = f" (and {len(other) - 1} more of {len(batch.images)})" if len(other) > 1 else ""
         raise B2PError(
-            f"these masks were made for other images than batch {batch.name!r} holds now: image {other[0]!r}{more} "
-            f"differs from the one the masks were made from (another dataset, or re-imported since); "
-            f"make them again for this batch (`b2p teach {batch.path}`, or `b2p finalize` into this root)",
+            f"these masks were made for other images than batch {batch.name!r} holds: {other[0]!r}{more} has other "
+            f"pixels (another dataset, or re-imported since); make them again for this batch (`b2p teach {batch.path}`, "
+            "or `b2p finalize` for final masks)",
             where[other[0]],
         )
 
