@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
 import struct
 import tempfile
 import warnings
@@ -78,6 +79,64 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_dirs(targets: list[Path]) -> Iterator[list[Path]]:
+    """Hidden build folders beside `targets` (one each); when the block succeeds each replaces its target
+    whole, on any error (or a kill) they vanish and the targets stay as they were.
+
+    For an output folder that must always be one run's output (a kill half-way must not leave new files
+    beside old ones). The swap is two renames per target: a kill between them leaves the target missing,
+    never mixed (the old folder is then in a hidden `.NAME.*.old` beside it).
+    """
+    stages: list[Path] = []
+    created = list(dict.fromkeys(p for t in targets for p in [t.parent, *t.parent.parents] if not p.exists()))  # deepest first
+    try:
+        for t in targets:
+            try:
+                t.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise B2PError("cannot create this folder: a file of that name is in the way", t.parent) from None
+            stages.append(Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".building", dir=t.parent)))
+        yield stages
+    except BaseException:
+        for s in stages:
+            shutil.rmtree(s, ignore_errors=True)
+        for p in created:  # leave no empty output folder behind either
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+    for t, s in zip(targets, stages):
+        make_dir_like_mkdir(s)
+        old = None
+        if t.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".old", dir=t.parent))
+            os.replace(t, old / t.name)
+        os.replace(s, t)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_separate_folders(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output folder that is, holds or lies inside an input folder or another output: writing it
+    would overwrite or delete what the run reads or writes. Keys are the options' names (shown in the
+    message); None entries are skipped. Call it before anything is read or written."""
+    outs = [(n, Path(f)) for n, f in outputs.items() if f is not None]
+    ins = [(n, Path(f)) for n, f in inputs.items() if f is not None]
+    for i, (a, pa) in enumerate(outs):
+        ra = pa.resolve()
+        for b, pb in outs[i + 1 :] + ins:
+            rb = pb.resolve()
+            if ra == rb:
+                how = "is the same folder as"
+            elif rb in ra.parents:
+                how = "lies inside"
+            elif ra in rb.parents:
+                how = "holds"
+            else:
+                continue
+            raise B2PError(f"{a} {how} {b} ({pb}): writing it would overwrite what this run reads or writes; give {a} a folder of its own", pa)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -221,3 +221,133 @@ def test_a_missing_probabilities_file_stops_before_any_mask_is_written(tmp_path)
     assert r.exit_code == 1 and last_test.file_name.rsplit(".", 1)[0] in r.output and "b2p predict --probs" in r.output
     after = {f: f.read_bytes() for f in sorted((tmp_path / "final").rglob("*")) + sorted((tmp_path / "alone").rglob("*")) if f.is_file()}
     assert after == before
+
+
+def _new_probs(root: Path, batch_file: Path, truth: dict[str, np.ndarray], names=("background", "crack", "spot")) -> None:
+    """A sure student in the current probs format (class names stored)."""
+    from b2p.student.predict import write_probs
+
+    for im in load_batch(batch_file).images:
+        p = np.where(truth[im.file_name] > 0, 0.9, 0.05).astype(np.float32)
+        extra = [np.zeros_like(p)] * (len(names) - 3)
+        write_probs(probs_path(root, im.batch, im.file_name), np.stack([1 - p, p / 2, p / 2, *extra]), list(names))
+
+
+def _files(*roots: Path) -> dict[Path, bytes]:
+    return {f: f.read_bytes() for r in roots for f in sorted(r.rglob("*")) if f.is_file()}
+
+
+def test_an_output_overlapping_an_input_or_the_other_output_is_refused_before_anything_is_written(tmp_path):
+    """`--out P` over `--probs P`, the README's old round-2 recipe (`--teacher-root data/final` with the
+    default `--out data/final`), nested folders, and `--out` over a folder finalize did not write."""
+    batch_file, truth = make_synthetic_batch(tmp_path, n_images=6, size=48, seed=1, manual_every=2, calib=0.5)
+    pred, final = tmp_path / "pred", tmp_path / "final"
+    _new_probs(pred, batch_file, truth)
+    base = ["finalize", "--imported", str(batch_file.parent), "--quiet"]
+    assert runner.invoke(app, [*base, "--probs", str(pred), "--out", str(final)]).exit_code == 0
+    before = _files(pred, final)
+    for extra, says in [
+        (["--probs", str(pred), "--out", str(pred)], "--out is the same folder as --probs"),
+        (["--probs", str(pred), "--out", str(pred / "b1" / "final")], "--out lies inside --probs"),
+        (["--probs", str(pred / "b1"), "--out", str(pred)], "--out holds --probs"),
+        (["--probs", str(pred), "--teacher-root", str(final), "--out", str(final)], "--out is the same folder as --teacher-root"),
+        (["--probs", str(pred), "--out", str(tmp_path / "f2"), "--student-out", str(tmp_path / "f2")], "--out is the same folder as --student-out"),
+        (["--probs", str(pred), "--out", str(tmp_path / "f2"), "--student-out", str(final)], "holds b1/provenance.json, which finalize does not write"),
+        (["--probs", str(pred), "--out", str(tmp_path / "f2"), "--student-out", str(tmp_path / "f2" / "alone")], "--out holds --student-out"),
+        (["--probs", str(pred), "--out", str(batch_file.parent)], "finalize does not write"),
+    ]:
+        r = runner.invoke(app, [*base, *extra])
+        assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, (extra, r.output)
+    assert _files(pred, final) == before and not (tmp_path / "f2").exists()
+    assert load_batch(batch_file).name == "b1"  # the batch file is untouched too
+    # round 2 done right: blended with round 1, written beside it
+    r = runner.invoke(app, [*base, "--probs", str(pred), "--teacher-root", str(final), "--out", str(tmp_path / "final2")])
+    assert r.exit_code == 0, r.output
+
+
+def test_probabilities_of_another_class_list_are_refused_naming_the_file(tmp_path):
+    """A model with another class order or more classes: ids would mean other classes (exit 0 and wrong
+    --student-out masks before); one error naming the probs file, nothing written. A model whose list is
+    a prefix of the batches' (classes appended since) is fine."""
+    batch_file, truth = make_synthetic_batch(tmp_path, n_images=6, size=48, seed=2, manual_every=2, calib=0.5)
+    args = ["finalize", "--imported", str(batch_file.parent), "--probs", str(tmp_path / "pred"), "--out", str(tmp_path / "final"),
+            "--student-out", str(tmp_path / "alone"), "--quiet"]
+    im = load_batch(batch_file).split("test", "train")[-1]
+    for names in (("background", "spot", "crack"), ("background", "crack", "spot", "dent")):
+        _new_probs(tmp_path / "pred", batch_file, truth)
+        _new_probs(tmp_path / "wrong", batch_file, truth, names)
+        bad = probs_path(tmp_path / "wrong", "b1", im.file_name)
+        bad.replace(probs_path(tmp_path / "pred", "b1", im.file_name))
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1 and str(probs_path(tmp_path / "pred", "b1", im.file_name)) in r.output and "crack" in r.output, r.output
+        assert not (tmp_path / "final").exists() and not (tmp_path / "alone").exists()
+    # wrong size, met late before: refused up front too
+    _new_probs(tmp_path / "pred", batch_file, truth)
+    from b2p.student.predict import write_probs
+
+    write_probs(probs_path(tmp_path / "pred", "b1", im.file_name), np.full((3, 8, 8), 1 / 3, np.float32), ["background", "crack", "spot"])
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and "expected (K+1)x48x48" in r.output and im.file_name.rsplit(".", 1)[0] in r.output
+    # a prefix of the batches' list: accepted
+    for f in (tmp_path / "pred").rglob("*.npz"):
+        f.unlink()
+    for i in load_batch(batch_file).images:
+        p = np.where(truth[i.file_name] == 1, 0.9, 0.05).astype(np.float32)
+        write_probs(probs_path(tmp_path / "pred", "b1", i.file_name), np.stack([1 - p, p]), ["background", "crack"])
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+
+
+def test_finalize_is_all_or_nothing_and_an_output_root_is_one_runs_output(tmp_path, monkeypatch):
+    """A failure (or a kill -9) half-way through the writing leaves the previous outputs byte-identical;
+    a run with --split replaces the output roots whole: they then hold that split's images only."""
+    import subprocess
+    import sys
+
+    import b2p.finalize.final as final_mod
+
+    batch_file, truth = make_synthetic_batch(tmp_path, n_images=8, size=48, seed=3, manual_every=2, calib=0.5)
+    _new_probs(tmp_path / "pred", batch_file, truth)
+    final, alone = tmp_path / "final", tmp_path / "alone"
+    kw = dict(progress=False, student_out=alone, student_snap=False)
+    finalize([batch_file], tmp_path / "pred", final, **kw)
+    before = _files(final, alone)
+    _new_probs(tmp_path / "pred", batch_file, {k: np.zeros_like(v) for k, v in truth.items()})  # another student
+
+    calls = []
+    real = final_mod.write_label_map
+
+    def fail_late(path, lm):
+        calls.append(path)
+        if len(calls) == 7:
+            raise OSError("disk full")
+        real(path, lm)
+
+    monkeypatch.setattr(final_mod, "write_label_map", fail_late)
+    try:
+        finalize([batch_file], tmp_path / "pred", final, **kw)
+        raise AssertionError("the failure was not raised")
+    except OSError:
+        pass
+    monkeypatch.undo()
+    assert _files(final, alone) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no build folder left
+
+    # a kill -9 in the middle of the writing: the old outputs are still whole
+    script = (
+        "import os, sys; import b2p.finalize.final as f; n = [0]; real = f.write_label_map\n"
+        "def die(p, lm):\n    n[0] += 1\n    real(p, lm)\n    n[0] == 5 and os._exit(137)\n"
+        "f.write_label_map = die\n"
+        f"f.finalize([{str(batch_file)!r}], {str(tmp_path / 'pred')!r}, {str(final)!r}, progress=False, student_out={str(alone)!r}, student_snap=False)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 137, r.stderr
+    assert _files(final, alone) == before
+
+    # --split test: the roots hold the test images only (the other images' old masks are gone, not left stale)
+    finalize([batch_file], tmp_path / "pred", final, splits="test", **kw)
+    batch = load_batch(batch_file)
+    for root in (final, alone):
+        assert {p.name for p in (root / "b1" / "labelmaps").iterdir()} == {f"{im.file_name.rsplit('.', 1)[0]}.png" for im in batch.split("test")}
+    prov = json.loads((final / "b1" / "provenance.json").read_text())
+    assert prov["splits"] == ["test"] and set(prov["image_sha256"]) == {im.file_name for im in batch.split("test")}

@@ -294,3 +294,33 @@ def test_main_pipeline_fresh_noop_param_change_and_add_batch(tmp_path: Path, mon
     m2 = json.loads((root / "data/eval/metrics.json").read_text())
     assert m2["student"]["images"] > m["student"]["images"]  # the new batch's test images are scored too
     assert stages_run(dvc(root, "repro")) == []
+
+
+# --- malformed metrics files: one line naming the file, never a traceback ----------------------------------
+
+
+@pytest.mark.parametrize("metrics", [{"rules": 5}, [1], {"rules": {"box": 3}}, {"rules": {"box": {"epoch": "1", "score": 0.5, "file": "model.pt"}}},
+                                     {"rules": {"box": {"epoch": 1, "score": 0.5, "file": "../../elsewhere.pt"}}}])
+def test_suite_select_refuses_a_malformed_training_metrics_file(tmp_path: Path, synthetic_batch, metrics) -> None:
+    batch_file, _ = synthetic_batch
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "metrics.json").write_text(json.dumps(metrics))
+    r = runner.invoke(app, ["suite-select", str(tmp_path / "m"), "--imported", str(batch_file.parent), "--out", str(tmp_path / "s.json")])
+    assert r.exit_code == 1 and "Traceback" not in r.output and not (tmp_path / "s.json").exists(), r.output
+    assert str(tmp_path / "m") in r.output and ("metrics.json" in r.output or "escapes" in r.output), r.output
+
+
+@pytest.mark.parametrize("section", [{"student": 3}, {"student": {"miou": 0.5}, "teacher": [1]}, {"student": {"miou": "high"}},
+                                     {"student": {"miou": 0.5}, "student_boxes": "x"}])
+def test_bench_report_refuses_a_malformed_evaluate_metrics_file(tmp_path: Path, section) -> None:
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(section))
+    r = runner.invoke(app, ["bench-report", str(tmp_path / "eval"), "--out", str(tmp_path / "res")])
+    assert r.exit_code == 1 and str(tmp_path / "eval" / "metrics.json") in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "res").exists()
+    # a training metrics.json that is no object: refused the same way
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"student": {"miou": 0.5}}))
+    (tmp_path / "models").mkdir(exist_ok=True)
+    (tmp_path / "models" / "metrics.json").write_text("[1]")
+    r = runner.invoke(app, ["bench-report", str(tmp_path / "eval"), "--models", str(tmp_path / "models"), "--out", str(tmp_path / "res")])
+    assert r.exit_code == 1 and str(tmp_path / "models" / "metrics.json") in r.output, r.output

@@ -582,3 +582,55 @@ def test_every_rules_epoch_is_kept_and_scored_on_test_as_evaluate_scores_it(taug
     assert r.exit_code == 1 and "retrain" in r.output and "metrics.json" in r.output and res_file.read_bytes() == before
     r = runner.invoke(app, ["suite-select", str(out), "--imported", str(path.parent), "--split", "val", "--out", str(res_file)])
     assert r.exit_code == 1 and "has a manual mask" in r.output and res_file.read_bytes() == before
+
+
+def test_a_model_folder_is_always_one_trainings_output(taught, tmp_path: Path, monkeypatch):
+    """train replaces its folder whole: a kill -9 right after model.pt is written (the audit's
+    kill_after_model.py) or an error before metrics.json leaves the earlier model, metrics.json and rules/
+    byte-identical; a folder holding files train does not write, or the teacher root, is refused before
+    any training."""
+    import subprocess
+    import sys
+
+    import b2p.student.train as train_mod
+    from b2p.errors import B2PError
+
+    path, teach, _ = taught
+    out = tmp_path / "m"
+    kw = dict(epochs=2, select="pseudo", keep_rule_models=True)
+    train_student([path], teach, out, tiny_params(**kw), progress=False)
+    before = {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+    assert out / "metrics.json" in before and out / "curves.csv" in before
+
+    script = (
+        f"import os, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import b2p.student.train as t\nfrom test_student import tiny_params\nreal = t.save_checkpoint\n"
+        "def die(p, *a, **k):\n    real(p, *a, **k)\n    str(p).endswith('model.pt') and os._exit(137)\n"
+        "t.save_checkpoint = die\n"
+        f"t.train_student([{str(path)!r}], {str(teach)!r}, {str(out)!r}, tiny_params(epochs=1, seed=5), progress=False)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 137, r.stderr
+    assert {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == before
+
+    def disk_full(*a, **k):
+        raise OSError("disk full")
+
+    left = {p for p in tmp_path.iterdir() if p.name.startswith(".m.")}  # a kill cannot clean up its hidden build folder
+    monkeypatch.setattr(train_mod, "_write_curves", disk_full)
+    with pytest.raises(OSError):
+        train_student([path], teach, out, tiny_params(epochs=1, seed=5), progress=False)
+    monkeypatch.undo()
+    assert {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == before
+    assert {p for p in tmp_path.iterdir() if p.name.startswith(".m.")} == left  # an error's build folder is gone
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(B2PError, match="notes.txt"):
+        train_student([path], teach, tmp_path / "mine", tiny_params(epochs=1), progress=False)
+    with pytest.raises(B2PError, match="--out is the same folder as --teacher-root"):
+        train_student([path], teach, teach, tiny_params(epochs=1), progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    # a retrained folder holds that training's files only (no rule model of the earlier run)
+    train_student([path], teach, out, tiny_params(epochs=1), progress=False)
+    assert not (out / "rules").exists() and json.loads((out / "metrics.json").read_text())["epochs_run"] == 1

@@ -94,13 +94,18 @@ def select_images(batches: Sequence, split: str) -> list[ImageRecord]:
     return sorted(ims, key=lambda im: (im.batch, im.file_name))
 
 
-def check_sources_complete(sources: Sequence[MaskSource], images: Sequence[ImageRecord]) -> None:
-    """Fail before any work when a root or a label map of a given source is missing (naming it)."""
+def check_sources_complete(sources: Sequence[MaskSource], images: Sequence[ImageRecord], batches: Sequence = ()) -> None:
+    """Fail before any work when a root or a label map of a given source is missing (naming it), or when a
+    root was made for other images of one of `batches` (`check_teacher_root`: any root that records them)."""
+    from b2p.teach.base import check_teacher_root
+
     for s in sources:
         if s.root is None:
             continue
         if not s.root.is_dir():
             raise B2PError(f"mask root of source {s.name!r} not found", s.root)
+        for b in batches:
+            check_teacher_root(s.root, b)
         missing = [s.label_map_file(im) for im in images if not s.label_map_file(im).is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more of {len(images)} images)" if len(missing) > 1 else ""
@@ -199,7 +204,7 @@ def evaluate(
         sources.append(s)
     if not sources:
         raise B2PError("nothing to evaluate: no student, teacher, box baseline or --source given")
-    check_sources_complete(sources, images)
+    check_sources_complete(sources, images, batches)
 
     cms = {s.name: ConfusionMatrix(k + 1) for s in sources}
     noise = {s.name: NoiseAccumulator(classes.names, size_bins, min_cover) for s in sources}

@@ -30,6 +30,12 @@ annotated.
 
 `splits` limits which images get output masks (default all; calib probabilities are read in any case).
 
+All or nothing: every input is checked first (each probs file's size and class names, the teacher root is
+this batch's, `b2p.teach.base.check_teacher_root`), and OUT (and STUDENT_OUT) are built in hidden folders
+beside them that replace them whole once complete: a failure or a kill leaves the previous outputs intact,
+and an output root always holds one run's masks (images outside `splits`, batches not given: none). So an
+output may not be, hold or lie inside an input (round 2 writes beside round 1, never over it).
+
 Outputs (the teacher layout, so `b2p train --teacher-root OUT` trains round 2 on them):
   OUT/<batch>/labelmaps/<key>.png   every image of the batches (of `splits`) (background outside boxes);
   OUT/<batch>/provenance.json       teacher "final", settings, counts;
@@ -128,6 +134,43 @@ def read_class_probabilities(root: str | Path, im: ImageRecord) -> np.ndarray:
     return probs
 
 
+def probs_header(path: Path) -> tuple[tuple[int, ...], list[str] | None]:
+    """(shape, class names) of a probs file without decompressing its probabilities; names None in the
+    older files that lack them (`write_probs` stores ["background", *the model's classes])."""
+    import zipfile
+
+    fmt = np.lib.format
+    try:
+        with zipfile.ZipFile(path) as z:
+            with z.open("probs.npy") as f:
+                version = fmt.read_magic(f)
+                shape = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)[0]
+            if "class_names.npy" not in z.namelist():
+                return shape, None
+            with z.open("class_names.npy") as f:
+                return shape, [str(n) for n in fmt.read_array(f, allow_pickle=False).tolist()]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise B2PError(f"unreadable probabilities file ({e})", path) from None
+
+
+def check_probs_file(root: str | Path, im: ImageRecord, class_names: list[str]) -> None:
+    """Refuse, before any output is written, a probs file that is missing, not of the image's size, or of
+    a model whose class ids mean other classes than the batches' (`check_class_lists`)."""
+    from b2p.student.checkpoint import check_class_lists
+
+    p = existing_probs_path(root, im)
+    shape, names = probs_header(p)
+    if len(shape) != 3 or shape[1:] != (im.height, im.width):
+        raise B2PError(f"probabilities are {shape}, expected (K+1)x{im.height}x{im.width}: predict this image again", p)
+    if names is None:  # an older file: only its class count can be checked
+        if not 2 <= shape[0] <= len(class_names) + 1:
+            raise B2PError(f"probabilities of {shape[0] - 1} classes, but the batches have {len(class_names)}: predict again with a model trained on these batches", p)
+        return
+    if len(names) != shape[0] or names[:1] != ["background"]:
+        raise B2PError(f"probabilities have {shape[0]} channels but the class names {names} (background first expected): predict again", p)
+    check_class_lists(names[1:], class_names, p)
+
+
 def _read_image_of(im: ImageRecord) -> np.ndarray:
     """The image's pixels (a snap reads them), refused when the file no longer has the imported size."""
     from b2p.fileio import read_image
@@ -210,12 +253,22 @@ def finalize(
     from b2p.splits import parse_splits
     from b2p.teach.base import _Progress
 
+    from b2p.fileio import check_separate_folders, staged_dirs
+    from b2p.teach.base import check_teacher_root
+
+    out = Path(out)
+    student_out = None if student_out is None else Path(student_out)
+    # the outputs are replaced whole (below): neither may be, hold or lie inside an input or the other, nor
+    # hold anything finalize does not write (the batch files, images, a teacher root's other files)
+    check_separate_folders({"--out": out, "--student-out": student_out}, {"--probs": probs_root, "--teacher-root": teacher_root})
+    _check_replaceable(out, "thresholds.json", {"labelmaps", "provenance.json"})
+    if student_out is not None:
+        _check_replaceable(student_out, "threshold.json", {"labelmaps"})
     wanted = parse_splits(splits)
     batches: list[Batch] = load_batches(batch_files)
     classes = class_list_of(batches)
     names = list(classes.names)
     k1 = classes.num_classes + 1
-    out = Path(out)
 
     def teacher_map(im: ImageRecord) -> np.ndarray | None:
         if teacher_root is None:
@@ -223,9 +276,18 @@ def finalize(
         return read_label_map(label_map_path(teacher_root, im.batch, im.file_name), (im.height, im.width), classes.num_classes)
 
     calib = [im for b in batches for im in b.split("calib") if im.has_manual_mask]
-    # every probabilities file first: a missing one must stop the run before any mask is (over)written
-    for im in [*calib, *(im for b in batches for im in b.split(*wanted))]:
-        existing_probs_path(probs_root, im)
+    # every input first (cheap checks): a bad one must stop the run before any work, and the outputs are
+    # built in hidden folders that replace the old ones only once complete, so a late failure loses nothing
+    needed = list({id(im): im for im in [*calib, *(im for b in batches for im in b.split(*wanted))]}.values())
+    for im in needed:
+        check_probs_file(probs_root, im, names)
+    if teacher_root is not None:
+        for b in batches:
+            check_teacher_root(teacher_root, b)
+        for im in needed:
+            tp = label_map_path(teacher_root, im.batch, im.file_name)
+            if not tp.is_file():
+                raise B2PError(f"teacher label map missing for this {im.split} image (--teacher-root {teacher_root}): teach its batch into this root first", tp)
     choice: dict[str, dict] = {}
     grid_scores: list[dict] = []
     calib_scores = default_scores = None
@@ -276,63 +338,87 @@ def finalize(
     if student is not None and student_rule.snap_sure is not None:
         for im in (im for b in batches for im in b.split(*wanted)):  # an image that changed stops the run before any mask is written
             _read_image_of(im)
-    n_images = n_boxes = rescued = unsnapped = 0
-    cm_chosen = ConfusionMatrix(k1)
-    total = sum(len(b.split(*wanted)) for b in batches)
-    with _Progress(progress, "finalize: masks", total) as advance:
-        for b in batches:
-            b_boxes = b_rescued = 0
-            for im in b.split(*wanted):
-                probs = read_class_probabilities(probs_root, im)
-                lm, r = final_label_map(1.0 - probs[0], im.boxes_xyxy(), im.box_class_ids(), settings, teacher_map(im))
-                write_label_map(label_map_path(out, b.name, im.file_name), lm)
-                if student is not None:
-                    img = _read_image_of(im) if student_rule.snap_sure is not None else None
-                    alone, ok = student_rule.label_map(probs, img)
-                    unsnapped += img is not None and not ok
-                    write_label_map(label_map_path(student_out, b.name, im.file_name), alone)
-                if im.split == "calib" and im.has_manual_mask:
-                    cm_chosen.update(lm, im.manual_label_map())
-                b_boxes += len(im.boxes)
-                b_rescued += r
-                advance(1)
-            write_json_atomic(
-                out / b.name / "provenance.json",
-                {
-                    "batch": b.name,
-                    "teacher": "final",
-                    "settings": {"per_class": {n: {"alpha": c["alpha"], "t": c["t"]} for n, c in choice.items()}, "rescue_relative": RESCUE_RELATIVE},
-                    "sources": {"probs": str(probs_root), "teacher": None if teacher_root is None else str(teacher_root)},
-                    "splits": list(wanted),
-                    "counts": {"images": len(b.split(*wanted)), "boxes": b_boxes, "rescued": b_rescued},
-                },
-            )
-            n_images += len(b.split(*wanted))
-            n_boxes += b_boxes
-            rescued += b_rescued
-    if calib:
-        calib_scores = cm_chosen.scores(names)
-    result = FinalResult(out, n_images, n_boxes, rescued, len(calib), choice, calib_scores, default_scores, grid_scores, student)
-    if student is not None:
-        student["unsnapped"] = unsnapped if student_rule.snap_sure is not None else None
-        write_json_atomic(Path(student_out) / "threshold.json", {**student, "splits": list(wanted), "sources": {"probs": str(probs_root)}})
-    write_json_atomic(
-        out / "thresholds.json",
-        {
-            "per_class": choice,
-            "calib_images": len(calib),
-            "default": {"alpha": DEFAULT[0], "t": DEFAULT[1]},
-            "grid": {"alphas": list(ALPHAS) if teacher_root is not None else [1.0], "thresholds": sorted(THRESHOLDS)},
-            "calib_chosen": _summary(calib_scores),
-            "calib_default": _summary(default_scores),
-            "calib_grid": grid_scores,
-            "sources": {"probs": str(probs_root), "teacher": None if teacher_root is None else str(teacher_root)},
-            "counts": {"images": n_images, "boxes": n_boxes, "rescued": rescued},
-            "splits": list(wanted),
-            "student_alone": student,
-        },
-    )
+    # each output root is built hidden beside it and swapped in whole once complete: it always holds one
+    # run's output (images outside `splits` and batches not given included: they are no longer there)
+    with staged_dirs([out] if student_out is None else [out, student_out]) as stages:
+        new_out, new_student_out = stages[0], stages[-1]
+        n_images = n_boxes = rescued = unsnapped = 0
+        cm_chosen = ConfusionMatrix(k1)
+        total = sum(len(b.split(*wanted)) for b in batches)
+        with _Progress(progress, "finalize: masks", total) as advance:
+            for b in batches:
+                b_boxes = b_rescued = 0
+                for im in b.split(*wanted):
+                    probs = read_class_probabilities(probs_root, im)
+                    lm, r = final_label_map(1.0 - probs[0], im.boxes_xyxy(), im.box_class_ids(), settings, teacher_map(im))
+                    write_label_map(label_map_path(new_out, b.name, im.file_name), lm)
+                    if student is not None:
+                        img = _read_image_of(im) if student_rule.snap_sure is not None else None
+                        alone, ok = student_rule.label_map(probs, img)
+                        unsnapped += img is not None and not ok
+                        write_label_map(label_map_path(new_student_out, b.name, im.file_name), alone)
+                    if im.split == "calib" and im.has_manual_mask:
+                        cm_chosen.update(lm, im.manual_label_map())
+                    b_boxes += len(im.boxes)
+                    b_rescued += r
+                    advance(1)
+                write_json_atomic(
+                    new_out / b.name / "provenance.json",
+                    {
+                        "batch": b.name,
+                        "teacher": "final",
+                        "settings": {"per_class": {n: {"alpha": c["alpha"], "t": c["t"]} for n, c in choice.items()}, "rescue_relative": RESCUE_RELATIVE},
+                        "sources": {"probs": str(probs_root), "teacher": None if teacher_root is None else str(teacher_root)},
+                        "splits": list(wanted),
+                        "counts": {"images": len(b.split(*wanted)), "boxes": b_boxes, "rescued": b_rescued},
+                        "image_sha256": {im.file_name: im.sha256 for im in b.split(*wanted)},  # check_teacher_root (round 2)
+                    },
+                )
+                n_images += len(b.split(*wanted))
+                n_boxes += b_boxes
+                rescued += b_rescued
+        if calib:
+            calib_scores = cm_chosen.scores(names)
+        result = FinalResult(out, n_images, n_boxes, rescued, len(calib), choice, calib_scores, default_scores, grid_scores, student)
+        if student is not None:
+            student["unsnapped"] = unsnapped if student_rule.snap_sure is not None else None
+            write_json_atomic(new_student_out / "threshold.json", {**student, "splits": list(wanted), "sources": {"probs": str(probs_root)}})
+        write_json_atomic(
+            new_out / "thresholds.json",
+            {
+                "per_class": choice,
+                "calib_images": len(calib),
+                "default": {"alpha": DEFAULT[0], "t": DEFAULT[1]},
+                "grid": {"alphas": list(ALPHAS) if teacher_root is not None else [1.0], "thresholds": sorted(THRESHOLDS)},
+                "calib_chosen": _summary(calib_scores),
+                "calib_default": _summary(default_scores),
+                "calib_grid": grid_scores,
+                "sources": {"probs": str(probs_root), "teacher": None if teacher_root is None else str(teacher_root)},
+                "counts": {"images": n_images, "boxes": n_boxes, "rescued": rescued},
+                "splits": list(wanted),
+                "student_alone": student,
+            },
+        )
     return result
+
+
+def _check_replaceable(root: Path, top_file: str, batch_entries: set[str]) -> None:
+    """finalize replaces its output folder whole: refuse one that holds anything else than what finalize
+    writes there (`top_file`, and <batch>/ folders of `batch_entries`), e.g. a teacher root or `data`."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise B2PError("output is a file, not a folder", root)
+
+    def ours(p: Path, allowed: set[str]) -> bool:
+        return p.name in allowed or (p.name.startswith(".") and p.name.endswith(".tmp"))  # atomic_write's leftovers
+
+    for e in sorted(root.iterdir()):
+        foreign = next((f for f in sorted(e.iterdir()) if not ours(f, batch_entries)), None) if e.is_dir() else (None if ours(e, {top_file}) else e)
+        if foreign is not None:
+            raise B2PError(
+                f"finalize replaces this output folder whole, but it holds {foreign.relative_to(root)}, which finalize does not write: "
+                "give an empty folder, or one an earlier finalize wrote", root)
 
 
 def _choose_student_rule(maps: list[dict], truths: list[np.ndarray], names: list[str], k1: int, rules: list[StudentRule]) -> dict:

@@ -54,7 +54,7 @@ def _teacher_of_main_run(teach_root: Path | None) -> str:
     """The teacher named in the provenance files of a teacher root (the main job's single teacher)."""
     if teach_root is None:
         return "teacher"
-    names = {read_json(p, "teacher provenance").get("teacher", "?") for p in sorted(teach_root.glob("*/provenance.json"))}
+    names = {str(_first(read_json(p, "teacher provenance"), "teacher") or "?") for p in sorted(teach_root.glob("*/provenance.json"))}
     return "+".join(sorted(names)) if names else "teacher"
 
 
@@ -74,18 +74,36 @@ def find_runs(eval_root: str | Path, models_root: str | Path | None = None, teac
     runs = []
     for name, teacher, student, d in found:
         metrics = read_json(d / "metrics.json", "evaluation metrics")
-        if not isinstance(metrics, dict) or "student" not in metrics:
-            raise B2PError("not a `b2p evaluate` metrics file (no `student` section)", d / "metrics.json")
+        _check_eval_metrics(metrics, d / "metrics.json")
         sub = "" if name == MAIN_RUN else name
         run = Run(name, teacher, student, d, metrics)
         if models_root is not None:
             mdir = Path(models_root) / sub
             if (mdir / "metrics.json").is_file():
                 run.train = read_json(mdir / "metrics.json", "training metrics")
+                if not isinstance(run.train, dict):
+                    raise B2PError(f"training metrics must be a JSON object, not {type(run.train).__name__} (not written by `b2p train`?)", mdir / "metrics.json")
             if (mdir / "model.pt").is_file():
                 run.model_dir = mdir
         runs.append(run)
     return runs
+
+
+def _check_eval_metrics(metrics: Any, path: Path) -> None:
+    """Refuse, naming the file, an evaluate metrics.json whose sections the report reads are not what
+    `b2p evaluate` writes (a section per source: {metric: number or null, "images": int})."""
+    if not isinstance(metrics, dict) or "student" not in metrics:
+        raise B2PError("not a `b2p evaluate` metrics file (no `student` section)", path)
+    for name in ("student", "teacher", "box", *STUDENT_EXTRAS):
+        sec = metrics.get(name)
+        if name != "student" and sec is None:
+            continue
+        if not isinstance(sec, dict):
+            raise B2PError(f"section {name!r} must be an object of scores, not {type(sec).__name__} (not written by `b2p evaluate`?)", path)
+        for key in (*METRICS, "images"):
+            v = sec.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise B2PError(f"{name}.{key} must be a number or null, got {v!r} (not written by `b2p evaluate`?)", path)
 
 
 def _first(d: dict, *keys: str) -> Any:
@@ -211,8 +229,8 @@ def measure_speed(model_dir: Path, images: list[Path], device: str = "auto", war
 
 
 def _num(v: Any, fmt: str = "{:.4f}") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        return "-"  # not recorded (or not as a number: a hand-edited file)
     return fmt.format(v)
 
 

@@ -26,19 +26,18 @@ def score_rules(
     from b2p.dataset import class_list_of, load_batches
     from b2p.evaluate.evaluate import select_images
     from b2p.evaluate.metrics import ConfusionMatrix, scores
-    from b2p.fileio import read_image, read_json
+    from b2p.fileio import read_image, read_json, safe_join
     from b2p.student.checkpoint import check_class_lists, load_student
     from b2p.student.predict import predict_image
     from b2p.student.train import pick_device
 
     model_dir = Path(model_dir)
     metrics = read_json(model_dir / "metrics.json", "training metrics")
-    rules = metrics.get("rules")
-    if not rules:
-        raise B2PError("no per-rule epochs (`rules`): this model was trained before they were recorded; retrain it", model_dir / "metrics.json")
+    rules = _read_rules(metrics, model_dir / "metrics.json")
     for rule, r in rules.items():
-        if r.get("file") is None:
+        if r["file"] is None:
             raise B2PError(f"rule {rule!r} keeps epoch {r['epoch']}, but its model was not written: train with keep_rule_models: true", model_dir)
+        safe_join(model_dir, r["file"], f"rule {rule!r}'s model file")  # a file of this model folder only
     batches = load_batches(batch_files)
     names = list(class_list_of(batches).names)
     images = select_images(batches, split)  # refuses a split without manual masks
@@ -60,6 +59,28 @@ def score_rules(
             by_file[file] = {"binary_iou": s["binary_iou"], "anomaly_miou": s["anomaly_miou"], "miou": s["miou"],
                              "per_class_iou": {c: v["iou"] for c, v in s["per_class"].items()}}
     return {
-        "split": split, "images": len(images), "window": window, "select": (metrics.get("select") or {}).get("rule"),
+        "split": split, "images": len(images), "window": window, "select": metrics["select"].get("rule") if isinstance(metrics.get("select"), dict) else None,
         "rules": {rule: {"epoch": r["epoch"], "val_score": r["score"], "file": r["file"], split: by_file[r["file"]]} for rule, r in rules.items()},
     }
+
+
+def _read_rules(metrics: object, path: Path) -> dict[str, dict]:
+    """metrics.json's `rules` ({rule: {"epoch", "score", "file"}}, b2p/student/train.py), or one error naming
+    the file: an older model has none, a hand-edited or foreign file may hold anything."""
+    if not isinstance(metrics, dict):
+        raise B2PError(f"training metrics must be a JSON object, not {type(metrics).__name__} (not written by `b2p train`?)", path)
+    rules = metrics.get("rules")
+    if not rules:
+        raise B2PError("no per-rule epochs (`rules`): this model was trained before they were recorded; retrain it", path)
+    if not isinstance(rules, dict):
+        raise B2PError(f"`rules` must map each rule to its epoch, score and file, not be {type(rules).__name__}: retrain the model", path)
+    for rule, r in rules.items():
+        ok = (
+            isinstance(r, dict)
+            and isinstance(r.get("epoch"), int) and not isinstance(r.get("epoch"), bool)
+            and (r.get("score") is None or isinstance(r["score"], (int, float)))
+            and (r.get("file") is None or isinstance(r["file"], str))
+        )
+        if not ok:
+            raise B2PError(f"`rules.{rule}` must be {{\"epoch\": int, \"score\": number or null, \"file\": path or null}}, got {r!r}: retrain the model", path)
+    return {rule: {"epoch": r["epoch"], "score": r.get("score"), "file": r.get("file")} for rule, r in rules.items()}

@@ -40,12 +40,16 @@ class Sample:
 def gather_samples(batch_files: list[Path], teacher_root: str | Path, splits: tuple[str, ...]) -> tuple[list[Sample], int]:
     """Images of `splits` in the batches with their teacher label maps; returns (samples, K + 1).
 
-    A missing teacher label map is an error that names the file and the command that makes it.
+    A missing teacher label map is an error that names the file and the command that makes it, and so is
+    a teacher root made for other images of a batch (`check_teacher_root`).
     """
+    from b2p.teach.base import check_teacher_root
+
     batches = load_batches(batch_files)
     num_classes = max(b.classes.num_classes for b in batches) + 1
     out = []
     for b in batches:
+        check_teacher_root(teacher_root, b)
         for rec in b.split(*splits):
             p = label_map_path(teacher_root, b.name, rec.file_name)
             if not p.is_file():

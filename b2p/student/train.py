@@ -16,7 +16,6 @@ import csv
 import io
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from rich.console import Console
 
 from b2p.errors import B2PError
-from b2p.fileio import write_bytes_atomic, write_json_atomic
+from b2p.fileio import check_separate_folders, staged_dirs, write_bytes_atomic, write_json_atomic
 from b2p.student.checkpoint import MODEL_FILE, save_checkpoint
 from b2p.student.data import (
     AUGMENTATIONS,
@@ -226,13 +225,16 @@ def train_student(
     console: Console | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train, validate, and write OUT/model.pt, OUT/metrics.json, OUT/curves.csv; returns metrics.json's dict."""
+    """Train, validate, and write OUT/model.pt, OUT/metrics.json, OUT/curves.csv (and OUT/rules/); returns
+    metrics.json's dict. OUT is replaced whole once they are all written (`_check_model_folder`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from b2p.evaluate.metrics import ConfusionMatrix, scores
 
     console = console or Console(stderr=True)
     out_dir = Path(out_dir)
+    check_separate_folders({"--out": out_dir}, {"--teacher-root": teacher_root})
+    _check_model_folder(out_dir)
     t_start = time.perf_counter()
     seed_everything(params.seed)
     device = pick_device(params.device)
@@ -402,7 +404,6 @@ def train_student(
                 break
 
     seconds = time.perf_counter() - t_start
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {
         "best_epoch": best_epoch,
         "epochs_run": epochs_run,
@@ -419,24 +420,24 @@ def train_student(
         "feature_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
     }
     info = {"best_epoch": best_epoch, "select": params.select, "val": metrics["val"], "train_params": asdict(params)}
-    save_checkpoint(out_dir / MODEL_FILE, config, class_names, provenance, best_state, info)
-    if "last" in others:  # the EMA weights after the last epoch run
-        others["last"].update(epoch=epochs_run, state=_state(ema.model) if params.keep_rule_models else None)
-    metrics["rules"] = {select: {"epoch": best_epoch, "score": best_score, "file": MODEL_FILE}}
-    rules_dir = out_dir / RULES_DIR
-    if rules_dir.exists():  # a retrained folder: no rule model of an earlier run may survive
-        shutil.rmtree(rules_dir)
-    for rule, o in others.items():
-        file = None
-        if o["epoch"] == best_epoch:
-            file = MODEL_FILE  # the same epoch: the same weights
-        elif params.keep_rule_models:
-            file = f"{RULES_DIR}/{rule}.pt"
-            rule_info = {**info, "best_epoch": o["epoch"], "select": rule}
-            save_checkpoint(out_dir / file, config, class_names, provenance, o["state"], rule_info)
-        metrics["rules"][rule] = {"epoch": o["epoch"], "score": o["score"], "file": file}
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    _write_curves(out_dir / "curves.csv", curves)
+    # the folder is built hidden beside OUT and replaces it whole: a kill or an error never leaves a new
+    # model.pt beside an old metrics.json or rules/ (suite-select, bench-report and export read them together)
+    with staged_dirs([out_dir]) as (stage,):
+        save_checkpoint(stage / MODEL_FILE, config, class_names, provenance, best_state, info)
+        if "last" in others:  # the EMA weights after the last epoch run
+            others["last"].update(epoch=epochs_run, state=_state(ema.model) if params.keep_rule_models else None)
+        metrics["rules"] = {select: {"epoch": best_epoch, "score": best_score, "file": MODEL_FILE}}
+        for rule, o in others.items():
+            file = None
+            if o["epoch"] == best_epoch:
+                file = MODEL_FILE  # the same epoch: the same weights
+            elif params.keep_rule_models:
+                file = f"{RULES_DIR}/{rule}.pt"
+                rule_info = {**info, "best_epoch": o["epoch"], "select": rule}
+                save_checkpoint(stage / file, config, class_names, provenance, o["state"], rule_info)
+            metrics["rules"][rule] = {"epoch": o["epoch"], "score": o["score"], "file": file}
+        write_json_atomic(stage / "metrics.json", metrics)
+        _write_curves(stage / "curves.csv", curves)
     v = metrics["val"]
     console.print(
         f"saved {out_dir / MODEL_FILE} (epoch {best_epoch} of {epochs_run}, select {select}"
@@ -445,6 +446,24 @@ def train_student(
         + f") in {seconds:.1f} s; backbone {describe_backbone(model)}"
     )
     return metrics
+
+
+MODEL_FOLDER_FILES = (MODEL_FILE, "metrics.json", "curves.csv", RULES_DIR)
+
+
+def _check_model_folder(out_dir: Path) -> None:
+    """train replaces its output folder whole (one training's files, never mixed with an earlier one's):
+    refuse, before training, a folder holding anything train does not write there (`--out data` would
+    otherwise delete the project)."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise B2PError("model output is a file, not a folder", out_dir)
+    for e in sorted(out_dir.iterdir()):
+        if e.name not in MODEL_FOLDER_FILES and not (e.name.startswith(".") and e.name.endswith(".tmp")):  # atomic_write's leftovers
+            raise B2PError(
+                f"train replaces this model folder whole, but it holds {e.name!r}, which train does not write: "
+                "give an empty folder, or a model folder train wrote", out_dir)
 
 
 def _state(model: torch.nn.Module) -> dict:

@@ -308,6 +308,7 @@ def teach_batch(
         "teacher": teacher.name,
         "settings": teacher.settings(),
         "settings_hash": shash,
+        "image_sha256": {im.file_name: im.sha256 for im in batch.images},  # check_teacher_root: masks of these pixels
         **teacher.provenance(),
         "versions": _versions(),
         "counts": {
@@ -334,6 +335,49 @@ def _check_unchanged(im: ImageRecord) -> None:
         raise B2PError(f"image {im.file_name!r} of batch {im.batch!r} not found (moved since import?)", im.path)
     if sha256_file(im.path) != im.sha256:
         raise B2PError(f"image changed since `b2p import` (sha256 differs from the batch file); re-run `b2p import --batch {im.batch}`", im.path)
+
+
+def check_teacher_root(teacher_root: str | Path, batch: Batch) -> None:
+    """Refuse a mask root (TEACHER/<batch>/) made for other images than this batch's: same batch and file
+    names, other pixels (another dataset, or images re-imported since), whose masks would be trained on,
+    blended or scored as if they were this batch's.
+
+    The producers record the image hashes they saw: `teach_batch` (`b2p teach`, `--teacher auto`,
+    `b2p suite-combine`) and `b2p finalize` in provenance.json `image_sha256`; teacher roots written before
+    that in their `.parts/<key>.json`. A root without provenance.json (`masks-to-boxes --oracle-out`, masks
+    written by hand) or without recorded hashes cannot be checked and is accepted; so is an image the root
+    did not record (a missing label map is its reader's error).
+    """
+    d = Path(teacher_root) / batch.name
+    prov_path = d / "provenance.json"
+    if not prov_path.is_file():
+        return
+    prov = read_json(prov_path, "teacher provenance")
+    if not isinstance(prov, dict):
+        raise B2PError("teacher provenance is not a JSON object (not written by b2p?)", prov_path)
+    recorded = prov.get("image_sha256")
+    if recorded is not None and not (isinstance(recorded, dict) and all(isinstance(v, str) for v in recorded.values())):
+        raise B2PError("teacher provenance's `image_sha256` is not a map of file name to hash (not written by b2p?)", prov_path)
+    where = dict.fromkeys(recorded or {}, prov_path)
+    if recorded is None:  # an older teacher root: the hashes in its resume parts
+        recorded = {}
+        for im in batch.images:
+            jpath = d / PARTS_DIR / f"{label_map_key(im.file_name)}.json"
+            try:
+                part = json.loads(jpath.read_text()) if jpath.is_file() else {}
+            except (OSError, ValueError):
+                continue
+            if isinstance(part, dict) and isinstance(part.get("image_sha256"), str):
+                recorded[im.file_name], where[im.file_name] = part["image_sha256"], jpath
+    other = [im.file_name for im in batch.images if recorded.get(im.file_name, im.sha256) != im.sha256]
+    if other:
+        more = f" (and {len(other) - 1} more of {len(batch.images)})" if len(other) > 1 else ""
+        raise B2PError(
+            f"these masks were made for other images than batch {batch.name!r} holds: {other[0]!r}{more} has other "
+            f"pixels (another dataset, or re-imported since); make them again for this batch (`b2p teach {batch.path}`, "
+            "or `b2p finalize` for final masks)",
+            where[other[0]],
+        )
 
 
 def commit_staged_outputs(out_dir: Path) -> None:
