@@ -119,10 +119,18 @@ def test_manifest_names_the_model_and_a_second_model_on_one_split_is_refused_dow
     assert r.exit_code == 0 and "different models" in r.output, r.output
     with pytest.raises(B2PError, match="2 predict runs with different models"):
         read_prediction_manifest(project["pred"])
+    # ... and the stages that read it say so: finalize and evaluate exit 1 naming the manifest, writing nothing
+    root = project["root"]
+    r = _cli("finalize", "--imported", project["imported"], "--probs", project["pred"], "--out", root / "final", "--quiet")
+    assert r.exit_code == 1 and "predict.json" in r.output and "different models" in r.output and not (root / "final").exists(), r.output
+    r = _cli("evaluate", "--imported", project["imported"], "--pred-root", project["pred"], "--no-teacher", "--out", root / "ev", "--no-plots")
+    assert r.exit_code == 1 and "predict.json" in r.output and "different models" in r.output and not (root / "ev").exists(), r.output
     # every split again with the second model: one model again; without --probs, probabilities are refused
     assert _predict(project, m2).exit_code == 0
     m = read_prediction_manifest(project["pred"], _maps(project, project["pred"]))
     assert m["model"]["sha256"] == sha256_file(m2 / "model.pt") and len(m["runs"]) == 1
+    r = _cli("evaluate", "--imported", project["imported"], "--pred-root", project["pred"], "--no-teacher", "--out", root / "ev", "--no-plots")
+    assert r.exit_code == 0, r.output
     with pytest.raises(B2PError, match="without --probs"):
         read_prediction_manifest(project["pred"], _maps(project, project["pred"]), probs=True)
     stray = project["pred"] / "b1" / "labelmaps" / "other.png"

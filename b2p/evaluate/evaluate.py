@@ -97,6 +97,7 @@ def select_images(batches: Sequence, split: str) -> list[ImageRecord]:
 def check_sources_complete(sources: Sequence[MaskSource], images: Sequence[ImageRecord], batches: Sequence = ()) -> None:
     """Fail before any work when a root or a label map of a given source is missing (naming it), or when a
     root was made for other images of one of `batches` (`check_teacher_root`: any root that records them)."""
+    from b2p.student.manifest import prediction_model
     from b2p.teach.base import check_teacher_root
 
     for s in sources:
@@ -107,6 +108,8 @@ def check_sources_complete(sources: Sequence[MaskSource], images: Sequence[Image
         for b in batches:
             check_teacher_root(s.root, b)
         missing = [s.label_map_file(im) for im in images if not s.label_map_file(im).is_file()]
+        if not missing:  # a root `b2p predict` wrote: its maps from one finished run of one model
+            prediction_model(s.root, [s.label_map_file(im) for im in images])
         if missing:
             more = f" (and {len(missing) - 1} more of {len(images)} images)" if len(missing) > 1 else ""
             raise B2PError(

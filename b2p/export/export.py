@@ -131,7 +131,7 @@ def _model_record(model_dir: Path | None, source: str, source_root: Path, maps: 
     """The student behind the masks: the one the source root's prediction manifest names (`maps` must all
     be its run's), else `model_dir` for a student source read from its default root (a root predicted before
     manifests); None for masks that are not the student's own."""
-    from b2p.student.predict import MANIFEST, read_prediction_manifest
+    from b2p.student.manifest import MANIFEST, read_prediction_manifest
 
     if source not in STUDENT_SOURCES:
         return None
@@ -186,8 +186,10 @@ def collect_items(batch_files: list[Path], source_root: Path, splits: tuple[str,
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise B2PError(f"mask source has no label map for {len(missing)} exported image(s){more}", missing[0])
-    from b2p.teach.base import _check_unchanged  # the check teach makes
+    from b2p.teach.base import _check_unchanged, check_teacher_root  # the checks teach and train make
 
+    for b in batches:  # masks a teacher or finalize made from other images must not ship with these
+        check_teacher_root(source_root, b)
     for item in (i for items in by_split.values() for i in items):  # a replaced image must not get the old one's masks
         _check_unchanged(item.record)
     return classes, by_split, batches

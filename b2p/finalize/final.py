@@ -281,6 +281,10 @@ def finalize(
     needed = list({id(im): im for im in [*calib, *(im for b in batches for im in b.split(*wanted))]}.values())
     for im in needed:
         check_probs_file(probs_root, im, names)
+    from b2p.student.manifest import prediction_model
+
+    # one finished predict run's model behind every probability read (not a root a killed re-run mixed)
+    model = prediction_model(probs_root, [label_map_path(probs_root, im.batch, im.file_name) for im in needed], probs=True)
     if teacher_root is not None:
         for b in batches:
             check_teacher_root(teacher_root, b)
@@ -368,7 +372,7 @@ def finalize(
                         "batch": b.name,
                         "teacher": "final",
                         "settings": {"per_class": {n: {"alpha": c["alpha"], "t": c["t"]} for n, c in choice.items()}, "rescue_relative": RESCUE_RELATIVE},
-                        "sources": {"probs": str(probs_root), "teacher": None if teacher_root is None else str(teacher_root)},
+                        "sources": {"probs": str(probs_root), "model": model, "teacher": None if teacher_root is None else str(teacher_root)},
                         "splits": list(wanted),
                         "counts": {"images": len(b.split(*wanted)), "boxes": b_boxes, "rescued": b_rescued},
                         "image_sha256": {im.file_name: im.sha256 for im in b.split(*wanted)},  # check_teacher_root (round 2)
@@ -382,7 +386,7 @@ def finalize(
         result = FinalResult(out, n_images, n_boxes, rescued, len(calib), choice, calib_scores, default_scores, grid_scores, student)
         if student is not None:
             student["unsnapped"] = unsnapped if student_rule.snap_sure is not None else None
-            write_json_atomic(new_student_out / "threshold.json", {**student, "splits": list(wanted), "sources": {"probs": str(probs_root)}})
+            write_json_atomic(new_student_out / "threshold.json", {**student, "splits": list(wanted), "sources": {"probs": str(probs_root), "model": model}})
         write_json_atomic(
             new_out / "thresholds.json",
             {
@@ -393,7 +397,7 @@ def finalize(
                 "calib_chosen": _summary(calib_scores),
                 "calib_default": _summary(default_scores),
                 "calib_grid": grid_scores,
-                "sources": {"probs": str(probs_root), "teacher": None if teacher_root is None else str(teacher_root)},
+                "sources": {"probs": str(probs_root), "model": model, "teacher": None if teacher_root is None else str(teacher_root)},
                 "counts": {"images": n_images, "boxes": n_boxes, "rescued": rescued},
                 "splits": list(wanted),
                 "student_alone": student,

@@ -42,6 +42,7 @@ from b2p.labels import label_map_key, label_map_path, write_label_map
 from b2p.student.data import load_batch_files_for_inference, normalise, prepare_image
 from b2p.student.geometry import Geometry
 from b2p.student.snap import GMM_COMPONENTS, SnapSettings, check_snap, snap_grabcut
+from b2p.student.manifest import MANIFEST, PREDICT_FORMAT, merged_manifest, prediction_model, read_prediction_manifest, run_key  # noqa: F401 (re-exported)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULT_OVERLAP = 0.25  # of the tile side
@@ -301,12 +302,10 @@ def predict_images(
     return [o[0] for o in out], [o[1] for o in out]
 
 
-# Each output root (--out, --boxes-out, --snap-out) says which model wrote it: MANIFEST, written only once
-# every file of a run is in place. A run builds its files in a hidden folder inside each root and moves them
-# in at the end, so a failed or killed run leaves the earlier maps as they were; a kill while moving leaves
-# the root without a manifest, which read_prediction_manifest refuses.
-MANIFEST = "predict.json"
-PREDICT_FORMAT = 1
+# Each output root (--out, --boxes-out, --snap-out) says which model wrote it: manifest.py. A run builds its
+# files in a hidden folder inside each root and moves them in at the end, so a failed or killed run leaves
+# the earlier maps as they were; a kill while moving leaves the root without a manifest, which
+# read_prediction_manifest refuses.
 STAGE_PREFIX, STAGE_SUFFIX = ".predict.", ".building"
 # the outputs of an item that go to each kind of root
 ROOT_OUTPUTS = {"student": ("label_out", "probs_out"), "boxes": ("boxed_out",), "snapped": ("snapped_out",)}
@@ -391,27 +390,9 @@ def _staged_roots(roots: dict[str, Path]) -> Iterator[dict[str, Path]]:
         raise
 
 
-def _merged_manifest(root: Path, kind: str, run: dict) -> dict:
-    """The root's manifest with `run` added: earlier runs keep only the maps this run did not replace."""
-    old = []
-    with contextlib.suppress(B2PError, AttributeError, TypeError):  # unreadable: its maps count as unrecorded
-        old = [r for r in read_json(root / MANIFEST, "prediction manifest").get("runs", []) if isinstance(r, dict)]
-    new = set(run["maps"])
-    runs = []
-    for r in old:
-        kept = [m for m in r.get("maps", []) if m not in new]
-        if kept:
-            runs.append({**r, "maps": kept})
-    return {"b2p_predict": PREDICT_FORMAT, "maps": kind, "runs": [*runs, run]}
-
-
-def _run_key(run: dict) -> str:
-    return json.dumps([run["model"]["sha256"], run["settings"]], sort_keys=True)
-
-
 def _commit(roots: dict[str, Path], stages: dict[str, Path], runs: dict[str, dict]) -> dict[str, dict]:
     """Move every staged file into its root and write each root's manifest; returns the manifests."""
-    manifests = {k: _merged_manifest(roots[k], k, runs[k]) for k in roots}  # read before any manifest goes
+    manifests = {k: merged_manifest(roots[k], k, runs[k]) for k in roots}  # read before any manifest goes
     for root in roots.values():
         (root / MANIFEST).unlink(missing_ok=True)  # from here until the new manifest, the root reads as unfinished
     for kind, root in roots.items():
@@ -425,45 +406,6 @@ def _commit(roots: dict[str, Path], stages: dict[str, Path], runs: dict[str, dic
     for kind, root in roots.items():
         write_json_atomic(root / MANIFEST, manifests[kind])
     return manifests
-
-
-def read_prediction_manifest(root: str | Path, maps: Iterable[str | Path] | None = None, probs: bool = False) -> dict:
-    """The manifest of a finished prediction root (MANIFEST), for stages that read its maps.
-
-    Refused (B2PError naming the file) when there is none (predict did not finish writing the root, or an
-    older b2p wrote it), when its maps come from runs with different models or settings, or when one of
-    `maps` (label-map paths under `root`) was not written by a recorded run (with `probs`: or was written
-    without its probabilities). Returns the manifest with the one `model` ({path, sha256}) and `settings`.
-    """
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise B2PError(
-            f"no {MANIFEST}: `b2p predict` did not finish writing this root (or an older b2p wrote it); run `b2p predict` again", root
-        )
-    m = read_json(path, "prediction manifest")
-    try:
-        runs = m["runs"]
-        keys = {_run_key(r) for r in runs}
-        recorded = {mp: r for r in runs for mp in r["maps"]}
-        ok = m["b2p_predict"] == PREDICT_FORMAT and len(runs) > 0
-    except (KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise B2PError(f"not a b2p prediction manifest of format {PREDICT_FORMAT}; run `b2p predict` again", path)
-    if len(keys) > 1:
-        models = sorted({r["model"]["path"] for r in runs})
-        raise B2PError(
-            f"the maps here come from {len(runs)} predict runs with different models or settings ({', '.join(models)}): "
-            "predict every split again with one model", path,
-        )
-    for mp in maps or ():
-        r = recorded.get(Path(os.path.relpath(Path(mp).absolute(), root.absolute())).as_posix())
-        if r is None:
-            raise B2PError(f"label map not written by the predict run recorded in {path} (left from an earlier run?): predict its split again", mp)
-        if probs and not r.get("probs"):
-            raise B2PError(f"predicted without --probs (run recorded in {path}): predict its split again with --probs", mp)
-    return {**m, "model": runs[0]["model"], "settings": runs[0]["settings"]}
 
 
 def run_prediction(
@@ -577,7 +519,7 @@ def run_prediction(
             f"padded side at model scale; asked {nominal} px)"
         )
     for kind, m in manifests.items():
-        if len({_run_key(r) for r in m["runs"]}) > 1:
+        if len({run_key(r) for r in m["runs"]}) > 1:
             console.print(
                 f"[yellow]{roots[kind]} now holds maps of {len(m['runs'])} predict runs with different models or settings: "
                 "predict every split again with one model before using it[/]"
