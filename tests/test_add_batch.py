@@ -202,7 +202,8 @@ def test_register_batch_creates_section_and_refuses_duplicates(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("name,ok", [("line7", True), ("Line_7-b", True), ("a" * 64, True), ("a" * 65, False),
-                                     ("a.b", False), ("a b", False), ("-x", False), ("", False), ("x/y", False)])
+                                     ("a.b", False), ("a b", False), ("-x", False), ("", False), ("x/y", False),
+                                     ("line7\n", False)])
 def test_check_name(name: str, ok: bool) -> None:
     if ok:
         assert check_name(name) == name

@@ -45,7 +45,7 @@ def _check_segmentation(seg: Any, where: str, path: Path) -> Any:
     if isinstance(seg, list):
         for poly in seg:
             if not isinstance(poly, list) or not all(is_number(v) for v in poly):
-                raise B2PError(f"{where}: polygon segmentation must be a list of [x1, y1, x2, y2, ...] lists", path)
+                raise B2PError(f"{where}: polygon segmentation must be a list of [x1, y1, x2, y2, ...] lists of finite numbers, got {str(poly)[:80]}", path)
             if len(poly) < 6 or len(poly) % 2:
                 raise B2PError(f"{where}: a polygon needs an even number (at least 6) of coordinates, got {len(poly)}", path)
         return seg

@@ -101,4 +101,11 @@ def is_int(v: Any) -> bool:
 
 
 def is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A finite JSON number: NaN, Infinity (Python's json accepts them) and ints beyond float range
+    (10**400, which `float()` cannot convert) are refused here, where the file is still named."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False

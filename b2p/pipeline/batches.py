@@ -37,7 +37,7 @@ from b2p.fileio import make_dir_like_mkdir, write_bytes_atomic
 # Stricter than the importer's batch-name rule: the name becomes a DVC stage key (`teach@NAME`) and a
 # folder name, and is interpolated unquoted into shell commands; dots are refused so `${key}` paths and
 # stage addresses stay unambiguous.
-DVC_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+DVC_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # fullmatch: `$` would pass a final newline
 FORMATS = ("coco", "yolo")
 
 
@@ -192,7 +192,7 @@ def check_name(name: str) -> str:
     from b2p.ingest.importer import check_batch_name
 
     check_batch_name(name)  # the importer's rule first (one place for it) ...
-    if not DVC_SAFE_NAME.match(name):  # ... then what DVC stage keys and shell commands need on top
+    if not DVC_SAFE_NAME.fullmatch(name):  # ... then what DVC stage keys and shell commands need on top
         raise B2PError(
             f"batch name {name!r} must be at most 64 letters, digits, '_' or '-' (it becomes a folder and the DVC "
             f"stage names import@{name} / teach@{name})"
