@@ -212,7 +212,7 @@ def import_batch(
                     "id": len(annotations) + 1,
                     "image_id": idx,
                     "category_id": remap[a.category_id],
-                    "bbox": [round(v, 3) for v in box],
+                    "bbox": list(box),  # rounded by check_box
                     "area": round(box[2] * box[3], 3),
                     "iscrowd": 0,
                 }

@@ -17,6 +17,7 @@ from b2p.dataset import BOX_TOLERANCE_PX
 from b2p.errors import B2PError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+BOX_DECIMALS = 3  # canonical boxes are stored rounded to this many decimals (1/1000 px)
 
 
 
@@ -53,8 +54,9 @@ def check_box(
 ) -> tuple[tuple[float, float, float, float], bool]:
     """Validate an XYWH pixel box against a `width` x `height` image.
 
-    Returns the box clipped to the image and whether clipping changed it. Refuses non-finite numbers,
-    zero or negative size, and boxes reaching more than BOX_TOLERANCE_PX outside the image.
+    Returns the box clipped to the image and rounded to BOX_DECIMALS (as stored), and whether it overhung
+    the image. Refuses non-finite numbers, zero or negative size (also after rounding), and boxes reaching
+    more than BOX_TOLERANCE_PX outside the image.
     """
     x, y, w, h = (float(v) for v in xywh)
     if not all(math.isfinite(v) for v in (x, y, w, h)):
@@ -70,10 +72,17 @@ def check_box(
         )
     x0, y0 = max(x, 0.0), max(y, 0.0)
     x1, y1 = min(x + w, float(width)), min(y + h, float(height))
-    clipped = (x0, y0, x1 - x0, y1 - y0)
+    # rounded here, once: the canonical file stores 3 decimals, and a box must not become empty there
+    clipped = tuple(round(v, BOX_DECIMALS) for v in (x0, y0, x1 - x0, y1 - y0))
     if clipped[2] <= 0 or clipped[3] <= 0:
-        raise B2PError(f"{where}: box {list(xywh)} has no area inside the {width}x{height} image", path)
-    return clipped, clipped != (x, y, w, h)
+        raise B2PError(
+            f"{where}: box {list(xywh)} has no area inside the {width}x{height} image once clipped and rounded "
+            f"to {BOX_DECIMALS} decimals (width {clipped[2]:g}, height {clipped[3]:g} px)",
+            path,
+        )
+    # clipped only when it really overhung: comparing x1 - x0 with w flags in-image boxes on float noise
+    overhung = x < 0 or y < 0 or x + w > width or y + h > height
+    return clipped, overhung
 
 
 def list_images(folder: Path) -> list[str]:
