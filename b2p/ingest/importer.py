@@ -23,11 +23,21 @@ from b2p.dataset import check_batch_name, relative_image_root, save_batch_dict, 
 from b2p.errors import B2PError, Problems
 from b2p.fileio import read_image, read_json, safe_join, sha256_file
 from b2p.ingest.coco import read_coco
-from b2p.ingest.source import BOX_TOLERANCE_PX, SourceBatch, SourceImage, check_box, list_images, progress
+from b2p.ingest.source import (
+    BOX_TOLERANCE_PX,
+    SourceBatch,
+    SourceImage,
+    check_box,
+    files_by_stem,
+    list_images,
+    name_key,
+    progress,
+)
 from b2p.ingest.yolo import read_yolo, tree_digest
 from b2p.labels import BACKGROUND, ClassList, check_label_map_keys, load_class_list, paint_label_map, read_label_map, save_class_list
 from b2p.masks import polygons_to_mask, rle_decode, rle_encode
 from b2p.splits import SPLITS, SplitRule
+
 
 @dataclass
 class ImportResult:
@@ -44,21 +54,21 @@ class ImportResult:
     boxes_per_class: dict[str, int]
     unlisted_images: int = 0  # COCO: image files in the folder the JSON does not mention (not imported)
     warnings: list[str] = field(default_factory=list)
+    # exactly the input files the batch consists of (add-batch copies these, so the copy imports the same)
+    image_files: list[str] = field(default_factory=list)  # relative to the image folder
+    label_files: list[Path] = field(default_factory=list)  # YOLO label files
+    mask_files: list[Path] = field(default_factory=list)  # manual-mask PNGs
 
 
 def _mask_files(masks_dir: Path) -> dict[str, Path]:
-    """Mask PNGs by relative stem ('sub/a' for masks/sub/a.png)."""
+    """Mask PNGs by `name_key` of their relative stem ('sub/a' for masks/sub/a.png or a.PNG)."""
     if not masks_dir.is_dir():
         raise B2PError("mask folder not found", masks_dir)
-    return {
-        p.relative_to(masks_dir).with_suffix("").as_posix(): p
-        for p in sorted(masks_dir.rglob("*.png"))
-        if p.is_file() and not p.name.startswith(".")
-    }
+    return files_by_stem(masks_dir, ".png", "mask")
 
 
 def _stem(file_name: str) -> str:
-    return file_name.rsplit(".", 1)[0] if "." in Path(file_name).name else file_name
+    return name_key(file_name.rsplit(".", 1)[0] if "." in Path(file_name).name else file_name)
 
 
 def _decode_segmentation(seg, height: int, width: int, where: str, path: Path) -> np.ndarray:
@@ -147,6 +157,14 @@ def import_batch(
         raise B2PError("give exactly one box source: --coco FILE, or --yolo-labels DIR with --yolo-classes FILE")
     if out.is_dir():
         raise B2PError("--out is a folder; give the canonical file to write (e.g. data/imported/NAME.json)", out)
+    # an output written over an input would destroy the user's source file
+    inputs = {"--coco": coco, "--yolo-classes": yolo_classes}
+    for opt, target in (("--out", out), ("--classes", classes_path)):
+        for src_opt, src_path in inputs.items():
+            if src_path is not None and target.resolve() == Path(src_path).resolve():
+                raise B2PError(f"{opt} is the {src_opt} input file; writing it would overwrite your annotations", target)
+    if out.resolve() == classes_path.resolve():
+        raise B2PError("--out and --classes are the same file; give two files", out)
     if not images_dir.is_dir():
         raise B2PError("image folder not found", images_dir)
     if coco is not None:
@@ -163,7 +181,7 @@ def import_batch(
 
     # classes: matched by name against the shared list; ids of existing classes never move
     existing = load_class_list(classes_path) if classes_path.exists() else ClassList(())
-    classes = existing.merged_with(list(src.categories.values()), allow_new=add_classes, source=src.annotation_file)
+    classes = existing.merged_with(list(src.categories.values()), allow_new=add_classes, source=src.class_file or src.annotation_file)
     new_classes = list(classes.names[existing.num_classes :])
     remap = {bid: classes.id_of(name) for bid, name in src.categories.items()}
 
@@ -286,4 +304,7 @@ def import_batch(
         boxes_per_class=per_class,
         unlisted_images=unlisted,
         warnings=warnings,
+        image_files=[i["file_name"] for i in images],
+        label_files=list(src.label_files),
+        mask_files=list(masks.values()),
     )

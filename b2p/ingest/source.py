@@ -8,6 +8,7 @@ Class ids here are the batch's own (COCO category id, or YOLO class index + 1), 
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ class SourceBatch:
     categories: dict[int, str]  # batch class id -> name, in the batch's order
     images: list[SourceImage]
     annotation_file: Path  # the file errors about annotations name (COCO JSON, or the YOLO labels folder)
+    class_file: Path | None = None  # the file the class names come from (errors about classes name it)
+    label_files: list[Path] = field(default_factory=list)  # YOLO: every label file read (add-batch copies these)
     sources: list[dict] = field(default_factory=list)  # [{"role", "path", "sha256"}] recorded in `info`
 
 
@@ -92,6 +95,30 @@ def list_images(folder: Path) -> list[str]:
         for p in folder.rglob("*")
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     )
+
+
+def name_key(relative_stem: str) -> str:
+    """How a label or mask file is paired with its image: by relative stem in Unicode NFC, since macOS
+    writes decomposed (NFD) names while most tools write composed ones, and both look the same."""
+    return unicodedata.normalize("NFC", relative_stem)
+
+
+def files_by_stem(folder: Path, suffix: str, what: str, exclude: Path | None = None) -> dict[str, Path]:
+    """Files `*.SUFFIX` under `folder` (suffix in any case, as `list_images`; hidden files skipped) by
+    `name_key` of their relative stem. The one rule for which label / mask files a batch has: the
+    importer reads exactly these and add-batch copies exactly these. Two files for one stem (`a.txt` and
+    `a.TXT`) are refused: which one counts would depend on the file system."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if not (p.is_file() and p.suffix.lower() == suffix and not p.name.startswith(".")):
+            continue
+        if exclude is not None and p.resolve() == exclude.resolve():
+            continue
+        key = name_key(p.relative_to(folder).with_suffix("").as_posix())
+        if key in found:
+            raise B2PError(f"two {what} files for one name: {found[key].name!r} and {p.name!r}; keep one", p)
+        found[key] = p
+    return found
 
 
 T = TypeVar("T")
