@@ -293,6 +293,27 @@ def _missing_key(key):
     return m
 
 
+def _segmentation(i, seg):
+    """Annotation i gets `seg`; the PNG masks are left out (a batch gives masks one way)."""
+
+    def m(d, b):
+        d["annotations"][i]["segmentation"] = seg
+        b["masks"] = None
+
+    return m
+
+
+def _empty_png_mask(b):
+    write_png_atomic(b["masks"] / "a.png", np.zeros((H, W), np.uint8))  # a.png has two boxes
+    return "a.png"
+
+
+def _truncated_rle() -> str:
+    m = np.zeros((H, W), bool)
+    m[5:9, 3:7] = True
+    return rle_encode(m)["counts"] + "P"  # 'P' announces a continuation character that never comes
+
+
 COCO_BAD = {
     "broken_json": (_bad_coco(_raw("{not json")), "not valid JSON"),
     "not_coco_missing_images": (_bad_coco(_missing_key("images")), "'images' is missing"),
@@ -317,6 +338,26 @@ COCO_BAD = {
     "mask_unknown_value": (_bad_coco(_mask(_mask_unknown_value)), "mask value 5"),
     "mask_without_image": (_bad_coco(_mask(_mask_without_image)), "no image"),
     "rle_wrong_size": (_bad_coco(_rle_wrong_size), "RLE size"),
+    # segmentation is ground truth: a corrupt or mis-scaled one must be refused, never painted
+    "rle_counts_too_short": (_bad_coco(_segmentation(2, {"size": [H, W], "counts": "0"})), "RLE run lengths sum to 0"),
+    "rle_counts_truncated": (_bad_coco(_segmentation(2, {"size": [H, W], "counts": _truncated_rle()})), "truncated"),
+    "rle_counts_too_long": (_bad_coco(_segmentation(2, {"size": [H, W], "counts": rle_encode(np.zeros((H, W + 1), bool))["counts"]})), "not height*width"),
+    "rle_counts_bad_character": (_bad_coco(_segmentation(2, {"size": [H, W], "counts": "0~~"})), "corrupt"),
+    "rle_list_counts_wrong_sum": (_bad_coco(_segmentation(2, {"size": [H, W], "counts": [5, 10]})), "sum to 15"),
+    "polygon_nan": (_bad_coco(_segmentation(2, [[1, 2, float("nan"), 4, 5, 6]])), "finite numbers"),
+    "polygon_huge_int": (_bad_coco(_segmentation(2, [[1, 2, 10**400, 4, 5, 6]])), "finite numbers"),
+    "polygon_outside": (_bad_coco(_segmentation(2, [[0, 0, 100, 0, 100, 30]])), "outside the 48x40 image"),
+    "polygon_normalised": (_bad_coco(_segmentation(2, [[0.1, 0.1, 0.9, 0.1, 0.9, 0.9]])), "not normalised"),
+    "segmentation_empty": (_bad_coco(_segmentation(2, rle_encode(np.zeros((H, W), bool)))), "covers no pixel"),
+    "segmentation_outside_its_box": (_bad_coco(_segmentation(3, [[30, 30, 40, 30, 40, 38, 30, 38]])), "entirely outside its box"),
+    "mask_png_empty_but_boxes": (_bad_coco(_mask(_empty_png_mask)), "mask is empty"),
+    # numbers and files Python cannot read as they are: one clear error, not a traceback
+    "bbox_huge_int": (_bad_coco(_set_bbox(0, [41, 50, 10**400, 3])), "'bbox' must be"),
+    "bbox_nan": (_bad_coco(_set_bbox(0, [1, 2, float("nan"), 3])), "'bbox' must be"),
+    "integer_over_digit_limit": (_bad_coco(_raw('{"images": [], "x": ' + "1" * 5000 + "}")), "number too long"),
+    "nested_too_deeply": (_bad_coco(_raw("[" * 100000)), "nested too deeply"),
+    "box_empty_once_rounded": (_bad_coco(_set_bbox(0, [10, 10, 0.0001, 5])), "rounded to 3 decimals"),
+    "category_name_blank": (_bad_coco(lambda d, b: d["categories"][0].update(name="  ")), "non-empty string"),
     "partial_segmentation": (
         _bad_coco(lambda d, b: (d["annotations"][0].update(segmentation=[[2, 3, 12, 3, 12, 8]]), b.update(masks=None))),
         "has no segmentation",
