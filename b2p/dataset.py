@@ -34,7 +34,8 @@ FORMAT_VERSION = 1
 # Anything further outside is refused: it means the box belongs to another image size or is corrupt.
 BOX_TOLERANCE_PX = 0.5
 # a batch name becomes a folder name under every output root: no separators, no leading dot
-BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# (matched with fullmatch: `$` also matches before a final newline)
+BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -134,7 +135,7 @@ def relative_image_root(image_root: str | Path, annotation_path: str | Path) -> 
 
 
 def check_batch_name(batch: str) -> str:
-    if not isinstance(batch, str) or not BATCH_NAME.match(batch):
+    if not isinstance(batch, str) or not BATCH_NAME.fullmatch(batch):
         raise B2PError(f"batch name {batch!r} must start with a letter or digit and hold only letters, digits, '.', '_', '-'")
     return batch
 

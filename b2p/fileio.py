@@ -163,6 +163,10 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise B2PError(f"{what} is not UTF-8 text", path) from None
     except json.JSONDecodeError as e:
         raise B2PError(f"{what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})", path) from None
+    except ValueError as e:  # an integer over Python's digit limit (sys.set_int_max_str_digits)
+        raise B2PError(f"{what} holds a number too long to read ({str(e).split(';')[0]})", path) from None
+    except RecursionError:
+        raise B2PError(f"{what} is nested too deeply to read (corrupt or not an annotation file)", path) from None
 
 
 def safe_join(root: str | Path, relative: str, what: str = "path") -> Path:
@@ -171,8 +175,13 @@ def safe_join(root: str | Path, relative: str, what: str = "path") -> Path:
     rel = Path(relative)
     if not relative or rel.is_absolute() or relative.startswith(("/", "\\")):
         raise B2PError(f"{what} {relative!r} must be a relative path inside {root}")
-    resolved_root = root.resolve()
-    resolved = (root / rel).resolve()
+    if "\x00" in relative:  # os calls raise ValueError on it
+        raise B2PError(f"{what} {relative!r} holds a NUL byte")
+    try:
+        resolved_root = root.resolve()
+        resolved = (root / rel).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise B2PError(f"{what} {relative!r} cannot be resolved inside {root}: {e}") from None
     if resolved != resolved_root and resolved_root not in resolved.parents:
         raise B2PError(f"{what} {relative!r} escapes the folder {root}")
     return root / rel

@@ -117,6 +117,62 @@ def test_add_batch_yolo(project: Path, source: Path) -> None:
     assert r.num_boxes == len(coco["annotations"])
 
 
+def _yolo_labels(coco: dict, labels: Path) -> list[str]:
+    """Write the COCO boxes as YOLO label files into `labels`; returns the class names in index order."""
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    index = {c["id"]: i for i, c in enumerate(cats)}
+    labels.mkdir(parents=True, exist_ok=True)
+    for im in coco["images"]:
+        lines = []
+        for a in coco["annotations"]:
+            if a["image_id"] == im["id"]:
+                x, y, w, h = a["bbox"]
+                lines.append(f"{index[a['category_id']]} {(x + w / 2) / im['width']:.6f} {(y + h / 2) / im['height']:.6f} "
+                             f"{w / im['width']:.6f} {h / im['height']:.6f}")
+        (labels / (Path(im["file_name"]).stem + ".txt")).write_text("\n".join(lines) + "\n")
+    return [c["name"] for c in cats]
+
+
+def test_add_batch_copies_exactly_what_validated_yolo(project: Path, source: Path) -> None:
+    """labelImg keeps classes.txt inside the labels folder, and a label named `.TXT` counts: the copy must
+    import in `dvc repro` as it did here (the class list copied into labels/ was read as a label file)."""
+    coco = json.loads((source / "annotations.json").read_text())
+    labels = project.parent / "yolo" / "labels"
+    names = _yolo_labels(coco, labels)
+    (labels / "classes.txt").write_text("\n".join(names) + "\n")
+    first = sorted(p for p in labels.glob("*.txt") if p.name != "classes.txt")[0]
+    first.rename(first.with_suffix(".TXT"))
+    res = runner.invoke(app, ["add-batch", str(source / "images"), "--name", "y2", "--yolo-labels", str(labels),
+                              "--yolo-classes", str(labels / "classes.txt")])
+    assert res.exit_code == 0, res.output
+    copied = project / "data" / "raw" / "y2"
+    assert not (copied / "labels" / "classes.txt").exists() and (copied / "labels" / first.with_suffix(".TXT").name).is_file()
+    entry = yaml.safe_load((project / "params.yaml").read_text())["batches"]["y2"]
+    r = import_batch("y2", **_import_args(entry["files"]), classes_path=project / "data" / "classes.json", out=project / "x.json")
+    assert r.num_boxes == len(coco["annotations"])
+
+
+def test_add_batch_copies_exactly_what_validated_coco(project: Path, source: Path) -> None:
+    """COCO may name any decodable file (a .ppm, a dot-file): what imports here is what gets copied."""
+    import cv2
+
+    coco = json.loads((source / "annotations.json").read_text())
+    a, b = coco["images"][0], coco["images"][1]
+    img = cv2.imread(str(source / "images" / a["file_name"]))
+    cv2.imwrite(str(source / "images" / "a.ppm"), img)
+    (source / "images" / a["file_name"]).unlink()
+    (source / "images" / b["file_name"]).rename(source / "images" / ".hidden.png")
+    a["file_name"], b["file_name"] = "a.ppm", ".hidden.png"
+    (source / "annotations.json").write_text(json.dumps(coco))
+    res = _add(source, "odd")
+    assert res.exit_code == 0, res.output
+    assert (project / "data" / "raw" / "odd" / "images" / "a.ppm").is_file()
+    assert (project / "data" / "raw" / "odd" / "images" / ".hidden.png").is_file()
+    entry = yaml.safe_load((project / "params.yaml").read_text())["batches"]["odd"]
+    r = import_batch("odd", **_import_args(entry["files"]), classes_path=project / "data" / "classes.json", out=project / "x.json")
+    assert (r.num_images, r.num_boxes) == (len(coco["images"]), len(coco["annotations"]))
+
+
 @pytest.mark.parametrize(
     "case",
     ["broken_json", "duplicate_name", "bad_name_dots", "bad_name_escape", "no_box_source", "unknown_class", "box_outside", "folder_exists"],
@@ -202,7 +258,8 @@ def test_register_batch_creates_section_and_refuses_duplicates(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("name,ok", [("line7", True), ("Line_7-b", True), ("a" * 64, True), ("a" * 65, False),
-                                     ("a.b", False), ("a b", False), ("-x", False), ("", False), ("x/y", False)])
+                                     ("a.b", False), ("a b", False), ("-x", False), ("", False), ("x/y", False),
+                                     ("line7\n", False)])
 def test_check_name(name: str, ok: bool) -> None:
     if ok:
         assert check_name(name) == name

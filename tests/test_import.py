@@ -293,6 +293,27 @@ def _missing_key(key):
     return m
 
 
+def _segmentation(i, seg):
+    """Annotation i gets `seg`; the PNG masks are left out (a batch gives masks one way)."""
+
+    def m(d, b):
+        d["annotations"][i]["segmentation"] = seg
+        b["masks"] = None
+
+    return m
+
+
+def _empty_png_mask(b):
+    write_png_atomic(b["masks"] / "a.png", np.zeros((H, W), np.uint8))  # a.png has two boxes
+    return "a.png"
+
+
+def _truncated_rle() -> str:
+    m = np.zeros((H, W), bool)
+    m[5:9, 3:7] = True
+    return rle_encode(m)["counts"] + "P"  # 'P' announces a continuation character that never comes
+
+
 COCO_BAD = {
     "broken_json": (_bad_coco(_raw("{not json")), "not valid JSON"),
     "not_coco_missing_images": (_bad_coco(_missing_key("images")), "'images' is missing"),
@@ -317,6 +338,26 @@ COCO_BAD = {
     "mask_unknown_value": (_bad_coco(_mask(_mask_unknown_value)), "mask value 5"),
     "mask_without_image": (_bad_coco(_mask(_mask_without_image)), "no image"),
     "rle_wrong_size": (_bad_coco(_rle_wrong_size), "RLE size"),
+    # segmentation is ground truth: a corrupt or mis-scaled one must be refused, never painted
+    "rle_counts_too_short": (_bad_coco(_segmentation(2, {"size": [H, W], "counts": "0"})), "RLE run lengths sum to 0"),
+    "rle_counts_truncated": (_bad_coco(_segmentation(2, {"size": [H, W], "counts": _truncated_rle()})), "truncated"),
+    "rle_counts_too_long": (_bad_coco(_segmentation(2, {"size": [H, W], "counts": rle_encode(np.zeros((H, W + 1), bool))["counts"]})), "not height*width"),
+    "rle_counts_bad_character": (_bad_coco(_segmentation(2, {"size": [H, W], "counts": "0~~"})), "corrupt"),
+    "rle_list_counts_wrong_sum": (_bad_coco(_segmentation(2, {"size": [H, W], "counts": [5, 10]})), "sum to 15"),
+    "polygon_nan": (_bad_coco(_segmentation(2, [[1, 2, float("nan"), 4, 5, 6]])), "finite numbers"),
+    "polygon_huge_int": (_bad_coco(_segmentation(2, [[1, 2, 10**400, 4, 5, 6]])), "finite numbers"),
+    "polygon_outside": (_bad_coco(_segmentation(2, [[0, 0, 100, 0, 100, 30]])), "outside the 48x40 image"),
+    "polygon_normalised": (_bad_coco(_segmentation(2, [[0.1, 0.1, 0.9, 0.1, 0.9, 0.9]])), "not normalised"),
+    "segmentation_empty": (_bad_coco(_segmentation(2, rle_encode(np.zeros((H, W), bool)))), "covers no pixel"),
+    "segmentation_outside_its_box": (_bad_coco(_segmentation(3, [[30, 30, 40, 30, 40, 38, 30, 38]])), "entirely outside its box"),
+    "mask_png_empty_but_boxes": (_bad_coco(_mask(_empty_png_mask)), "mask is empty"),
+    # numbers and files Python cannot read as they are: one clear error, not a traceback
+    "bbox_huge_int": (_bad_coco(_set_bbox(0, [41, 50, 10**400, 3])), "'bbox' must be"),
+    "bbox_nan": (_bad_coco(_set_bbox(0, [1, 2, float("nan"), 3])), "'bbox' must be"),
+    "integer_over_digit_limit": (_bad_coco(_raw('{"images": [], "x": ' + "1" * 5000 + "}")), "number too long"),
+    "nested_too_deeply": (_bad_coco(_raw("[" * 100000)), "nested too deeply"),
+    "box_empty_once_rounded": (_bad_coco(_set_bbox(0, [10, 10, 0.0001, 5])), "rounded to 3 decimals"),
+    "category_name_blank": (_bad_coco(lambda d, b: d["categories"][0].update(name="  ")), "non-empty string"),
     "partial_segmentation": (
         _bad_coco(lambda d, b: (d["annotations"][0].update(segmentation=[[2, 3, 12, 3, 12, 8]]), b.update(masks=None))),
         "has no segmentation",
@@ -373,6 +414,9 @@ YOLO_BAD = {
     "box_beyond_image": (_label("0 0.9 0.5 0.5 0.5\n"), "outside"),
     "class_beyond_list": (_label("2 0.5 0.5 0.5 0.5\n"), "class index 2 is beyond"),
     "label_without_image": (_label("0 0.5 0.5 0.5 0.5\n", "ghost.txt"), "has no image"),
+    "label_without_image_upper_case": (_label("0 0.5 0.5 0.5 0.5\n", "ghost.TXT"), "has no image"),
+    "two_label_files_one_stem": (_label("1 0.5 0.5 0.5 0.5\n", "a.TXT"), "two YOLO label files for one name"),
+    "label_file_bom_then_garbage": (_label("\ufeffx 0.5 0.5 0.5 0.5\n"), "class index 'x' is not an integer"),
 }
 
 
@@ -498,3 +542,111 @@ def test_params_yaml_sets_split_and_cli_overrides(coco_batch: dict, tmp_path: Pa
     params.write_text("import:\n  tset: 0.3\n")
     r = _cli(*base)
     assert r.exit_code == 1 and "import.tset: unknown key (did you mean 'test'?)" in r.output and "params.yaml" in r.output
+
+
+# --- audit findings: inputs that were read wrongly or silently ignored -----------------------------------
+
+
+def _yolo_import(y: dict, tmp_path: Path, **kw):
+    return import_batch("y", y["images"], yolo_labels=y["labels"], yolo_classes=y["names"],
+                        classes_path=tmp_path / "c.json", out=tmp_path / "y.json", **kw)
+
+
+def test_upper_case_label_and_mask_suffixes_are_read(yolo_batch: dict, tmp_path: Path) -> None:
+    """`a.TXT` and `a.PNG` (Windows tools) are the image's label and mask, as `A.PNG` images are images."""
+    (yolo_batch["labels"] / "a.txt").rename(yolo_batch["labels"] / "a.TXT")
+    (yolo_batch["masks"] / "a.png").rename(yolo_batch["masks"] / "a.PNG")
+    r = _yolo_import(yolo_batch, tmp_path, masks_dir=yolo_batch["masks"])
+    assert (r.num_boxes, r.manual_masks) == (2, 1)
+    by = {im.file_name: im for im in load_batch(tmp_path / "y.json").images}
+    assert [(b.category_id, b.xywh) for b in by["a.png"].boxes] == [(1, (12.0, 10.0, 24.0, 20.0))]
+    np.testing.assert_array_equal(by["a.png"].manual_label_map(), yolo_batch["lm"])
+    write_png_atomic(yolo_batch["masks"] / "a.png", yolo_batch["lm"])  # two masks for one image: refused
+    with pytest.raises(B2PError, match="two mask files for one name"):
+        _yolo_import(yolo_batch, tmp_path, masks_dir=yolo_batch["masks"])
+
+
+def test_empty_yolo_labels_folder_is_refused(yolo_batch: dict, tmp_path: Path) -> None:
+    for p in yolo_batch["labels"].iterdir():
+        p.unlink()
+    (yolo_batch["labels"] / "notes.md").write_text("labels are elsewhere\n")
+    r = _cli("import", "--batch", "y", "--images", yolo_batch["images"], "--yolo-labels", yolo_batch["labels"],
+             "--yolo-classes", yolo_batch["names"], "--classes", tmp_path / "c.json", "--out", tmp_path / "y.json")
+    assert r.exit_code == 1 and "no YOLO label file" in r.output and str(yolo_batch["labels"]) in r.output, r.output
+    assert not (tmp_path / "y.json").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_decomposed_image_name_matches_composed_label_name(yolo_batch: dict, tmp_path: Path) -> None:
+    """macOS writes 'é' decomposed (NFD); the label tool wrote it composed (NFC): one image, one label."""
+    import unicodedata
+
+    nfd, nfc = unicodedata.normalize("NFD", "défaut"), unicodedata.normalize("NFC", "défaut")
+    assert nfd != nfc
+    (yolo_batch["images"] / "a.png").rename(yolo_batch["images"] / f"{nfd}.png")
+    (yolo_batch["labels"] / "a.txt").rename(yolo_batch["labels"] / f"{nfc}.txt")
+    (yolo_batch["masks"] / "a.png").rename(yolo_batch["masks"] / f"{nfc}.png")
+    r = _yolo_import(yolo_batch, tmp_path, masks_dir=yolo_batch["masks"])
+    assert (r.num_images, r.num_boxes, r.manual_masks) == (3, 2, 1)
+
+
+def test_class_list_bom_and_class_errors_name_the_class_file(yolo_batch: dict, tmp_path: Path) -> None:
+    yolo_batch["names"].write_bytes("\ufeffcrack\nspot\n".encode())  # Windows Notepad's UTF-8
+    _yolo_import(yolo_batch, tmp_path)
+    assert load_class_list(tmp_path / "c.json").names == ("crack", "spot")
+    yolo_batch["names"].write_text("crack\nspott\n")
+    r = _cli("import", "--batch", "y", "--images", yolo_batch["images"], "--yolo-labels", yolo_batch["labels"],
+             "--yolo-classes", yolo_batch["names"], "--classes", tmp_path / "c.json", "--out", tmp_path / "y.json")
+    assert r.exit_code == 1 and f"{yolo_batch['names']}: batch introduces classes" in r.output, r.output
+
+
+def test_coco_category_names_are_stripped_like_yolo_names(coco_batch: dict, tmp_path: Path) -> None:
+    classes = tmp_path / "c.json"
+    import_batch("b1", coco_batch["images"], coco=coco_batch["coco"], classes_path=classes, out=tmp_path / "o.json")
+    d = coco_batch["dict"]
+    d["categories"][0]["name"] = " crack\t"
+    coco_batch["coco"].write_text(json.dumps(d))
+    import_batch("b1", coco_batch["images"], coco=coco_batch["coco"], classes_path=classes, out=tmp_path / "o.json")
+    assert load_class_list(classes).names == ("crack", "spot")  # not a third class " crack\t"
+
+
+def test_annotation_without_id_is_named_by_position(coco_batch: dict, tmp_path: Path) -> None:
+    d = coco_batch["dict"]
+    del d["annotations"][1]["id"]  # [{id: 1}, {no id}, {id: 3}, ...]: no "duplicate annotation id 1"
+    coco_batch["coco"].write_text(json.dumps(d))
+    r = import_batch("b1", coco_batch["images"], coco=coco_batch["coco"], classes_path=tmp_path / "c.json", out=tmp_path / "o.json")
+    assert r.num_boxes == 4
+    d["annotations"][1]["bbox"] = [100, 100, 5, 5]
+    coco_batch["coco"].write_text(json.dumps(d))
+    with pytest.raises(B2PError, match=r"annotation #1 \(no id\).*outside"):
+        import_batch("b1", coco_batch["images"], coco=coco_batch["coco"], classes_path=tmp_path / "c.json", out=tmp_path / "o.json")
+
+
+@pytest.mark.parametrize("target", ["--out", "--classes"])
+def test_output_over_the_coco_input_is_refused(coco_batch: dict, tmp_path: Path, target: str) -> None:
+    before = coco_batch["coco"].read_bytes()
+    out, classes = tmp_path / "o.json", tmp_path / "c.json"
+    args = ["import", "--batch", "b1", "--images", coco_batch["images"], "--coco", coco_batch["coco"],
+            "--out", coco_batch["coco"] if target == "--out" else out, "--classes", coco_batch["coco"] if target == "--classes" else classes]
+    r = _cli(*args)
+    assert r.exit_code == 1 and f"{target} is the --coco input file" in r.output and coco_batch["coco"].name in r.output, r.output
+    assert coco_batch["coco"].read_bytes() == before and not out.exists() and not classes.exists()
+
+
+def test_clipped_counts_only_boxes_that_overhang(coco_batch: dict, tmp_path: Path) -> None:
+    d = coco_batch["dict"]
+    d["annotations"][0]["bbox"] = [0.1, 0.1, 10.3, 5.7]  # inside the image: x1 - x0 differs from w in float
+    d["annotations"][1]["bbox"] = [37.9, 34.3, 10.1, 5.7]  # ends at 48.0 and 40.0 (exactly the border)
+    coco_batch["coco"].write_text(json.dumps(d))
+    r = import_batch("b1", coco_batch["images"], coco=coco_batch["coco"], classes_path=tmp_path / "c.json", out=tmp_path / "o.json")
+    assert r.clipped_boxes == 0
+    assert [b.xywh for b in load_batch(tmp_path / "o.json").images[0].boxes] == [(0.1, 0.1, 10.3, 5.7), (37.9, 34.3, 10.1, 5.7)]
+    d["annotations"][1]["bbox"] = [37.9, 34.3, 10.3, 5.7]  # 0.2 px over the right edge: clipped
+    coco_batch["coco"].write_text(json.dumps(d))
+    r = import_batch("b1", coco_batch["images"], coco=coco_batch["coco"], classes_path=tmp_path / "c.json", out=tmp_path / "o.json")
+    assert r.clipped_boxes == 1
+
+
+def test_batch_name_with_trailing_newline_is_refused(coco_batch: dict, tmp_path: Path) -> None:
+    with pytest.raises(B2PError, match="batch name"):
+        import_batch("b1\n", coco_batch["images"], coco=coco_batch["coco"], classes_path=tmp_path / "c.json", out=tmp_path / "o.json")
+    assert not (tmp_path / "o.json").exists()

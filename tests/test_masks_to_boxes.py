@@ -228,3 +228,56 @@ def test_calib_share_keeps_manual_masks_and_import_puts_them_in_calib(tree: dict
     from b2p.student.data import load_batch_files_for_inference
 
     assert {r.file_name for r in load_batch_files_for_inference([tmp_path / "imported" / "mt.json"], "all")} == set(splits)
+
+
+def _boxes(out: Path) -> list:
+    coco = json.loads(out.read_text())
+    names = {im["id"]: im["file_name"] for im in coco["images"]}
+    return sorted((names[a["image_id"]], a["bbox"]) for a in coco["annotations"])
+
+
+@pytest.mark.parametrize("encoding", ["uint16", "uint16_scaled", "grey_bgr", "grey_bgra"])
+def test_mask_encodings_that_hold_the_same_mask_give_the_same_boxes(tree: dict, tmp_path: Path, encoding: str) -> None:
+    """A mask is read unchanged: decoding as 8-bit grey turned 16-bit 255 into 0 (defects dropped silently)."""
+    import cv2
+
+    root = tree["root"]
+    masks_to_boxes(root, tmp_path / "ref.json", "mt")
+    for p in sorted(root.glob("MT_*/Imgs/*.png")):
+        m = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+        m = {
+            "uint16": lambda: m.astype(np.uint16),
+            "uint16_scaled": lambda: m.astype(np.uint16) * 257,
+            "grey_bgr": lambda: np.repeat(m[..., None], 3, axis=2),
+            "grey_bgra": lambda: np.dstack([m, m, m, np.full_like(m, 255)]),
+        }[encoding]()
+        write_bytes_atomic(p, cv2.imencode(".png", m)[1].tobytes())
+    masks_to_boxes(root, tmp_path / "new.json", "mt")
+    assert _boxes(tmp_path / "new.json") == _boxes(tmp_path / "ref.json") and _boxes(tmp_path / "ref.json")
+
+
+@pytest.mark.parametrize(
+    "mask,message",
+    [
+        ("colour", "colour image"),
+        ("uint16_wide", "does not fit 8 bits"),
+        ("zero_one", "none reach --threshold 128"),
+    ],
+)
+def test_masks_that_would_lose_defects_are_refused(tree: dict, tmp_path: Path, mask: str, message: str) -> None:
+    import cv2
+
+    root = tree["root"]
+    p = root / "MT_Crack/Imgs/mt_crack_0.png"
+    m = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+    m = {
+        "colour": lambda: np.dstack([np.zeros_like(m), np.zeros_like(m), m]),  # red defects (BGR)
+        "uint16_wide": lambda: m.astype(np.uint16) * 300,
+        "zero_one": lambda: (m >= 128).astype(np.uint8),
+    }[mask]()
+    write_bytes_atomic(p, cv2.imencode(".png", m)[1].tobytes())
+    msg = _cli_error(root, tmp_path)
+    assert "mt_crack_0.png" in msg and message in msg, msg
+    if mask == "zero_one":  # the hint works: --threshold 1 reads it
+        r = masks_to_boxes(root, tmp_path / "one.json", "mt", threshold=1, folders=["MT_Crack"])
+        assert r.boxes_per_class["mt_crack"] > 0

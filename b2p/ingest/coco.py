@@ -45,7 +45,7 @@ def _check_segmentation(seg: Any, where: str, path: Path) -> Any:
     if isinstance(seg, list):
         for poly in seg:
             if not isinstance(poly, list) or not all(is_number(v) for v in poly):
-                raise B2PError(f"{where}: polygon segmentation must be a list of [x1, y1, x2, y2, ...] lists", path)
+                raise B2PError(f"{where}: polygon segmentation must be a list of [x1, y1, x2, y2, ...] lists of finite numbers, got {str(poly)[:80]}", path)
             if len(poly) < 6 or len(poly) % 2:
                 raise B2PError(f"{where}: a polygon needs an even number (at least 6) of coordinates, got {len(poly)}", path)
         return seg
@@ -74,7 +74,8 @@ def read_coco(path: str | Path) -> SourceBatch:
         c = _entry(c, "category", i, path)
         where = f"category #{i}"
         cid = _field(c, "id", is_int, "an integer", where, path)
-        name = _field(c, "name", lambda v: isinstance(v, str) and v.strip(), "a non-empty string", where, path)
+        # stripped as YOLO names are: " crack" and "crack" are one class
+        name = _field(c, "name", lambda v: isinstance(v, str) and v.strip(), "a non-empty string", where, path).strip()
         if cid <= 0:
             raise B2PError(f"{where}: category id must be positive (0 is background), got {cid}", path)
         if cid in categories:
@@ -111,17 +112,22 @@ def read_coco(path: str | Path) -> SourceBatch:
     seen_ann_ids: set[int] = set()
     for i, a in enumerate(raw_anns):
         a = _entry(a, "annotation", i, path)
-        aid = a.get("id", i)
-        if not is_int(aid):
-            raise B2PError(f"annotation #{i}: 'id' must be an integer, got {aid!r}", path)
-        if aid in seen_ann_ids:
-            raise B2PError(f"duplicate annotation id {aid}", path)
-        seen_ann_ids.add(aid)
-        where = f"annotation id {aid}"
+        # the importer renumbers annotations, so a missing id is allowed; it is named by its position, not
+        # given one that could collide with a real id
+        if "id" in a:
+            aid = a["id"]
+            if not is_int(aid):
+                raise B2PError(f"annotation #{i}: 'id' must be an integer, got {aid!r}", path)
+            if aid in seen_ann_ids:
+                raise B2PError(f"duplicate annotation id {aid}", path)
+            seen_ann_ids.add(aid)
+            where = f"annotation id {aid}"
+        else:
+            where = f"annotation #{i} (no id)"
         image_id = _field(a, "image_id", is_int, "an integer", where, path)
         cat = _field(a, "category_id", is_int, "an integer", where, path)
         bbox = _field(
-            a, "bbox", lambda v: isinstance(v, list) and len(v) == 4 and all(is_number(x) for x in v), "[x, y, w, h] numbers", where, path
+            a, "bbox", lambda v: isinstance(v, list) and len(v) == 4 and all(is_number(x) for x in v), "[x, y, w, h] finite numbers", where, path
         )
         if image_id not in images:
             raise B2PError(f"{where}: refers to image id {image_id}, which is not in 'images'", path)
@@ -136,5 +142,6 @@ def read_coco(path: str | Path) -> SourceBatch:
         categories=categories,
         images=list(images.values()),
         annotation_file=path,
+        class_file=path,
         sources=[{"role": "coco", "path": str(path), "sha256": sha256_file(path)}],
     )

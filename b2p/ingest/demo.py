@@ -31,7 +31,7 @@ from b2p.splits import unit_hash
 
 DEMO_CLASSES = ("crack", "spot", "erosion")
 CRACK, SPOT, EROSION = 1, 2, 3
-_OWN_FILE = re.compile(r"^img_\d+\.png$")
+_OWN_FILE = re.compile(r"img_\d+\.png")  # fullmatch: `$` would also match before a final newline
 
 
 @dataclass
@@ -322,6 +322,6 @@ def make_demo_data(
     for folder, keep in (("images", set(names)), ("masks", masked)):
         d = out / folder
         for p in d.iterdir() if d.is_dir() else []:
-            if _OWN_FILE.match(p.name) and p.name not in keep:
+            if _OWN_FILE.fullmatch(p.name) and p.name not in keep:
                 p.unlink()
     return DemoResult(out, images, n_masks, counts, defect_px / (images * size * size), free)

@@ -1,7 +1,8 @@
 """`b2p masks-to-boxes`: simulate a box annotation from a dataset that has manual masks.
 
-Layout: `ROOT/<CLASS>/Imgs/NAME.jpg` with the manual mask `ROOT/<CLASS>/Imgs/NAME.png` (8-bit, possibly
-anti-aliased; a pixel is defect when its value is >= threshold). Every connected defect component
+Layout: `ROOT/<CLASS>/Imgs/NAME.jpg` with the manual mask `ROOT/<CLASS>/Imgs/NAME.png` (8-bit grey, possibly
+anti-aliased; a pixel is defect when its value is >= threshold; 16-bit only when its values fit 8 bits,
+colour masks refused, and a mask whose non-zero pixels all lie below the threshold refused). Every connected defect component
 (8-connectivity) of at least `min_area` pixels becomes one tight box of the folder's class; smaller
 components are treated as annotation noise (no box, and not part of the manual mask) and counted.
 Folders whose masks are all empty (e.g. MT_Free) hold defect-free images and define no class.
@@ -83,13 +84,34 @@ def class_name_of(folder: str, strip_prefix: str = "") -> str:
 
 
 def _read_mask(path: Path, threshold: int) -> np.ndarray:
+    """The mask's defect pixels (value >= threshold), read unchanged: decoding as 8-bit grey would scale a
+    16-bit mask down (255 -> 0) and turn a colour mask into grey 76, dropping defects silently."""
     import cv2
 
     data = np.fromfile(path, dtype=np.uint8)
-    m = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
+    m = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if m is None:
         raise B2PError("mask could not be decoded", path)
-    return m >= threshold
+    if m.ndim == 3:  # BGR or BGRA (palette PNGs decode to BGR): accepted only when grey and opaque
+        if m.shape[2] == 4 and (m[..., 3] != m[..., 3].flat[0]).any():
+            raise B2PError("mask has a varying alpha channel; save it as a single-channel (grey) PNG", path)
+        if (m[..., 1] != m[..., 0]).any() or (m[..., 2] != m[..., 0]).any():
+            raise B2PError("mask is a colour image; save it as a single-channel (grey) PNG, defect >= --threshold", path)
+        m = m[..., 0]
+    if m.dtype == np.uint16:
+        if m.max() > 255 and (m % 257).any():  # 8-bit values scaled to 16 bits are multiples of 257
+            raise B2PError(f"16-bit mask holds value {int(m.max())}, which does not fit 8 bits; save it as an 8-bit PNG", path)
+        m = m // 257 if m.max() > 255 else m
+    elif m.dtype != np.uint8:
+        raise B2PError(f"mask holds {m.dtype} values; save it as an 8-bit PNG", path)
+    binary = m >= threshold
+    if m.any() and not binary.any():
+        raise B2PError(
+            f"mask has non-zero pixels (up to {int(m.max())}) but none reach --threshold {threshold}; its defects would "
+            f"be dropped: pass --threshold {int(m.max())} or lower (e.g. 1 for a 0/1 mask)",
+            path,
+        )
+    return binary
 
 
 def _components(binary: np.ndarray, min_area: int) -> tuple[list[tuple[list[int], int, np.ndarray]], int]:

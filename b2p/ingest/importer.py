@@ -23,11 +23,22 @@ from b2p.dataset import check_batch_name, relative_image_root, save_batch_dict, 
 from b2p.errors import B2PError, Problems
 from b2p.fileio import read_image, read_json, safe_join, sha256_file
 from b2p.ingest.coco import read_coco
-from b2p.ingest.source import BOX_TOLERANCE_PX, SourceBatch, SourceImage, check_box, list_images, progress
+from b2p.ingest.source import (
+    BOX_TOLERANCE_PX,
+    SourceAnnotation,
+    SourceBatch,
+    SourceImage,
+    check_box,
+    files_by_stem,
+    list_images,
+    name_key,
+    progress,
+)
 from b2p.ingest.yolo import read_yolo, tree_digest
 from b2p.labels import BACKGROUND, ClassList, check_label_map_keys, load_class_list, paint_label_map, read_label_map, save_class_list
-from b2p.masks import polygons_to_mask, rle_decode, rle_encode
+from b2p.masks import polygons_to_mask, rle_encode
 from b2p.splits import SPLITS, SplitRule
+
 
 @dataclass
 class ImportResult:
@@ -44,37 +55,81 @@ class ImportResult:
     boxes_per_class: dict[str, int]
     unlisted_images: int = 0  # COCO: image files in the folder the JSON does not mention (not imported)
     warnings: list[str] = field(default_factory=list)
+    # exactly the input files the batch consists of (add-batch copies these, so the copy imports the same)
+    image_files: list[str] = field(default_factory=list)  # relative to the image folder
+    label_files: list[Path] = field(default_factory=list)  # YOLO label files
+    mask_files: list[Path] = field(default_factory=list)  # manual-mask PNGs
 
 
 def _mask_files(masks_dir: Path) -> dict[str, Path]:
-    """Mask PNGs by relative stem ('sub/a' for masks/sub/a.png)."""
+    """Mask PNGs by `name_key` of their relative stem ('sub/a' for masks/sub/a.png or a.PNG)."""
     if not masks_dir.is_dir():
         raise B2PError("mask folder not found", masks_dir)
-    return {
-        p.relative_to(masks_dir).with_suffix("").as_posix(): p
-        for p in sorted(masks_dir.rglob("*.png"))
-        if p.is_file() and not p.name.startswith(".")
-    }
+    return files_by_stem(masks_dir, ".png", "mask")
 
 
 def _stem(file_name: str) -> str:
-    return file_name.rsplit(".", 1)[0] if "." in Path(file_name).name else file_name
+    return name_key(file_name.rsplit(".", 1)[0] if "." in Path(file_name).name else file_name)
 
 
-def _decode_segmentation(seg, height: int, width: int, where: str, path: Path) -> np.ndarray:
-    """COCO polygons or RLE (checked for structure by coco.py) -> HxW bool mask of this image's size."""
+def _rle_string_counts(counts: str, where: str, path: Path) -> list[int]:
+    """Run lengths of a compressed COCO RLE string (pycocotools' `rleFrString`), decoded here because
+    pycocotools reads past the end of a truncated string and paints whatever memory it finds."""
+    runs: list[int] = []
+    p = 0
+    while p < len(counts):
+        x = k = 0
+        while True:
+            if p >= len(counts):
+                raise B2PError(f"{where}: RLE 'counts' string ends inside a number (truncated)", path)
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64 or k > 7:  # 6-bit characters '0'..'o'; a run fits 32 bits (<= 8 characters)
+                raise B2PError(f"{where}: RLE 'counts' string is corrupt at character {p}", path)
+            x |= (c & 0x1F) << (5 * k)
+            p, k = p + 1, k + 1
+            if not c & 0x20:
+                if c & 0x10:
+                    x |= -1 << (5 * k)
+                break
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            raise B2PError(f"{where}: RLE 'counts' string decodes to a negative run length", path)
+        runs.append(x)
+    return runs
+
+
+def _instance_mask(a: SourceAnnotation, height: int, width: int, path: Path) -> np.ndarray:
+    """One COCO segmentation (structure checked by coco.py) -> HxW bool mask, checked against its image
+    and its box: a corrupt or mis-scaled segmentation would otherwise become wrong ground truth silently."""
+    seg, where = a.segmentation, a.where
     if isinstance(seg, list):
-        return polygons_to_mask(seg, height, width)
-    if list(seg["size"]) != [height, width]:
-        raise B2PError(f"{where}: RLE size {seg['size']} differs from the image size [{height}, {width}] (height, width)", path)
-    if isinstance(seg["counts"], list) and sum(seg["counts"]) != height * width:
-        raise B2PError(f"{where}: RLE counts sum to {sum(seg['counts'])}, not height*width = {height * width}", path)
-    try:
-        m = rle_decode(seg)
-    except Exception as e:  # pycocotools raises assorted errors on corrupt strings
-        raise B2PError(f"{where}: RLE segmentation could not be decoded ({e})", path) from None
-    if m.shape != (height, width):
-        raise B2PError(f"{where}: RLE segmentation decodes to {m.shape}, not the image size {(height, width)}", path)
+        coords = np.concatenate([np.asarray(poly, np.float64) for poly in seg])
+        xs, ys = coords[0::2], coords[1::2]
+        t = BOX_TOLERANCE_PX
+        if xs.min() < -t or ys.min() < -t or xs.max() > width + t or ys.max() > height + t:
+            raise B2PError(
+                f"{where}: polygon reaches x {xs.min():g}..{xs.max():g}, y {ys.min():g}..{ys.max():g}, outside the "
+                f"{width}x{height} image (more than {t} px; polygons must be in pixels of this image)",
+                path,
+            )
+        if coords.max() <= 1 and max(height, width) > 2:
+            raise B2PError(f"{where}: every polygon coordinate lies in [0, 1]; COCO polygons are in pixels, not normalised", path)
+        m = polygons_to_mask(seg, height, width)
+    else:
+        if list(seg["size"]) != [height, width]:
+            raise B2PError(f"{where}: RLE size {seg['size']} differs from the image size [{height}, {width}] (height, width)", path)
+        runs = seg["counts"] if isinstance(seg["counts"], list) else _rle_string_counts(seg["counts"], where, path)
+        if sum(runs) != height * width:
+            raise B2PError(f"{where}: RLE run lengths sum to {sum(runs)}, not height*width = {height * width}", path)
+        # column-major runs, background first (the COCO layout)
+        m = np.repeat(np.arange(len(runs)) % 2 == 1, runs).reshape(width, height).T
+    if not m.any():
+        raise B2PError(f"{where}: segmentation covers no pixel; a defect's manual mask cannot be empty", path)
+    x, y, w, h = a.xywh
+    x0, y0 = max(int(np.floor(x - 1)), 0), max(int(np.floor(y - 1)), 0)
+    if not m[y0 : int(np.ceil(y + h + 1)), x0 : int(np.ceil(x + w + 1))].any():
+        raise B2PError(f"{where}: segmentation lies entirely outside its box {list(a.xywh)}; the mask and the box disagree", path)
     return m
 
 
@@ -96,6 +151,12 @@ def _manual_label_map(
             )
         lm = read_label_map(mask_png, shape=shape)
         values = [int(v) for v in np.unique(lm) if v != BACKGROUND]
+        if not values and im.annotations:
+            raise B2PError(
+                f"mask is empty (all 0) but image {im.file_name!r} has {len(im.annotations)} box(es); "
+                "the mask and the boxes disagree (a defect-free image has no boxes)",
+                mask_png,
+            )
         unknown = [v for v in values if v not in remap]
         if unknown:
             raise B2PError(
@@ -117,7 +178,7 @@ def _manual_label_map(
             src_file,
         )
     h, w = shape
-    masks = [_decode_segmentation(a.segmentation, h, w, a.where, src_file) for a in im.annotations]
+    masks = [_instance_mask(a, h, w, src_file) for a in im.annotations]
     return paint_label_map(shape, masks, [remap[a.category_id] for a in im.annotations])
 
 
@@ -147,6 +208,14 @@ def import_batch(
         raise B2PError("give exactly one box source: --coco FILE, or --yolo-labels DIR with --yolo-classes FILE")
     if out.is_dir():
         raise B2PError("--out is a folder; give the canonical file to write (e.g. data/imported/NAME.json)", out)
+    # an output written over an input would destroy the user's source file
+    inputs = {"--coco": coco, "--yolo-classes": yolo_classes}
+    for opt, target in (("--out", out), ("--classes", classes_path)):
+        for src_opt, src_path in inputs.items():
+            if src_path is not None and target.resolve() == Path(src_path).resolve():
+                raise B2PError(f"{opt} is the {src_opt} input file; writing it would overwrite your annotations", target)
+    if out.resolve() == classes_path.resolve():
+        raise B2PError("--out and --classes are the same file; give two files", out)
     if not images_dir.is_dir():
         raise B2PError("image folder not found", images_dir)
     if coco is not None:
@@ -163,7 +232,7 @@ def import_batch(
 
     # classes: matched by name against the shared list; ids of existing classes never move
     existing = load_class_list(classes_path) if classes_path.exists() else ClassList(())
-    classes = existing.merged_with(list(src.categories.values()), allow_new=add_classes, source=src.annotation_file)
+    classes = existing.merged_with(list(src.categories.values()), allow_new=add_classes, source=src.class_file or src.annotation_file)
     new_classes = list(classes.names[existing.num_classes :])
     remap = {bid: classes.id_of(name) for bid, name in src.categories.items()}
 
@@ -212,7 +281,7 @@ def import_batch(
                     "id": len(annotations) + 1,
                     "image_id": idx,
                     "category_id": remap[a.category_id],
-                    "bbox": [round(v, 3) for v in box],
+                    "bbox": list(box),  # rounded by check_box
                     "area": round(box[2] * box[3], 3),
                     "iscrowd": 0,
                 }
@@ -286,4 +355,7 @@ def import_batch(
         boxes_per_class=per_class,
         unlisted_images=unlisted,
         warnings=warnings,
+        image_files=[i["file_name"] for i in images],
+        label_files=list(src.label_files),
+        mask_files=list(masks.values()),
     )

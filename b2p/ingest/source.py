@@ -8,6 +8,7 @@ Class ids here are the batch's own (COCO category id, or YOLO class index + 1), 
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from b2p.dataset import BOX_TOLERANCE_PX
 from b2p.errors import B2PError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+BOX_DECIMALS = 3  # canonical boxes are stored rounded to this many decimals (1/1000 px)
 
 
 
@@ -45,6 +47,8 @@ class SourceBatch:
     categories: dict[int, str]  # batch class id -> name, in the batch's order
     images: list[SourceImage]
     annotation_file: Path  # the file errors about annotations name (COCO JSON, or the YOLO labels folder)
+    class_file: Path | None = None  # the file the class names come from (errors about classes name it)
+    label_files: list[Path] = field(default_factory=list)  # YOLO: every label file read (add-batch copies these)
     sources: list[dict] = field(default_factory=list)  # [{"role", "path", "sha256"}] recorded in `info`
 
 
@@ -53,8 +57,9 @@ def check_box(
 ) -> tuple[tuple[float, float, float, float], bool]:
     """Validate an XYWH pixel box against a `width` x `height` image.
 
-    Returns the box clipped to the image and whether clipping changed it. Refuses non-finite numbers,
-    zero or negative size, and boxes reaching more than BOX_TOLERANCE_PX outside the image.
+    Returns the box clipped to the image and rounded to BOX_DECIMALS (as stored), and whether it overhung
+    the image. Refuses non-finite numbers, zero or negative size (also after rounding), and boxes reaching
+    more than BOX_TOLERANCE_PX outside the image.
     """
     x, y, w, h = (float(v) for v in xywh)
     if not all(math.isfinite(v) for v in (x, y, w, h)):
@@ -70,10 +75,17 @@ def check_box(
         )
     x0, y0 = max(x, 0.0), max(y, 0.0)
     x1, y1 = min(x + w, float(width)), min(y + h, float(height))
-    clipped = (x0, y0, x1 - x0, y1 - y0)
+    # rounded here, once: the canonical file stores 3 decimals, and a box must not become empty there
+    clipped = tuple(round(v, BOX_DECIMALS) for v in (x0, y0, x1 - x0, y1 - y0))
     if clipped[2] <= 0 or clipped[3] <= 0:
-        raise B2PError(f"{where}: box {list(xywh)} has no area inside the {width}x{height} image", path)
-    return clipped, clipped != (x, y, w, h)
+        raise B2PError(
+            f"{where}: box {list(xywh)} has no area inside the {width}x{height} image once clipped and rounded "
+            f"to {BOX_DECIMALS} decimals (width {clipped[2]:g}, height {clipped[3]:g} px)",
+            path,
+        )
+    # clipped only when it really overhung: comparing x1 - x0 with w flags in-image boxes on float noise
+    overhung = x < 0 or y < 0 or x + w > width or y + h > height
+    return clipped, overhung
 
 
 def list_images(folder: Path) -> list[str]:
@@ -83,6 +95,30 @@ def list_images(folder: Path) -> list[str]:
         for p in folder.rglob("*")
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     )
+
+
+def name_key(relative_stem: str) -> str:
+    """How a label or mask file is paired with its image: by relative stem in Unicode NFC, since macOS
+    writes decomposed (NFD) names while most tools write composed ones, and both look the same."""
+    return unicodedata.normalize("NFC", relative_stem)
+
+
+def files_by_stem(folder: Path, suffix: str, what: str, exclude: Path | None = None) -> dict[str, Path]:
+    """Files `*.SUFFIX` under `folder` (suffix in any case, as `list_images`; hidden files skipped) by
+    `name_key` of their relative stem. The one rule for which label / mask files a batch has: the
+    importer reads exactly these and add-batch copies exactly these. Two files for one stem (`a.txt` and
+    `a.TXT`) are refused: which one counts would depend on the file system."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if not (p.is_file() and p.suffix.lower() == suffix and not p.name.startswith(".")):
+            continue
+        if exclude is not None and p.resolve() == exclude.resolve():
+            continue
+        key = name_key(p.relative_to(folder).with_suffix("").as_posix())
+        if key in found:
+            raise B2PError(f"two {what} files for one name: {found[key].name!r} and {p.name!r}; keep one", p)
+        found[key] = p
+    return found
 
 
 T = TypeVar("T")
@@ -101,4 +137,11 @@ def is_int(v: Any) -> bool:
 
 
 def is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A finite JSON number: NaN, Infinity (Python's json accepts them) and ints beyond float range
+    (10**400, which `float()` cannot convert) are refused here, where the file is still named."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False

@@ -15,7 +15,16 @@ from pathlib import Path
 
 from b2p.errors import B2PError
 from b2p.fileio import sha256_file
-from b2p.ingest.source import SourceAnnotation, SourceBatch, SourceImage, list_images
+from b2p.ingest.source import SourceAnnotation, SourceBatch, SourceImage, files_by_stem, list_images, name_key
+
+
+def _read_text(path: Path, what: str) -> str:
+    """UTF-8 text without a leading byte-order mark (Windows Notepad writes one; kept, it would become
+    part of the first class name or class index)."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise B2PError(f"{what} is not UTF-8 text", path) from None
 
 
 def read_yolo_classes(path: str | Path) -> list[str]:
@@ -23,10 +32,7 @@ def read_yolo_classes(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise B2PError("YOLO class list not found", path)
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise B2PError("YOLO class list is not UTF-8 text", path) from None
+    text = _read_text(path, "YOLO class list")
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
@@ -36,6 +42,8 @@ def read_yolo_classes(path: str | Path) -> list[str]:
             raise B2PError(f"YOLO data.yaml is not valid YAML: {e}", path) from None
         names = data.get("names") if isinstance(data, dict) else None
         if isinstance(names, dict):
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in names):
+                raise B2PError(f"'names' keys must be the integers 0..N-1, got {list(names)}", path)
             keys = sorted(names)
             if keys != list(range(len(keys))):
                 raise B2PError(f"'names' keys must be 0..N-1, got {keys}", path)
@@ -59,10 +67,7 @@ def read_yolo_classes(path: str | Path) -> list[str]:
 
 
 def _parse_label_file(path: Path, num_classes: int) -> list[SourceAnnotation]:
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise B2PError("YOLO label file is not UTF-8 text", path) from None
+    text = _read_text(path, "YOLO label file")
     anns = []
     for i, line in enumerate(text.splitlines(), 1):
         fields = line.split()
@@ -104,18 +109,19 @@ def read_yolo(images_dir: str | Path, labels_dir: str | Path, classes_file: str 
         raise B2PError("YOLO labels folder not found", labels_dir)
     if not images_dir.is_dir():
         raise B2PError("image folder not found", images_dir)
-    label_files = sorted(
-        p for p in labels_dir.rglob("*.txt") if p.is_file() and p.resolve() != classes_file.resolve()
-    )
+    labels = files_by_stem(labels_dir, ".txt", "YOLO label", exclude=classes_file)
+    if not labels:
+        # every image defect-free is almost surely the wrong folder (or labels named other than *.txt)
+        raise B2PError("no YOLO label file (*.txt) in this folder; give the folder holding one .txt per image", labels_dir)
+    label_files = sorted(labels.values())
     by_stem: dict[str, str] = {}
     for rel in list_images(images_dir):
-        stem = rel.rsplit(".", 1)[0]
+        stem = name_key(rel.rsplit(".", 1)[0])
         if stem in by_stem:
             raise B2PError(f"images {by_stem[stem]!r} and {rel!r} would share one label file {stem}.txt", images_dir)
         by_stem[stem] = rel
     images = {rel: SourceImage(rel) for rel in by_stem.values()}
-    for lf in label_files:
-        stem = lf.relative_to(labels_dir).with_suffix("").as_posix()
+    for stem, lf in labels.items():
         if stem not in by_stem:
             raise B2PError(f"label file has no image {stem}.* in {images_dir}", lf)
         im = images[by_stem[stem]]
@@ -126,6 +132,8 @@ def read_yolo(images_dir: str | Path, labels_dir: str | Path, classes_file: str 
         categories={i + 1: n for i, n in enumerate(names)},
         images=[images[k] for k in sorted(images)],
         annotation_file=labels_dir,
+        class_file=classes_file,
+        label_files=label_files,
         sources=[
             {"role": "yolo_labels", "path": str(labels_dir), "sha256": tree_digest(labels_dir, label_files), "files": len(label_files)},
             {"role": "yolo_classes", "path": str(classes_file), "sha256": sha256_file(classes_file)},

@@ -37,7 +37,7 @@ from b2p.fileio import make_dir_like_mkdir, write_bytes_atomic
 # Stricter than the importer's batch-name rule: the name becomes a DVC stage key (`teach@NAME`) and a
 # folder name, and is interpolated unquoted into shell commands; dots are refused so `${key}` paths and
 # stage addresses stay unambiguous.
-DVC_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+DVC_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # fullmatch: `$` would pass a final newline
 FORMATS = ("coco", "yolo")
 
 
@@ -192,7 +192,7 @@ def check_name(name: str) -> str:
     from b2p.ingest.importer import check_batch_name
 
     check_batch_name(name)  # the importer's rule first (one place for it) ...
-    if not DVC_SAFE_NAME.match(name):  # ... then what DVC stage keys and shell commands need on top
+    if not DVC_SAFE_NAME.fullmatch(name):  # ... then what DVC stage keys and shell commands need on top
         raise B2PError(
             f"batch name {name!r} must be at most 64 letters, digits, '_' or '-' (it becomes a folder and the DVC "
             f"stage names import@{name} / teach@{name})"
@@ -208,24 +208,13 @@ def import_rule(params: Path):
     return resolve("import", params if params.is_file() else None).split_rule()
 
 
-def _copy_images(src: Path, dst: Path) -> int:
-    """Copy every image file under `src` (relative paths kept); other files are left behind."""
-    from b2p.ingest.source import list_images
-
-    names = list_images(src)
-    for rel in names:
+def _copy_files(src: Path, relative: list[str] | list[Path], dst: Path) -> None:
+    """Copy the files `src/REL` to `dst/REL`. The importer's result says which files a batch consists of,
+    so what add-batch copies is exactly what validated (no images, label or mask files lost or added)."""
+    for rel in relative:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / rel, target)
-    return len(names)
-
-
-def _copy_tree(src: Path, dst: Path, suffixes: tuple[str, ...]) -> None:
-    for p in sorted(src.rglob("*")):
-        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."):
-            target = dst / p.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, target)
 
 
 def add_batch(
@@ -294,17 +283,17 @@ def add_batch(
     old_classes = classes.read_bytes() if classes.is_file() else None
     renamed = False
     try:
-        _copy_images(source, tmp / "images")
+        _copy_files(source, result.image_files, tmp / "images")
         yolo_classes_name = None
         if coco is not None:
             shutil.copy2(coco, tmp / "annotations.json")
         else:
-            _copy_tree(Path(yolo_labels), tmp / "labels", (".txt",))
+            _copy_files(Path(yolo_labels), [p.relative_to(yolo_labels) for p in result.label_files], tmp / "labels")
             suffix = Path(yolo_classes).suffix.lower()
             yolo_classes_name = "data.yaml" if suffix in (".yaml", ".yml") else "classes.txt"
             shutil.copy2(yolo_classes, tmp / yolo_classes_name)
         if masks is not None:
-            _copy_tree(Path(masks), tmp / "masks", (".png",))
+            _copy_files(Path(masks), [p.relative_to(masks) for p in result.mask_files], tmp / "masks")
         os.rename(tmp, folder)
         renamed = True
         entry = batch_entry(name, raw_root, fmt, masks is not None, yolo_classes_name)
