@@ -650,3 +650,50 @@ def test_batch_name_with_trailing_newline_is_refused(coco_batch: dict, tmp_path:
     with pytest.raises(B2PError, match="batch name"):
         import_batch("b1\n", coco_batch["images"], coco=coco_batch["coco"], classes_path=tmp_path / "c.json", out=tmp_path / "o.json")
     assert not (tmp_path / "o.json").exists()
+
+
+def test_symlinked_image_files_import_and_names_leaving_the_folder_do_not(coco_batch: dict, tmp_path: Path) -> None:
+    """A folder of symlinks (DVC's cache.type symlink, a shared store) is a folder of images; a name with
+    '..' still leaves the folder and is refused."""
+    links = tmp_path / "links"
+    for f in coco_batch["images"].rglob("*.png"):
+        dst = links / f.relative_to(coco_batch["images"])
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(f.resolve())
+    out, classes = tmp_path / "imported" / "b1.json", tmp_path / "classes.json"
+    r = _cli("import", "--batch", "b1", "--images", links, "--coco", coco_batch["coco"], "--classes", classes, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert [im.file_name for im in load_batch(out).images] == ["a.png", "b.png", "sub/c.png"]
+    bad = dict(coco_batch["dict"])
+    bad["images"] = [{**bad["images"][0], "file_name": "sub/../../a.png"}, *bad["images"][1:]]
+    ann = tmp_path / "bad.json"
+    ann.write_text(json.dumps(bad))
+    r = _cli("import", "--batch", "b2", "--images", links, "--coco", ann, "--classes", classes, "--out", tmp_path / "imported" / "b2.json")
+    assert r.exit_code == 1 and "escapes the" in r.output and not (tmp_path / "imported" / "b2.json").exists()
+
+
+def test_exif_oriented_images_are_named_on_import(tmp_path: Path) -> None:
+    """A JPEG whose EXIF tag turns it 90 degrees is read as displayed (48 wide, 64 high): the import warns
+    and names the tag; a COCO file declaring the raw 64x48 size is refused with a message naming EXIF."""
+    from PIL import Image
+
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise
+    Image.fromarray(np.full((48, 64, 3), 128, np.uint8)).save(img_dir / "r.jpg", exif=exif.tobytes())
+    coco = {"images": [{"id": 1, "file_name": "r.jpg", "width": 48, "height": 64}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 10, 10]}],
+            "categories": [{"id": 1, "name": "crack"}]}
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(coco))
+    out, classes = tmp_path / "imported" / "b1.json", tmp_path / "classes.json"
+    r = _cli("import", "--batch", "b1", "--images", img_dir, "--coco", ann, "--classes", classes, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "EXIF orientation 6" in r.output and "'r.jpg'" in r.output and "displayed" in r.output
+    assert (load_batch(out).images[0].width, load_batch(out).images[0].height) == (48, 64)
+    coco["images"][0].update(width=64, height=48)  # the raw pixels' size
+    ann.write_text(json.dumps(coco))
+    r = _cli("import", "--batch", "b2", "--images", img_dir, "--coco", ann, "--classes", classes, "--out", tmp_path / "imported" / "b2.json")
+    assert r.exit_code == 1 and "EXIF orientation 6" in r.output and "exiftool" in r.output
+    assert not (tmp_path / "imported" / "b2.json").exists()

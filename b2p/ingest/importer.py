@@ -21,7 +21,7 @@ import numpy as np
 from b2p import __version__
 from b2p.dataset import check_batch_name, relative_image_root, save_batch_dict, to_coco_dict
 from b2p.errors import B2PError, Problems
-from b2p.fileio import read_image, read_json, safe_join, sha256_file
+from b2p.fileio import describe_orientation, describe_size_mismatch, exif_orientation, read_image, read_json, safe_join, sha256_file
 from b2p.ingest.coco import read_coco
 from b2p.ingest.source import (
     BOX_TOLERANCE_PX,
@@ -250,6 +250,7 @@ def import_batch(
     # every image, box and mask is checked before anything is written, and every problem is collected, so
     # a large batch with many bad boxes is fixed in one round, not one error per run
     problems = Problems(src.annotation_file, "batch")
+    oriented: list[tuple[str, int]] = []  # images read as displayed, turned by their EXIF tag (fileio.ORIENTATIONS)
 
     for idx, im in enumerate(progress(src.images, f"importing {batch}", total=len(src.images)), 1):
         src_file = im.label_file or src.annotation_file
@@ -264,8 +265,10 @@ def import_batch(
             problems.add(e)
             continue
         if (im.width is not None and im.width != w) or (im.height is not None and im.height != h):
-            problems.add(B2PError(f"image {im.file_name!r} is declared {im.width}x{im.height} but the file is {w}x{h}", src_file))
+            problems.add(B2PError(describe_size_mismatch(img_path, (im.width, im.height), (w, h), im.file_name), src_file))
             continue
+        if (o := exif_orientation(img_path)) != 1:
+            oriented.append((im.file_name, o))
         for a in im.annotations:
             if a.normalized_cxcywh is not None:  # YOLO: pixels once the size is known
                 cx, cy, bw, bh = a.normalized_cxcywh
@@ -310,6 +313,13 @@ def import_batch(
     problems.check()
 
     warnings = []
+    if oriented:
+        shown = ", ".join(f"{n!r} ({describe_orientation(o)})" for n, o in oriented[:3]) + (f" and {len(oriented) - 3} more" if len(oriented) > 3 else "")
+        warnings.append(
+            f"{len(oriented)} image(s) carry an EXIF orientation tag and are read as displayed: {shown}; boxes must be drawn on "
+            "the displayed image. If yours were made on the raw pixels (PIL, labelImg, scripts), remove the tags "
+            "(exiftool -Orientation=1 -n FILE) and import again"
+        )
     unlisted = 0
     if src.format == "coco":
         unlisted = len(set(list_images(images_dir)) - {im.file_name for im in src.images})
