@@ -81,6 +81,20 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
+def clear_stale_stages(target: Path) -> None:
+    """Undo what a killed `staged_dirs` left beside `target`: an old output moved aside for a swap that never
+    finished goes back (the target is missing), and hidden build folders are removed (b2p's names only)."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for old in parent.glob(f".{target.name}.*.old"):
+        if (old / target.name).is_dir() and not target.exists():
+            os.replace(old / target.name, target)
+        shutil.rmtree(old, ignore_errors=True)
+    for stage in parent.glob(f".{target.name}.*.building"):
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_dirs(targets: list[Path]) -> Iterator[list[Path]]:
     """Hidden build folders beside `targets` (one each); when the block succeeds each replaces its target
@@ -88,8 +102,11 @@ def staged_dirs(targets: list[Path]) -> Iterator[list[Path]]:
 
     For an output folder that must always be one run's output (a kill half-way must not leave new files
     beside old ones). The swap is two renames per target: a kill between them leaves the target missing,
-    never mixed (the old folder is then in a hidden `.NAME.*.old` beside it).
+    never mixed, the old folder in a hidden `.NAME.*.old` beside it; the next run puts it back first, and
+    removes the build folders a killed run left (`clear_stale_stages`).
     """
+    for t in targets:
+        clear_stale_stages(t)
     stages: list[Path] = []
     created = list(dict.fromkeys(p for t in targets for p in [t.parent, *t.parent.parents] if not p.exists()))  # deepest first
     try:

@@ -24,10 +24,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +33,7 @@ import numpy as np
 
 from b2p.dataset import ImageRecord, class_list_of, load_batches
 from b2p.errors import B2PError
-from b2p.fileio import read_json, sha256_file, write_bytes_atomic
+from b2p.fileio import clear_stale_stages, read_json, sha256_file, staged_dirs, write_bytes_atomic
 from b2p.labels import ClassList, label_map_key, label_map_path, read_label_map
 from b2p.masks import rle_encode
 
@@ -401,49 +399,6 @@ WRITERS = {"coco": CocoWriter, "yolo": YoloWriter, "semantic": SemanticWriter}
 # --- the job -------------------------------------------------------------------------------------------
 
 
-def _clear_stale_stages(out: Path) -> None:
-    """Remove the hidden folders a killed export left in `out` (only b2p's own names). A `.old` folder still
-    holding a format whose folder is gone was killed mid-swap: that complete export goes back first."""
-    if not out.is_dir():
-        return
-    for fmt in FORMATS:
-        for old in out.glob(f".{fmt}.*.old"):
-            if (old / fmt / MARKER).is_file() and not (out / fmt).exists():
-                os.replace(old / fmt, out / fmt)
-            shutil.rmtree(old, ignore_errors=True)
-        for stage in out.glob(f".{fmt}.*.building"):
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _staged(targets: list[Path]) -> Iterator[list[Path]]:
-    """Hidden build folders beside `targets`; on success they replace the targets, on error they vanish."""
-    stages = []
-    parent = targets[0].parent
-    created = [p for p in [parent, *parent.parents] if not p.exists()]  # deepest first
-    try:
-        for t in targets:
-            t.parent.mkdir(parents=True, exist_ok=True)
-            stages.append(Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".building", dir=t.parent)))
-        yield stages
-    except BaseException:
-        for s in stages:
-            shutil.rmtree(s, ignore_errors=True)
-        for p in created:  # leave no empty output folder behind either
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise
-    for t, s in zip(targets, stages):
-        os.chmod(s, 0o755)  # mkdtemp makes it private
-        old = None
-        if t.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".old", dir=t.parent))
-            os.replace(t, old / t.name)
-        os.replace(s, t)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def export_dataset(
     batch_files: list[Path],
     out: str | Path,
@@ -499,8 +454,9 @@ def export_dataset(
                                [i.label_map for items in by_split.values() for i in items]),
     }
     n_items = sum(len(v) for v in by_split.values())
-    _clear_stale_stages(out)
-    with _staged(targets) as stages:
+    for fmt in FORMATS:  # a killed run's leftovers, of the formats not written this time too
+        clear_stale_stages(out / fmt)
+    with staged_dirs(targets) as stages:
         writers = [WRITERS[f](s, classes, opts, info) for f, s in zip(dict.fromkeys(opts.formats), stages)]
         need_instances = any(w.needs_instances for w in writers)
         totals = {"unboxed_pixels": 0, "empty_boxes": 0, "boxes": 0}
