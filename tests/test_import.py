@@ -692,6 +692,15 @@ def test_exif_oriented_images_are_named_on_import(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "EXIF orientation 6" in r.output and "'r.jpg'" in r.output and "displayed" in r.output
     assert (load_batch(out).images[0].width, load_batch(out).images[0].height) == (48, 64)
+    # exported, the file keeps its tag beside masks drawn on the displayed image: the export says so
+    from b2p.labels import label_map_path, write_label_map
+
+    write_label_map(label_map_path(tmp_path / "masks", "b1", "r.jpg"), np.zeros((64, 48), np.uint8))
+    r = _cli("export", "--imported", out.parent, "--source", "teacher", "--source-root", tmp_path / "masks", "--format", "semantic",
+             "--out", tmp_path / "export", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "EXIF orientation tag" in r.output and "b1/r.jpg" in r.output
+    assert json.loads((tmp_path / "export" / "semantic" / "export.json").read_text())["info"]["exif_oriented_images"] == ["b1/r.jpg"]
     coco["images"][0].update(width=64, height=48)  # the raw pixels' size
     ann.write_text(json.dumps(coco))
     r = _cli("import", "--batch", "b2", "--images", img_dir, "--coco", ann, "--classes", classes, "--out", tmp_path / "imported" / "b2.json")

@@ -87,6 +87,13 @@ def export(
             "(the semantic export keeps them)[/]"
         )
     info = first["info"]
+    if info.get("exif_oriented_images"):
+        names = info["exif_oriented_images"]
+        console.print(
+            f"[yellow]{len(names)} exported image(s) carry an EXIF orientation tag ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}): "
+            "their masks follow the image as displayed; train with a loader that applies the tag (PIL ImageOps.exif_transpose, "
+            "OpenCV imread) or remove the tags first[/]", highlight=False,
+        )
     console.print(
         f"masks: {info['source']} ({info['source_root']}); teacher recorded: {'yes' if info['teacher'] else 'no'}; "
         f"model: {info['model']['path'] if info['model'] else 'not recorded'}",

@@ -33,7 +33,7 @@ import numpy as np
 
 from b2p.dataset import ImageRecord, class_list_of, load_batches
 from b2p.errors import B2PError
-from b2p.fileio import clear_stale_stages, read_json, sha256_file, staged_dirs, write_bytes_atomic
+from b2p.fileio import clear_stale_stages, exif_orientation, read_json, sha256_file, staged_dirs, write_bytes_atomic
 from b2p.labels import ClassList, label_map_key, label_map_path, read_label_map
 from b2p.masks import rle_encode
 
@@ -441,8 +441,12 @@ def export_dataset(
     teacher_root = Path(teacher_root) if teacher_root is not None else None
     from b2p import __version__
 
+    # the masks follow the image as displayed (EXIF orientation applied, fileio.read_image); the exported
+    # file keeps its tag, so a reader that ignores it (torchvision's decode_jpeg by default) sees them turned
+    oriented = [i.record.key for items in by_split.values() for i in items if exif_orientation(i.record.path) != 1]
     info = {
         "description": f"b2p pixel dataset ({opts.source} masks)",
+        "exif_oriented_images": oriented,
         "b2p_version": __version__,
         "git_commit": _git_commit(),
         "source": opts.source,
