@@ -76,12 +76,13 @@ def table(rows: list[dict], seeds: list[int], commits: list[str], paths: list[Pa
         f"Seeds {', '.join(map(str, seeds))} pooled from {len(paths)} suite runs ({', '.join(f'{p} at {c}' for p, c in zip(paths, commits))}): "
         "mean ± sample standard deviation over the seeds; untrained rows (one value) from the first run.",
         "",
-        "| row | binary IoU | anomaly mIoU | precision | recall | per seed binary IoU |",
+        "| row | binary IoU | anomaly mIoU | precision | recall | per seed: binary IoU / anomaly mIoU |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         m = r["metrics"]
-        ps = "-" if not r["per_seed"] else ", ".join(f"{s}: {r['per_seed'][s]['binary_iou']:.3f}" for s in sorted(r["per_seed"], key=int))
+        ps = "-" if not r["per_seed"] else ", ".join(
+            f"{s}: {r['per_seed'][s]['binary_iou']:.3f} / {r['per_seed'][s]['anomaly_miou']:.3f}" for s in sorted(r["per_seed"], key=int))
         lines.append(f"| {r['name']} | {_fmt(m['binary_iou'])} | {_fmt(m['anomaly_miou'])} | {_fmt(m['binary_precision'])} | {_fmt(m['binary_recall'])} | {ps} |")
     return "\n".join(lines) + "\n"
 
