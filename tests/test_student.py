@@ -387,7 +387,12 @@ def test_cli_train_and_predict(taught, tmp_path: Path):
         bm = read_label_map(label_map_path(boxed, b.name, rec.file_name)) > 0
         assert not bm[~inside].any() and bm[sm & inside].all()
     r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--out", str(pred), "--snap", "grabcut", "--snap-out", str(pred)])
-    assert r.exit_code == 1 and "different folders" in r.output
+    assert r.exit_code == 1 and "--out is the same folder as --snap-out" in r.output
+    # one root inside another: its maps would read as a batch folder of the other; refused before any work
+    before = sorted(p for p in tmp_path.rglob("*"))
+    r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--out", str(tmp_path / "p2"),
+                            "--snap", "grabcut", "--snap-out", str(tmp_path / "p2" / "snap")])
+    assert r.exit_code == 1 and "--out holds --snap-out" in r.output and sorted(p for p in tmp_path.rglob("*")) == before
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     before = {p: p.read_bytes() for p in sorted(pred.rglob("*.png")) + sorted(snapped.rglob("*.png"))}

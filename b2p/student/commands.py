@@ -132,8 +132,10 @@ def predict(
     for root in named.values():
         if root.exists() and not root.is_dir():
             raise B2PError("is a file; predictions are written into a folder here", root)
-    if len({r.resolve() for r in named.values()}) < len(named):
-        raise B2PError("--out, --boxes-out and --snap-out must be different folders (one would overwrite the other)", snap_out or boxes_out)
+    from b2p.fileio import check_separate_folders
+
+    # one root inside another would read its maps as a batch folder of the other (and DVC tracks each whole)
+    check_separate_folders(named, {})
     if batch_size < 1:
         raise B2PError(f"--batch-size must be at least 1, got {batch_size}")
 
