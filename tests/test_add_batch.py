@@ -95,19 +95,8 @@ def test_add_batch_yolo(project: Path, source: Path) -> None:
     """A YOLO batch (labels + class list converted from the demo COCO) is copied and registered as yolo."""
     coco = json.loads((source / "annotations.json").read_text())
     labels = project.parent / "yolo_labels"
-    labels.mkdir()
-    cats = sorted(coco["categories"], key=lambda c: c["id"])
-    index = {c["id"]: i for i, c in enumerate(cats)}
-    for im in coco["images"]:
-        lines = []
-        for a in coco["annotations"]:
-            if a["image_id"] == im["id"]:
-                x, y, w, h = a["bbox"]
-                lines.append(f"{index[a['category_id']]} {(x + w / 2) / im['width']:.6f} {(y + h / 2) / im['height']:.6f} "
-                             f"{w / im['width']:.6f} {h / im['height']:.6f}")
-        (labels / (Path(im["file_name"]).stem + ".txt")).write_text("\n".join(lines) + "\n")
     names = project.parent / "names.txt"
-    names.write_text("\n".join(c["name"] for c in cats) + "\n")
+    names.write_text("\n".join(_yolo_labels(coco, labels)) + "\n")
     res = runner.invoke(app, ["add-batch", str(source / "images"), "--name", "y1", "--yolo-labels", str(labels), "--yolo-classes", str(names)])
     assert res.exit_code == 0, res.output
     entry = yaml.safe_load((project / "params.yaml").read_text())["batches"]["y1"]
