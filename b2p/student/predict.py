@@ -41,6 +41,7 @@ from b2p.fileio import atomic_write, read_image, read_json, sha256_file, write_j
 from b2p.labels import label_map_key, label_map_path, write_label_map
 from b2p.student.data import load_batch_files_for_inference, normalise, prepare_image
 from b2p.student.geometry import Geometry
+from b2p.student.model import class_map
 from b2p.student.snap import GMM_COMPONENTS, SnapSettings, check_snap, snap_grabcut
 from b2p.student.manifest import MANIFEST, PREDICT_FORMAT, merged_manifest, prediction_model, read_prediction_manifest, run_key  # noqa: F401 (re-exported)
 
@@ -281,7 +282,7 @@ def predict_image(
     # softmax in place: on a multi-megapixel image every extra (K+1)xHxW copy is hundreds of MB
     p.sub_(p.amax(0, keepdim=True)).exp_()
     p.div_(p.sum(0, keepdim=True))
-    labels = p.argmax(0).to(torch.uint8).cpu().numpy()
+    labels = class_map(p, 0).to(torch.uint8).cpu().numpy()
     return labels, p.cpu().numpy()
 
 
