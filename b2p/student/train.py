@@ -176,8 +176,9 @@ def cpu_native_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def cpu_layout(x, device: torch.device):
-    """A tensor (or a list of them, or None) in NHWC layout on a CPU: oneDNN's faster convolutions there (about
-    15% of a training step here); as it is on a GPU. The model is converted alike (train_student)."""
+    """A tensor (or a list of them, or None) in NHWC layout on a CPU, where oneDNN's convolutions are faster in
+    it (about 10% of a training step: benchmarks/bench_cpu_step.py); unchanged on a GPU. The model is
+    converted alike (train_student)."""
     if device.type != "cpu" or x is None:
         return x
     if isinstance(x, (list, tuple)):
