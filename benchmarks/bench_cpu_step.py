@@ -7,7 +7,9 @@ gives them) and times forward + backward + AdamW on one batch of tiles, for each
 trainer can use on a CPU: NCHW float32 (torch's default), NHWC float32 (what `b2p train` uses on a CPU,
 train.cpu_layout), NHWC bfloat16 autocast (train.cpu_bf16; emulated, and slow, on a CPU without AMX /
 AVX512-BF16). Also the per-step overheads the trainer cut: AdamW per parameter vs foreach, and the
-training confusion matrix's argmax vs class_map. Timings only: the loss is a stand-in.
+training confusion matrix's argmax vs class_map. Then sliding-window inference of one --predict-size
+square image (`image_logits`, windows of the training tile) with the model in NCHW (what `b2p predict`
+uses) vs NHWC. Timings only: the loss is a stand-in, the image noise.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 import yaml
 
 from b2p.student.model import build_model, class_map
+from b2p.student.predict import image_logits
 from b2p.student.train import TrainParams, cpu_layout, cpu_native_bf16
 
 
@@ -40,6 +44,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=None, help="default: train.tile_size")
     ap.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
     ap.add_argument("--classes", type=int, default=3, help="defect classes (the demo has 3)")
+    ap.add_argument("--predict-size", type=int, default=1024, help="side of the square image timed in inference")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -87,6 +92,15 @@ def main() -> None:
     logits = torch.randn(bs, a.classes + 1, tile, tile)
     print(f"  argmax over classes               {timed(lambda: logits.argmax(1), a.steps):7.2f} ms")
     print(f"  class_map (max(1).indices)        {timed(lambda: class_map(logits, 1), a.steps):7.2f} ms")
+
+    img = np.random.default_rng(0).integers(0, 256, (a.predict_size, a.predict_size, 3), dtype=np.uint8)
+    model.eval()
+    times = {}
+    for name, m in (("NCHW (b2p predict)", model), ("NHWC", model.to(memory_format=torch.channels_last))):
+        with torch.no_grad():
+            times[name] = timed(lambda: image_logits(m, img, window=tile), max(2, a.steps // 10)) / 1000
+    (n0, t0), (n1, t1) = times.items()
+    print(f"  predict {a.predict_size}x{a.predict_size} in {tile} px windows: {n0} {t0:.2f} s, {n1} {t1:.2f} s (x{t0 / t1:.2f})")
 
 
 if __name__ == "__main__":
