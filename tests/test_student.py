@@ -129,6 +129,27 @@ def _dataset(samples, k, **kw):
     return StudentDataset(samples, (0.5,) * 3, (0.25,) * 3, k, **kw)
 
 
+def test_dataset_keeps_decoded_images_read_only_within_its_memory_bound(taught, monkeypatch):
+    from b2p.student import data
+    from b2p.student.data import gather_samples
+
+    path, teach, _ = taught
+    samples, k = gather_samples([path], teach, ("train",))
+    ds = _dataset(samples, k, min_side=32)
+    img, lm = ds.read(0)
+    assert ds.read(0)[0] is img and ds.read(0)[1] is lm  # decoded once
+    with pytest.raises(ValueError):  # a caller that wrote into the shared copy fails, never corrupts it
+        img[0, 0] = 0
+    item = ds[0]
+    item["target"].zero_()  # items are fresh arrays: the cached label map is untouched
+    assert np.array_equal(ds.read(0)[1], data.read_label_map(samples[0].label_path, shape=img.shape[:2], num_classes=k - 1))
+    monkeypatch.setattr(data, "READ_CACHE_BYTES", img.nbytes + lm.nbytes)  # room for one image only
+    small = _dataset(samples, k, min_side=32)
+    a, b = small.read(0), small.read(1)
+    assert small.read(0)[0] is a[0] and small.read(1)[0] is not b[0]  # the second is decoded again
+    assert np.array_equal(small.read(1)[0], b[0]) and b[0].flags.writeable
+
+
 def test_flip_augmentation_moves_image_labels_and_boxes_together(taught):
     from b2p.student.data import gather_samples
 

@@ -37,7 +37,8 @@ def _new_figure(w: float, h: float, layout: str | None = None) -> Figure:
 
 def _save(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    # a constrained layout already fits its figure; "tight" would draw it a second time to measure it
+    fig.savefig(buf, format="png", bbox_inches=None if fig.get_layout_engine() is not None else "tight")
     write_bytes_atomic(path, buf.getvalue())
 
 

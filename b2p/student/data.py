@@ -106,6 +106,9 @@ def _flip_boxes(boxes: np.ndarray, code: int, hp: int, wp: int) -> np.ndarray:
     return b
 
 
+READ_CACHE_BYTES = 512 * 2**20  # decoded images and label maps a dataset keeps in memory (StudentDataset.read)
+
+
 class StudentDataset(torch.utils.data.Dataset):
     """Model-space views of the samples: training tiles (`sampling` given) or whole padded images (None).
 
@@ -134,6 +137,8 @@ class StudentDataset(torch.utils.data.Dataset):
         self.min_side = sampling.tile if sampling is not None else min_side
         if sampling is not None and sampling.tile % multiple:
             raise B2PError(f"tile size {sampling.tile} must be a multiple of {multiple}")
+        self._decoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._decoded_bytes = 0
 
     def __len__(self) -> int:
         return len(self.samples) * (self.sampling.crops_per_image if self.sampling else 1)
@@ -143,7 +148,22 @@ class StudentDataset(torch.utils.data.Dataset):
         return Geometry.for_image(rec.height, rec.width, self.scale, self.max_side, self.multiple)
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(HxWx3 uint8 image, HxW uint8 teacher label map) of sample i, checked against its record."""
+        """(HxWx3 uint8 image, HxW uint8 teacher label map) of sample i, checked against its record.
+
+        Kept decoded in memory up to READ_CACHE_BYTES (first come, no eviction): an epoch draws several tiles
+        of every image, and decoding them again cost the demo's training 0.2 s an epoch. Read-only arrays:
+        every caller resizes or pads into a new array, and one that wrote would fail loudly."""
+        hit = self._decoded.get(i)
+        if hit is not None:
+            return hit
+        img, lm = self._read(i)
+        if self._decoded_bytes + img.nbytes + lm.nbytes <= READ_CACHE_BYTES:
+            img.flags.writeable = lm.flags.writeable = False
+            self._decoded[i] = (img, lm)
+            self._decoded_bytes += img.nbytes + lm.nbytes
+        return img, lm
+
+    def _read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.samples[i]
         img = read_image(s.record.path)
         if img.shape[:2] != (s.record.height, s.record.width):
