@@ -184,3 +184,38 @@ def test_window_larger_than_the_image_is_logged_as_used(project):
     r = _predict(project, project["model"], "--window", "1000")
     assert r.exit_code == 0, r.output
     assert "windows used: 32 px" in r.output and "asked 1000 px" in r.output, r.output
+
+
+# --- 6. inference precision: float32 by default, bfloat16 only where the CPU has it, and said -----------------
+
+
+def test_bfloat16_on_a_cpu_without_it_is_refused_before_writing(project, monkeypatch):
+    import b2p.student.train as train_mod
+
+    monkeypatch.setattr(train_mod, "cpu_native_bf16", lambda: False)
+    before = _tree(project["pred"])
+    r = _predict(project, project["model"], "--precision", "bfloat16")
+    assert r.exit_code == 1 and "no native bfloat16" in r.output, r.output
+    assert _tree(project["pred"]) == before
+    r = _predict(project, project["model"], "--precision", "float16")
+    assert r.exit_code == 1 and "float32, bfloat16, auto" in r.output, r.output
+    assert _tree(project["pred"]) == before
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_is_bfloat16_only_on_a_native_cpu_and_the_manifest_says_which(project, monkeypatch, native):
+    import b2p.student.train as train_mod
+    from b2p.labels import read_label_map
+    from b2p.student.predict import read_prediction_manifest
+
+    f32 = [read_label_map(p) for p in _maps(project, project["pred"])]  # the fixture's float32 run
+    monkeypatch.setattr(train_mod, "cpu_native_bf16", lambda: native)
+    out = project["root"] / "auto"
+    r = _cli("predict", "--model", project["model"], "--imported", project["imported"], "--split", "all", "--out", out,
+             "--device", "cpu", "--precision", "auto")
+    assert r.exit_code == 0, r.output
+    settings = read_prediction_manifest(out)["settings"]
+    assert settings.get("precision") == ("bfloat16" if native else None), settings  # float32 runs stay unnamed
+    assert ("bfloat16 (precision auto)" in r.output) == native, r.output
+    agree = np.mean([(read_label_map(p) == q).mean() for p, q in zip(_maps(project, out), f32)])
+    assert agree == 1.0 if not native else agree > 0.95, agree

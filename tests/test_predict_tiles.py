@@ -276,3 +276,24 @@ def test_4000x3000_image_predicts_in_bounded_memory():
     assert m["labels"] == [3000, 4000] and m["probs"] == [3, 3000, 4000]
     assert m["peak"] < PEAK_RSS_MB, m
     assert m["peak"] - m["before"] < PREDICT_GROWTH_MB, m
+
+
+@pytest.mark.parametrize("kw", [{}, {"backbone": "efficientnet_lite0", "decoder": "lite", "context": "strip", "decoder_dim": 16}])
+def test_cpu_inference_goes_nhwc_with_the_same_float32_logits(kw):
+    from b2p.student.predict import inference_setup
+
+    if kw:  # the CPU student of the benchmark suite (random weights; no download)
+        torch.manual_seed(0)
+        model = _randomise_bn(build_model(StudentConfig(num_classes=3, tile_size=64, **kw), weights="random"))
+    else:
+        model = _tiny_b2p(64)
+    img = _image(72, 150, seed=3)
+    with torch.no_grad():
+        ref = image_logits(model, img)
+        ctx, used = inference_setup(model, torch.device("cpu"), "float32")
+        with ctx:
+            out = image_logits(model, img)
+    assert used == "float32"
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ def score_rules(
     window: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    precision: str = "float32",
 ) -> dict:
     """The effect of the rule on held-out masks: the epoch each rule keeps (MODEL_DIR/metrics.json `rules`),
     scored as the student alone (argmax, as `b2p predict` + `b2p evaluate` score it) against the manual masks
@@ -28,7 +29,7 @@ def score_rules(
     from b2p.evaluate.metrics import ConfusionMatrix, scores
     from b2p.fileio import read_image, read_json, safe_join
     from b2p.student.checkpoint import check_class_lists, load_student
-    from b2p.student.predict import predict_image
+    from b2p.student.predict import check_precision, inference_setup, predict_image
     from b2p.student.train import pick_device
 
     model_dir = Path(model_dir)
@@ -41,6 +42,7 @@ def score_rules(
     batches = load_batches(batch_files)
     names = list(class_list_of(batches).names)
     images = select_images(batches, split)  # refuses a split without manual masks
+    check_precision(precision)
     dev = pick_device(device)
     truths = [im.manual_label_map() for im in images]
     by_file: dict[str, dict] = {}
@@ -49,17 +51,19 @@ def score_rules(
         task = bar.add_task(f"{len(files)} rule model(s) x {len(images)} images", total=len(files) * len(images))
         for file in files:
             model, ck = load_student(model_dir / file, dev)
+            arithmetic, used = inference_setup(model, dev, precision)
             check_class_lists(ck["class_names"], names, ck["path"])
             cm = ConfusionMatrix(len(names) + 1)
             for im, truth in zip(images, truths):
-                lm, _ = predict_image(model, read_image(im.path), dev, window=window)
+                with arithmetic:
+                    lm, _ = predict_image(model, read_image(im.path), dev, window=window)
                 cm.update(lm, truth)
                 bar.advance(task)
             s = scores(cm.matrix, names)
             by_file[file] = {"binary_iou": s["binary_iou"], "anomaly_miou": s["anomaly_miou"], "miou": s["miou"],
                              "per_class_iou": {c: v["iou"] for c, v in s["per_class"].items()}}
     return {
-        "split": split, "images": len(images), "window": window, "select": metrics["select"].get("rule") if isinstance(metrics.get("select"), dict) else None,
+        "split": split, "images": len(images), "window": window, "precision": used if files else None, "select": metrics["select"].get("rule") if isinstance(metrics.get("select"), dict) else None,
         "rules": {rule: {"epoch": r["epoch"], "val_score": r["score"], "file": r["file"], split: by_file[r["file"]]} for rule, r in rules.items()},
     }
 

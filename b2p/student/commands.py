@@ -92,6 +92,10 @@ def predict(
     overlap: float = typer.Option(0.25, "--overlap", min=0.0, max=0.9, help="Sliding-window overlap, a fraction of the window."),
     tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, or flips (the mean logits of the image and its 3 flips: 4x the time)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option(
+        "float32", "--precision",
+        help="float32; bfloat16 (autocast: a GPU with it, or a CPU with AMX / AVX512-BF16; 1.4-1.9x faster on such a CPU, under 0.1 % of labels move); auto: bfloat16 where a CPU has it natively, else float32.",
+    ),
     boxes_out: Path = typer.Option(
         None, "--boxes-out", help="Also write box-guided label maps here: the student's defect pixels inside each annotated box, with the box's class."
     ),
@@ -167,6 +171,7 @@ def predict(
     res = run_prediction(
         model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap, window=window, tta=tta,
         snap=snap, snap_settings=snap_settings, roots={kinds[opt]: r for opt, r in named.items()}, inputs=inputs,
+        precision=precision,
     )
     typer.echo(
         f"wrote {res['images']} label maps under {out}" + (f", box-guided ones under {boxes_out}" if boxes_out else "")
