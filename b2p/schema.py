@@ -213,6 +213,7 @@ class PredictParams(BaseModel):
     box_threshold: Fraction = 0.5
     window: Annotated[int, Field(ge=1)] | None = None  # sliding-window side, px at model scale (None: predict.py's default)
     tta: typing.Literal["none", "flips"] = "none"  # test-time augmentation: predict.py's TTA_MODES (a test keeps them equal)
+    precision: typing.Literal["float32", "bfloat16", "auto"] = "float32"  # predict.py's PRECISIONS (a test keeps them equal)
     snap: typing.Literal["none", "grabcut"] = "none"  # snap.py's SNAP_MODES (a test keeps them equal)
     snap_sure: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.9  # snap.py's SnapSettings.sure
 

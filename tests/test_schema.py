@@ -111,9 +111,10 @@ def test_predict_params_offer_exactly_the_test_time_augmentations_predict_knows(
     import typing
 
     from b2p.schema import PredictParams
-    from b2p.student.predict import TTA_MODES
+    from b2p.student.predict import PRECISIONS, TTA_MODES
 
     assert set(typing.get_args(PredictParams.model_fields["tta"].annotation)) == set(TTA_MODES)
+    assert set(typing.get_args(PredictParams.model_fields["precision"].annotation)) == set(PRECISIONS)
     from b2p.student.snap import SNAP_MODES, SnapSettings
 
     assert set(typing.get_args(PredictParams.model_fields["snap"].annotation)) == set(SNAP_MODES)
