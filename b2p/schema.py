@@ -112,6 +112,7 @@ CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
         "min_background": {"ge": 5},
         "min_context_ratio": {"ge": 0},
         "min_fill": {"ge": 0, "lt": 1},
+        "rim": {"ge": 0, "le": 1},
         "empty": {"choices": lambda: ("box", "keep")},
     },
 }

@@ -248,7 +248,7 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
     assert st["reason"] == "best binary IoU on calib" and len(st["grid"]) == 10 and st["snap_sure"] is None  # --no-student-snap
     assert all(label_map_path(suite / "work/calibrated/grabcut/b2p/1", "demo-tiles", im.file_name).is_file() for im in batch.images)
     # combine: every class taught by a candidate scored on calib, never the oracle; the choice is in the report
-    cands = {"box", "grabcut", "grabcut+ctx1", "grabcut+fill0.2", "grabcut+ctx1+fill0.2", "b2p", "b2p.round2", "boxes-only:boxes-pairwise"}
+    cands = {"box", "grabcut", "grabcut+ctx1", "grabcut+fill0.2", "grabcut+ctx1+fill0.2", "grabcut+rim0.2", "grabcut+rim0.5", "b2p", "b2p.round2", "boxes-only:boxes-pairwise"}
     for seed in ("1", "2"):
         prov = read_json(suite / "work/combined/grabcut" / seed / "demo-tiles/provenance.json")["auto"]
         assert set(prov["iou_on_calib"]) == cands and prov["calib_images"] == len(calib)

@@ -316,6 +316,31 @@ def test_grabcut_min_context_ratio_fills_boxes_with_too_little_context():
         GrabCutTeacher(min_context_ratio=-1)
 
 
+def test_grabcut_rim_keeps_the_box_inside_and_cuts_only_its_rim():
+    """With `rim`, the inside of the box is foreground whatever its colour, and GrabCut decides the rim only:
+    a bright ring with a background-coloured hole, in a box whose corners are background, keeps the hole
+    (plain GrabCut cuts it out) and loses the corners; nothing outside the box."""
+    yy, xx = np.mgrid[:80, :80]
+    r2 = (yy - 40) ** 2 + (xx - 40) ** 2
+    img = np.full((80, 80, 3), 60, np.uint8)
+    img[(r2 <= 18**2) & (r2 > 6**2)] = 200  # a ring of radius 6-18 in a 40 px box
+    box = np.array([[20.0, 20.0, 60.0, 60.0]])
+    hole = r2 <= 4**2
+    plain = GrabCutTeacher().predict(img, box).masks[0]
+    assert not plain[hole].any()  # plain GrabCut: the hole has the background's colour
+    out = GrabCutTeacher(rim=0.5).predict(img, box)
+    m = out.masks[0]
+    assert out.scores[0] == 1.0 and out.notes[0] is None
+    assert m[30:50, 30:50].all()  # rim 0.5 of the 20 px half-side = 10 px: the inner 20x20 is fixed foreground
+    assert not m[20:24, 20:24].any() and not m[56:60, 56:60].any()  # the corners (background colour) are cut
+    assert not m[:20].any() and not m[60:].any() and not m[:, :20].any() and not m[:, 60:].any()
+    assert GrabCutTeacher(rim=1.0).predict(img, box).masks[0][hole].sum() == 0  # rim 1: no inside left, as plain
+    with pytest.raises(B2PError, match="rim"):
+        GrabCutTeacher(rim=1.5)
+    with pytest.raises(B2PError, match="rim"):
+        GrabCutTeacher(rim=-0.1)
+
+
 def test_grabcut_min_fill_treats_a_collapsed_mask_as_empty(monkeypatch):
     """GrabCut keeping a few pixels of a large box is a collapse: with min_fill it is handled like an
     empty result (box filled or kept empty, noted); without it the few pixels are returned."""

@@ -12,6 +12,8 @@ Candidates, in this order (a tie goes to the earlier one, the simpler teacher):
   grabcut+...              GRABCUT_GRID on top of them: +ctx1 context_frac 1 (more context: a better
                            background model for elongated boxes), +fill0.2 min_fill 0.2 (a GrabCut mask
                            under 20 % of its box counts as collapsed and the box is used), and both;
+                           +rim0.2 / +rim0.5: GrabCut decides only a rim of the box (20 % / 50 % of its
+                           shorter half-side), its inside is foreground;
                            grid entries equal to the configured settings are dropped;
   sam                      box-prompted SAM, only when its weights are already on disk (never downloaded
                            here; a missing checkpoint or package is recorded as the reason it is absent);
@@ -44,6 +46,10 @@ GRABCUT_GRID: dict[str, dict[str, Any]] = {
     "ctx1": {"context_frac": 1.0},
     "fill0.2": {"min_fill": 0.2},
     "ctx1+fill0.2": {"context_frac": 1.0, "min_fill": 0.2},
+    # only a rim of each box decided by GrabCut (GrabCutSettings.rim); the context-ratio guard is off: with
+    # the box's inside fixed, a thin context can no longer make GrabCut cut a large box along its texture
+    "rim0.2": {"rim": 0.2, "min_context_ratio": 0.0},
+    "rim0.5": {"rim": 0.5, "min_context_ratio": 0.0},
 }
 
 

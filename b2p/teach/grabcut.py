@@ -13,6 +13,9 @@ Degenerate boxes are handled explicitly and every case is recorded as a per-box 
     area: the background model is too poor to trust; the box is filled, score 0;
   - GrabCut returns no foreground (or, with `min_fill` > 0, less than that fraction of the box): the box is filled (`empty="box"`, default) or the mask stays empty
     (`empty="keep"`); either way it is noted.
+With `rim` > 0 only a rim of the box is left to GrabCut (probable foreground) and the box's inside is definite
+foreground: a tight box's defect fills its centre and differs from the box along its sides, which is where
+the cut is wanted; GrabCut can then not collapse, nor cut a large box along its texture.
 Score: 1.0 where GrabCut made the mask, 0.0 where the box was filled instead.
 """
 
@@ -43,6 +46,11 @@ class GrabCutSettings:
     # (0 = off): on low-contrast grayscale textures GrabCut can shrink to a handful of pixels, which no tight
     # box around a real defect allows (the defect touches all four sides of its box)
     min_fill: float = 0.0
+    # 0 = off; > 0: the rim left to GrabCut is this fraction of the box's shorter half-side (1: all of the box
+    # along its shorter axis, i.e. off), the inside is definite foreground. Magnetic-Tile calib, IoU inside
+    # the boxes against the manual masks (box fill / rim 0.2 / rim 0.5): uneven 0.847 / 0.878 / 0.852,
+    # fray 0.550 / 0.604 / 0.670, blowhole 0.649 / 0.735 / 0.740 (teach --teacher auto tries both)
+    rim: float = 0.0
     empty: str = "box"  # what to do when GrabCut finds no foreground: "box" (fill, noted) or "keep"
     seed: int = 0  # OpenCV's k-means initialisation of the colour models is random
 
@@ -57,6 +65,8 @@ class GrabCutSettings:
             raise B2PError(f"grabcut min_fill must be in [0, 1), got {self.min_fill}")
         if self.min_context_ratio < 0:
             raise B2PError(f"grabcut min_context_ratio must be >= 0, got {self.min_context_ratio}")
+        if not 0 <= self.rim <= 1:
+            raise B2PError(f"grabcut rim must be in [0, 1] (a fraction of the box's shorter half-side), got {self.rim}")
         if self.empty not in ("box", "keep"):
             raise B2PError(f"grabcut empty must be 'box' or 'keep', got {self.empty!r}")
 
@@ -115,6 +125,10 @@ class GrabCutTeacher(Teacher):
         crop = np.ascontiguousarray(image[cy0:cy1, cx0:cx1, ::-1])  # BGR, as OpenCV expects
         gc = np.full(crop.shape[:2], cv2.GC_BGD, np.uint8)
         gc[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0] = cv2.GC_PR_FGD
+        if c.rim > 0:
+            r = max(1, int(round(c.rim * min(bw, bh) / 2)))
+            if min(bw, bh) > 2 * r:
+                gc[y0 - cy0 + r : y1 - cy0 - r, x0 - cx0 + r : x1 - cx0 - r] = cv2.GC_FGD
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         cv2.setRNGSeed(c.seed)
         try:
