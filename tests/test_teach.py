@@ -341,6 +341,23 @@ def test_grabcut_rim_keeps_the_box_inside_and_cuts_only_its_rim():
         GrabCutTeacher(rim=-0.1)
 
 
+def test_cli_grabcut_rim_out_of_range_is_refused_before_writing(tmp_path):
+    """A rim outside [0, 1] in params.yaml or --set: exit 1, the message names the file / option and the key,
+    and no output folder is created (an earlier one is left as it was)."""
+    batch_file, _ = make_synthetic_batch(tmp_path, n_images=2)
+    params = tmp_path / "params.yaml"
+    params.write_text("teach:\n  grabcut: {rim: 2}\n")
+    r = runner.invoke(app, ["teach", str(batch_file), "--out", str(tmp_path / "t"), "--params", str(params), "--quiet"])
+    assert r.exit_code == 1 and str(params) in r.output and "teach.grabcut.rim" in r.output
+    assert not (tmp_path / "t").exists()
+    old = tmp_path / "old"
+    assert runner.invoke(app, ["teach", str(batch_file), "--out", str(old), "--teacher", "box", "--quiet"]).exit_code == 0
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    r = runner.invoke(app, ["teach", str(batch_file), "--out", str(old), "--set", "grabcut.rim=-1", "--quiet"])
+    assert r.exit_code == 1 and "--set grabcut.rim=-1" in r.output and "teach.grabcut.rim" in r.output
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+
+
 def test_grabcut_min_fill_treats_a_collapsed_mask_as_empty(monkeypatch):
     """GrabCut keeping a few pixels of a large box is a collapse: with min_fill it is handled like an
     empty result (box filled or kept empty, noted); without it the few pixels are returned."""
