@@ -307,6 +307,7 @@ def test_suite_runner_on_other_folder_names(tmp_path: Path) -> None:
                                                                ("_distill", "grabcut-b2p"))} | {
         "combine@grabcut-3", "evaluate_combine@grabcut-3", "select@grabcut-b2p-3", "select_distill@grabcut-b2p-3"}
     assert all(v > 0 for v in res["stage_seconds"].values()) and res["total_seconds"] > 0
+    assert res["stage_order"] == "stage count (no earlier stage times)"  # no earlier report of this dataset
     head = _run(root, "git", "rev-parse", "HEAD").stdout.strip()
     assert res["git"] == {"commit": head, "dirty": True}  # params.yaml now names the dataset
     md = (root / "reports" / "line-7-parts" / "results.md").read_text()
@@ -330,6 +331,33 @@ def test_stages_with_the_longest_waiting_chain_start_first() -> None:
     chain = chain_lengths(stages)
     assert chain["train@a"] == 5 and chain["train@b"] == 3 and chain["evaluate@b"] == 1
     assert sorted((s.name for s in stages), key=lambda n: -chain[n])[:2] == ["train@a", "predict@a"]
+    # with expected seconds a long stage outweighs a longer chain of short ones: train@b waits on a 100 s evaluation
+    cost = {s.name: 1.0 for s in stages} | {"evaluate@b": 100.0}
+    chain = chain_lengths(stages, cost)
+    assert chain["train@b"] == 102.0 and chain["train@a"] == 5.0
+    assert sorted((s.name for s in stages), key=lambda n: -chain[n])[:2] == ["train@b", "predict@b"]
+
+
+def test_expected_stage_seconds_come_from_the_last_run_or_the_committed_report(tmp_path: Path) -> None:
+    from b2p.pipeline.suite import TIMES_FILE, expected_seconds, previous_stage_seconds
+
+    # a stage not run before takes the median of its kind (a new seed), else of all stages
+    prev = {"train@a-1": 300.0, "train@a-2": 100.0, "train@a-3": 200.0, "predict@a-1": 10.0}
+    est = expected_seconds(["train@a-1", "train@a-4", "predict@a-9", "combine@a-1"], prev)
+    assert est == {"train@a-1": 300.0, "train@a-4": 200.0, "predict@a-9": 10.0, "combine@a-1": 150.0}
+    assert expected_seconds(["train@a-1"], {}) is None
+    suite = tmp_path / "pipelines" / "suite"
+    (suite / "work").mkdir(parents=True)
+    report = tmp_path / "reports" / "tiles" / "results.json"
+    report.parent.mkdir(parents=True)
+    assert previous_stage_seconds(suite, "tiles") == ({}, None)
+    report.write_text(json.dumps({"stage_seconds": {"train@a-1": 12.5, "bad": "x", "zero": 0}}))
+    assert previous_stage_seconds(suite, "tiles") == ({"train@a-1": 12.5}, report.resolve())
+    assert previous_stage_seconds(suite, "other") == ({}, None)
+    (suite / TIMES_FILE).write_text("{not json")  # unreadable: the report still serves
+    assert previous_stage_seconds(suite, "tiles")[1] == report.resolve()
+    (suite / TIMES_FILE).write_text(json.dumps({"stage_seconds": {"train@a-1": 7.0}}))  # this folder's own run first
+    assert previous_stage_seconds(suite, "tiles") == ({"train@a-1": 7.0}, (suite / TIMES_FILE).resolve())
 
 
 def test_suite_params_name_only_existing_student_variants(tmp_path: Path) -> None:

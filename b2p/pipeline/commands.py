@@ -120,7 +120,7 @@ def suite(
     ds_root, ds_name = set_dataset(suite_dir, root, name, set_ or [])
     console = Console()
     console.print(f"suite {suite_dir} on {ds_name} ({ds_root}), {jobs} stage(s) at a time, {threads} thread(s) each", highlight=False)
-    record = run_suite(suite_dir, jobs=jobs, threads=threads)
+    record = run_suite(suite_dir, jobs=jobs, threads=threads, dataset=ds_name)
     out = (suite_dir / "../../reports" / ds_name).resolve()
     console.print(f"done in {record['total_seconds']:.0f} s; results: {out}/results.md and results.json", highlight=False)
 

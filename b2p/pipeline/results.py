@@ -303,6 +303,7 @@ def collect_results(
         "command": (times or {}).get("command"),
         "jobs": (times or {}).get("jobs"),
         "threads_per_stage": (times or {}).get("threads_per_stage"),
+        "stage_order": (times or {}).get("order"),
         "stage_seconds": (times or {}).get("stage_seconds"),
         "total_seconds": (times or {}).get("total_seconds"),
         "times_note": None if times else "stage wall times are recorded by `b2p suite` (not by `dvc repro`)",
@@ -400,7 +401,9 @@ def results_markdown(results: dict) -> str:
     lines += ["", f"Machine: {_where(results)}; generated {results['generated']}.", ""]
     if results.get("stage_seconds"):
         lines += [f"Command: `{results['command']}` ({results['jobs']} stages side by side, "
-                  f"{results['threads_per_stage']} thread(s) each). Total wall time {_seconds(results['total_seconds'])}.", "",
+                  f"{results['threads_per_stage']} thread(s) each"
+                  + (f"; the ready stage with the longest waiting chain first, by {results['stage_order']}" if results.get("stage_order") else "")
+                  + f"). Total wall time {_seconds(results['total_seconds'])}.", "",
                   "| stage | wall s |", "| --- | --- |"]
         lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
     else:

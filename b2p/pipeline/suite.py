@@ -175,29 +175,71 @@ def _run_stage(stage: SuiteStage, log: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def chain_lengths(stages: list[SuiteStage]) -> dict[str, int]:
-    """Per stage, the number of stages on the longest chain that waits for it (itself included).
+def chain_lengths(stages: list[SuiteStage], cost: dict[str, float] | None = None) -> dict[str, float]:
+    """Per stage, the cost of the longest chain of stages that waits for it (itself included): the sum of
+    their `cost` (expected seconds), or their number without one.
 
-    The runner starts the ready stage with the longest chain first: round 2 of a student waits for its
-    round-1 training, prediction and final masks, and started last it would run alone at the end."""
+    The runner starts the ready stage with the longest chain first (list scheduling by critical path): a
+    seed's distilled student waits for every row of its seed and trains 3-4x as long as any of them; started
+    last, it would run alone at the end while the other core idles."""
     waiting: dict[str, list[str]] = {s.name: [] for s in stages}
     for s in stages:
         for a in s.after:
             waiting.setdefault(a, []).append(s.name)
-    memo: dict[str, int] = {}
+    memo: dict[str, float] = {}
 
-    def length(name: str, seen: frozenset = frozenset()) -> int:
+    def length(name: str, seen: frozenset = frozenset()) -> float:
         if name not in memo:
             if name in seen:  # a cycle is reported by the runner, never looped on here
                 return 0
-            memo[name] = 1 + max((length(n, seen | {name}) for n in waiting.get(name, [])), default=0)
+            own = 1.0 if cost is None else cost[name]
+            memo[name] = own + max((length(n, seen | {name}) for n in waiting.get(name, [])), default=0)
         return memo[name]
 
     return {s.name: length(s.name) for s in stages}
 
 
-def run_suite(suite_dir: Path, jobs: int = 2, threads: int = 1, command: str | None = None, progress: bool = True) -> dict:
-    """Run every stage of SUITE_DIR/dvc.yaml (report last, with the stage times); returns the times record."""
+def expected_seconds(names: list[str], previous: dict[str, float]) -> dict[str, float] | None:
+    """Each stage's expected wall time from an earlier run's stage times: its own, else the median of the
+    stages of its kind (`train_distill` of `train_distill@auto-b2p-lite-3`: a new seed or student), else the
+    median of all. None without earlier times (the runner then counts stages)."""
+    import statistics
+
+    if not previous:
+        return None
+    kinds: dict[str, list[float]] = {}
+    for n, t in previous.items():
+        kinds.setdefault(n.split("@")[0], []).append(float(t))
+    overall = statistics.median(float(t) for t in previous.values())
+    return {n: float(previous[n]) if n in previous else statistics.median(kinds.get(n.split("@")[0], [overall])) for n in names}
+
+
+def previous_stage_seconds(suite_dir: Path, dataset: str | None) -> tuple[dict[str, float], Path | None]:
+    """The stage times of the last run: this suite folder's own record (TIMES_FILE), else the dataset's
+    committed report (reports/<dataset>/results.json, which a fresh clone has). ({}, None) when neither
+    exists or is readable: a missing estimate only changes the order the stages start in, never a result."""
+    import json
+
+    candidates = [suite_dir / TIMES_FILE]
+    if dataset:
+        candidates.append(suite_dir / ".." / ".." / "reports" / dataset / "results.json")
+    for path in candidates:
+        try:
+            times = json.loads(path.read_text()).get("stage_seconds") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        times = {str(k): float(v) for k, v in times.items() if isinstance(v, (int, float)) and v > 0}
+        if times:
+            return times, path.resolve()
+    return {}, None
+
+
+def run_suite(
+    suite_dir: Path, jobs: int = 2, threads: int = 1, command: str | None = None, progress: bool = True, dataset: str | None = None
+) -> dict:
+    """Run every stage of SUITE_DIR/dvc.yaml (report last, with the stage times); returns the times record.
+    The stages start in the order of their longest waiting chain in seconds, estimated from the last run's
+    times (`previous_stage_seconds`; `dataset` names its report)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     suite_dir = suite_dir.resolve()
@@ -211,18 +253,23 @@ def run_suite(suite_dir: Path, jobs: int = 2, threads: int = 1, command: str | N
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this b2p, this venv
     times_file = suite_dir / TIMES_FILE
+    previous, previous_source = previous_stage_seconds(suite_dir, dataset)  # read before the old record goes
     times_file.unlink(missing_ok=True)  # a stale record must never pass for this run's
     seconds: dict[str, float] = {}
     done: set[str] = set()
-    chain = chain_lengths(list(by_name.values()))
+    chain = chain_lengths(list(by_name.values()), expected_seconds(list(by_name), previous))
     # the longest chain of waiting stages first, DVC's order among equals (sorted() is stable)
     pending = sorted(by_name, key=lambda n: -chain[n])
+    # said relative to the project (pipelines/suite/../..): the record is committed with the report
+    order = ("expected seconds from " + os.path.relpath(previous_source, suite_dir.parent.parent) if previous_source
+             else "stage count (no earlier stage times)")
     running: dict[Future, str] = {}
     failure: B2PError | None = None
     t_all = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with ThreadPoolExecutor(max_workers=jobs) as pool, Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("suite", total=len(by_name) + 1)
+        bar.console.print(f"stages start longest waiting chain first, by {order}", highlight=False)
         while pending or running:
             if failure is None:
                 for name in [n for n in pending if by_name[n].after <= done][: jobs - len(running)]:
@@ -250,6 +297,7 @@ def run_suite(suite_dir: Path, jobs: int = 2, threads: int = 1, command: str | N
         "command": command or shlex.join(["b2p", *sys.argv[1:]]),
         "jobs": jobs,
         "threads_per_stage": threads,
+        "order": order,
         "stage_seconds": seconds,
         "total_seconds": round(time.perf_counter() - t_all, 1),  # without the report stage
     }
