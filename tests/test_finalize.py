@@ -133,6 +133,36 @@ def test_student_alone_rule_chosen_on_calib_and_splits_limit_the_output(tmp_path
     assert r.exit_code == 1 and "tset" in r.output and not (tmp_path / "f2").exists()
 
 
+def test_student_alone_class_offsets_fitted_on_calib_fix_an_under_called_class(tmp_path):
+    """A student that finds every defect pixel but calls its cracks "spot" (p crack 0.3 < p spot 0.4): the
+    argmax and every p(defect) threshold get the mask right and the crack wrong; a positive crack offset on
+    log p, fitted on calib, gets both, and binary IoU + anomaly mIoU choose it. The test images get it."""
+    from b2p.finalize.final import fit_class_offsets, offset_label_map
+    from b2p.student.predict import write_probs
+
+    batch_file, truth = make_synthetic_batch(tmp_path, n_images=10, size=64, seed=5, manual_every=2, calib=0.7)
+    batch = load_batch(batch_file)
+    for im in batch.images:
+        lm = truth[im.file_name]
+        p = np.where(lm == 1, [[[0.3]], [[0.3]], [[0.4]]], np.where(lm == 2, [[[0.3]], [[0.1]], [[0.6]]], [[[0.9]], [[0.05]], [[0.05]]]))
+        write_probs(probs_path(tmp_path / "pred", im.batch, im.file_name), p.astype(np.float32), ["background", "crack", "spot"])
+    r = runner.invoke(app, ["finalize", "--imported", str(batch_file.parent), "--probs", str(tmp_path / "pred"), "--out", str(tmp_path / "final"),
+                            "--student-out", str(tmp_path / "alone"), "--split", "calib,test", "--no-student-snap", "--quiet"])
+    assert r.exit_code == 0, r.output
+    st = json.loads((tmp_path / "alone" / "threshold.json").read_text())
+    assert st["rule"].startswith("argmax with class offsets") and st["reason"] == "best binary IoU + anomaly mIoU on calib"
+    assert st["offsets"][0] == 0.0 and st["offsets"][1] > 0 and st["calib"]["anomaly_miou"] == 1.0 and st["calib"]["binary_iou"] == 1.0
+    assert st["default_calib"]["binary_iou"] == 1.0 and st["default_calib"]["per_class_iou"]["crack"] == 0.0  # the argmax: mask right, class wrong
+    for im in batch.split("test"):
+        np.testing.assert_array_equal(read_label_map(label_map_path(tmp_path / "alone", "b1", im.file_name)), truth[im.file_name])
+    # the fit itself: from zeros, only what raises the score; a student already right keeps all zeros
+    lp = np.log(np.array([[0.9, 0.3, 0.3], [0.05, 0.3, 0.1], [0.05, 0.4, 0.6]], np.float32))
+    off, s = fit_class_offsets([(lp, np.array([0, 1, 2]))], ["crack", "spot"], 3)
+    assert off[0] == 0 and off[1] > 0 and s["anomaly_miou"] == 1.0
+    assert (offset_label_map(np.exp(lp)[:, None, :], off)[0] == [0, 1, 2]).all()
+    assert fit_class_offsets([(lp, np.array([0, 2, 2]))], ["crack", "spot"], 3)[0] == (0.0, 0.0, 0.0)
+
+
 def test_student_alone_snaps_to_the_image_where_calib_says_it_pays(tmp_path):
     """A student sure of each dark defect (p 0.99) but painting a 2 px rim of plain surface around it almost
     as surely (0.93): no threshold of the grid (<= 0.9) drops the rim, while the snap at sure 0.95 lets the
@@ -172,7 +202,8 @@ def test_student_alone_snaps_to_the_image_where_calib_says_it_pays(tmp_path):
     assert r.exit_code == 0, r.output
     st2 = json.loads((tmp_path / "alone2" / "threshold.json").read_text())
     # every plain rule keeps the rim alike: the tie goes to the argmax
-    assert st2["snap_sure"] is None and st2["rule"] == "argmax" and len(st2["grid"]) == 10 and st2["calib"]["binary_iou"] == best_plain
+    assert st2["snap_sure"] is None and st2["rule"] == "argmax" and len(st2["grid"]) == 11 and st2["calib"]["binary_iou"] == best_plain
+    assert st2["grid"][-1]["rule"].startswith("argmax with class offsets")  # fitted, no better: the argmax keeps it
 
     # a test image replaced by a larger one after import: refused before any mask is written
     im = batch.split("test")[0]

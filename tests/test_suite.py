@@ -245,7 +245,7 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
     assert not any(label_map_path(final / "oracle/b2p/1", "demo-tiles", im.file_name).exists() for im in batch.split("train", "val"))
     # the student alone, its rule chosen on calib, for the images of every split finalize wrote
     st = read_json(suite / "work/calibrated/grabcut/b2p/1/threshold.json")
-    assert st["reason"] == "best binary IoU on calib" and len(st["grid"]) == 10 and st["snap_sure"] is None  # --no-student-snap
+    assert st["reason"] == "best binary IoU + anomaly mIoU on calib" and len(st["grid"]) == 11 and st["snap_sure"] is None  # --no-student-snap
     assert all(label_map_path(suite / "work/calibrated/grabcut/b2p/1", "demo-tiles", im.file_name).is_file() for im in batch.images)
     # combine: every class taught by a candidate scored on calib, never the oracle; the choice is in the report
     cands = {"box", "grabcut", "grabcut+ctx1", "grabcut+fill0.2", "grabcut+ctx1+fill0.2", "grabcut+rim0.2", "grabcut+rim0.5", "b2p", "b2p.round2", "boxes-only:boxes-pairwise"}

@@ -14,7 +14,7 @@ def finalize(
     teacher_root: Path = typer.Option(None, "--teacher-root", help="Also blend in this teacher's label maps (alpha < 1 becomes possible)."),
     out: Path = typer.Option(Path("data/final"), "--out", help="Output root (teacher layout: OUT/<batch>/labelmaps/<key>.png), replaced whole once complete: not an input's folder (round 2: another folder than round 1's)."),
     split: str = typer.Option("all", "--split", help="Images that get output masks: all, or a comma-separated list of splits (calib,test); OUT then holds these only. Calib probabilities are read in any case."),
-    student_out: Path = typer.Option(None, "--student-out", help="Also write the student alone, its decision rule (argmax, a p(defect) threshold, or the map snapped to the image) chosen on calib by binary IoU, here (no boxes used)."),
+    student_out: Path = typer.Option(None, "--student-out", help="Also write the student alone, its decision rule (argmax, a p(defect) threshold, the map snapped to the image, or the argmax with per-class offsets fitted on calib) chosen on calib by binary IoU + anomaly mIoU, here (no boxes used)."),
     student_snap: bool = typer.Option(True, "--student-snap/--no-student-snap", help="With --student-out: the maps snapped to the image (GrabCut seeded by the student, `b2p predict --snap`) are candidates too (about 3 GrabCut runs per calib image)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:

@@ -432,7 +432,8 @@ _LEGEND = (  # (present when, what it says)
     (lambda r: r.get("round") == 2, "`round 2`: the student trained again on its round-1 final masks"),
     (lambda r: r.get("kind") == BOXES_ONLY, "`boxes only`: trained from the boxes alone (no teacher masks)"),
     (lambda r: r.get("source") == "calibrated", "`(alone, rule chosen on calib)`: the student alone (no boxes), pixels "
-     "labelled by the argmax or by a p(defect) threshold, whichever has the better binary IoU on calib"),
+     "labelled by the argmax, a p(defect) threshold, or the argmax with per-class offsets fitted on calib, whichever "
+     "has the best binary IoU + anomaly mIoU on calib"),
     (lambda r: r.get("kind") == ORACLE, "`oracle`: trained on the manual masks (the fully supervised ceiling)"),
     (lambda r: r.get("kind") == COMBINED, "`combined`: per class, the best on calib of the box, GrabCut and every "
      "non-oracle student's final masks of the same seed (`b2p suite-combine`)"),
