@@ -28,10 +28,10 @@ calib (ties: the argmax, then the earlier rule). The offsets correct the class p
 from its pseudo-masks (class weights, a teacher that paints one class too wide or too thin): a rare class
 it calls too seldom gets a positive offset, one it paints too widely a negative one. They are fitted by
 coordinate ascent over OFFSET_GRID, class by class, two rounds, from all zero (the argmax), on the same
-score (on at most OFFSET_FIT_PIXELS calib pixels, a fixed stride of them on larger calib sets). Why the snap is a candidate here: it pays on some surfaces
-(the demo's dark marks) and costs on others (Magnetic-Tile's faint grey regions), so it is measured per
-dataset instead of set by hand. No box is used: these are the masks the student gives an image nobody
-annotated.
+score (on at most OFFSET_FIT_PIXELS calib pixels, a fixed stride of them on larger calib sets).
+Why the snap is a candidate here: it pays on some surfaces (the demo's dark marks) and costs on others
+(Magnetic-Tile's faint grey regions), so it is measured per dataset instead of set by hand. No box is used:
+these are the masks the student gives an image nobody annotated.
 
 `splits` limits which images get output masks (default all; calib probabilities are read in any case).
 
@@ -399,7 +399,8 @@ def finalize(
         if offset_samples:
             offsets, _ = fit_class_offsets(offset_samples, names, k1)
             fitted = StudentRule(offsets=offsets)
-            for m, (im, *_), in zip(student_maps, cached):
+            # the probabilities read again: holding every calib image's would cost memory on a large calib set
+            for m, (im, *_) in zip(student_maps, cached):
                 m[fitted] = fitted.label_map(read_class_probabilities(probs_root, im))[0]
             rules = [*rules, fitted]
         del offset_samples
