@@ -597,6 +597,20 @@ def test_every_rules_epoch_is_kept_and_scored_on_test_as_evaluate_scores_it(taug
         st = json.loads((ev / "metrics.json").read_text())["student"]
         assert res["rules"][rule]["test"]["binary_iou"] == pytest.approx(st["binary_iou"], abs=1e-9)
         assert res["rules"][rule]["test"]["anomaly_miou"] == pytest.approx(st["anomaly_miou"], abs=1e-9)
+    # with test-time flips (the suite's distilled rows, `distill.tta`): the same equality with `predict --tta flips`
+    tta_file = tmp_path / "select_tta.json"
+    r = runner.invoke(app, ["suite-select", str(out), "--imported", str(path.parent), "--tta", "flips", "--out", str(tta_file), "--quiet"])
+    assert r.exit_code == 0, r.output
+    tta = json.loads(tta_file.read_text())
+    assert tta["tta"] == "flips" and res["tta"] == "none"
+    pred, ev = tmp_path / "pred_tta", tmp_path / "eval_tta"
+    assert runner.invoke(app, ["predict", "--model", str(out), "--imported", str(path.parent), "--split", "test", "--tta", "flips", "--out", str(pred)]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", "--imported", str(path.parent), "--pred-root", str(pred), "--no-teacher", "--no-plots", "--out", str(ev)]).exit_code == 0
+    st = json.loads((ev / "metrics.json").read_text())["student"]
+    assert tta["rules"]["box"]["test"]["binary_iou"] == pytest.approx(st["binary_iou"], abs=1e-9)
+    assert tta["rules"]["box"]["test"]["binary_iou"] != res["rules"]["box"]["test"]["binary_iou"]  # the flips were used
+    r = runner.invoke(app, ["suite-select", str(out), "--imported", str(path.parent), "--tta", "rot90", "--out", str(tmp_path / "y.json")])
+    assert r.exit_code == 1 and "test-time augmentation" in r.output and not (tmp_path / "y.json").exists()
     r = runner.invoke(app, ["suite-select", str(bare), "--imported", str(path.parent), "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 1 and "keep_rule_models" in r.output and not (tmp_path / "x.json").exists()
     # a model trained before the rules were recorded: one line naming its metrics.json; an earlier result is kept

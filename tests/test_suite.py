@@ -205,6 +205,12 @@ def test_suite_dvc_repro_on_the_demo_with_seeds_and_oracle(tmp_path: Path) -> No
         th = read_json(suite / "work/final_distill/grabcut/b2p" / seed / "thresholds.json")
         assert th["sources"]["teacher"] == f"work/combined/grabcut/{seed}" and th["sources"]["probs"] == f"work/predict/grabcut/b2p.distill/{seed}"
     assert "`S <- combined masks (T)`" in readme_section(res, "reports/demo-tiles")
+    # the distilled rows are predicted (and their epochs scored) with test-time flips (`distill.tta`), the others not
+    for seed in ("1", "2"):
+        assert [r["settings"]["tta"] for r in read_json(suite / "work/predict/grabcut/b2p.distill" / seed / "predict.json")["runs"]] == ["flips"]
+        assert [r["settings"]["tta"] for r in read_json(suite / "work/predict/grabcut/b2p" / seed / "predict.json")["runs"]] == ["none"]
+        assert read_json(suite / "work/select/grabcut/b2p.distill" / f"{seed}.json")["tta"] == "flips"
+    assert "predicted with test-time flips" in readme_section(res, "reports/demo-tiles")
     # which epoch is kept: every rule's epoch per seed, scored on test; the saved model's rule (box) scores
     # exactly what its student row does (the same model, window and test images)
     sel = {r["name"]: r for r in res["selection"]}

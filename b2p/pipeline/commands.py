@@ -160,6 +160,7 @@ def suite_select(
     window: int = typer.Option(None, "--window", help="Prediction window, as the suite's `b2p predict` of this model uses it."),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("float32", "--precision", help="Inference precision, as the suite's `b2p predict` of this model uses it (float32, bfloat16, auto)."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation, as the suite's `b2p predict` of this model uses it (none, flips)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Which epoch is kept, and what it scores: every `train.select` rule's epoch of MODEL predicted on SPLIT and scored (student alone).
@@ -170,7 +171,7 @@ def suite_select(
     from b2p.project import resolve_batch_files
     from b2p.pipeline.rule_scores import score_rules
 
-    res = score_rules(model, resolve_batch_files(imported, None), split, window, device, progress=not quiet, precision=precision)
+    res = score_rules(model, resolve_batch_files(imported, None), split, window, device, progress=not quiet, precision=precision, tta=tta)
     write_json_atomic(out, res)
     line = ", ".join(f"{r} epoch {v['epoch']}: binary IoU {v[split]['binary_iou']:.3f}" for r, v in res["rules"].items())
     typer.echo(f"{model} ({res['images']} {split} images): {line}")

@@ -377,10 +377,12 @@ def results_markdown(results: dict) -> str:
         "`(final masks)`: its probabilities blended with its teacher inside each box, settings per class chosen on the "
         "calib split; `round 2`: the student trained again on its round-1 final masks; `boxes only`: trained from the "
         "boxes alone (no teacher masks); `oracle`: the same student trained on the manual masks of the train / val split "
-        "(the fully supervised ceiling); `(alone, rule chosen on calib)`: the student alone with the argmax or a p(defect) "
-        "threshold, chosen on calib; `combined`: per class the best on calib of the box, GrabCut and every non-oracle "
-        "final mask of the seed; `S <- combined masks`: student S trained on those combined masks (its final masks blend "
-        "them). `ms / image`: student inference (batch 1) or the teacher's time per image.",
+        "(the fully supervised ceiling); `(alone, rule chosen on calib)`: the student alone with the argmax, a p(defect) "
+        "threshold or the argmax with per-class offsets, chosen on calib; `combined`: per class the best on calib of the "
+        "box, GrabCut and every non-oracle final mask of the seed; `S <- combined masks`: student S trained on those "
+        "combined masks (its final masks blend them"
+        + ("" if distill_tta(results) == "none" else f"; predicted with test-time {distill_tta(results)}, `distill.tta`")
+        + "). `ms / image`: student inference (batch 1, one plain forward pass) or the teacher's time per image.",
         "",
         *headline_table(results),
         "",
@@ -442,9 +444,17 @@ _LEGEND = (  # (present when, what it says)
 )
 
 
+def distill_tta(results: dict) -> str:
+    """The test-time augmentation the distilled rows were predicted with (params `distill.tta`; none before it)."""
+    return str(((results.get("params") or {}).get("distill") or {}).get("tta") or "none")
+
+
 def legend(results: dict) -> str:
     """One line naming what the row suffixes of these results mean ('' when no row has one)."""
     parts = [text for present, text in _LEGEND if any(present(r) for r in results["rows"])]
+    if distill_tta(results) != "none" and any(r.get("distilled") for r in results["rows"]):
+        parts.append(f"the distilled rows are predicted with test-time {distill_tta(results)} (`distill.tta`; their "
+                     "`ms / image` is one plain forward pass)")
     return ("Rows `S <- T`: student S trained on teacher T's masks; " + "; ".join(parts) + ".") if parts else ""
 
 

@@ -17,11 +17,13 @@ def score_rules(
     device: str = "auto",
     progress: bool = True,
     precision: str = "float32",
+    tta: str = "none",
 ) -> dict:
     """The effect of the rule on held-out masks: the epoch each rule keeps (MODEL_DIR/metrics.json `rules`),
     scored as the student alone (argmax, as `b2p predict` + `b2p evaluate` score it) against the manual masks
     of `split`. Rules that keep the same epoch share one prediction. Needs the rule models of
-    `train.keep_rule_models: true` for every rule whose epoch differs from the saved one."""
+    `train.keep_rule_models: true` for every rule whose epoch differs from the saved one. `window`, `precision`
+    and `tta` as the suite's `b2p predict` of this model uses them."""
     from rich.progress import Progress
 
     from b2p.dataset import class_list_of, load_batches
@@ -29,7 +31,7 @@ def score_rules(
     from b2p.evaluate.metrics import ConfusionMatrix, scores
     from b2p.fileio import read_image, read_json, safe_join
     from b2p.student.checkpoint import check_class_lists, load_student
-    from b2p.student.predict import check_precision, inference_setup, predict_image
+    from b2p.student.predict import check_precision, check_tta, inference_setup, predict_image
     from b2p.student.train import pick_device
 
     model_dir = Path(model_dir)
@@ -43,6 +45,7 @@ def score_rules(
     names = list(class_list_of(batches).names)
     images = select_images(batches, split)  # refuses a split without manual masks
     check_precision(precision)
+    check_tta(tta)
     dev = pick_device(device)
     truths = [im.manual_label_map() for im in images]
     by_file: dict[str, dict] = {}
@@ -56,14 +59,14 @@ def score_rules(
             cm = ConfusionMatrix(len(names) + 1)
             for im, truth in zip(images, truths):
                 with arithmetic:
-                    lm, _ = predict_image(model, read_image(im.path), dev, window=window)
+                    lm, _ = predict_image(model, read_image(im.path), dev, window=window, tta=tta)
                 cm.update(lm, truth)
                 bar.advance(task)
             s = scores(cm.matrix, names)
             by_file[file] = {"binary_iou": s["binary_iou"], "anomaly_miou": s["anomaly_miou"], "miou": s["miou"],
                              "per_class_iou": {c: v["iou"] for c, v in s["per_class"].items()}}
     return {
-        "split": split, "images": len(images), "window": window, "precision": used if files else None, "select": metrics["select"].get("rule") if isinstance(metrics.get("select"), dict) else None,
+        "split": split, "images": len(images), "window": window, "tta": tta, "precision": used if files else None, "select": metrics["select"].get("rule") if isinstance(metrics.get("select"), dict) else None,
         "rules": {rule: {"epoch": r["epoch"], "val_score": r["score"], "file": r["file"], split: by_file[r["file"]]} for rule, r in rules.items()},
     }
 
