@@ -103,7 +103,7 @@ def suite(
     root: Path = typer.Option(None, "--root", help="Dataset root, ROOT/<CLASS>/Imgs/NAME.jpg|bmp + NAME.png (default: dataset.root of the params)."),
     name: str = typer.Option(None, "--name", help="Dataset name for reports/<name>/ (default: the root folder's name)."),
     suite_dir: Path = typer.Option(Path("pipelines/suite"), "--suite", help="The suite's folder (dvc.yaml + params.yaml)."),
-    jobs: int = typer.Option(2, "--jobs", min=1, help="Stages run side by side (2 single-threaded trainings suit a 2-core CPU)."),
+    jobs: int = typer.Option(3, "--jobs", min=1, help="Stages run side by side, one torch thread each (on a 2-core CPU 3 beat 2: the last long stages share both cores instead of one running alone)."),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch threads per stage (OMP_NUM_THREADS)."),
     set_: list[str] = typer.Option(None, "--set", help="KEY=VALUE written into the suite's params.yaml first, repeatable (e.g. train.epochs=8, seeds=[1,2])."),
 ) -> None:

@@ -5,7 +5,8 @@ The suite's only definition is its dvc.yaml + params.yaml. This runner asks DVC 
 dependencies (a stage waits for every stage whose output it reads) and runs up to `jobs` of them at once,
 each with `threads` torch threads. Why: DVC runs one stage at a time, and on a 2-core machine two
 single-threaded trainings side by side finish sooner than one two-threaded (PyTorch's 2-thread pool mostly
-waits at barriers at these sizes). Each stage's wall time and log are kept; the report stage runs last,
+waits at barriers at these sizes); the default runs three on two cores, so that the last long stages (the
+distilled trainings, which wait for every row of their seed) share both cores instead of one running alone. Each stage's wall time and log are kept; the report stage runs last,
 given those times (`--times`), and writes reports/<dataset>/.
 
 The runner does not update dvc.lock: `dvc commit pipelines/suite/dvc.yaml` records its outputs for DVC.
@@ -235,7 +236,7 @@ def previous_stage_seconds(suite_dir: Path, dataset: str | None) -> tuple[dict[s
 
 
 def run_suite(
-    suite_dir: Path, jobs: int = 2, threads: int = 1, command: str | None = None, progress: bool = True, dataset: str | None = None
+    suite_dir: Path, jobs: int = 3, threads: int = 1, command: str | None = None, progress: bool = True, dataset: str | None = None
 ) -> dict:
     """Run every stage of SUITE_DIR/dvc.yaml (report last, with the stage times); returns the times record.
     The stages start in the order of their longest waiting chain in seconds, estimated from the last run's
