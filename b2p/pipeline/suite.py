@@ -6,8 +6,9 @@ dependencies (a stage waits for every stage whose output it reads) and runs up t
 each with `threads` torch threads. Why: DVC runs one stage at a time, and on a 2-core machine two
 single-threaded trainings side by side finish sooner than one two-threaded (PyTorch's 2-thread pool mostly
 waits at barriers at these sizes); the default runs three on two cores, so that the last long stages (the
-distilled trainings, which wait for every row of their seed) share both cores instead of one running alone. Each stage's wall time and log are kept; the report stage runs last,
-given those times (`--times`), and writes reports/<dataset>/.
+distilled trainings, which wait for every row of their seed) share both cores instead of one running alone.
+Each stage's wall time and log are kept; the report stage runs last, given those times (`--times`), and
+writes reports/<dataset>/.
 
 The runner does not update dvc.lock: `dvc commit pipelines/suite/dvc.yaml` records its outputs for DVC.
 """
