@@ -12,13 +12,8 @@ from typing import Any
 from b2p.errors import B2PError
 
 
-def read_params_section(path: str | Path | None, section: str, known: Iterable[str] | None = None) -> dict[str, Any]:
-    """The `section` mapping of a params YAML file ({} when no file is given or the section is absent).
-
-    With `known`, a key outside it is an error (a misspelt parameter must not be silently ignored).
-    """
-    if path is None:
-        return {}
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """The whole params YAML file as a mapping ({} for an empty file); a missing or broken file is one error."""
     import yaml
 
     path = Path(path)
@@ -28,7 +23,20 @@ def read_params_section(path: str | Path | None, section: str, known: Iterable[s
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise B2PError(f"params file is not valid YAML: {e}", path) from None
-    sec = data.get(section) if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise B2PError("params file must hold a mapping of sections", path)
+    return data
+
+
+def read_params_section(path: str | Path | None, section: str, known: Iterable[str] | None = None) -> dict[str, Any]:
+    """The `section` mapping of a params YAML file ({} when no file is given or the section is absent).
+
+    With `known`, a key outside it is an error (a misspelt parameter must not be silently ignored).
+    """
+    if path is None:
+        return {}
+    path = Path(path)
+    sec = read_params_file(path).get(section)
     if sec is None:
         return {}
     if not isinstance(sec, dict):

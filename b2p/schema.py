@@ -187,6 +187,7 @@ class MasksToBoxesParams(_SplitFractions):
     threshold: Annotated[int, Field(ge=1, le=255)] = 128
     min_area: Annotated[int, Field(ge=1)] = 10
     free_images: Annotated[int, Field(ge=0)] | None = None
+    masked: Fraction | None = None  # keep the masks of this hashed share of the images (import splits them)
 
     def split_rule(self):
         from b2p.splits import SplitRule
@@ -217,6 +218,83 @@ class PredictParams(BaseModel):
     precision: typing.Literal["float32", "bfloat16", "auto"] = "float32"  # predict.py's PRECISIONS (a test keeps them equal)
     snap: typing.Literal["none", "grabcut"] = "none"  # snap.py's SNAP_MODES (a test keeps them equal)
     snap_sure: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.9  # snap.py's SnapSettings.sure
+    overlap: Annotated[float, Field(ge=0, le=0.9)] = 0.25  # sliding-window overlap, a fraction of the window
+
+
+class ExportParams(BaseModel):
+    """`export:` - the pixel dataset for other tools (b2p/export/export.py)."""
+
+    model_config = _CONFIG
+    formats: Annotated[list[typing.Literal["coco", "yolo", "semantic"]], BeforeValidator(_comma_list)] = ["coco", "yolo", "semantic"]  # which formats
+    source: str = "final"  # the masks of the images with boxes: final | combined | teacher | student | boxes | snapped
+    unboxed: str | None = None  # the masks of the images without boxes: student (the shipped student's), or null (the source's)
+    splits: Annotated[list[str], BeforeValidator(_comma_list)] = []  # the splits exported ([] = every split)
+    images: typing.Literal["copy", "symlink", "hardlink"] = "copy"  # how the images get into the export
+    coco_masks: typing.Literal["rle", "polygons"] = "rle"  # COCO segmentation: rle (exact, holes kept) or polygons
+
+
+class FinalizeParams(BaseModel):
+    """`finalize:` - the final masks and the student alone, chosen on calib (b2p/finalize/final.py)."""
+
+    model_config = _CONFIG
+    student_snap: bool = True  # the student's maps snapped to the image are candidates of its rule too
+
+
+StudentName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+
+
+class OracleParams(BaseModel):
+    """`oracle:` - the benchmark's fully supervised rows (data/manual: every image's manual mask)."""
+
+    model_config = _CONFIG
+    students: Annotated[list[StudentName], Field(max_length=1)] = []  # at most one: its rows go to data/eval_oracle
+
+
+class DemoParams(BaseModel):
+    """One entry of `demos:` - an embedded synthetic batch (`b2p demo-data`)."""
+
+    model_config = _CONFIG
+    seed: Annotated[int, Field(ge=0)] = 0
+    images: Annotated[int, Field(ge=1)] = 48
+    size: Annotated[int, Field(ge=64, le=2048)] = 128
+    mask_fraction: Fraction = 0.3
+
+
+class RecipeParams(BaseModel):
+    """The recipe's lists (dvc.yaml): which student variants are trained in which group."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # the stage sections are checked on their own
+    students: dict[StudentName, dict[str, Any] | None] = {}
+    candidates: Annotated[list[StudentName], Field(min_length=1)] = ["bitfit"]
+    distill: Annotated[list[StudentName], Field(min_length=1)] = ["lite"]
+    oracle: OracleParams = OracleParams()
+    demos: dict[StudentName, DemoParams] = {}
+
+    @model_validator(mode="after")
+    def _names_known(self):
+        for key, names in (("candidates", self.candidates), ("distill", self.distill), ("oracle.students", self.oracle.students)):
+            unknown = [n for n in names if n not in self.students]
+            if unknown:
+                raise ValueError(f"`{key}` names {unknown}, not variants of `students:` ({sorted(self.students)})")
+            if len(set(names)) != len(names):
+                raise ValueError(f"`{key}` names a student twice: {names}")
+        return self
+
+
+def check_recipe(path: str | Path) -> RecipeParams:
+    """The recipe's lists and every student variant of a params file, checked (one error naming the file)."""
+    from b2p.params import read_params_file
+
+    data = read_params_file(path)
+    try:
+        recipe = RecipeParams.model_validate({k: data[k] for k in ("students", "candidates", "distill", "oracle", "demos") if k in data})
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+        raise B2PError("invalid recipe parameters: " + "; ".join(lines), path) from None
+    for name in recipe.students:
+        for stage in VARIANT_SECTIONS:
+            resolve(stage, [path], student=name)  # every variant must be a valid set of that stage's keys
+    return recipe
 
 
 @functools.cache
@@ -230,6 +308,10 @@ def schema(stage: str) -> type[BaseModel]:
         return EvaluateParams
     if stage == "predict":
         return PredictParams
+    if stage == "finalize":
+        return FinalizeParams
+    if stage == "export":
+        return ExportParams
     # the dataclasses are looked up by name, so that a stage loads only its own code (teach never imports
     # the student) and its DVC dependencies stay exactly the code it runs (tests/test_dvc_deps.py)
     if stage == "teach":
@@ -250,7 +332,7 @@ def _attr(dotted: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-STAGES = ("masks_to_boxes", "import", "teach", "train", "predict", "evaluate")
+STAGES = ("masks_to_boxes", "import", "teach", "train", "predict", "finalize", "export", "evaluate")
 
 
 # --- merging and validating --------------------------------------------------------------------------------
@@ -336,6 +418,37 @@ def validate(stage: str, values: Mapping[str, Any], origins: Mapping[str, str] |
         raise B2PError(f"{len(lines)} invalid parameters:\n  " + "\n  ".join(lines)) from None
 
 
+def student_variant(files: Sequence[str | Path | None], name: str, stage: str) -> list[tuple[dict[str, Any], str]]:
+    """The `stage` overrides ("train" or "predict") of student variant `name`: `students.<name>.<stage>` of
+    each params file that defines the variant, as (overrides, origin) layers. A name no file defines is an
+    error that lists the variants there are."""
+    from b2p.params import read_params_section
+
+    layers, seen = [], []
+    for f in files:
+        if f is None:
+            continue
+        variants = read_params_section(f, "students")
+        seen += list(variants)
+        if name not in variants:
+            continue
+        v = variants[name] if variants[name] is not None else {}
+        if not isinstance(v, Mapping) or set(v) - set(VARIANT_SECTIONS):
+            raise B2PError(f"students.{name} must be a mapping with the sections {list(VARIANT_SECTIONS)}, got {v!r}", f)
+        layer = v.get(stage) or {}
+        if not isinstance(layer, Mapping):
+            raise B2PError(f"students.{name}.{stage} must be a mapping of `{stage}:` keys, got {layer!r}", f)
+        layers.append((dict(layer), f"{f} (students.{name})"))
+    if not layers and not any(name in read_params_section(f, "students") for f in files if f is not None):
+        close = difflib.get_close_matches(name, seen, n=1)
+        raise B2PError(f"no student variant {name!r} under `students:`" + (f" (did you mean {close[0]!r}?)" if close else "")
+                       + (f"; variants: {', '.join(dict.fromkeys(seen))}" if seen else ""), next((f for f in files if f is not None), None))
+    return layers
+
+
+VARIANT_SECTIONS = ("train", "predict")  # what a student variant may override (students.<name>.<section>)
+
+
 def resolve(
     stage: str,
     files: Sequence[str | Path | None] | str | Path | None = None,
@@ -343,9 +456,11 @@ def resolve(
     sets: Sequence[str] | None = None,
     section: str | None = None,
     flags: Mapping[str, str] | None = None,
+    student: str | None = None,
 ) -> BaseModel:
-    """The stage's settings: schema defaults < each params file's section (later files win) < command-line
-    options that were given (None = not given) < `--set KEY=VALUE` items. Returns the validated model.
+    """The stage's settings: schema defaults < each params file's section (later files win) < the student
+    variant's overrides (`students.<student>.<stage>`) < command-line options that were given (None = not
+    given) < `--set KEY=VALUE` items. Returns the validated model.
 
     `options` maps keys (dotted for nested groups) to option values; `flags` names the option of a key
     whose flag is not `--key-with-dashes`, so an error can name what the user typed."""
@@ -358,6 +473,9 @@ def resolve(
     for f in files:
         if f is not None:
             _merge(values, read_params_section(f, section or stage), str(f), origins)
+    if student is not None:
+        for layer, origin in student_variant(files, student, stage):
+            _merge(values, layer, origin, origins)
     for key, value in (options or {}).items():  # dotted keys reach nested groups ("grabcut.iterations")
         if value is None or (isinstance(value, Mapping) and not _drop_none(dict(value))):
             continue
@@ -415,9 +533,11 @@ def check_finite(value: float, what: str) -> float:
 # --- using the result --------------------------------------------------------------------------------------
 
 
-def train_params(files: Sequence[str | Path] | None, options: Mapping[str, Any] | None = None, sets: Sequence[str] | None = None):
-    """`TrainParams` (b2p.student.train) from params files, CLI options and --set items, validated."""
-    m = resolve("train", list(files or []), options, sets)
+def train_params(
+    files: Sequence[str | Path] | None, options: Mapping[str, Any] | None = None, sets: Sequence[str] | None = None, student: str | None = None
+):
+    """`TrainParams` (b2p.student.train) from params files, a student variant, CLI options and --set items, validated."""
+    m = resolve("train", list(files or []), options, sets, student=student)
     return _attr(TRAIN_PARAMS)(**dict(m))
 
 

@@ -119,8 +119,10 @@ def test_build_update_and_views(tmp_path, fo_db):
         assert f in schema
     assert ds.default_mask_targets == {1: "crack", 2: "spot"}
     assert ds.app_config.active_fields.paths == ["boxes", "manual", "teacher", "student", "final"]
-    colors = {d["intTarget"]: d["color"] for d in ds.app_config.color_scheme.default_mask_targets_colors}
-    assert colors == {1: "#e6194b", 2: "#3cb44b"}
+    scheme = ds.app_config.color_scheme
+    assert scheme.color_by == "field"  # teacher and student masks of one image in two colours
+    colors = {f["path"]: f["fieldColor"] for f in scheme.fields}
+    assert len({colors[m] for m in ("manual", "teacher", "student", "final")}) == 4
 
     for i, fname in enumerate(sorted(truth1)):
         smp = ds.one(fo.ViewField("b2p_key") == f"b1/{fname}")

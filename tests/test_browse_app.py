@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import make_synthetic_batch
 
-from b2p.labels import class_color, label_map_path, write_label_map
+from b2p.labels import label_map_path, write_label_map
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_FLAGS = [
@@ -47,13 +47,14 @@ def _run_chromium(chromium: str, url: str, *extra: str) -> subprocess.CompletedP
                               capture_output=True, text=True, timeout=120)
 
 
-def _class_colored_pixels(png: Path, class_id: int) -> int:
-    """Pixels of the screenshot whose dominant channel is that of the class colour (mask fill drawn at
+def _field_colored_pixels(png: Path, color_hex: str) -> int:
+    """Pixels of the screenshot whose dominant channel is that of the field's colour (mask fill drawn at
     opacity 0.6 over gray keeps that channel at least 40 above the other two)."""
     import cv2
 
     rgb = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB).astype(int)
-    ch = int(np.argmax(class_color(class_id)))
+    color = [int(color_hex[i : i + 2], 16) for i in (1, 3, 5)]
+    ch = int(np.argmax(color))
     others = [c for c in range(3) if c != ch]
     return int(np.count_nonzero((rgb[..., ch] > rgb[..., others[0]] + 40) & (rgb[..., ch] > rgb[..., others[1]] + 40)))
 
@@ -71,11 +72,13 @@ def _page_problems(dom: str, shot: Path, name: str, n: int) -> list[str]:
     if loaded != n:
         problems.append(f"{loaded} loaded tiles instead of {n}")
     problems += [f"no {f} field in the sidebar" for f in ("boxes", "manual", "teacher", "student") if f'data-cy="{f}-field"' not in dom]
-    # the screenshot: the teacher's green block is drawn on the tiles (a box outline or the small spot
-    # give a few hundred such pixels per tile; the block alone about 88x88 on a 176 px tile)
-    green = _class_colored_pixels(shot, 2)
-    if green <= (n - 1) * 5000:
-        problems.append(f"mask fill not visible in the screenshot: {green} class-2 pixels")
+    # the screenshot: the teacher's block is drawn on the tiles in the teacher field's colour (a box outline or
+    # the small spot give a few hundred such pixels per tile; the block alone about 88x88 on a 176 px tile)
+    from b2p.browse.build import FIELD_COLORS
+
+    drawn = _field_colored_pixels(shot, FIELD_COLORS["teacher"])
+    if drawn <= (n - 1) * 5000:
+        problems.append(f"mask fill not visible in the screenshot: {drawn} pixels of the teacher field's colour")
     return problems
 
 
@@ -90,7 +93,7 @@ def test_app_renders_samples_and_masks(tmp_path):
     _, truth = make_synthetic_batch(tmp_path, "b1", n_images=n)
     for fname, lm in truth.items():
         t = lm.copy()
-        t[32:, :32] = 2  # a filled quarter-image block of class 2 (green): clearly a mask, not a box outline
+        t[32:, :32] = 2  # a filled quarter-image block: clearly a mask, not a box outline
         write_label_map(label_map_path(tmp_path / "teach", "b1", fname), t)
         write_label_map(label_map_path(tmp_path / "predict", "b1", fname), lm)
 

@@ -103,39 +103,29 @@ def test_choose_ties_and_classes_without_calib_pixels():
     assert "anomaly mIoU" in reason["spot"]
 
 
-def test_suite_combine_candidates_and_a_missing_final_root(tmp_path):
-    """`b2p suite-combine`: candidates from the suite's params (never the oracle); a missing final-mask root is one
-    error naming it, exit 1, and nothing is written."""
+def test_combine_command_refuses_a_missing_source_root_and_writes_nothing(tmp_path):
+    """`b2p combine`: a pool member without final masks is one error naming it, exit 1, nothing written; with
+    it, every class is taught by its best source on calib."""
     import yaml
 
-    from b2p.pipeline.combine import combine_candidates
-
-    params = {"teachers": ["auto"], "students": ["b2p", "unet"], "oracle": {"students": ["b2p"]},
-              "round2": {"students": ["b2p"]}, "boxes_only": {"students": ["boxes"]}, "teach": {"download": False}}
-    work = tmp_path / "work"
-    assert combine_candidates(work, params, "auto", 2) == {
-        "b2p": str(work / "final/auto/b2p/2"), "unet": str(work / "final/auto/unet/2"),
-        "b2p.round2": str(work / "final/auto/b2p.round2/2"), "boxes-only:boxes": str(work / "final/boxes-only/boxes/2")}
     batch_file, truth = make_synthetic_batch(tmp_path, n_images=6, size=64, seed=3, manual_every=2, calib=1.0)
-    (work / "imported").mkdir(parents=True)
-    (work / "imported" / batch_file.name).write_text(batch_file.read_text().replace('"image_root": "', '"image_root": "../'))
-    batch = load_batch(work / "imported" / batch_file.name)
-    for root in ("final/auto/b2p/2", "final/auto/b2p.round2/2", "final/boxes-only/boxes/2"):  # unet's is missing
+    batch = load_batch(batch_file)
+    for root in ("teach", "students/b2p/final"):  # unet's final masks are missing
         for im in batch.images:
-            write_label_map(label_map_path(work / root, im.batch, im.file_name), truth[im.file_name])
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    args = ["suite-combine", str(work), "--params", str(tmp_path / "params.yaml"), "--teacher", "auto", "--seed", "2", "--out", str(tmp_path / "out"), "--quiet"]
+            write_label_map(label_map_path(tmp_path / root, im.batch, im.file_name), truth[im.file_name] if "b2p" in root else np.zeros_like(truth[im.file_name]))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"candidates": ["b2p", "unet"]}))
+    args = ["combine", "--imported", str(batch_file.parent), "--base", f"teacher={tmp_path / 'teach'}", "--pool", f"candidates={tmp_path / 'students'}",
+            "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out"), "--quiet"]
     r = runner.invoke(app, args)
-    assert r.exit_code == 1 and "unet" in r.output and "mask root not found" in r.output and not (tmp_path / "out").exists()
-    # with it, every class is taught by its best candidate on calib (b2p's final masks are exact here)
+    assert r.exit_code == 1 and "unet" in r.output and "mask root not found" in r.output and not (tmp_path / "out").exists(), r.output
     for im in batch.images:
-        write_label_map(label_map_path(work / "final/auto/unet/2", im.batch, im.file_name), np.zeros_like(truth[im.file_name]))
+        write_label_map(label_map_path(tmp_path / "students/unet/final", im.batch, im.file_name), np.zeros_like(truth[im.file_name]))
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    prov = json.loads((tmp_path / "out" / "b1" / "provenance.json").read_text())["auto"]
-    scores = prov["iou_on_calib"]
-    assert set(scores) >= {"box", "grabcut", "b2p", "unet", "b2p.round2", "boxes-only:boxes"} and "oracle" not in scores
-    assert scores["b2p"]["crack"] == 1.0 and scores["unet"]["crack"] == 0.0
-    assert all(scores[prov["choice"][c]][c] == max(v[c] for v in scores.values()) == 1.0 for c in ("crack", "spot"))
+    rec = json.loads((tmp_path / "out" / "choice.json").read_text())
+    assert set(rec["iou_on_calib"]) == {"teacher", "students.b2p", "students.unet"}
+    assert rec["choice"] == {"crack": "students.b2p", "spot": "students.b2p"}  # exact masks win every class
     for im in batch.images:
-        np.testing.assert_array_equal(read_label_map(label_map_path(tmp_path / "out", "b1", im.file_name)), truth[im.file_name])
+        np.testing.assert_array_equal(read_label_map(label_map_path(tmp_path / "out", im.batch, im.file_name), (im.height, im.width)), truth[im.file_name])
+
+

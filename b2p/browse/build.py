@@ -6,11 +6,14 @@ of boxes, split and mask file contents decides) and leaves the rest untouched.
 
 Sample fields
 - `boxes`: fo.Detections, label = class name, relative [x, y, w, h] boxes, attribute `box_id`.
+- further sources (`build_dataset(extra_roots=...)`, `b2p browse --source` / `--recipe`: the combined masks,
+  every student alone and final): fo.Segmentation each, with `<field>_iou` against the manual mask.
 - `manual`, `teacher`, `student`, `final`: fo.Segmentation. Teacher, student and final (the delivered
   masks of `b2p finalize`, one per box) point at their label-map PNGs
   (`mask_path`, no copies); the manual mask exists only as RLE in the canonical file, so it is stored as
-  a mask array. Values are canonical class ids, mask targets {id: class name}, colours from
-  `b2p.labels.class_color_hex` (the same in every run and in every other b2p picture).
+  a mask array. Values are canonical class ids, mask targets {id: class name}; the App colours masks by
+  field (FIELD_COLORS: one colour per source, so teacher and student masks of one image can be told apart)
+  and boxes by class (`b2p.labels.class_color_hex`, the same in every b2p picture).
 - `batch`, `split`, `has_manual_mask`, `b2p_key`, `b2p_fingerprint`.
 - Scores (binary defect-vs-background, `b2p.evaluate.metrics` per-image helpers; an image where neither
   map has a defect pixel scores 1.0): `teacher_iou`, `teacher_precision`, `teacher_recall` and
@@ -96,6 +99,7 @@ class SampleContent:
     tag_reference: str | None
     fingerprint: str = ""
     final_path: str | None = None
+    extra_paths: dict[str, str | None] = field(default_factory=dict)  # field name -> label-map path (other sources)
 
 
 @dataclass
@@ -183,6 +187,17 @@ def _read_mask(root: Path, im: ImageRecord, classes: ClassList, what: str) -> tu
     return read_label_map(path, (im.height, im.width), classes.num_classes), path
 
 
+def field_name(source: str) -> str:
+    """A FiftyOne field name for a mask source (`students.bitfit.final` -> `students_bitfit_final`: a dot
+    would mean an embedded field)."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_]", "_", source)
+    if not name or name[0].isdigit() or name in (*MASK_FIELDS, "boxes", "filepath", "tags", "metadata", "id"):
+        raise B2PError(f"source {source!r} cannot be a FiftyOne field of its own; rename it")
+    return name
+
+
 def sample_content(
     im: ImageRecord,
     classes: ClassList,
@@ -190,8 +205,10 @@ def sample_content(
     pred_root: Path | None,
     rule: TagRule = TagRule(),
     final_root: Path | None = None,
+    extra_roots: dict[str, Path] | None = None,
 ) -> SampleContent:
-    """Compute one sample: boxes, masks, scores, tags, fingerprint. A None root means "no such masks"."""
+    """Compute one sample: boxes, masks, scores, tags, fingerprint. A None root means "no such masks";
+    `extra_roots` {field name: root} are further sources, each its own field with its IoU (`<field>_iou`)."""
     if not im.path.is_file():
         raise B2PError(f"image of {im.key!r} not found (moved since import?)", im.path)
     manual = im.manual_label_map()
@@ -207,6 +224,13 @@ def sample_content(
     if final_root is not None:
         final, f_path = _read_mask(final_root, im, classes, "final")
         digest["final"] = _file_digest(f_path)
+    extra_paths: dict[str, str | None] = {}
+    extra_scores: dict[str, float | None] = {}
+    for fname, root in (extra_roots or {}).items():
+        lm, path = _read_mask(root, im, classes, fname)
+        digest[fname] = _file_digest(path)
+        extra_paths[fname] = str(path.resolve())
+        extra_scores[f"{fname}_iou"] = binary_iou(lm, manual) if manual is not None else None
     if manual is not None:
         digest["manual"] = hashlib.sha1(np.ascontiguousarray(manual).tobytes()).hexdigest()
     boxes = [(classes.name_of(b.category_id), relative_box(b.xywh, im.width, im.height), int(b.id)) for b in im.boxes]
@@ -216,15 +240,15 @@ def sample_content(
         key=im.key, batch=im.batch, split=im.split, file_name=im.file_name, filepath=str(im.path.resolve()),
         width=im.width, height=im.height, has_manual_mask=im.has_manual_mask, boxes=boxes, manual=manual,
         teacher_path=str(t_path.resolve()) if t_path else None, student_path=str(s_path.resolve()) if s_path else None,
-        scores=mask_scores(manual, teacher, student, final), tags=tags,
+        scores={**mask_scores(manual, teacher, student, final), **extra_scores}, tags=tags,
         tag_reference=ref_name if (teacher is not None and reference is not None) else None,
-        final_path=str(f_path.resolve()) if f_path else None,
+        final_path=str(f_path.resolve()) if f_path else None, extra_paths=extra_paths,
     )
     # the fingerprint covers every input; scores and tags follow from them (and from the rule)
     content.fingerprint = hashlib.sha1(json.dumps({
         "v": BUILD_VERSION, "key": im.key, "file": content.filepath, "sha": im.sha256, "split": im.split,
         "size": [im.width, im.height], "boxes": boxes, "masks": digest,
-        "paths": [content.teacher_path, content.student_path, content.final_path], "rule": rule.as_dict(), "classes": classes.names,
+        "paths": [content.teacher_path, content.student_path, content.final_path, extra_paths], "rule": rule.as_dict(), "classes": classes.names,
     }, sort_keys=True).encode()).hexdigest()
     return content
 
@@ -237,6 +261,7 @@ def collect_contents(
     rule: TagRule = TagRule(),
     progress: bool = True,
     final_root: Path | None = None,
+    extra_roots: dict[str, Path] | None = None,
 ) -> tuple[list[SampleContent], dict[str, dict[str, int]], list[str]]:
     """Sample contents of every image of `batches`, per-batch counts, and notes for the summary.
 
@@ -252,6 +277,12 @@ def collect_contents(
             notes.append(f"{what} root {root} does not exist: the {'teacher' if what == 'teacher' else 'student'} field is left empty")
     if final_root is not None and not final_root.exists():
         notes.append(f"final root {final_root} does not exist: the final field is left empty (`b2p finalize` writes it)")
+    extras = {}
+    for fname, root in (extra_roots or {}).items():
+        if root.exists():
+            extras[fname] = root
+        else:
+            notes.append(f"{fname} root {root} does not exist: that field is left empty")
     bad = [s for s in pred_splits if s not in SPLITS]
     if bad:
         raise B2PError(f"unknown split(s) {bad} for student predictions; choose from {list(SPLITS)}")
@@ -264,6 +295,7 @@ def collect_contents(
             t_dir = _labelmaps_dir(teacher_root, b, "teacher", needed=bool(b.images))
             p_dir = _labelmaps_dir(pred_root, b, "pred", needed=any(im.split in pred_splits for im in b.images))
             f_dir = _labelmaps_dir(final_root, b, "final", needed=bool(b.images))
+            here = {f: r for f, r in extras.items() if _labelmaps_dir(r, b, f, needed=bool(b.images)) is not None}
             c = counts.setdefault(b.name, {"images": 0, "manual": 0, "teacher": 0, "student": 0, "final": 0})
             for im in b.images:
                 sc = sample_content(
@@ -272,6 +304,7 @@ def collect_contents(
                     pred_root if (p_dir is not None and im.split in pred_splits) else None,
                     rule,
                     final_root if f_dir is not None else None,
+                    here,
                 )
                 contents.append(sc)
                 c["images"] += 1
@@ -286,7 +319,7 @@ def collect_contents(
 # --- FiftyOne part ------------------------------------------------------------------------------------------
 
 
-def _declare_schema(fo: ModuleType, ds: Any) -> None:
+def _declare_schema(fo: ModuleType, ds: Any, extra_fields: Sequence[str] = ()) -> None:
     schema = ds.get_field_schema()
     for name, kind, kwargs in (
         ("b2p_key", fo.StringField, {}),
@@ -298,6 +331,8 @@ def _declare_schema(fo: ModuleType, ds: Any) -> None:
         ("boxes", fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Detections}),
         *((m, fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Segmentation}) for m in MASK_FIELDS),
         *((s, fo.FloatField, {}) for s in SCORE_FIELDS),
+        *((m, fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Segmentation}) for m in extra_fields),
+        *((f"{m}_iou", fo.FloatField, {}) for m in extra_fields),
     ):
         if name not in schema:
             ds.add_sample_field(name, kind, **kwargs)
@@ -325,23 +360,35 @@ def _apply(fo: ModuleType, sample: Any, c: SampleContent) -> None:
     sample["final"] = fo.Segmentation(mask_path=c.final_path) if c.final_path else None
     for k in SCORE_FIELDS:
         sample[k] = c.scores[k]
+    for m, path in c.extra_paths.items():
+        sample[m] = fo.Segmentation(mask_path=path) if path else None
+        sample[f"{m}_iou"] = c.scores.get(f"{m}_iou")
     sample.tags = [t for t in sample.tags if t not in OUR_TAGS] + list(c.tags)
 
 
-def _app_config(fo: ModuleType, ds: Any, classes: ClassList) -> None:
-    """Mask targets, fixed class colours and the fields ticked when the App opens."""
+# one colour per mask field (the App colours masks by field): teacher and student masks of one image differ
+FIELD_COLORS = {"boxes": "#ffffff", "manual": "#ffe119", "teacher": "#f58231", "student": "#42d4f4", "final": "#3cb44b"}
+EXTRA_COLORS = ("#911eb4", "#f032e6", "#bfef45", "#469990", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075", "#dcbeff")
+
+
+def field_colors(extra_fields: Sequence[str]) -> dict[str, str]:
+    """The colour of every field: the built-in ones fixed, further sources from EXTRA_COLORS in order."""
+    return {**FIELD_COLORS, **{m: EXTRA_COLORS[i % len(EXTRA_COLORS)] for i, m in enumerate(extra_fields)}}
+
+
+def _app_config(fo: ModuleType, ds: Any, classes: ClassList, extra_fields: Sequence[str] = ()) -> None:
+    """Mask targets, one colour per field, and the fields ticked when the App opens (the built-in masks;
+    further sources are one click away in the sidebar)."""
     targets = {i + 1: n for i, n in enumerate(classes.names)}
     ds.default_mask_targets = targets
-    mask_colors = [{"intTarget": i, "color": class_color_hex(i)} for i in targets]
     box_colors = [{"value": n, "color": class_color_hex(i)} for i, n in targets.items()]
-    field_colors = {"boxes": "#ffffff", "manual": "#ffe119", "teacher": "#f58231", "student": "#42d4f4", "final": "#3cb44b"}
+    colors = field_colors(extra_fields)
     ds.app_config.color_scheme = fo.ColorScheme(
-        color_by="value",
+        color_by="field",
         opacity=0.6,
-        default_mask_targets_colors=mask_colors,
         fields=[
-            {"path": "boxes", "fieldColor": field_colors["boxes"], "colorByAttribute": "label", "valueColors": box_colors},
-            *({"path": m, "fieldColor": field_colors[m], "maskTargetsColors": mask_colors} for m in MASK_FIELDS),
+            {"path": "boxes", "fieldColor": colors["boxes"], "colorByAttribute": "label", "valueColors": box_colors},
+            *({"path": m, "fieldColor": colors[m]} for m in (*MASK_FIELDS, *extra_fields)),
         ],
     )
     # FiftyOne draws only ticked label fields; masks are dense labels, which it leaves unticked by default
@@ -385,10 +432,12 @@ def open_dataset(fo: ModuleType, name: str) -> Any:
     return ds
 
 
-def sync_dataset(fo: ModuleType, ds: Any, contents: list[SampleContent], batch_names: Sequence[str], summary: BuildSummary) -> None:
+def sync_dataset(
+    fo: ModuleType, ds: Any, contents: list[SampleContent], batch_names: Sequence[str], summary: BuildSummary, extra_fields: Sequence[str] = ()
+) -> None:
     """Make `ds` hold exactly `contents` for the given batches: add new keys, rewrite changed ones, drop
     samples of those batches whose image is gone. Samples of other batches are left alone."""
-    _declare_schema(fo, ds)
+    _declare_schema(fo, ds, extra_fields)
     existing: dict[str, str | None] = {}
     if len(ds):
         keys, prints = ds.values(["b2p_key", "b2p_fingerprint"])
@@ -428,6 +477,7 @@ def build_dataset(
     rule: TagRule = TagRule(),
     progress: bool = True,
     final_root: str | Path | None = None,
+    extra_roots: dict[str, str | Path] | None = None,
 ) -> BuildSummary:
     """Build or update the persistent FiftyOne dataset `name` from canonical batch files and mask roots.
 
@@ -440,15 +490,16 @@ def build_dataset(
     batches = load_batches(list(batch_files))
     classes = class_list_of(batches)
     summary = BuildSummary(name=name)
+    extras = {field_name(n): Path(r) for n, r in (extra_roots or {}).items()}
     contents, summary.batches, summary.notes = collect_contents(
         batches, Path(teacher_root) if teacher_root else None, Path(pred_root) if pred_root else None,
-        pred_splits, rule, progress, Path(final_root) if final_root else None,
+        pred_splits, rule, progress, Path(final_root) if final_root else None, extras,
     )
     fo = import_fiftyone()
     connect(fo)
     fo.config.show_progress_bars = False  # our own rich progress is enough
     ds = open_dataset(fo, name)
-    sync_dataset(fo, ds, contents, [b.name for b in batches], summary)
+    sync_dataset(fo, ds, contents, [b.name for b in batches], summary, list(extras))
 
     info = dict(ds.info)
     b2p_info = dict(info.get("b2p") or {})
@@ -460,13 +511,13 @@ def build_dataset(
                      "tag_rule": rule.as_dict(), "tag_reference": "manual mask where the image has one, else the student's mask"})
     info["b2p"] = b2p_info
     ds.info = info
-    _app_config(fo, ds, classes)
+    _app_config(fo, ds, classes, list(extras))
     ds.save()
     summary.newest_batch = order[-1] if order else None
     summary.views = _save_views(ds, summary.newest_batch, rule)
 
     summary.num_samples = len(ds)
     summary.tags = {t: int(n) for t, n in ds.count_sample_tags().items() if t in OUR_TAGS}
-    summary.means = {k: ds.mean(k) if ds.exists(k).count() else None for k in SCORE_FIELDS}
+    summary.means = {k: ds.mean(k) if ds.exists(k).count() else None for k in (*SCORE_FIELDS, *(f"{m}_iou" for m in extras))}
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -48,15 +48,30 @@ def _is_loopback(address: str) -> bool:
         return False  # a host name: it may resolve to any interface
 
 
+def recipe_sources(params: Path) -> dict[str, Path]:
+    """The recipe's further mask sources (dvc.yaml's layout): the combined masks, every student alone and final."""
+    from b2p.finalize.combine import pool_sources
+
+    out: dict[str, Path] = {"combined": Path("data/combined")}
+    pools = ["candidates=data/students", "distill=data/distilled"]
+    for label, alone in pool_sources(params, pools, leaf="alone").items():
+        out[label] = alone
+        out[f"{label}.final"] = alone.parent / "final"
+    return out
+
+
 def browse(
     imported: Path = typer.Option(Path("data/imported"), "--imported", help="Folder of canonical batch files."),
     batch: list[str] = typer.Option(None, "--batch", help="Batch name(s), repeatable or comma-separated; default every batch."),
     teacher_root: Path = typer.Option(Path("data/teach"), "--teacher-root", help="Teacher outputs (<root>/<batch>/labelmaps/). May be absent."),
-    pred_root: Path = typer.Option(Path("data/predict"), "--pred-root", help="Student predictions (<root>/<batch>/labelmaps/). May be absent."),
+    pred_root: Path = typer.Option(Path("data/model/masks"), "--pred-root", help="Student masks (<root>/<batch>/labelmaps/; default: the shipped student's). May be absent."),
     final_root: Path = typer.Option(Path("data/final"), "--final-root", help="Final masks of `b2p finalize` (<root>/<batch>/labelmaps/). May be absent."),
     pred_split: list[str] = typer.Option(
         None, "--pred-split", help="Splits the predictions cover (repeatable or comma-separated; default all). "
         "Images of other splits get no student mask instead of an error."),
+    source: list[str] = typer.Option(None, "--source", help="A further mask source as its own field (with its IoU), NAME=ROOT; repeatable."),
+    recipe: bool = typer.Option(False, "--recipe", help="Every source of the recipe as its own field: the combined masks and each student of `candidates:` / `distill:` (params.yaml) alone and final."),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="The recipe's params (its student lists), with --recipe."),
     name: str = typer.Option("b2p", "--name", help="FiftyOne dataset name (persistent)."),
     build_only: bool = typer.Option(False, "--build-only", help="Build/update the dataset and exit without the App."),
     address: str = typer.Option("127.0.0.1", "--address", help="Address the App listens on (local by default)."),
@@ -72,7 +87,7 @@ def browse(
 
     Output: the persistent FiftyOne dataset --name, one sample per image keyed by batch/file (updated in place).
 
-    Fields: boxes; manual, teacher, student, final masks; teacher/student/final IoU against the manual mask; disagreement.
+    Fields: boxes; manual, teacher, student (the shipped student), final masks; teacher/student/final IoU against the manual mask; disagreement; with --recipe (or --source) every further source as its own field with its IoU. Masks are coloured by field.
 
     Tags: teacher_miss, teacher_hallucination.
 
@@ -99,7 +114,13 @@ def browse(
     configure_env(database_dir)
     files = resolve_batch_files(imported, batch)
     splits = parse_batch_names(pred_split) or list(SPLITS)
-    summary = build_dataset(files, teacher_root, pred_root, name=name, pred_splits=splits, final_root=final_root)
+    extras = recipe_sources(params) if recipe else {}
+    for item in source or []:
+        n, sep, root = item.partition("=")
+        if not sep or not n.strip() or not root.strip():
+            raise B2PError(f"--source must be NAME=ROOT, got {item!r}")
+        extras[n.strip()] = Path(root.strip())
+    summary = build_dataset(files, teacher_root, pred_root, name=name, pred_splits=splits, final_root=final_root, extra_roots=extras)
     print_summary(summary)
     if build_only:
         return

@@ -65,6 +65,9 @@ def evaluate(
     source: list[str] = typer.Option(
         None, "--source", help="Extra mask root to score, NAME=ROOT (repeatable), e.g. grabcut=data/bench/grabcut."
     ),
+    teachers: Path = typer.Option(None, "--teachers", help="Also score every candidate teacher of this `b2p choose-teacher` folder (rows teachers.<name>)."),
+    pool: list[str] = typer.Option(None, "--pool", help="KEY=DIR: also score every student of params list KEY (DIR/<name>/: alone, argmax, final masks); repeatable; needs --params."),
+    empty_ok: bool = typer.Option(False, "--empty-ok", help="No manually masked image in the split: say so and write empty metrics instead of failing (the recipe without manual masks)."),
     out: Path = typer.Option(Path("data/eval"), help="Output folder."),
     split: str = typer.Option(None, help="Split whose manually masked images are scored: test (default), val, train, calib (only on request), all (every split but calib)."),
     worst: int = typer.Option(None, min=0, help="Overlays of this many worst images by student binary IoU (default 8)."),
@@ -85,17 +88,33 @@ def evaluate(
     Writes to OUT: metrics.json (the headline scores of each source); details.json (per-class scores of each source, and `noise`: hallucination and miss rate by class and by defect size, and what the student recovered of the teacher's errors); confusion.json; per_image.csv (each source's worst images first); plots/ (per_class_iou.csv, confusion_<source>.png, summary.png); overlays/ (worst images: image, manual, teacher, student).
     """
     from b2p.evaluate.evaluate import evaluate as run_evaluate
-    from b2p.evaluate.evaluate import parse_source
+    from b2p.evaluate.evaluate import parse_source, recipe_sources, select_images
     from b2p.project import resolve_batch_files
     from b2p.schema import resolve
 
     cfg = resolve("evaluate", params, {"split": split, "worst": worst, "size_bins": size_bins, "min_cover": min_cover}, set_)
+    files = resolve_batch_files(imported, batch)
+    if empty_ok:
+        from b2p.dataset import load_batches
+        from b2p.evaluate.evaluate import METRICS_DIR, write_source_metrics
+
+        try:
+            select_images(load_batches(files), cfg.split)
+        except B2PError as e:
+            write_source_metrics(out / METRICS_DIR, {})
+            typer.echo(f"nothing scored: {e}")
+            return
+    if pool and params is None:
+        raise B2PError("--pool reads its students from the params file: give --params")
+    from b2p.finalize.combine import parse_pool
+
+    extra = recipe_sources(teachers, [parse_pool(p) for p in pool or []], params) + [parse_source(s) for s in source or []]
     result = run_evaluate(
-        resolve_batch_files(imported, batch),
+        files,
         out,
         teacher_root=None if no_teacher else teacher_root,
         pred_root=None if no_student else pred_root,
-        extra_sources=[parse_source(s) for s in source or []],
+        extra_sources=extra,
         split=cfg.split,
         box_baseline=not no_box,
         worst=cfg.worst,

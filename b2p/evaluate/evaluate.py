@@ -35,6 +35,8 @@ from b2p.labels import ClassList, label_map_key, label_map_path, paint_label_map
 STUDENT, TEACHER, BOX = "student", "teacher", "box"
 RESERVED = {STUDENT, TEACHER, BOX, "noise"}
 SPLIT_CHOICES = ("test", "val", "train", "calib", "all")  # all: every split but calib (scored only on request)
+SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
+METRICS_DIR = "metrics"  # OUT/metrics/<source>.json: one file per source, so `dvc metrics show` prints a row each
 MAIN_METRICS = ("miou", "anomaly_miou", "binary_iou", "binary_precision", "binary_recall", "binary_f1")
 CSV_FIELDS = (
     "source", "batch", "file_name", "label_map_key", "binary_iou", "binary_precision", "binary_recall",
@@ -60,11 +62,43 @@ def parse_source(spec: str) -> MaskSource:
     name, root = name.strip(), root.strip()
     if not sep or not name or not root:
         raise B2PError(f"--source must look like NAME=ROOT (e.g. sam_vit_b=data/bench/sam_vit_b), got {spec!r}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise B2PError(f"source name {name!r} must be letters, digits, '_', '.', '-' (it names files and JSON keys)")
+    if not re.fullmatch(SOURCE_NAME, name):
+        raise B2PError(f"source name {name!r} must be letters, digits, '_', '.', '-', '+' (it names files and JSON keys)")
     if name in RESERVED:
         raise B2PError(f"source name {name!r} is reserved for the built-in sources {sorted(RESERVED)}; choose another")
     return MaskSource(name, Path(root))
+
+
+def write_source_metrics(folder: Path, metrics: dict[str, dict]) -> None:
+    """FOLDER/<source>.json with each source's headline scores (earlier files of sources no longer scored go)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.json"):
+        if old.stem not in metrics:
+            old.unlink()
+    for name, sec in metrics.items():
+        write_json_atomic(folder / f"{name}.json", {k: v for k, v in sec.items() if k != "per_class"})
+
+
+def recipe_sources(teachers: str | Path | None, pools: Sequence[tuple[str, Path]], params: str | Path | None) -> list[MaskSource]:
+    """The recipe's rows besides student / teacher / box: every candidate teacher of `teachers`
+    (`b2p choose-teacher`: TEACHERS/<name>) as `teachers.<name>`, and for each pool (params list KEY, its
+    models in DIR/<name>/) every member alone with its calibrated rule (`<dir>.<name>`), its plain argmax
+    (`<dir>.<name>.argmax`) and its final masks (`<dir>.<name>.final`)."""
+    from b2p.fileio import read_json
+
+    out: list[MaskSource] = []
+    if teachers is not None:
+        rec = read_json(Path(teachers) / "choice.json", "teacher choice")
+        out += [MaskSource(f"teachers.{n}", Path(teachers) / n) for n in rec.get("candidates", {})]
+    if pools:
+        from b2p.finalize.combine import pool_members
+
+        for key, root in pools:
+            for m in pool_members(params, key):
+                group = f"{root.name}.{m}"
+                out += [MaskSource(group, root / m / "alone"), MaskSource(f"{group}.argmax", root / m / "predict"),
+                        MaskSource(f"{group}.final", root / m / "final")]
+    return out
 
 
 def box_fill_label_map(im: ImageRecord) -> np.ndarray:
@@ -269,6 +303,7 @@ def evaluate(
     # metrics.json holds the headline figures only (what `dvc metrics show` tabulates); the per-class scores
     # and the noise analysis go to details.json
     write_json_atomic(out / "metrics.json", {n: {k: v for k, v in sec.items() if k != "per_class"} for n, sec in metrics.items() if n != "noise"})
+    write_source_metrics(out / METRICS_DIR, {n: sec for n, sec in metrics.items() if n != "noise"})
     write_json_atomic(out / "details.json", {**{s.name: {"per_class": metrics[s.name]["per_class"]} for s in sources}, "noise": metrics["noise"]})
     write_json_atomic(
         out / "confusion.json",

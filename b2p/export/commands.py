@@ -6,9 +6,6 @@ from pathlib import Path
 
 import typer
 
-from b2p.params import read_params_section
-
-PARAM_KEYS = ("formats", "source", "splits", "images", "coco_masks")
 
 
 def _names(values) -> list[str]:
@@ -28,13 +25,15 @@ def export(
     batch: list[str] = typer.Option(None, "--batch", help="Batch name(s), repeatable or comma-separated; default all."),
     out: Path = typer.Option(Path("data/export"), "--out", help="Export root: one sub-folder per format."),
     fmt: list[str] = typer.Option(None, "--format", help="coco, yolo (YOLO-seg) or semantic; repeatable or comma-separated; default all three."),
-    source: str = typer.Option(None, "--source", help="Masks to export: boxes (box-guided student, default), final, teacher, student or snapped (b2p predict --snap-out)."),
+    source: str = typer.Option(None, "--source", help="Masks to export: final (default: the recipe's final masks), combined, teacher, student (the shipped student alone), boxes or snapped (b2p predict)."),
     source_root: Path = typer.Option(None, "--source-root", help="Read the masks from this root instead of the source's default folder."),
+    unboxed: str = typer.Option(None, "--unboxed", help="Masks of the images without any box from another source: student (the shipped student's; the recipe's choice, params export.unboxed), or none (default: the main source's)."),
+    unboxed_root: Path = typer.Option(None, "--unboxed-root", help="Read those from this root instead of the source's default folder."),
     split: list[str] = typer.Option(None, "--split", help="Split(s) to export, repeatable or comma-separated; default every split."),
     images: str = typer.Option(None, "--images", help="copy (default), symlink or hardlink the images into the export."),
     coco_masks: str = typer.Option(None, "--coco-masks", help="COCO segmentation as rle (exact, default) or polygons."),
     teacher_root: Path = typer.Option(Path("data/teach"), "--teacher-root", help="Teacher root, for the provenance record."),
-    model: Path = typer.Option(Path("data/models/student"), "--model", help="Student model folder, for the provenance record of student masks read from their default root without a predict.json."),
+    model: Path = typer.Option(Path("data/model"), "--model", help="Student model folder, for the provenance record of student masks read from their default root without a predict.json."),
     params: Path = typer.Option(None, "--params", help="YAML file whose `export:` section sets the options above."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -52,16 +51,19 @@ def export(
     from b2p.export.export import DEFAULT_SOURCE, FORMATS, ExportOptions, export_dataset
     from b2p.project import resolve_batch_files
 
-    values = read_params_section(params, "export", PARAM_KEYS)
-    formats = _names(fmt) or _names(values.get("formats")) or list(FORMATS)
-    splits = _names(split) or _names(values.get("splits"))
+    from b2p.schema import resolve
+
+    cfg = resolve("export", params, {"formats": _names(fmt) or None, "source": source, "unboxed": unboxed, "splits": _names(split) or None,
+                                     "images": images, "coco_masks": coco_masks})
     opts = ExportOptions(
-        formats=tuple(formats),
-        source=source or values.get("source") or DEFAULT_SOURCE,
+        formats=tuple(_names(cfg.formats) or FORMATS),
+        source=cfg.source or DEFAULT_SOURCE,
         source_root=source_root,
-        splits=tuple(splits),
-        images=images or values.get("images") or "copy",
-        coco_masks=coco_masks or values.get("coco_masks") or "rle",
+        splits=tuple(_names(cfg.splits)),
+        images=cfg.images,
+        coco_masks=cfg.coco_masks,
+        unboxed=cfg.unboxed,
+        unboxed_root=unboxed_root,
     )
     console = Console()
     report = export_dataset(

@@ -39,14 +39,15 @@ from b2p.masks import rle_encode
 
 # Named mask sources and the root each one reads by default (`--source-root` points anywhere).
 SOURCES = {
-    "boxes": "data/predict_boxes",  # box-guided student masks: the pixel dataset the main job delivers
-    "final": "data/final",  # `b2p finalize` output
+    "final": "data/final",  # the recipe's final masks (`b2p combine` of the combined and distilled masks)
+    "combined": "data/combined",  # the combined masks the distilled students learnt from
     "teacher": "data/teach",  # teacher pseudo-masks
-    "student": "data/predict",  # the student alone, without the boxes
+    "student": "data/model/masks",  # the shipped student alone, with its calibrated rule (`b2p deploy`)
+    "boxes": "data/predict_boxes",  # box-guided student masks (`b2p predict --boxes-out`)
     "snapped": "data/predict_snap",  # the student alone snapped to the image (b2p predict --snap)
 }
-DEFAULT_SOURCE = "boxes"
-STUDENT_SOURCES = ("boxes", "student", "snapped")  # written by `b2p predict`: a model stands behind them
+DEFAULT_SOURCE = "final"
+STUDENT_SOURCES = ("boxes", "student", "snapped")  # a model stands behind them
 FORMATS = ("coco", "yolo", "semantic")
 IMAGE_MODES = ("copy", "symlink", "hardlink")
 COCO_MASKS = ("rle", "polygons")
@@ -73,6 +74,8 @@ class ExportOptions:
     splits: tuple[str, ...] = ()  # empty: every split present
     images: str = "copy"
     coco_masks: str = "rle"
+    unboxed: str | None = None  # a source for the images without boxes ("none" / None: the main source)
+    unboxed_root: Path | None = None
 
 
 @dataclass
@@ -156,9 +159,12 @@ def _scores(source_root: Path, batch: str) -> dict[int, float]:
     return {int(a["box_id"]): float(a["score"]) for a in read_json(p, "instances file").get("annotations", []) if "score" in a}
 
 
-def collect_items(batch_files: list[Path], source_root: Path, splits: tuple[str, ...]) -> tuple[ClassList, dict[str, list[ExportItem]], list]:
-    """The images to export by split, each with its label map; every label map must exist and every image
-    be the one imported (sha256; checked here, before anything is written)."""
+def collect_items(
+    batch_files: list[Path], source_root: Path, splits: tuple[str, ...], unboxed_root: Path | None = None
+) -> tuple[ClassList, dict[str, list[ExportItem]], list]:
+    """The images to export by split, each with its label map (an image without boxes from `unboxed_root`
+    when given); every label map must exist and every image be the one imported (sha256; checked here,
+    before anything is written)."""
     batches = load_batches(batch_files)
     classes = class_list_of(batches)
     present = {im.split for b in batches for im in b.images}
@@ -177,7 +183,7 @@ def collect_items(batch_files: list[Path], source_root: Path, splits: tuple[str,
             if name in names:
                 raise B2PError(f"images {names[name]!r} and {rec.key!r} would get the same export name {name!r}")
             names[name] = rec.key
-            lm = label_map_path(source_root, b.name, rec.file_name)
+            lm = label_map_path(unboxed_root if unboxed_root is not None and not rec.boxes else source_root, b.name, rec.file_name)
             if not lm.is_file():
                 missing.append(lm)
             by_split[rec.split].append(ExportItem(rec, lm, name))
@@ -188,6 +194,8 @@ def collect_items(batch_files: list[Path], source_root: Path, splits: tuple[str,
 
     for b in batches:  # masks a teacher or finalize made from other images must not ship with these
         check_teacher_root(source_root, b)
+        if unboxed_root is not None:
+            check_teacher_root(unboxed_root, b)
     for item in (i for items in by_split.values() for i in items):  # a replaced image must not get the old one's masks
         _check_unchanged(item.record)
     return classes, by_split, batches
@@ -426,13 +434,18 @@ def export_dataset(
     source_root = resolve_source(opts.source, opts.source_root)
     if not source_root.is_dir():
         raise B2PError(f"mask source {opts.source!r} has no masks here (run the stage that writes them first)", source_root)
+    unboxed_root = None
+    if opts.unboxed not in (None, "none"):
+        unboxed_root = resolve_source(opts.unboxed, opts.unboxed_root)
+        if not unboxed_root.is_dir():
+            raise B2PError(f"mask source {opts.unboxed!r} (images without boxes) has no masks here (run the stage that writes them first)", unboxed_root)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise B2PError("export output is a file, not a folder", out)
     targets = [out / f for f in dict.fromkeys(opts.formats)]
     for t in targets:
         _check_out(t)
-    classes, by_split, batches = collect_items(batch_files, source_root, opts.splits)
+    classes, by_split, batches = collect_items(batch_files, source_root, opts.splits, unboxed_root)
     splits = list(by_split)
     scores = {b.name: _scores(source_root, b.name) for b in batches}
 
@@ -451,6 +464,7 @@ def export_dataset(
         "git_commit": _git_commit(),
         "source": opts.source,
         "source_root": str(source_root),
+        "unboxed_source": None if unboxed_root is None else {"source": opts.unboxed, "root": str(unboxed_root)},
         "splits": splits,
         "batches": [b.name for b in batches],
         "teacher": _teacher_record(teacher_root, [b.name for b in batches]) if teacher_root is not None else None,

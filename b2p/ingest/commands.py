@@ -43,6 +43,12 @@ def import_batch(
 
     options = {"val": val, "test": test, "salt": salt, "manual_masks_split": manual_masks_split, "calib": calib}
     rule = resolve("import", params, options, set_).split_rule()
+    from b2p.params import read_params_file
+
+    if params is not None and "candidates" in read_params_file(params):  # a recipe's params: refuse a bad one before any work
+        from b2p.schema import check_recipe
+
+        check_recipe(params)
     r = run_import(
         batch,
         images,
@@ -69,6 +75,11 @@ def import_batch(
         f"splits: " + ", ".join(f"{s} {n}" for s, n in r.splits.items()),
         highlight=False,
     )
+    calib_n, test_n = r.splits.get("calib", 0), r.splits.get("test", 0)
+    if r.manual_masks and rule.calib and (calib_n == 0 or test_n == 0):
+        missing = "calib: settings this batch could choose take their defaults" if calib_n == 0 else "test: nothing of this batch is scored"
+        console.print(f"[yellow]only {r.manual_masks} manual mask(s), too few for both calib ({calib_n}) and test ({test_n}); none in {missing}. "
+                      "Mask more images, or set import.calib (0 = all to test, 1 = all to calib).[/]", highlight=False)
     if r.clipped_boxes:
         console.print(f"[yellow]{r.clipped_boxes} boxes overhung their image by <= 0.5 px and were clipped[/]")
     if r.unlisted_images:
@@ -116,6 +127,7 @@ def masks_to_boxes(
     params: Path = typer.Option(None, "--params", help="params.yaml: its 'masks_to_boxes' section sets the options above."),
     set_: list[str] = typer.Option(None, "--set", help="Any `masks_to_boxes:` key, KEY=VALUE; repeatable; wins over everything."),
     oracle_out: Path = typer.Option(None, "--oracle-out", help="Also write every image's manual mask as a teacher root (the oracle: train on it for the fully supervised ceiling)."),
+    masked: float = typer.Option(None, "--masked", help="Keep the manual masks of this hashed share of the images instead (a user who masked a few; `b2p import` splits them into calib and test)."),
 ) -> None:
     """Simulate box annotation for a dataset with manual masks (one box per connected defect component).
 
@@ -124,7 +136,7 @@ def masks_to_boxes(
     from b2p.ingest.from_masks import masks_to_boxes as run
     from b2p.schema import resolve
 
-    options = dict(strip_prefix=strip_prefix, threshold=threshold, min_area=min_area, free_images=free_images, val=val, test=test, salt=salt, calib=calib)
+    options = dict(strip_prefix=strip_prefix, threshold=threshold, min_area=min_area, free_images=free_images, val=val, test=test, salt=salt, calib=calib, masked=masked)
     p = resolve("masks_to_boxes", params, options, set_)
     r = run(
         root,
@@ -137,6 +149,7 @@ def masks_to_boxes(
         rule=p.split_rule(),
         folders=[f.strip() for item in folder or [] for f in item.split(",") if f.strip()] or None,
         oracle_out=oracle_out,
+        masked=p.masked,
     )
     t = Table(title=f"{root} -> {r.out}")
     for col in ("folder", "class", "images", "boxes", "dropped (< min area)"):
@@ -149,6 +162,7 @@ def masks_to_boxes(
     console.print(t)
     console.print(
         f"{r.images} images, {sum(r.boxes_per_class.values())} boxes, {sum(r.dropped_per_class.values())} components dropped; "
-        f"{r.test_images} test images carry their manual mask" + (f", {r.calib_images} calib images too" if r.calib_images else ""),
+        + (f"{r.masked_images} images carry their manual mask" if p.masked is not None else
+         f"{r.test_images} test images carry their manual mask" + (f", {r.calib_images} calib images too" if r.calib_images else "")),
         highlight=False,
     )

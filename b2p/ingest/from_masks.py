@@ -45,8 +45,9 @@ class MasksToBoxesResult:
     images_per_class: dict[str, int]  # folder class (or "defect-free") -> images written
     boxes_per_class: dict[str, int]
     dropped_per_class: dict[str, int]  # components below min_area
-    test_images: int  # test images written with their manual mask
+    test_images: int  # test images written with their manual mask (all masked ones under `masked`: kept_masks)
     calib_images: int  # calib images written with their manual mask
+    masked_images: int  # images written with their manual mask
     free_total: int  # defect-free images found
     free_kept: int
     folders: dict[str, str] = field(default_factory=dict)  # folder -> class name or "defect-free"
@@ -155,16 +156,21 @@ def masks_to_boxes(
     rule: SplitRule | None = None,
     folders: list[str] | None = None,
     oracle_out: str | Path | None = None,
+    masked: float | None = None,
 ) -> MasksToBoxesResult:
     """Write a COCO box file for ROOT (boxes for all images, manual masks for the test split only).
 
     `strip_prefix="auto"` strips the prefix all class folders share (`common_prefix`); `oracle_out` also
-    writes every kept image's manual mask as a teacher root (module docstring)."""
+    writes every kept image's manual mask as a teacher root (module docstring). `masked` (a share in [0, 1])
+    keeps instead the masks of that hashed share of the images, as a user who masked a few would have them:
+    `b2p import` then splits them into calib and test by its own rule."""
     check_batch_name(batch)
     rule = rule or SplitRule()
     root, out = Path(root), Path(out)
     if not 1 <= threshold <= 255:
         raise B2PError(f"--threshold must be in 1..255, got {threshold}")
+    if masked is not None and not 0 <= masked <= 1:
+        raise B2PError(f"--masked must be a share in [0, 1], got {masked}")
     if min_area < 1:
         raise B2PError(f"--min-area must be at least 1, got {min_area}")
     if free_images is not None and free_images < 0:
@@ -211,20 +217,25 @@ def masks_to_boxes(
 
     images, annotations = [], []
     boxes, dropped, per_class_images = Counter(), Counter(), Counter()
-    n_test = n_calib = 0
+    n_test = n_calib = n_masked = 0
     for it in progress([i for i in items if i.file_name in keep], "boxes from masks", total=len(keep)):
         h, w = read_image(it.image_path).shape[:2]
         if it.shape != (h, w):
             raise B2PError(f"mask is {it.shape[1]}x{it.shape[0]} but its image is {w}x{h}", it.mask_path)
         cls = folder_class[it.folder]
-        is_calib = rule.is_calib(batch, it.file_name)
-        is_test = rule.hash_split(batch, it.file_name) == "test"
-        keep_mask = is_test or is_calib
+        if masked is None:
+            is_calib = rule.is_calib(batch, it.file_name)
+            is_test = rule.hash_split(batch, it.file_name) == "test"
+            keep_mask = is_test or is_calib
+        else:  # which of them become calib or test is import's rule
+            keep_mask = unit_hash(f"{rule.salt}:masked:{batch}/{it.file_name}") < masked
+            is_calib = is_test = False
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": it.file_name, "width": w, "height": h, "has_manual_mask": keep_mask})
         per_class_images[cls] += 1
         n_test += is_test
         n_calib += is_calib
+        n_masked += keep_mask
         if it.binary is None:
             if oracle_out is not None:
                 write_label_map(label_map_path(oracle_out, batch, it.file_name), np.zeros((h, w), np.uint8))
@@ -252,7 +263,8 @@ def masks_to_boxes(
         "connectivity": 8,
         "strip_prefix": strip_prefix,
         "split_rule": {k: v for k, v in rule.info().items() if k != "manual_masks"},
-        "manual_masks": "test and calib splits only" if rule.calib else "test split only",
+        "manual_masks": (f"a hashed share {masked:g} of the images" if masked is not None
+                         else "test and calib splits only" if rule.calib else "test split only"),
         "free_images": {"found": len(free), "kept": len(keep_free)},
         "oracle_out": None if oracle_out is None else str(oracle_out),
         "dropped_components": dict(sorted(dropped.items())),
@@ -273,6 +285,7 @@ def masks_to_boxes(
         boxes_per_class={n: boxes[n] for n in categories},
         dropped_per_class={n: dropped[n] for n in categories},
         test_images=n_test,
+        masked_images=n_masked,
         calib_images=n_calib,
         free_total=len(free),
         free_kept=len(keep_free),

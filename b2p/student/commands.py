@@ -26,6 +26,7 @@ def train(
     params: list[Path] = typer.Option(
         None, "--params", help="YAML file whose `train:` section sets parameters; repeatable, later files win."
     ),
+    student: str = typer.Option(None, "--student", help="A student variant of the params files (`students.NAME.train`, layered over `train:`)."),
     arch: str = typer.Option(None, "--arch", help="b2p (Boxes2Pixels student) or unet (from-scratch baseline)."),
     backbone: str = typer.Option(None, "--backbone", help="efficientnet_lite0 (embedded, default) or dinov2_s/b/l/g."),
     weights: str = typer.Option(None, "--weights", help="Backbone weights: HF folder, hub id, .pth file, or 'random'."),
@@ -56,7 +57,7 @@ def train(
     OUT/model.pt (config, class list, backbone provenance, EMA weights), OUT/metrics.json (best val
     metrics against pseudo-masks, epochs, parameter counts, seconds, backbone) and OUT/curves.csv.
 
-    Parameters: defaults < each --params file < the options above < --set KEY=VALUE. Every `train:` key
+    Parameters: defaults < each --params file < the --student variant < the options above < --set KEY=VALUE. Every `train:` key
     (b2p/schema.py) can be given with --set, e.g. --set tau=0.8 --set augment=flips; types and ranges are
     checked and every problem is reported at once.
     """
@@ -72,7 +73,7 @@ def train(
         feature_cache=feature_cache, self_correction_region=self_correction_region, warmup_epochs=warmup_epochs,
     )
     # defaults < each --params file (e.g. the dataset's params.yaml, then a student variant's) < options < --set
-    tp = train_params(params, cli, set_)
+    tp = train_params(params, cli, set_, student=student)
     files = resolve_batch_files(imported, batch)
     train_student(files, teacher_root, out, tp)
 
@@ -85,24 +86,27 @@ def predict(
     images: Path = typer.Option(None, "--images", help="Predict every image in this folder instead of batches."),
     out: Path = typer.Option(Path("data/predict"), "--out", help="Prediction root (batches) or output folder (--images)."),
     probs: bool = typer.Option(False, "--probs", help="Also write per-image class probabilities (npz: uint8, p x 255)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass (sliding window)."),
+    params: Path = typer.Option(None, "--params", help="YAML file whose `predict:` section sets the defaults of the options below."),
+    student: str = typer.Option(None, "--student", help="A student variant of --params: its `students.NAME.predict` keys win over `predict:`."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Windows per forward pass (sliding window) [4]."),
     window: int = typer.Option(
         None, "--window", min=1, help="Sliding-window side, px at the model's scale (default: the training tile for a strip-context model, else 512; rounded up to the model's multiple, at least its training tile)."
     ),
-    overlap: float = typer.Option(0.25, "--overlap", min=0.0, max=0.9, help="Sliding-window overlap, a fraction of the window."),
-    tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, or flips (the mean logits of the image and its 3 flips: 4x the time)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overlap: float = typer.Option(None, "--overlap", min=0.0, max=0.9, help="Sliding-window overlap, a fraction of the window [0.25]."),
+    tta: str = typer.Option(None, "--tta", help="Test-time augmentation: none (default), or flips (the mean logits of the image and its 3 flips: 4x the time)."),
+    device: str = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     precision: str = typer.Option(
-        "float32", "--precision",
-        help="float32; bfloat16 (autocast: a GPU with it, or a CPU with AMX / AVX512-BF16; 1.4-1.9x faster on such a CPU, under 0.1 % of labels move); auto: bfloat16 where a CPU has it natively, else float32.",
+        None, "--precision",
+        help="float32 (default); bfloat16 (autocast: a GPU with it, or a CPU with AMX / AVX512-BF16; 1.4-1.9x faster on such a CPU, under 0.1 % of labels move); auto: bfloat16 where a CPU has it natively, else float32.",
     ),
     boxes_out: Path = typer.Option(
         None, "--boxes-out", help="Also write box-guided label maps here: the student's defect pixels inside each annotated box, with the box's class."
     ),
-    box_threshold: float = typer.Option(0.5, "--box-threshold", min=0.0, max=1.0, help="p(defect) a pixel needs inside a box (--boxes-out)."),
-    snap: str = typer.Option("none", "--snap", help="grabcut: the student's mask snapped to the image by GrabCut seeded with its own probabilities (no boxes), written to --snap-out; box-guided masks (--boxes-out) are then cut from it. none: no snapping."),
+    box_threshold: float = typer.Option(None, "--box-threshold", min=0.0, max=1.0, help="p(defect) a pixel needs inside a box (--boxes-out) [0.5]."),
+    snap: str = typer.Option(None, "--snap", help="grabcut: the student's mask snapped to the image by GrabCut seeded with its own probabilities (no boxes), written to --snap-out; box-guided masks (--boxes-out) are then cut from it. none: no snapping."),
     snap_out: Path = typer.Option(None, "--snap-out", help="Also write the snapped label maps here (same layout as --out)."),
-    snap_sure: float = typer.Option(0.9, "--snap-sure", help="--snap grabcut: p(defect) >= this is fixed defect, <= 1 - this fixed background; GrabCut settles the rest."),
+    snap_sure: float = typer.Option(None, "--snap-sure", help="--snap grabcut: p(defect) >= this is fixed defect, <= 1 - this fixed background; GrabCut settles the rest [0.9]."),
+    set_: list[str] = typer.Option(None, "--set", help="Any `predict:` key, KEY=VALUE (YAML value); repeatable; wins over everything."),
 ) -> None:
     """Predict defect label maps with a trained student.
 
@@ -122,12 +126,21 @@ def predict(
     in, or hold, the images. Each output root gets its new files only once all are built, then predict.json
     (the model's path and sha256, the settings, the maps written), so a failed run changes nothing.
     """
-    from b2p.schema import check_finite
+    from b2p.schema import check_finite, resolve
     from b2p.student.predict import check_roots_apart, items_from_batches, items_from_folder, run_prediction
     from b2p.student.snap import SnapSettings, check_snap
 
-    check_finite(box_threshold, "--box-threshold")
-    check_finite(snap_sure, "--snap-sure")
+    for value, flag in ((box_threshold, "--box-threshold"), (snap_sure, "--snap-sure"), (overlap, "--overlap")):
+        if value is not None:
+            check_finite(value, flag)
+    cfg = resolve(
+        "predict", params,
+        {"batch_size": batch_size, "window": window, "overlap": overlap, "tta": tta, "device": device, "precision": precision,
+         "box_threshold": box_threshold, "snap": snap, "snap_sure": snap_sure},
+        set_, student=student,
+    )
+    batch_size, window, overlap, tta, device, precision = cfg.batch_size, cfg.window, cfg.overlap, cfg.tta, cfg.device, cfg.precision
+    box_threshold, snap, snap_sure = cfg.box_threshold, cfg.snap, cfg.snap_sure
     check_snap(snap)
     if snap != "none" and snap_out is None and boxes_out is None:
         raise B2PError(f"--snap {snap} writes its maps to --snap-out ROOT (or shapes the box-guided ones of --boxes-out): give one")
@@ -140,8 +153,6 @@ def predict(
 
     # one root inside another would read its maps as a batch folder of the other (and DVC tracks each whole)
     check_separate_folders(named, {})
-    if batch_size < 1:
-        raise B2PError(f"--batch-size must be at least 1, got {batch_size}")
 
     if images is not None:
         if boxes_out is not None:

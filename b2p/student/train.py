@@ -41,7 +41,7 @@ from b2p.student.data import (
     gather_samples,
     same_size_batches,
 )
-from b2p.student.geometry import IGNORE
+from b2p.student.geometry import IGNORE, Geometry
 from b2p.student.losses import LossParams, StudentLoss
 from b2p.student.model import StudentConfig, build_model, class_map, count_params, describe_backbone
 from b2p.student.selection import RULES_DIR, SELECT_RULES, BoxFitScore, rule_score
@@ -278,6 +278,10 @@ def train_student(
         )
 
     config = params.student_config(num_classes)
+    largest = max(max(Geometry.for_image(s.record.height, s.record.width, config.scale, config.max_side, config.multiple).padded_size()) for s in train_samples)
+    if largest < config.tile_size:  # a tile larger than every image is mostly padding: the same images, less work
+        console.print(f"tiles of {largest} px instead of {config.tile_size}: no training image is larger at this scale")
+        config.tile_size = largest
     model = build_model(config, weights=params.weights, allow_download=params.allow_download).to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)  # the inputs follow (cpu_layout)

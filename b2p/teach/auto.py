@@ -205,7 +205,7 @@ def score_candidates(batches: list[Batch], candidates: list[Candidate], progress
     """metrics.scores of each candidate's painted label maps against the calib images' manual masks."""
     from b2p.dataset import class_list_of
     from b2p.evaluate.metrics import ConfusionMatrix
-    from b2p.teach.base import _Progress, _teach_image
+    from b2p.teach.base import Progress, teach_image
 
     images = calib_images(batches)
     if not images:
@@ -216,11 +216,11 @@ def score_candidates(batches: list[Batch], candidates: list[Candidate], progress
         )
     classes = class_list_of(batches)
     out: dict[str, dict] = {}
-    with _Progress(progress, "scoring teachers on calib", len(images) * len(candidates)) as advance:
+    with Progress(progress, "scoring teachers on calib", len(images) * len(candidates)) as advance:
         for cand in candidates:
             cm = ConfusionMatrix(classes.num_classes + 1)
             for im in images:
-                _, lm = _teach_image(cand.teacher, im)
+                _, lm = teach_image(cand.teacher, im)
                 cm.update(lm, im.manual_label_map())
                 advance(1)
             out[cand.name] = cm.scores(list(classes.names))
@@ -241,6 +241,105 @@ def choose(scores: dict[str, dict], class_names: list[str]) -> tuple[dict[str, s
             miou, _, best = max(ranked)
             choice[n], reason[n] = best, f"no calib pixels of this class: best anomaly mIoU ({miou:.4f})"
     return choice, reason
+
+
+def candidate_names(candidates: list[Candidate]) -> list[str]:
+    return [c.name for c in candidates]
+
+
+# --- the recipe's teacher stage: the choice on calib, stored, then used batch by batch --------------------------
+
+CHOICE_FILE = "choice.json"  # the decision only: teach@<batch> depends on it, so new calib scores alone re-teach nothing
+SCORES_FILE = "scores.json"  # the calib measurement behind it, and why each class got its teacher
+CHOICE_FORMAT = 1
+
+
+def decide(cfg, scores: dict[str, dict] | None, class_names: list[str], names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Per class the teacher to use: `teach.teacher` when it names one; for `auto` the best on calib
+    (`choose`), and `teach.fallback` for every class when there is no calib image to measure on."""
+    if cfg.teacher != "auto":
+        if cfg.teacher not in names:
+            raise B2PError(f"teach.teacher {cfg.teacher!r} is not available here (candidates: {', '.join(names)})")
+        return dict.fromkeys(class_names, cfg.teacher), dict.fromkeys(class_names, "set by teach.teacher")
+    if scores is None:
+        if cfg.fallback not in names:
+            raise B2PError(f"teach.fallback {cfg.fallback!r} is not a teacher candidate; choose one of {', '.join(names)}")
+        return dict.fromkeys(class_names, cfg.fallback), dict.fromkeys(class_names, "no calib masks: teach.fallback")
+    return choose(scores, class_names)
+
+
+def choose_teacher(cfg, batch_files: list[Path], out: str | Path, progress: bool = True) -> dict:
+    """The recipe's `teachers` stage: score every candidate teacher on the calib images of all batches, decide
+    per class (`decide`), and write OUT/choice.json (the decision and the chosen teachers' settings),
+    OUT/scores.json (the calib scores and the reasons) and OUT/<candidate>/<batch>/labelmaps/<key>.png: each
+    candidate's masks of the manually masked test images, the "every teacher" rows of `b2p evaluate`. OUT is
+    replaced whole once complete. Returns choice and scores in one record."""
+    from b2p.dataset import class_list_of, load_batches
+    from b2p.fileio import staged_dirs, write_json_atomic
+    from b2p.labels import write_label_map
+    from b2p.teach.base import Progress, teach_image
+
+    out = Path(out)
+    batches = load_batches(batch_files)
+    class_names = list(class_list_of(batches).names)
+    candidates, skipped = build_candidates(cfg, cfg.candidates, progress)
+    names = candidate_names(candidates)
+    calib = calib_images(batches)
+    scores = score_candidates(batches, candidates, progress)[0] if calib else None
+    choice, reason = decide(cfg, scores, class_names, names)
+    test = [im for b in batches for im in b.split("test") if im.has_manual_mask]
+    decision = {
+        "format": CHOICE_FORMAT,
+        "classes": class_names,
+        "choice": choice,
+        "candidates": {c.name: {"kind": c.teacher.name, "settings": c.teacher.settings()} for c in candidates},
+        "calib": bool(calib),
+    }
+    measured = {
+        "calib_images": len(calib),
+        "reason": reason,
+        "iou_on_calib": AutoChoice(class_names, len(calib), scores, choice, reason).to_json()["iou_on_calib"] if scores else None,
+        "skipped": skipped,
+        "test_images": len(test),
+    }
+    with staged_dirs([out]) as (stage,):
+        with Progress(progress, "teachers on the test images", len(test) * len(candidates)) as advance:
+            for cand in candidates:
+                for im in test:
+                    write_label_map(label_map_path(stage / cand.name, im.batch, im.file_name), teach_image(cand.teacher, im)[1])
+                    advance(1)
+        write_json_atomic(stage / CHOICE_FILE, decision)
+        write_json_atomic(stage / SCORES_FILE, measured)
+    return {**decision, **measured}
+
+
+def read_choice(path: str | Path, class_names: list[str]) -> dict:
+    """A `choice.json` of `choose_teacher`, checked against the batches' class list."""
+    from b2p.fileio import read_json
+
+    rec = read_json(path, "teacher choice")
+    if not isinstance(rec, dict) or rec.get("format") != CHOICE_FORMAT or not isinstance(rec.get("choice"), dict):
+        raise B2PError("not a teacher choice written by `b2p choose-teacher`", path)
+    missing = [n for n in class_names if n not in rec["choice"]]
+    if missing:
+        raise B2PError(f"the teacher choice has no teacher for class(es) {', '.join(missing)}: run `b2p choose-teacher` again over every batch", path)
+    return rec
+
+
+def teacher_from_choice(cfg, path: str | Path, class_names: list[str], class_ids: dict[str, int], progress: bool = True) -> AutoTeacher:
+    """The per-class teacher a `choice.json` names, its candidates rebuilt from `cfg` (a TeachConfig). Their
+    settings must be the ones the choice was measured with: a changed `teach:` section means choosing again."""
+    rec = read_choice(path, class_names)
+    candidates, _ = build_candidates(cfg, cfg.candidates, progress)
+    by_name = {c.name: c for c in candidates}
+    for cls in class_names:
+        name = rec["choice"][cls]
+        if name not in by_name:
+            raise B2PError(f"class {cls!r} is taught by {name!r}, which is not available with these settings (candidates: {', '.join(by_name)})", path)
+        if rec.get("candidates", {}).get(name, {}).get("settings") != by_name[name].teacher.settings():
+            raise B2PError(f"teacher {name!r} was chosen with other settings than `teach:` has now: run `b2p choose-teacher` again", path)
+    decision = AutoChoice(class_names, 0, {}, {n: rec["choice"][n] for n in class_names}, dict.fromkeys(class_names, f"chosen in {path}"))
+    return AutoTeacher(candidates, decision, class_ids)
 
 
 def build_auto_teacher(cfg, batch_files: list[Path], extra: dict[str, str] | None = None, progress: bool = True) -> AutoTeacher:

@@ -41,7 +41,10 @@ from b2p.errors import B2PError
 from b2p.fileio import read_image, read_json, sha256_file, write_bytes_atomic, write_json_atomic, write_png_atomic
 from b2p.labels import label_map_key, label_map_path, paint_label_map, write_label_map
 from b2p.masks import rle_decode, rle_encode
+from b2p.progress import Progress
 from b2p.splits import SPLITS
+
+_Progress = Progress  # old private name, still imported by finalize / predict until they move
 
 PART_FORMAT = 1
 PARTS_DIR = ".parts"
@@ -203,7 +206,7 @@ def _load_part(json_path: Path, png_path: Path, im: ImageRecord, shash: str) -> 
     return part
 
 
-def _teach_image(teacher: Teacher, im: ImageRecord) -> tuple[list[PseudoMask], np.ndarray]:
+def teach_image(teacher: Teacher, im: ImageRecord) -> tuple[list[PseudoMask], np.ndarray]:
     image = read_image(im.path)
     if image.shape[:2] != (im.height, im.width):
         raise B2PError(
@@ -253,16 +256,16 @@ def teach_batch(
     taught = reused = 0
     parts: dict[int, dict] = {}
 
-    progress_ctx = _Progress(progress, f"teach {batch.name} ({teacher.name})", len(batch.images))
+    progress_ctx = Progress(progress, f"teach {batch.name} ({teacher.name})", len(batch.images))
     with progress_ctx as advance:
         for im in batch.images:
-            _check_unchanged(im)  # a part made from the old pixels must not be reused
+            check_unchanged(im)  # a part made from the old pixels must not be reused
             jpath, ppath = _part_paths(out_dir, im)
             part = _load_part(jpath, ppath, im, shash) if resume else None
             if part is None:
                 if limit is not None and taught >= limit:
                     return TeachReport(batch.name, out_dir, len(batch.images), 0, taught, reused, seconds=time.perf_counter() - t0)
-                pms, lm = _teach_image(teacher, im)
+                pms, lm = teach_image(teacher, im)
                 part = {
                     "format": PART_FORMAT,
                     "settings_hash": shash,
@@ -330,7 +333,7 @@ def teach_batch(
     return TeachReport(batch.name, out_dir, len(batch.images), n_boxes, taught, reused, notes, seconds)
 
 
-def _check_unchanged(im: ImageRecord) -> None:
+def check_unchanged(im: ImageRecord) -> None:
     if not im.path.is_file():
         raise B2PError(f"image {im.file_name!r} of batch {im.batch!r} not found (moved since import?)", im.path)
     if sha256_file(im.path) != im.sha256:
@@ -464,28 +467,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class _Progress:
-    """A rich progress bar over images, or a no-op."""
-
-    def __init__(self, enabled: bool, description: str, total: int):
-        self.enabled, self.description, self.total = enabled, description, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-        self.p.__enter__()
-        task = self.p.add_task(self.description, total=self.total)
-        return lambda n: self.p.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.__exit__(*exc)
-        return False
-
-
 def read_instances(out_dir: str | Path) -> dict:
     """Read a teacher root's instances.json (for tools downstream)."""
     return read_json(Path(out_dir) / "instances.json", "teacher instances file")
@@ -506,3 +487,5 @@ __all__ = [
     "teach_batch",
     "settings_hash",
 ]
+
+_check_unchanged = check_unchanged  # old private name (export, predict)

@@ -11,6 +11,7 @@ def teach(
     batch_files: list[Path] = typer.Argument(..., help="Canonical batch file(s), e.g. data/imported/NAME.json."),
     out: Path = typer.Option(Path("data/teach"), "--out", help="Teacher root: writes OUT/<batch>/..."),
     teacher: str = typer.Option(None, "--teacher", help="grabcut (default, no weights) | box (baseline) | sam | auto (best per class on the calib split)."),
+    choice: Path = typer.Option(None, "--choice", help="Teach each class with the teacher a `b2p choose-teacher` choice.json names (the recipe's way)."),
     candidate: list[str] = typer.Option(None, "--candidate", help="auto: also score NAME=ROOT, an earlier round's masks (ROOT/<batch>/labelmaps/<key>.png); repeatable."),
     params: Path = typer.Option(None, "--params", help="YAML file whose `teach:` section sets defaults."),
     sam_model: str = typer.Option(None, "--sam-model", help="SAM size: vit_b (default) | vit_l | vit_h."),
@@ -36,17 +37,13 @@ def teach(
 
     SAM weights: --checkpoint FILE, else the official file in --weights-dir, else a checksum-verified download from the official host (--no-download to forbid it).
 
+    --choice FILE: each class is taught by the teacher FILE (`b2p choose-teacher`) chose for it, with the settings it was chosen with.
+
     --teacher auto: every available teacher (box; GrabCut with the configured settings and a small grid; SAM when its weights are on disk; each --candidate) labels the calib images (`b2p import --calib`), is scored per class against their manual masks (IoU), and each class is taught by its best teacher. The score table is printed and recorded with the choice in provenance.json. Without calib images it stops with an error.
     """
-    from b2p.errors import B2PError
     from b2p.teach.config import build_config
 
-    extra = {}
-    for item in candidate or []:
-        name, sep, root = item.partition("=")
-        if not sep or not name.strip() or not root.strip():
-            raise B2PError(f"--candidate must be NAME=ROOT, got {item!r}")
-        extra[name.strip()] = root.strip()
+    extra = _parse_candidates(candidate)
 
     cfg = build_config(
         params,
@@ -65,12 +62,56 @@ def teach(
     )
     if no_cache:
         cfg.cache_dir = None
-    run_teach(cfg, batch_files, out, resume=resume, quiet=quiet)
+    run_teach(cfg, batch_files, out, resume=resume, quiet=quiet, choice=choice)
 
 
-def run_teach(cfg, batch_files: list[Path], out: Path, resume: bool = True, quiet: bool = False) -> None:
-    """Teach `batch_files` into `out` with the teacher of `cfg` (a TeachConfig), printing what `b2p teach` prints
-    (for auto: the calib score table and the choice per class). Also used by `b2p suite-combine`."""
+def _parse_candidates(candidate: list[str] | None) -> dict[str, str]:
+    from b2p.errors import B2PError
+
+    extra = {}
+    for item in candidate or []:
+        name, sep, root = item.partition("=")
+        if not sep or not name.strip() or not root.strip():
+            raise B2PError(f"--candidate must be NAME=ROOT, got {item!r}")
+        extra[name.strip()] = root.strip()
+    return extra
+
+
+def choose_teacher(
+    imported: Path = typer.Option(Path("data/imported"), "--imported", help="Folder of canonical batch files: the calib images of all of them choose."),
+    out: Path = typer.Option(Path("data/teachers"), "--out", help="Writes OUT/choice.json and OUT/<teacher>/<batch>/labelmaps (each candidate's test masks); replaced whole."),
+    params: Path = typer.Option(None, "--params", help="YAML file whose `teach:` section sets the teacher, its fallback and the GrabCut settings."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    set_: list[str] = typer.Option(None, "--set", help="Any `teach:` key, KEY=VALUE (YAML value); repeatable."),
+) -> None:
+    """Choose the teacher of each class on the calib split of every imported batch (the recipe's `teachers` stage).
+
+    Every available teacher (the filled box; GrabCut with the `teach.grabcut` settings and a small grid; SAM when its official weights are on disk) labels the calib images and is scored per class against their manual masks. With `teach.teacher: auto` each class takes its best; without calib masks every class takes `teach.fallback`; any other `teach.teacher` teaches every class. Writes OUT/choice.json (the decision, the calib score table, each candidate's settings), used by `b2p teach --choice`, and every candidate's masks of the manually masked test images (the teacher rows of `b2p evaluate`).
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    from b2p.project import resolve_batch_files
+    from b2p.teach.auto import AutoChoice, choose_teacher as run, score_table
+    from b2p.teach.config import build_config
+
+    cfg = build_config(params, sets=set_)
+    rec = run(cfg, resolve_batch_files(imported, None), out, progress=not quiet)
+    console = Console(stderr=True)
+    if rec["iou_on_calib"]:
+        scores = {c: {"per_class": {n: {"iou": v[n]} for n in rec["classes"]}, "anomaly_miou": v["anomaly_miou"], "binary_iou": v["binary_iou"]}
+                  for c, v in rec["iou_on_calib"].items()}
+        console.print(score_table(AutoChoice(rec["classes"], rec["calib_images"], scores, rec["choice"], rec["reason"])))
+    for n, c in rec["choice"].items():
+        console.print(f"  {escape(n)}: [bold]{escape(c)}[/] ({escape(rec['reason'][n])})", highlight=False)
+    for c, why in rec["skipped"].items():
+        console.print(f"  [yellow]{escape(c)} not available:[/] {escape(why)}", highlight=False)
+    console.print(f"[green]wrote[/] {out}/choice.json and {len(rec['candidates'])} teachers' masks of {rec['test_images']} test images", highlight=False)
+
+
+def run_teach(cfg, batch_files: list[Path], out: Path, resume: bool = True, quiet: bool = False, choice: Path | None = None) -> None:
+    """Teach `batch_files` into `out` with the teacher of `cfg` (a TeachConfig), or the per-class teacher of a
+    `choice` file, printing what `b2p teach` prints (for auto: the calib score table and the choice per class)."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -79,7 +120,15 @@ def run_teach(cfg, batch_files: list[Path], out: Path, resume: bool = True, quie
     from b2p.teach.config import make_teacher
 
     console = Console(stderr=True)
-    if cfg.teacher == "auto":
+    if choice is not None:
+        from b2p.dataset import class_list_of, load_batches
+        from b2p.teach.auto import teacher_from_choice
+
+        classes = class_list_of(load_batches(batch_files))
+        t = teacher_from_choice(cfg, choice, list(classes.names), {n: classes.id_of(n) for n in classes.names}, progress=not quiet)
+        picked = ", ".join(f"{n}: {c}" for n, c in t.decision.choice.items())
+        console.print(f"teachers from {choice}: {escape(picked)}", highlight=False)
+    elif cfg.teacher == "auto":
         from b2p.teach.auto import build_auto_teacher, score_table
 
         t = build_auto_teacher(cfg, batch_files, cfg.candidates, progress=not quiet)

@@ -13,6 +13,7 @@
       mask_select: box        # box | iou | single
       clip_margin: 0
       download: true
+      fallback: grabcut       # auto without calib masks: this candidate teaches every class
       grabcut: {iterations: 5, context_frac: 0.5, context_px: 8, min_side: 4, min_background: 32, empty: box}
 """
 
@@ -45,6 +46,8 @@ class TeachConfig:
     decoder_batch: int = 64
     grabcut: dict[str, Any] = field(default_factory=dict)
     candidates: dict[str, str] = field(default_factory=dict)  # auto: extra candidates NAME -> mask root
+    # auto without calib masks: the candidate that teaches every class (`b2p choose-teacher`)
+    fallback: str = "grabcut"
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHERS:
