@@ -89,8 +89,8 @@ def predict(
     window: int = typer.Option(
         None, "--window", min=1, help="Sliding-window side, px at the model's scale (default: the training tile for a strip-context model, else 512; rounded up to the model's multiple, at least its training tile)."
     ),
-    overlap: float = typer.Option(0.25, "--overlap", min=0.0, max=0.9, help="Sliding-window overlap, a fraction of the window."),
-    tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, or flips (the mean logits of the image and its 3 flips: 4x the time)."),
+    overlap: float = typer.Option(None, "--overlap", min=0.0, max=0.9, help="Sliding-window overlap, a fraction of the window (default: the model's rule.json, else 0.25)."),
+    tta: str = typer.Option(None, "--tta", help="Test-time augmentation: none, or flips (the mean logits of the image and its 3 flips: 4x the time); default: the model's rule.json, else none."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     precision: str = typer.Option(
         "float32", "--precision",
@@ -117,6 +117,9 @@ def predict(
     With --snap-out ROOT, also the label maps snapped to the image (--snap grabcut: b2p/student/snap.py), in
     the layout of --out; --out always holds the student's own maps. With --snap grabcut, the box-guided
     masks keep the snapped mask's pixels inside each box.
+
+    A model folder with a rule.json (the deployable student, b2p/student/rules.py) gives the label maps of --out
+    its decision rule (recorded in predict.json) and --window / --overlap / --tta where they are not given.
 
     Every image is checked first (it exists and, for batches, is the one imported); no output folder may lie
     in, or hold, the images. Each output root gets its new files only once all are built, then predict.json
