@@ -78,6 +78,7 @@ COMMANDS = [
     ("teach", "b2p.teach.commands", "teach"),
     ("train", "b2p.student.commands", "train"),
     ("predict", "b2p.student.commands", "predict"),
+    ("export-onnx", "b2p.deploy.commands", "export_onnx"),
     ("finalize", "b2p.finalize.commands", "finalize"),
     ("evaluate", "b2p.evaluate.commands", "evaluate"),
     ("export", "b2p.export.commands", "export"),
