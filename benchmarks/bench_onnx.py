@@ -1,7 +1,7 @@
 """The deployable student: torch eager (`b2p predict`'s path) vs ONNX Runtime (`b2p-run`'s), side by side in
 one run (prints a table; writes reports/benchmarks/onnx_cpu.{json,md}; not a test).
 
-    python benchmarks/bench_onnx.py [--model DIR] [--work DIR] [--threads 2] [--limit N]
+    python benchmarks/bench_onnx.py [--model DIR] [--work DIR] [--threads 1] [--limit N] [--rounds 2]
     python benchmarks/bench_onnx.py --gpu [--model DIR]      # where a CUDA GPU exists
 
 CPU: the Magnetic-Tile test images (the suite's hashed split, pipelines/suite/params.yaml) at native size,
@@ -170,13 +170,26 @@ def cpu_bench(a: argparse.Namespace) -> None:
     meta = json.loads(subprocess.run([sys.executable, "-m", "b2p.deploy.run_cli", "info", "--model", str(model_dir / "model.onnx")],
                                      capture_output=True, text=True, check=True).stdout)
     report = {"generated": datetime.datetime.now().isoformat(timespec="seconds"), "machine": m, "threads": a.threads,
-              "model": str(model_dir), "settings": {k: meta[k] for k in ("window", "overlap", "tta", "rule", "tile_size", "scale")},
+              "model": str(model_dir), "model_note": model_note(model_dir), "settings": {k: meta[k] for k in ("window", "overlap", "tta", "rule", "tile_size", "scale")},
               "images": len(files), "rounds": a.rounds, "rows": rows,
               "round_speedups": [rd["torch"]["ms_median"] / rd["onnx"]["ms_median"] for rd in per_round],
               "load_after": os.getloadavg(), "identical_pixels": same, "max_prob_diff": dp,
               "speedup_onnx_over_torch": rows[0]["ms_median"] / rows[1]["ms_median"],
               "memory_ratio_onnx_over_torch": rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]}
     write_report(report, REPO / "reports" / "benchmarks" / "onnx_cpu")
+
+
+def model_note(model_dir: Path) -> str:
+    """Whether the model was trained (b2p train records its epoch), and its backbone: random weights time the
+    same, but their scores mean nothing."""
+    from b2p.student.checkpoint import read_checkpoint
+
+    ck = read_checkpoint(model_dir)
+    c = ck["config"]
+    what = f"{c['arch']} {c['backbone']} {c['decoder']} decoder, context {c['context']}, tile {c['tile_size']}"
+    if "epoch" in ck["info"]:
+        return f"{what}, trained (epoch {ck['info']['epoch']})"
+    return f"{what}, NOT TRAINED (backbone {ck['provenance'].get('source')}, decoder random): timings and parity valid, scores meaningless"
 
 
 def write_report(r: dict, stem: Path) -> None:
@@ -191,7 +204,8 @@ def write_report(r: dict, stem: Path) -> None:
         f"Python {m['python']}. Each runtime in its own process, {r['threads']} threads, float32, the two alternating for {r['rounds']} rounds "
         f"(figures: all rounds' images; load average after {', '.join(f'{x:.2f}' for x in r['load_after'])}).",
         "",
-        f"Model {r['model']}; {r['images']} Magnetic-Tile test images at native size; settings {json.dumps(r['settings'])}.",
+        f"Model {r['model']}: {r['model_note']}; {r['images']} Magnetic-Tile test images (the suite's test split) at native size; "
+        f"settings {json.dumps(r['settings'])}.",
         "",
         "| runtime | ms / image (median) | ms / image (mean) | peak RSS (MB) | binary IoU | anomaly mIoU |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -289,7 +303,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="trained model folder (default: train a small one in --work)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/b2p-bench-onnx"), help="working folder (data, model, outputs)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="threads per runtime (1: as the suite runs each stage; more oversubscribes a shared machine)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many test images")
     ap.add_argument("--rounds", type=int, default=2, help="torch then ONNX Runtime, this many times")
     ap.add_argument("--gpu", action="store_true", help="the GPU benchmark instead (module docstring)")
