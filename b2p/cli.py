@@ -79,6 +79,7 @@ COMMANDS = [
     ("teach", "b2p.teach.commands", "teach"),
     ("train", "b2p.student.commands", "train"),
     ("predict", "b2p.student.commands", "predict"),
+    ("export-onnx", "b2p.deploy.commands", "export_onnx"),
     ("finalize", "b2p.finalize.commands", "finalize"),
     ("combine", "b2p.finalize.commands", "combine"),
     ("deploy", "b2p.finalize.commands", "deploy"),

@@ -100,6 +100,20 @@ def save_class_list(path: str | Path, classes: ClassList) -> None:
     write_json_atomic(path, {"classes": [{"id": i + 1, "name": n} for i, n in enumerate(classes.names)]})
 
 
+def check_class_lists(model_names: list[str], batch_names: list[str], model_path: str | Path | None) -> None:
+    """A model predicts class ids; they mean the same classes only if the batch's list starts with the model's.
+
+    A batch list may have appended classes since training (the model never predicts them); any other
+    difference (another order, a renamed class) would silently give pixels the wrong class.
+    """
+    if list(batch_names[: len(model_names)]) != list(model_names):
+        raise B2PError(
+            f"the model was trained on classes {list(model_names)} (ids 1..{len(model_names)}) but the batches' class "
+            f"list is {list(batch_names)}: class ids would mean other classes; retrain on these batches",
+            model_path,
+        )
+
+
 # --- label-map files -------------------------------------------------------------------------------------
 
 

@@ -64,11 +64,22 @@ def test_upscaling_labels_is_nearest_and_logits_map_back():
     assert y.shape == (64, 64) and (y[:40, :60] >= 0).all() and (y[40:] == IGNORE).all()
     assert np.array_equal(g.mask_to_image(y), lab)
     # logits built from the model-space one-hot map come back to the image's own size and classes
-    logits = torch.from_numpy(np.stack([(y == 0), (y == 1)]).astype(np.float32))
+    logits = np.stack([(y == 0), (y == 1)]).astype(np.float32)
     back = g.logits_to_image(logits)
-    assert back.shape == (2, 20, 30)
-    assert np.array_equal(back.argmax(0).numpy(), lab)
+    assert back.shape == (2, 20, 30) and back.dtype == np.float32
+    assert np.array_equal(back.argmax(0), lab)
     assert g.logits_to_image(logits[None]).shape == (1, 2, 20, 30)
+
+
+@pytest.mark.parametrize("src, dst", [((30, 40), (45, 60)), ((300, 400), (200, 270)), ((7, 9), (40, 33)), ((64, 64), (64, 65))])
+def test_resize_bilinear_is_torch_bilinear_interpolation(src, dst):
+    from b2p.student.geometry import resize_bilinear
+
+    x = torch.randn(3, *src, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.interpolate(x[None], size=dst, mode="bilinear", align_corners=False)[0].numpy()
+    got = resize_bilinear(x.numpy(), dst)
+    assert got.shape == (3, *dst) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("h, w, scale", [(100, 60, 1.0), (100, 60, 0.5), (333, 517, 0.3), (50, 70, 1.7)])

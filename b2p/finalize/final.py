@@ -60,6 +60,8 @@ from b2p.dataset import Batch, ImageRecord, class_list_of, load_batches
 from b2p.errors import B2PError
 from b2p.fileio import write_json_atomic
 from b2p.labels import label_map_key, label_map_path, paint_label_map, read_label_map, write_label_map
+# the decision rules themselves: one implementation, shared with `b2p predict` and the ONNX runtime
+from b2p.student.rules import log_probs as _log_probs, offset_label_map, student_label_map  # noqa: F401 (re-exported)
 
 DEFAULT = (1.0, 0.5)  # (alpha, t) without calib
 ALPHAS = (1.0, 0.75, 0.5, 0.25, 0.0)
@@ -193,24 +195,6 @@ def _read_image_of(im: ImageRecord) -> np.ndarray:
     if img.shape[:2] != (im.height, im.width):
         raise B2PError(f"the image is {img.shape[1]}x{img.shape[0]} px, imported as {im.width}x{im.height}: re-import its batch", im.path)
     return img
-
-
-def student_label_map(probs: np.ndarray, t: float | None) -> np.ndarray:
-    """The student alone: the argmax (t None), or the most likely defect class where p(defect) >= t."""
-    if t is ARGMAX:
-        return probs.argmax(0).astype(np.uint8)
-    defect = (1.0 - probs[0]) >= t
-    return np.where(defect, 1 + probs[1:].argmax(0), 0).astype(np.uint8)
-
-
-def _log_probs(probs: np.ndarray) -> np.ndarray:
-    return np.log(np.maximum(probs, 1e-6, dtype=np.float32))  # probs files hold 1/255 steps: 0 is "below 1/510"
-
-
-def offset_label_map(probs: np.ndarray, offsets: tuple[float, ...] | np.ndarray) -> np.ndarray:
-    """The argmax of log p + offsets over the class axis (offsets: one per class, background first)."""
-    o = np.asarray(offsets, np.float32).reshape(-1, *([1] * (probs.ndim - 1)))
-    return (_log_probs(probs) + o).argmax(0).astype(np.uint8)
 
 
 def fit_class_offsets(samples: list[tuple[np.ndarray, np.ndarray]], names: list[str], k1: int) -> tuple[tuple[float, ...], dict]:

@@ -22,6 +22,7 @@ import torch
 
 from b2p.errors import B2PError
 from b2p.fileio import write_bytes_atomic
+from b2p.labels import check_class_lists  # noqa: F401 (re-exported: the class-list check lives with the class list)
 
 FORMAT = "b2p-student"
 VERSION = 2
@@ -78,20 +79,6 @@ def check_checkpoint(ck: dict, path: str | Path) -> None:
         raise B2PError(f"model file's class names {names} must be distinct non-empty strings", path)
     if k != len(names) + 1:  # config.num_classes counts background
         raise B2PError(f"model file holds {len(names)} class names {names} but its config says {k} classes (background included)", path)
-
-
-def check_class_lists(model_names: list[str], batch_names: list[str], model_path: str | Path) -> None:
-    """A model predicts class ids; they mean the same classes only if the batch's list starts with the model's.
-
-    A batch list may have appended classes since training (the model never predicts them); any other
-    difference (another order, a renamed class) would silently give pixels the wrong class.
-    """
-    if list(batch_names[: len(model_names)]) != list(model_names):
-        raise B2PError(
-            f"the model was trained on classes {list(model_names)} (ids 1..{len(model_names)}) but the batches' class "
-            f"list is {list(batch_names)}: class ids would mean other classes; retrain on these batches",
-            model_path,
-        )
 
 
 def legacy_v1_config(config: dict) -> dict:

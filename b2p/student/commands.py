@@ -92,8 +92,8 @@ def predict(
     window: int = typer.Option(
         None, "--window", min=1, help="Sliding-window side, px at the model's scale (default: the training tile for a strip-context model, else 512; rounded up to the model's multiple, at least its training tile)."
     ),
-    overlap: float = typer.Option(None, "--overlap", min=0.0, max=0.9, help="Sliding-window overlap, a fraction of the window [0.25]."),
-    tta: str = typer.Option(None, "--tta", help="Test-time augmentation: none (default), or flips (the mean logits of the image and its 3 flips: 4x the time)."),
+    overlap: float = typer.Option(None, "--overlap", min=0.0, max=0.9, help="Sliding-window overlap, a fraction of the window (default: params, else the model's rule.json, else 0.25)."),
+    tta: str = typer.Option(None, "--tta", help="Test-time augmentation: none, or flips (the mean logits of the image and its 3 flips: 4x the time); default: params, else the model's rule.json, else none."),
     device: str = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     precision: str = typer.Option(
         None, "--precision",
@@ -122,6 +122,9 @@ def predict(
     the layout of --out; --out always holds the student's own maps. With --snap grabcut, the box-guided
     masks keep the snapped mask's pixels inside each box.
 
+    A model folder with a rule.json (the deployable student, b2p/student/rules.py) gives the label maps of --out
+    its decision rule (recorded in predict.json) and --window / --overlap / --tta where they are not given.
+
     Every image is checked first (it exists and, for batches, is the one imported); no output folder may lie
     in, or hold, the images. Each output root gets its new files only once all are built, then predict.json
     (the model's path and sha256, the settings, the maps written), so a failed run changes nothing.
@@ -139,7 +142,9 @@ def predict(
          "box_threshold": box_threshold, "snap": snap, "snap_sure": snap_sure},
         set_, student=student,
     )
-    batch_size, window, overlap, tta, device, precision = cfg.batch_size, cfg.window, cfg.overlap, cfg.tta, cfg.device, cfg.precision
+    batch_size, device, precision = cfg.batch_size, cfg.device, cfg.precision
+    # not set anywhere: None, so that a model's rule.json (the shipped student) decides, else the defaults
+    window, overlap, tta = (getattr(cfg, k) if k in cfg.model_fields_set else None for k in ("window", "overlap", "tta"))
     box_threshold, snap, snap_sure = cfg.box_threshold, cfg.snap, cfg.snap_sure
     check_snap(snap)
     if snap != "none" and snap_out is None and boxes_out is None:

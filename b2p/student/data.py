@@ -63,9 +63,10 @@ def gather_samples(batch_files: list[Path], teacher_root: str | Path, splits: tu
 
 
 def normalise(img: np.ndarray, mean, std) -> torch.Tensor:
-    """HxWx3 uint8 RGB -> 3xHxW float32, (x / 255 - mean) / std."""
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-    return (t - torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)) / torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    """HxWx3 uint8 RGB -> 3xHxW float32 tensor, (x / 255 - mean) / std (windows.normalise, the one definition)."""
+    from b2p.student.windows import normalise as normalise_np
+
+    return torch.from_numpy(normalise_np(img, mean, std))
 
 
 def prepare_image(img: np.ndarray, size: int, mean, std) -> torch.Tensor:

@@ -18,8 +18,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from b2p.errors import B2PError
 
@@ -178,17 +176,21 @@ class Geometry:
         return m
 
     # --- model -> image ---
-    def logits_to_image(self, logits: torch.Tensor) -> torch.Tensor:
-        """CxHpxWp (or BxCxHpxWp) model-space logits -> CxHxW (BxCxHxW): padding cropped, bilinear to the image."""
-        batched = logits.dim() == 4
-        x = logits if batched else logits.unsqueeze(0)
+    def logits_to_image(self, logits: np.ndarray) -> np.ndarray:
+        """CxHpxWp (or BxCxHpxWp) float model-space logits -> CxHxW (BxCxHxW) float32: padding cropped,
+        bilinear to the image (`resize_bilinear`). At identity scale the result is a view of `logits`."""
+        x = np.asarray(logits)
         hs, ws = self.scaled_size
+        if x.ndim not in (3, 4):
+            raise B2PError(f"logits must be CxHxW or BxCxHxW, got shape {x.shape}")
         if x.shape[-2] < hs or x.shape[-1] < ws:
             raise B2PError(f"logits of {tuple(x.shape[-2:])} do not cover the scaled image {hs}x{ws}")
         x = x[..., :hs, :ws]
-        if not self.is_identity:
-            x = F.interpolate(x.float(), size=(self.height, self.width), mode="bilinear", align_corners=False)
-        return x if batched else x[0]
+        if self.is_identity:
+            return x
+        if x.ndim == 4:
+            return np.stack([resize_bilinear(b, (self.height, self.width)) for b in x])
+        return resize_bilinear(x, (self.height, self.width))
 
     def mask_to_image(self, mask: np.ndarray) -> np.ndarray:
         """HpxWp (or hs x ws) model-space mask/labels -> HxW by nearest neighbour (for display and tests)."""
@@ -220,3 +222,28 @@ class Geometry:
             return starts + [n - tile]
 
         return [(y, x) for y in axis(hp) for x in axis(wp)]
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(first source index, second, their weights) of each output index: half-pixel centres, as torch's
+    bilinear interpolation with align_corners=False (its float32 arithmetic, so the two agree to ~1e-7)."""
+    scale = np.float32(n_in / n_out)
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0))
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    return i0, i1, (np.float32(1) - w1), w1
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """CxHxW float -> CxH'xW' float32 by bilinear interpolation (align_corners False, no antialiasing: the
+    way the network's own logits are resized), one channel at a time so memory stays at two planes."""
+    h, w = size
+    r0, r1, rw0, rw1 = _linear_taps(x.shape[-2], h)
+    c0, c1, cw0, cw1 = _linear_taps(x.shape[-1], w)
+    out = np.empty((x.shape[0], h, w), np.float32)
+    for c in range(x.shape[0]):
+        plane = np.asarray(x[c], dtype=np.float32)
+        cols = plane[:, c0] * cw0 + plane[:, c1] * cw1  # H x W'
+        out[c] = cols[r0] * rw0[:, None] + cols[r1] * rw1[:, None]
+    return out

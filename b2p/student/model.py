@@ -219,8 +219,16 @@ class StripContext(nn.Module):
             if edges is None:
                 raise B2PError("this strip context reads the distances to the image edges: pass edges=(rows, cols)")
             h, w = x.shape[-2:]
-            er = F.interpolate(edges[0][:, None, :, None].to(x.dtype), size=(h, 1), mode="area")
-            ec = F.interpolate(edges[1][:, None, None, :].to(x.dtype), size=(1, w), mode="area")
+            if torch.onnx.is_in_onnx_export():
+                # ONNX has no area resize to a size known only at run time; the input's sides are whole
+                # multiples of the map's (both multiples of the backbone's stride), so the area average is
+                # the mean over blocks of rows (columns)
+                b = x.shape[0]
+                er = edges[0].to(x.dtype).reshape(b, h, -1).mean(-1)[:, None, :, None]
+                ec = edges[1].to(x.dtype).reshape(b, w, -1).mean(-1)[:, None, None, :]
+            else:
+                er = F.interpolate(edges[0][:, None, :, None].to(x.dtype), size=(h, 1), mode="area")
+                ec = F.interpolate(edges[1][:, None, None, :].to(x.dtype), size=(1, w), mode="area")
             for s in self.EDGE_SCALES:
                 z += [torch.exp(-er / s).expand(-1, -1, h, w), torch.exp(-ec / s).expand(-1, -1, h, w)]
         return F.relu(x + self.mix(torch.cat(z, 1)))

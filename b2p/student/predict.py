@@ -1,15 +1,12 @@
 """Inference with a trained student: label maps at each image's original size (+ optional probabilities).
 
-Sliding window at the training geometry (geometry.py): the image is resized to the model's `scale` (aspect
-kept; 1.0 = native resolution), padded to the backbone's multiple and to at least one tile, and cut into
-square windows of `window` px (default DEFAULT_WINDOW, the training tile for a strip-context model; at least
-the training tile, at most the padded image's shorter side) that overlap by `overlap` (a fraction of the window). The network is fully
+The sliding window (windows, blending, flips, softmax) is b2p/student/windows.py, numpy only, shared with the
+ONNX runtime (b2p/deploy): here the torch network is the `forward` it calls. The network is fully
 convolutional, so a window larger than the training tile sees the same scale with fewer borders and costs
-fewer pixels than many overlapping tiles. Each window's logits are weighted by a separable ramp that falls
-linearly over the overlap but never reaches zero, summed at model scale in float32, divided by the summed
-weights (so a pixel seen by one window gets exactly that window's logits), and mapped back to the image
-(padding cropped, bilinear). Memory is bounded by the model-scale logit canvas plus a few windows at a
-time, whatever the image size; an image smaller than a tile is padded, never stretched.
+fewer pixels than many overlapping tiles; an image smaller than a tile is padded, never stretched.
+
+A model folder holding rule.json (b2p/student/rules.py: the decision rule chosen on calib and the settings it
+was chosen with) has its rule applied to the label maps, its settings taken where the caller gives none.
 
 LEGACY: models saved before issue 12 (model.pt version 1) were trained on images squashed to an
 `input_size` square; they are still predicted that way (`_legacy_square_logits`), with their own statistics.
@@ -23,85 +20,53 @@ annotated images themselves, and it is scored like a teacher (both see the same 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from b2p.dataset import ImageRecord
 from b2p.errors import B2PError
-from b2p.fileio import atomic_write, read_image, read_json, sha256_file, write_json_atomic
+from b2p.fileio import read_image, sha256_file
 from b2p.labels import label_map_key, label_map_path, write_label_map
-from b2p.student.data import load_batch_files_for_inference, normalise, prepare_image
+from b2p.student import windows
+from b2p.student.data import load_batch_files_for_inference, prepare_image
 from b2p.student.geometry import Geometry
-from b2p.student.model import class_map
-from b2p.student.snap import GMM_COMPONENTS, SnapSettings, check_snap, snap_grabcut
 from b2p.student.manifest import MANIFEST, PREDICT_FORMAT, merged_manifest, prediction_model, read_prediction_manifest, run_key  # noqa: F401 (re-exported)
+from b2p.student.outputs import (  # noqa: F401 (re-exported: PredictItem, the probs files, the folder items)
+    IMAGE_EXTS,
+    MAP_OF,
+    PROBS_SCALE,
+    PredictItem,
+    check_roots_apart,
+    commit_roots,
+    default_roots,
+    items_from_folder,
+    outputs_of,
+    read_probs,
+    relative_to_root,
+    staged_roots,
+    write_probs,
+)
+from b2p.student.rules import DecisionRule, DeploySettings, read_deploy_settings
+from b2p.student.snap import GMM_COMPONENTS, SnapSettings, check_snap, snap_grabcut
+from b2p.student.windows import (  # noqa: F401 (re-exported)
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE_BATCH,
+    DEFAULT_WINDOW,
+    TTA_MODES,
+    blend_window,
+    check_overlap,
+    check_tta,
+    overlap_px,
+)
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-DEFAULT_OVERLAP = 0.25  # of the tile side
-DEFAULT_TILE_BATCH = 4  # windows per forward pass: bounds activation memory
-# prediction window side at model scale (rounded up to the model's multiple, at least its tile): 512 px keeps
-# a whole Magnetic-Tile image (up to ~600 px) in one or two windows: 1.4x faster than 128-px windows, and
-# better on calib (README "Geometry"). Not for a strip-context model (below): its row / column means span
-# its window, so it predicts best in windows of the tile it was trained on
-DEFAULT_WINDOW = 512
-# test-time augmentation: name -> the flips averaged (dims of a (K+1)xHxW logit map; () = the image as is)
-TTA_MODES = {"none": [()], "flips": [(), (2,), (1,), (1, 2)]}
 # inference arithmetic: float32 (the default; the README's figures unless said), bfloat16 autocast, or auto:
 # bfloat16 where a CPU has it in hardware (AMX / AVX512-BF16), float32 elsewhere. On such a CPU bfloat16
 # predicts 1.4-1.9x faster than float32 and moves under 0.1 % of the argmax labels
 # (benchmarks/results_bench_inference_cpu.txt)
 PRECISIONS = ("float32", "bfloat16", "auto")
-
-
-# --probs files: (K+1)xHxW class probabilities quantised to uint8 (p * PROBS_SCALE, rounded), compressed:
-# 1/255 is far below any threshold step b2p chooses, and uint8 writes 5x faster and 20x smaller than
-# float16 (Magnetic-Tile: 44 kB vs 846 kB an image). Files written before hold float16 and still read.
-PROBS_SCALE = 255
-
-
-def write_probs(path: Path, probs: np.ndarray, class_names: list[str]) -> None:
-    """Write (K+1)xHxW float probabilities as a --probs file (atomically)."""
-    q = np.rint(np.clip(probs, 0.0, 1.0) * PROBS_SCALE).astype(np.uint8)
-    with atomic_write(path) as f:
-        np.savez_compressed(f, probs=q, scale=np.float32(PROBS_SCALE), class_names=np.array(class_names))
-
-
-def read_probs(path: Path) -> np.ndarray:
-    """(K+1)xHxW float32 probabilities from a --probs file (uint8 + scale, or the float16 of older files)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            probs = z["probs"]
-            scale = float(z["scale"]) if "scale" in z.files else None
-    except (OSError, ValueError, KeyError) as e:
-        raise B2PError(f"unreadable probabilities file ({e})", path) from None
-    if probs.dtype == np.uint8:
-        if not scale:
-            raise B2PError("uint8 probabilities without their scale", path)
-        return probs.astype(np.float32) / np.float32(scale)
-    if probs.dtype not in (np.float16, np.float32):
-        raise B2PError(f"probabilities of dtype {probs.dtype}: expected uint8 or float16", path)
-    return probs.astype(np.float32)
-
-
-@dataclass
-class PredictItem:
-    image_path: Path
-    label_out: Path
-    probs_out: Path | None
-    boxes_xyxy: np.ndarray | None = None  # Nx4 annotated boxes (batches only)
-    box_classes: np.ndarray | None = None  # N class ids
-    boxed_out: Path | None = None  # box-guided label map
-    snapped_out: Path | None = None  # label map snapped to the image (snap.py)
-    record: ImageRecord | None = None  # the import record (batches): the image must still be the one imported
 
 
 def within_boxes(
@@ -139,56 +104,23 @@ def within_boxes(
     return paint_label_map((h, w), masks, [int(c) for c in class_ids]), rescued
 
 
-def blend_window(tile: int, ramp: int) -> torch.Tensor:
-    """tile x tile float32 weights: 1 inside, falling linearly to 1/(ramp+1) over `ramp` px at each edge.
-
-    Never zero, so every pixel of the canvas has weight; separable, so overlapping tiles cross-fade along
-    both axes. ramp 0: all ones (plain averaging)."""
-    i = torch.arange(tile, dtype=torch.float32)
-    r = max(int(ramp), 0) + 1
-    w1 = torch.minimum(torch.minimum(i + 1, tile - i), torch.tensor(float(r))) / r
-    return w1[:, None] * w1[None, :]
-
-
-def check_overlap(overlap: float) -> float:
-    if not 0.0 <= overlap < 1.0:
-        raise B2PError(f"overlap is a fraction of the tile in [0, 1), got {overlap}")
-    return float(overlap)
-
-
-def overlap_px(tile: int, overlap: float) -> int:
-    """Overlap as a fraction of the tile -> pixels."""
-    return int(round(check_overlap(overlap) * tile))
+def window_model(model: torch.nn.Module) -> windows.WindowModel:
+    return windows.WindowModel.of_config(model.config)
 
 
 def window_of(model: torch.nn.Module, window: int | None = None) -> int:
-    """The prediction window side (model px): `window`, else the training tile for a strip-context model and
-    DEFAULT_WINDOW for any other, rounded up to the model's multiple and never below its training tile.
-
-    Why the tile: a strip-context model's row, column and image means are taken over its input, so a larger
-    window shows it statistics over a wider area than any it was trained on (Magnetic-Tile calib, b2p-lite
-    on 256 px tiles: binary IoU 0.691 in 256 px windows vs 0.665 in 384-512 px ones, seed 1; 0.669 vs 0.658,
-    seed 2)."""
-    c = model.config
-    if window is None:
-        window = c.tile_size if c.context == "strip" else DEFAULT_WINDOW
-    w = int(window)
-    if w < 1:
-        raise B2PError(f"the prediction window must be a positive number of pixels, got {window}")
-    return max(c.tile_size, -(-w // c.multiple) * c.multiple)
+    """The prediction window side (model px) of `model`: windows.WindowModel.nominal_window."""
+    return window_model(model).nominal_window(window)
 
 
 def window_for(model: torch.nn.Module, window: int | None, height: int, width: int) -> int:
-    """The window an HxW image is predicted in: `window_of`, capped by the image's padded model-scale canvas
-    (a window never pads a small or elongated image further), never below the training tile."""
-    c = model.config
-    return max(c.tile_size, min(window_of(model, window), *geometry_of(model, height, width).padded_size(c.tile_size)))
+    """The window an HxW image is predicted in: windows.WindowModel.window_for."""
+    return window_model(model).window_for(window, height, width)
 
 
 def geometry_of(model: torch.nn.Module, height: int, width: int) -> Geometry:
     """The geometry `model` was trained in, for an HxW image."""
-    c = model.config
-    return Geometry.for_image(height, width, scale=c.scale, max_side=c.max_side, multiple=c.multiple)
+    return window_model(model).geometry(height, width)
 
 
 def check_precision(precision: str) -> str:
@@ -220,13 +152,18 @@ def inference_setup(model: torch.nn.Module, device: torch.device, precision: str
     return torch.autocast(device.type, dtype=torch.bfloat16), "bfloat16"
 
 
-def check_tta(tta: str) -> str:
-    if tta not in TTA_MODES:
-        raise B2PError(f"test-time augmentation must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-    return tta
+def torch_forward(model: torch.nn.Module, device: torch.device | str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """The network as windows.py calls it: normalised windows (+ their edge distances) in, fine logits out."""
+
+    @torch.no_grad()
+    def forward(tiles: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(tiles).to(device)
+        edges = (torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device))
+        return model(x, edges=edges)["fine"].float().cpu().numpy()
+
+    return forward
 
 
-@torch.no_grad()
 def image_logits(
     model: torch.nn.Module,
     img: np.ndarray,
@@ -235,71 +172,37 @@ def image_logits(
     tile_batch: int = DEFAULT_TILE_BATCH,
     window: int | None = None,
     tta: str = "none",
-) -> torch.Tensor:
-    """Fine-head logits (K+1)xHxW float32 (on `device`) of an HxWx3 uint8 RGB image, at the image's size.
-
-    `tta` "flips": the mean of the logits of the image and its horizontal, vertical and double flip, each
-    flipped back (TTA_MODES)."""
+) -> np.ndarray:
+    """Fine-head logits (K+1)xHxW float32 of an HxWx3 uint8 RGB image, at the image's size (windows.image_logits;
+    a version-1 model: its square input)."""
     c = model.config
-    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise B2PError(f"expected an HxWx3 uint8 RGB image, got {img.shape} {img.dtype}")
-    if tile_batch < 1:
-        raise B2PError(f"tiles per forward pass must be at least 1, got {tile_batch}")
-    check_tta(tta)
-
-    def logits(view: np.ndarray) -> torch.Tensor:
-        if c.legacy_input_size is not None:
-            return _legacy_square_logits(model, view, device)
-        return _window_logits(model, view, device, overlap, tile_batch, window)
-
-    views = TTA_MODES[tta]
-    acc = logits(img)  # every mode starts with the image as is (dims ())
-    for dims in views[1:]:
-        # logit dims (1 = rows, 2 = columns) flip image axes dims - 1; the view's logits are flipped back
-        acc.add_(logits(np.ascontiguousarray(np.flip(img, axis=tuple(d - 1 for d in dims)))).flip(dims))
-    return acc.div_(len(views)) if len(views) > 1 else acc
+    if c.legacy_input_size is None:
+        return windows.image_logits(torch_forward(model, device), img, window_model(model), overlap, tile_batch, window, tta)
+    windows.check_image(img)
+    views = TTA_MODES[check_tta(tta)]
+    acc = _legacy_square_logits(model, img, device)
+    for axes in views[1:]:
+        acc += np.flip(_legacy_square_logits(model, np.ascontiguousarray(np.flip(img, axis=axes)), device), axis=tuple(a + 1 for a in axes))
+    if len(views) > 1:
+        acc /= np.float32(len(views))
+    return acc
 
 
-def _window_logits(
-    model: torch.nn.Module, img: np.ndarray, device: torch.device | str, overlap: float, tile_batch: int, window: int | None
-) -> torch.Tensor:
-    """image_logits of one view: the sliding window at the training geometry."""
-    c = model.config
-    geo = geometry_of(model, img.shape[0], img.shape[1])
-    # the canvas is padded as in training (to at least one tile); the square window never exceeds it, so a
-    # large window never pads a small or elongated image further
-    canvas, _ = geo.image_to_model(img, min_side=c.tile_size)  # HpxWpx3 uint8: resized, padded
-    tile = window_for(model, window, *img.shape[:2])
-    ov = overlap_px(tile, overlap)
-    origins = geo.tile_origins(tile, ov, min_side=c.tile_size)
-    ramp = blend_window(tile, ov).to(device)
-    hp, wp = canvas.shape[:2]
-    er, ec = (torch.from_numpy(a) for a in geo.edge_distance(c.tile_size))
-    acc = torch.zeros(c.num_classes, hp, wp, dtype=torch.float32, device=device)
-    wsum = torch.zeros(hp, wp, dtype=torch.float32, device=device)
-    for i in range(0, len(origins), tile_batch):
-        chunk = origins[i : i + tile_batch]
-        tiles = torch.stack([normalise(canvas[y0 : y0 + tile, x0 : x0 + tile], c.mean, c.std) for y0, x0 in chunk])
-        rows = torch.stack([er[y0 : y0 + tile] for y0, _ in chunk])  # each window's distances to the image edges
-        cols = torch.stack([ec[x0 : x0 + tile] for _, x0 in chunk])
-        logits = model(tiles.to(device), edges=(rows.to(device), cols.to(device)))["fine"].float()
-        for (y0, x0), lg in zip(chunk, logits):
-            acc[:, y0 : y0 + tile, x0 : x0 + tile].addcmul_(lg, ramp)
-            wsum[y0 : y0 + tile, x0 : x0 + tile].add_(ramp)
-    del canvas
-    acc.div_(wsum)
-    del wsum
-    return geo.logits_to_image(acc)
-
-
-def _legacy_square_logits(model: torch.nn.Module, img: np.ndarray, device: torch.device | str) -> torch.Tensor:
+@torch.no_grad()
+def _legacy_square_logits(model: torch.nn.Module, img: np.ndarray, device: torch.device | str) -> np.ndarray:
     """LEGACY (model.pt version 1): the image squashed to the `legacy_input_size` square (data.prepare_image),
     as those models were trained, logits resized back to the image (bilinear). Kept only so old models
     still predict as trained; new models never take this path."""
+    from b2p.student.geometry import resize_bilinear
+
     c = model.config
     x = prepare_image(img, c.legacy_input_size, c.mean, c.std)[None].to(device)
-    lg = model(x)["fine"].float()
-    return torch.nn.functional.interpolate(lg, size=img.shape[:2], mode="bilinear", align_corners=False)[0]
+    lg = model(x)["fine"].float()[0].cpu().numpy()
+    return resize_bilinear(lg, img.shape[:2])
+
+
+def _torch_exp_(x: np.ndarray) -> None:
+    torch.from_numpy(x).exp_()  # in place on the numpy array: the exp b2p predict has always used
 
 
 def predict_image(
@@ -310,14 +213,13 @@ def predict_image(
     tile_batch: int = DEFAULT_TILE_BATCH,
     window: int | None = None,
     tta: str = "none",
+    rule: DecisionRule | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(label map HxW uint8, class probabilities (K+1)xHxW float32) of an HxWx3 uint8 RGB image."""
-    p = image_logits(model, img, device, overlap, tile_batch, window, tta)
-    # softmax in place: on a multi-megapixel image every extra (K+1)xHxW copy is hundreds of MB
-    p.sub_(p.amax(0, keepdim=True)).exp_()
-    p.div_(p.sum(0, keepdim=True))
-    labels = class_map(p, 0).to(torch.uint8).cpu().numpy()
-    return labels, p.cpu().numpy()
+    """(label map HxW uint8, class probabilities (K+1)xHxW float32) of an HxWx3 uint8 RGB image; the label map
+    is the argmax, or `rule`'s (rules.py)."""
+    p = windows.softmax_(image_logits(model, img, device, overlap, tile_batch, window, tta), exp=_torch_exp_)
+    labels = windows.class_map(p) if rule is None else rule.label_map(p, img)[0]
+    return labels, p
 
 
 def predict_images(
@@ -337,33 +239,17 @@ def predict_images(
     return [o[0] for o in out], [o[1] for o in out]
 
 
-# Each output root (--out, --boxes-out, --snap-out) says which model wrote it: manifest.py. A run builds its
-# files in a hidden folder inside each root and moves them in at the end, so a failed or killed run leaves
-# the earlier maps as they were; a kill while moving leaves the root without a manifest, which
-# read_prediction_manifest refuses.
-STAGE_PREFIX, STAGE_SUFFIX = ".predict.", ".building"
-# the outputs of an item that go to each kind of root
-ROOT_OUTPUTS = {"student": ("label_out", "probs_out"), "boxes": ("boxed_out",), "snapped": ("snapped_out",)}
-MAP_OF = {"student": "label_out", "boxes": "boxed_out", "snapped": "snapped_out"}
-
-
-def check_roots_apart(roots: dict[str, Path], images_dir: Path | None = None, images: Iterable[Path] = ()) -> None:
-    """Refuse an output root (option name -> folder) that is or lies inside the image folder, holds it, or
-    holds an input image: the maps would overwrite the images, or the next run would read them as images."""
-    d = Path(images_dir).resolve() if images_dir is not None else None
-    files = [Path(f).resolve() for f in images]
-    for opt, root in roots.items():
-        r = Path(root).resolve()
-        if d is not None and (r == d or d in r.parents):
-            raise B2PError(
-                f"{opt} is or lies inside the --images folder {images_dir}: the maps would overwrite the images or be "
-                "read as images by the next run; write them elsewhere", root,
-            )
-        if d is not None and r in d.parents:
-            raise B2PError(f"{opt} holds the --images folder {images_dir}: write the maps elsewhere", root)
-        held = next((f for f in files if r in f.parents), None)
-        if held is not None:
-            raise B2PError(f"{opt} holds the input image {held}: the maps would overwrite or mix with the images; write them elsewhere", root)
+def settings_with_rule(
+    deploy: DeploySettings | None, overlap: float | None, window: int | None, tta: str | None, console: Console
+) -> tuple[float, int | None, str]:
+    """(overlap, window, tta) of a run: those given, else rule.json's (`deploy`), else the defaults. A given one
+    that differs from rule.json's is used, and said: the rule was chosen on probabilities made with rule.json's."""
+    if deploy is None:
+        return (DEFAULT_OVERLAP if overlap is None else overlap), window, ("none" if tta is None else tta)
+    for name, given, chosen in (("overlap", overlap, deploy.overlap), ("window", window, deploy.window), ("tta", tta, deploy.tta)):
+        if given is not None and given != chosen:
+            console.print(f"[yellow]{name} {given} given, but the model's rule.json was chosen with {name} {chosen}: its rule may fit these probabilities less well[/]")
+    return (deploy.overlap if overlap is None else overlap), (deploy.window if window is None else window), (deploy.tta if tta is None else tta)
 
 
 def check_inputs(items: list[PredictItem]) -> None:
@@ -378,71 +264,6 @@ def check_inputs(items: list[PredictItem]) -> None:
             raise B2PError("image file not found", it.image_path)
 
 
-def _outputs(it: PredictItem, kind: str) -> list[Path]:
-    return [Path(p) for p in (getattr(it, a) for a in ROOT_OUTPUTS[kind]) if p is not None]
-
-
-def _default_roots(items: list[PredictItem]) -> dict[str, Path]:
-    """The nearest folder holding all outputs of each kind (callers that name no roots)."""
-    roots = {}
-    for kind in ROOT_OUTPUTS:
-        parents = [str(p.absolute().parent) for it in items for p in _outputs(it, kind)]
-        if parents:
-            roots[kind] = Path(os.path.commonpath(parents))
-    return roots
-
-
-def _relative(path: Path, root: Path) -> Path:
-    try:
-        return Path(path).absolute().relative_to(Path(root).absolute())
-    except ValueError:
-        raise B2PError(f"output lies outside its prediction root {root}", path) from None
-
-
-@contextlib.contextmanager
-def _staged_roots(roots: dict[str, Path]) -> Iterator[dict[str, Path]]:
-    """A hidden build folder in each root (those a killed run left are removed first); on error they vanish,
-    with any output folder this run created."""
-    stages: dict[str, Path] = {}
-    created: list[Path] = []
-    try:
-        for kind, root in roots.items():
-            for stale in root.glob(f"{STAGE_PREFIX}*{STAGE_SUFFIX}") if root.is_dir() else []:
-                shutil.rmtree(stale, ignore_errors=True)
-            created += [p for p in [root, *root.parents] if not p.exists()]
-            try:
-                root.mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
-                raise B2PError("cannot create this folder: a file of that name is in the way", root) from None
-            stages[kind] = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=STAGE_SUFFIX, dir=root))
-        yield stages
-    except BaseException:
-        for s in stages.values():
-            shutil.rmtree(s, ignore_errors=True)
-        for p in sorted(created, key=lambda p: len(p.parts), reverse=True):  # deepest first; only empty ones go
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise
-
-
-def _commit(roots: dict[str, Path], stages: dict[str, Path], runs: dict[str, dict]) -> dict[str, dict]:
-    """Move every staged file into its root and write each root's manifest; returns the manifests."""
-    manifests = {k: merged_manifest(roots[k], k, runs[k]) for k in roots}  # read before any manifest goes
-    for root in roots.values():
-        (root / MANIFEST).unlink(missing_ok=True)  # from here until the new manifest, the root reads as unfinished
-    for kind, root in roots.items():
-        stage = stages[kind]
-        for f in sorted(stage.rglob("*")):
-            if f.is_file():
-                dst = root / f.relative_to(stage)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(f, dst)
-        shutil.rmtree(stage)
-    for kind, root in roots.items():
-        write_json_atomic(root / MANIFEST, manifests[kind])
-    return manifests
-
-
 def run_prediction(
     model_dir: str | Path,
     items: list[PredictItem],
@@ -451,9 +272,9 @@ def run_prediction(
     console: Console | None = None,
     progress: bool = True,
     box_threshold: float = 0.5,
-    overlap: float = DEFAULT_OVERLAP,
+    overlap: float | None = None,
     window: int | None = None,
-    tta: str = "none",
+    tta: str | None = None,
     snap: str = "none",
     snap_settings: SnapSettings | None = None,
     roots: dict[str, Path] | None = None,
@@ -468,6 +289,10 @@ def run_prediction(
     `roots` ("student", "boxes", "snapped" -> folder; default: the nearest folder holding each kind's
     outputs) get their files all at once at the end, and a MANIFEST naming the model, the settings, the
     maps and `inputs` (what was predicted). Every image is checked (exists, unchanged since import) first.
+
+    A rule.json beside the model (rules.py) gives the label maps its decision rule (recorded in the
+    manifest), and the window, overlap and TTA it was chosen with where these are None; without one they
+    default to DEFAULT_WINDOW / DEFAULT_OVERLAP / no TTA and the label map is the argmax.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -478,22 +303,28 @@ def run_prediction(
     console = console or Console(stderr=True)
     if tile_batch < 1:
         raise B2PError(f"tiles per forward pass must be at least 1, got {tile_batch}")
+    deploy = read_deploy_settings(model_dir)
+    overlap, window, tta = settings_with_rule(deploy, overlap, window, tta, console)
     check_overlap(overlap)  # refuse a bad overlap or TTA before loading anything
     check_tta(tta)
     check_snap(snap)
     check_precision(precision)
     snap_settings = snap_settings or SnapSettings()
-    roots = {k: Path(v) for k, v in (roots or _default_roots(items)).items()}
+    roots = {k: Path(v) for k, v in (roots or default_roots(items)).items()}
     for it in items:  # every output inside its root, before anything is written
         for kind in roots:
-            for p in _outputs(it, kind):
-                _relative(p, roots[kind])
+            for p in outputs_of(it, kind):
+                relative_to_root(p, roots[kind])
     check_inputs(items)
     dev = pick_device(device)
     model, ck = load_student(model_dir, dev)
     model_rec = {"path": ck["path"], "sha256": sha256_file(ck["path"])}
-    arithmetic, used = inference_setup(model, dev, precision)
     c = model.config
+    rule = None
+    if deploy is not None:
+        read_deploy_settings(model_dir, ck["class_names"])  # made for this model's classes
+        rule = deploy.rule
+    arithmetic, used = inference_setup(model, dev, precision)
     legacy = c.legacy_input_size is not None
     nominal = None if legacy else window_of(model, window)
     how = (
@@ -507,13 +338,15 @@ def run_prediction(
         how += f"; snapped to the image: {snap} (sure at p >= {snap_settings.sure:g})"
     elif any(it.snapped_out is not None for it in items):
         how += "; snap none: the snapped maps are the student's own"
+    if rule is not None:
+        how += f"; decision rule {rule.describe()} (rule.json)"
     console.print(f"student from {ck['path']}: backbone {describe_backbone(model)}; {len(items)} images on {dev}; {how}")
     n_defect_px = rescued = n_boxes = n_snapped = n_unsnapped = 0
     used_windows: set[int] = set()
-    with _staged_roots(roots) as stages:
+    with staged_roots(roots) as stages:
 
         def staged(kind: str, path: Path) -> Path:
-            return stages[kind] / _relative(path, roots[kind])
+            return stages[kind] / relative_to_root(path, roots[kind])
 
         with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=not progress) as bar:
             task = bar.add_task("predict", total=len(items))
@@ -522,7 +355,7 @@ def run_prediction(
                 if not legacy:
                     used_windows.add(window_for(model, window, *img.shape[:2]))
                 with arithmetic:
-                    lm, pr = predict_image(model, img, dev, overlap, tile_batch, window, tta)
+                    lm, pr = predict_image(model, img, dev, overlap, tile_batch, window, tta, rule)
                 write_label_map(staged("student", it.label_out), lm)
                 snapped = None
                 if snap == "grabcut" and (it.snapped_out is not None or it.boxed_out is not None):
@@ -545,17 +378,19 @@ def run_prediction(
         student = {"window": nominal, "overlap": overlap, "tta": tta} if not legacy else {"legacy_input_size": c.legacy_input_size, "tta": tta}
         if used != "float32":  # float32 unnamed: manifests written before the option stay the same run
             student["precision"] = used
+        if rule is not None:
+            student["rule"] = rule.to_dict()
         snapping = {"snap": snap, **({"snap_sure": snap_settings.sure} if snap != "none" else {})}
         settings = {"student": student, "snapped": {**student, **snapping}, "boxes": {**student, **snapping, "box_threshold": box_threshold}}
         runs = {
             kind: {
                 "model": model_rec, "settings": settings[kind], "inputs": inputs or {},
                 **({"probs": any(it.probs_out is not None for it in items)} if kind == "student" else {}),
-                "maps": sorted(_relative(getattr(it, MAP_OF[kind]), root).as_posix() for it in items if getattr(it, MAP_OF[kind]) is not None),
+                "maps": sorted(relative_to_root(getattr(it, MAP_OF[kind]), root).as_posix() for it in items if getattr(it, MAP_OF[kind]) is not None),
             }
             for kind, root in roots.items()
         }
-        manifests = _commit(roots, stages, runs)
+        manifests = commit_roots(roots, stages, runs)
     if used_windows and used_windows != {nominal}:
         console.print(
             f"windows used: {', '.join(str(w) for w in sorted(used_windows))} px (a window never exceeds the image's "
@@ -604,20 +439,4 @@ def items_from_batches(
         bp = label_map_path(boxed_root, rec.batch, rec.file_name) if boxed_root is not None else None
         sp = label_map_path(snapped_root, rec.batch, rec.file_name) if snapped_root is not None else None
         out.append(PredictItem(rec.path, lp, pp, rec.boxes_xyxy(), rec.box_class_ids(), bp, sp, record=rec))
-    return out
-
-
-def items_from_folder(images_dir: str | Path, out_dir: str | Path, probs: bool, snapped_dir: str | Path | None = None) -> list[PredictItem]:
-    """Every image under `images_dir` (recursively) -> OUT/<key>.png (+ OUT/probs/<key>.npz, + SNAPPED/<key>.png)."""
-    images_dir, out_dir = Path(images_dir), Path(out_dir)
-    if not images_dir.is_dir():
-        raise B2PError("image folder not found", images_dir)
-    files = sorted(p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise B2PError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder", images_dir)
-    out = []
-    for f in files:
-        key = label_map_key(f.relative_to(images_dir).as_posix())
-        sp = Path(snapped_dir) / f"{key}.png" if snapped_dir is not None else None
-        out.append(PredictItem(f, out_dir / f"{key}.png", out_dir / "probs" / f"{key}.npz" if probs else None, snapped_out=sp))
     return out

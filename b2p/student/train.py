@@ -41,6 +41,7 @@ from b2p.student.data import (
     gather_samples,
     same_size_batches,
 )
+from b2p.student import windows
 from b2p.student.geometry import IGNORE, Geometry
 from b2p.student.losses import LossParams, StudentLoss
 from b2p.student.model import StudentConfig, build_model, class_map, count_params, describe_backbone
@@ -537,7 +538,7 @@ def _validate(model, dl, ds, truth, features, loss_fn, device, use_amp, amp_dtyp
         n += 1
         fine = out["fine"].float()
         for j, i in enumerate(batch["index"].tolist()):
-            pred = class_map(ds.geometry(i).logits_to_image(fine[j]), 0).cpu().numpy()
+            pred = windows.class_map(ds.geometry(i).logits_to_image(fine[j].cpu().numpy()))
             cm.update(pred, truth[i])
             box_fit.update(pred > 0, ds.samples[i].record.boxes_xyxy())
     s = scores(cm.matrix, class_names)

@@ -1,0 +1,1 @@
+../../../b2p/deploy/__init__.py

@@ -1,0 +1,1 @@
+../../../b2p/deploy/onnx_model.py

@@ -1,0 +1,1 @@
+../../../b2p/deploy/run_cli.py

@@ -1,0 +1,1 @@
+../../../b2p/student/outputs.py

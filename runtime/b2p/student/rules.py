@@ -1,0 +1,1 @@
+../../../b2p/student/rules.py
