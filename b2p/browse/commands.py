@@ -50,13 +50,13 @@ def _is_loopback(address: str) -> bool:
 
 def recipe_sources(params: Path) -> dict[str, Path]:
     """The recipe's further mask sources (dvc.yaml's layout): the combined masks, every student alone and final."""
-    from b2p.finalize.combine import pool_sources
+    from b2p.recipe import ALONE, FINAL, pool_sources
 
     out: dict[str, Path] = {"combined": Path("data/combined")}
     pools = ["candidates=data/students", "distill=data/distilled"]
-    for label, alone in pool_sources(params, pools, leaf="alone").items():
+    for label, alone in pool_sources(params, pools, leaf=ALONE).items():
         out[label] = alone
-        out[f"{label}.final"] = alone.parent / "final"
+        out[f"{label}.final"] = alone.parent / FINAL
     return out
 
 

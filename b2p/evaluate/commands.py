@@ -106,7 +106,7 @@ def evaluate(
             return
     if pool and params is None:
         raise B2PError("--pool reads its students from the params file: give --params")
-    from b2p.finalize.combine import parse_pool
+    from b2p.recipe import parse_pool
 
     extra = recipe_sources(teachers, [parse_pool(p) for p in pool or []], params) + [parse_source(s) for s in source or []]
     result = run_evaluate(

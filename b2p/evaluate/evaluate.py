@@ -91,13 +91,13 @@ def recipe_sources(teachers: str | Path | None, pools: Sequence[tuple[str, Path]
         rec = read_json(Path(teachers) / "choice.json", "teacher choice")
         out += [MaskSource(f"teachers.{n}", Path(teachers) / n) for n in rec.get("candidates", {})]
     if pools:
-        from b2p.finalize.combine import pool_members
+        from b2p.recipe import ALONE, FINAL, PREDICT, pool_members
 
         for key, root in pools:
             for m in pool_members(params, key):
                 group = f"{root.name}.{m}"
-                out += [MaskSource(group, root / m / "alone"), MaskSource(f"{group}.argmax", root / m / "predict"),
-                        MaskSource(f"{group}.final", root / m / "final")]
+                out += [MaskSource(group, root / m / ALONE), MaskSource(f"{group}.argmax", root / m / PREDICT),
+                        MaskSource(f"{group}.final", root / m / FINAL)]
     return out
 
 

@@ -79,7 +79,7 @@ def combine(
 
     from b2p.errors import B2PError
     from b2p.finalize.combine import combine as run
-    from b2p.finalize.combine import pool_sources
+    from b2p.recipe import pool_sources
     from b2p.project import resolve_batch_files
     from b2p.teach.auto import AutoChoice, score_table
 
@@ -118,7 +118,7 @@ def deploy(
     Every pool member's calibrated student alone (`b2p finalize --student-out`) competes; the winner's model.pt, its rule (rule.json: the argmax, a p(defect) threshold, class offsets or a snap, and the prediction settings) and its masks of every image are written to OUT, with every candidate's calib scores in choice.json. Without calib masks the first member of the first pool ships, with the plain argmax.
     """
     from b2p.dataset import class_list_of, load_batches
-    from b2p.finalize.combine import pool_sources
+    from b2p.recipe import pool_sources
     from b2p.finalize.deploy import deploy as run
     from b2p.project import resolve_batch_files
 

@@ -8,37 +8,31 @@ by) is shipped, so the shipped model is never worse on calib than a model it cou
 to the earlier pool member. Without calib masks the first member of the first pool is shipped (the
 distilled student), with the plain argmax.
 
-OUT (replaced whole once complete):
+OUT (each entry replaced whole, built first; model.onnx beside them is `b2p export-onnx`'s):
   model.pt       the chosen student (`b2p predict --model OUT` applies rule.json)
   metrics.json   its training record (train seconds, parameter counts, backbone)
-  rule.json      its decision rule and the prediction settings it was chosen with (RULE_FORMAT)
+  rule.json      its decision rule and the prediction settings it was chosen with (b2p/student/rules.py)
   choice.json    every candidate's calib scores and the choice
   masks/<batch>/labelmaps/<key>.png   its masks of every image (the rule applied; no box used)
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from b2p.errors import B2PError
 
-RULE_FILE = "rule.json"
-RULE_FORMAT = 1
-ALONE = "alone"  # a model folder's calibrated student alone: DIR/<name>/alone (finalize --student-out)
+from b2p.recipe import ALONE, MODEL, PREDICT
 
 
-def rule_kind(threshold: dict) -> dict:
-    """finalize's student-alone record -> the `rule` of rule.json."""
-    if threshold.get("snap_sure") is not None:
-        kind = "snap"
-    elif threshold.get("offsets") is not None:
-        kind = "offsets"
-    elif threshold.get("t") is not None:
-        kind = "threshold"
-    else:
-        kind = "argmax"
-    return {"kind": kind, "t": threshold.get("t"), "offsets": threshold.get("offsets"), "snap_sure": threshold.get("snap_sure")}
+def rule_of(threshold: dict):
+    """finalize's student-alone record -> its DecisionRule (b2p/student/rules.py)."""
+    from b2p.student.rules import DecisionRule
+
+    return DecisionRule.of_choice(threshold.get("t"), threshold.get("snap_sure"), threshold.get("offsets"))
 
 
 def _score(threshold: dict) -> float | None:
@@ -52,9 +46,9 @@ def read_candidate(name: str, folder: Path) -> dict:
     """What the choice needs of one model folder (DIR/<name>/{model, predict, alone}), checked."""
     from b2p.fileio import read_json
 
-    model = folder / "model" / "model.pt"
+    model = folder / MODEL / "model.pt"
     threshold = folder / ALONE / "threshold.json"
-    predict = folder / "predict" / "predict.json"
+    predict = folder / PREDICT / "predict.json"
     for p, what in ((model, "model.pt (b2p train)"), (threshold, "threshold.json (b2p finalize --student-out)"), (predict, "predict.json (b2p predict)")):
         if not p.is_file():
             raise B2PError(f"student {name!r} has no {what}: run its stages first", p)
@@ -73,15 +67,18 @@ def choose(candidates: list[dict]) -> tuple[dict, str]:
 
 
 def deploy(sources: dict[str, Path], out: str | Path, class_names: list[str]) -> dict:
-    """Choose among `sources` {name: model folder} and write OUT (module docstring); returns choice.json."""
+    """Choose among `sources` {name: model folder} and write OUT (module docstring); returns choice.json.
+    The shipped masks are the chosen model's calibrated ones; `b2p predict --model OUT` applies the same rule
+    (rule.json) to any image."""
     from b2p.fileio import staged_dirs, write_json_atomic
+    from b2p.student.rules import RULE_FILE, DecisionRule, DeploySettings, write_deploy_settings
 
     if not sources:
         raise B2PError("no student to choose from: give at least one --pool")
     out = Path(out)
     candidates = [read_candidate(n, Path(f)) for n, f in sources.items()]
     best, why = choose(candidates)
-    rule = rule_kind(best["threshold"]) if best["score"] is not None else rule_kind({})
+    rule = rule_of(best["threshold"]) if best["score"] is not None else DecisionRule()
     settings = best["settings"]
     record = {
         "chosen": best["name"],
@@ -89,16 +86,31 @@ def deploy(sources: dict[str, Path], out: str | Path, class_names: list[str]) ->
         "candidates": {c["name"]: {"rule": c["threshold"].get("rule"), "calib": c["threshold"].get("calib"),
                                    "score": c["score"]} for c in candidates},
     }
-    rule_json = {"format": RULE_FORMAT, "rule": rule, "tta": settings.get("tta", "none"), "window": settings.get("window"),
-                 "overlap": settings.get("overlap", 0.25), "class_names": class_names, "source": best["name"]}
-    with staged_dirs([out]) as (stage,):
-        shutil.copyfile(best["folder"] / "model" / "model.pt", stage / "model.pt")
-        metrics = best["folder"] / "model" / "metrics.json"
+    shipped = DeploySettings(rule, settings.get("tta", "none"), settings.get("window"), settings.get("overlap", 0.25), tuple(class_names), best["name"])
+    # built in a hidden folder, then each entry renamed into OUT: OUT also holds what other stages write
+    # there (model.onnx, `b2p export-onnx`), which must stay
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".deploy.", suffix=".building", dir=out))
+    try:
+        shutil.copyfile(best["folder"] / MODEL / "model.pt", stage / "model.pt")
+        metrics = best["folder"] / MODEL / "metrics.json"
         if metrics.is_file():
             shutil.copyfile(metrics, stage / "metrics.json")
-        masks = best["folder"] / ALONE
-        for batch_dir in sorted(p for p in masks.iterdir() if p.is_dir()):
+        curves = best["folder"] / MODEL / "curves.csv"
+        if curves.is_file():
+            shutil.copyfile(curves, stage / "curves.csv")
+        for batch_dir in sorted(p for p in (best["folder"] / ALONE).iterdir() if p.is_dir()):
             shutil.copytree(batch_dir / "labelmaps", stage / "masks" / batch_dir.name / "labelmaps")
-        write_json_atomic(stage / RULE_FILE, rule_json)
+        write_deploy_settings(stage / RULE_FILE, shipped)
         write_json_atomic(stage / "choice.json", record)
+        with staged_dirs([out / "masks"]) as (masks,):
+            shutil.rmtree(masks)
+            os.replace(stage / "masks", masks)
+        for name in ("metrics.json", "curves.csv", RULE_FILE, "choice.json", "model.pt"):  # model.pt last: it names the model
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return record
