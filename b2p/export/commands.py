@@ -6,10 +6,6 @@ from pathlib import Path
 
 import typer
 
-from b2p.params import read_params_section
-
-PARAM_KEYS = ("formats", "source", "splits", "images", "coco_masks")
-
 
 def _names(values) -> list[str]:
     """`--format a --format b`, `--format a,b` and a YAML list all mean the same."""
@@ -52,16 +48,18 @@ def export(
     from b2p.export.export import DEFAULT_SOURCE, FORMATS, ExportOptions, export_dataset
     from b2p.project import resolve_batch_files
 
-    values = read_params_section(params, "export", PARAM_KEYS)
-    formats = _names(fmt) or _names(values.get("formats")) or list(FORMATS)
-    splits = _names(split) or _names(values.get("splits"))
+    from b2p.schema import resolve
+
+    values = resolve("export", params)
+    formats = _names(fmt) or _names(values.formats) or list(FORMATS)
+    splits = _names(split) or _names(values.splits)
     opts = ExportOptions(
         formats=tuple(formats),
-        source=source or values.get("source") or DEFAULT_SOURCE,
+        source=source or values.source or DEFAULT_SOURCE,
         source_root=source_root,
         splits=tuple(splits),
-        images=images or values.get("images") or "copy",
-        coco_masks=coco_masks or values.get("coco_masks") or "rle",
+        images=images or values.images or "copy",
+        coco_masks=coco_masks or values.coco_masks or "rle",
     )
     console = Console()
     report = export_dataset(

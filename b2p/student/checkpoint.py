@@ -86,7 +86,10 @@ def check_class_lists(model_names: list[str], batch_names: list[str], model_path
     A batch list may have appended classes since training (the model never predicts them); any other
     difference (another order, a renamed class) would silently give pixels the wrong class.
     """
-    if list(batch_names[: len(model_names)]) != list(model_names):
+    from b2p.labels import normalize_class_name
+
+    model_names = [normalize_class_name(n) for n in model_names]  # a model saved before names were normalised
+    if [normalize_class_name(n) for n in batch_names[: len(model_names)]] != model_names:
         raise B2PError(
             f"the model was trained on classes {list(model_names)} (ids 1..{len(model_names)}) but the batches' class "
             f"list is {list(batch_names)}: class ids would mean other classes; retrain on these batches",

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,33 +347,14 @@ ROOT_OUTPUTS = {"student": ("label_out", "probs_out"), "boxes": ("boxed_out",), 
 MAP_OF = {"student": "label_out", "boxes": "boxed_out", "snapped": "snapped_out"}
 
 
-def check_roots_apart(roots: dict[str, Path], images_dir: Path | None = None, images: Iterable[Path] = ()) -> None:
-    """Refuse an output root (option name -> folder) that is or lies inside the image folder, holds it, or
-    holds an input image: the maps would overwrite the images, or the next run would read them as images."""
-    d = Path(images_dir).resolve() if images_dir is not None else None
-    files = [Path(f).resolve() for f in images]
-    for opt, root in roots.items():
-        r = Path(root).resolve()
-        if d is not None and (r == d or d in r.parents):
-            raise B2PError(
-                f"{opt} is or lies inside the --images folder {images_dir}: the maps would overwrite the images or be "
-                "read as images by the next run; write them elsewhere", root,
-            )
-        if d is not None and r in d.parents:
-            raise B2PError(f"{opt} holds the --images folder {images_dir}: write the maps elsewhere", root)
-        held = next((f for f in files if r in f.parents), None)
-        if held is not None:
-            raise B2PError(f"{opt} holds the input image {held}: the maps would overwrite or mix with the images; write them elsewhere", root)
-
-
 def check_inputs(items: list[PredictItem]) -> None:
     """Every image exists and, where it was imported, is still the imported one (sha256): all are checked
     before anything is written, so a replaced image is never predicted with its old boxes."""
-    from b2p.teach.base import _check_unchanged  # the check teach makes
+    from b2p.dataset import check_image_unchanged  # the check teach makes
 
     for it in items:
         if it.record is not None:
-            _check_unchanged(it.record)
+            check_image_unchanged(it.record)
         elif not Path(it.image_path).is_file():
             raise B2PError("image file not found", it.image_path)
 
