@@ -212,6 +212,16 @@ def recover_staged(targets: list[Path]) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _in_target(path: Path, builds: dict[Path, Path]) -> Path | None:
+    """`path` inside a build folder -> the same path inside its target (None when it is in none)."""
+    for parent, build in builds.items():
+        try:
+            return parent / Path(path).relative_to(build)
+        except ValueError:
+            continue
+    return None
+
+
 def _set_tag(names: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:12]
 
@@ -238,20 +248,22 @@ def staged_dirs(targets: list[Path]) -> Iterator[list[Path]]:
             _mkdir_parents(parent)
             names = [t.name for t in group]
             try:
-                build = Path(tempfile.mkdtemp(prefix=f".b2p-{_set_tag(names)}.", suffix=".building", dir=parent))
+                builds[parent] = build = Path(tempfile.mkdtemp(prefix=f".b2p-{_set_tag(names)}.", suffix=".building", dir=parent))
                 (build / SET_MANIFEST).write_text(json.dumps(names))
                 for t in group:
                     (build / t.name).mkdir()
             except OSError as e:
                 raise as_b2p_error(e, parent) from None
-            builds[parent] = build
         yield [builds[t.parent] / t.name for t in targets]
-    except BaseException:
+    except BaseException as e:
         for b in builds.values():
             shutil.rmtree(b, ignore_errors=True)
         for p in created:  # leave no empty output folder behind either
             with contextlib.suppress(OSError):
                 p.rmdir()
+        named = _in_target(e.path, builds) if isinstance(e, B2PError) and e.path is not None else None
+        if named is not None:  # name the output as the user knows it, not its hidden build folder
+            raise B2PError(e.problem, named) from None
         raise
     for parent, build in builds.items():
         swap = parent / f".b2p-{_set_tag([t.name for t in groups[parent]])}.swap"

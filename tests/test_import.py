@@ -480,7 +480,7 @@ def test_second_batch_keeps_splits_and_class_ids(coco_batch: dict, tmp_path: Pat
 
     # re-importing batch 1 with more images keeps every existing image in its split
     more = [f"new_{i}.png" for i in range(5)]
-    _write_images(coco_batch["images"], more)
+    _write_images(coco_batch["images"], more, seed=6)
     d["images"] += [{"id": 300 + i, "file_name": n, "width": W, "height": H} for i, n in enumerate(more)]
     coco_batch["coco"].write_text(json.dumps(d))
     assert _cli(*_import_args(coco_batch, out1, classes), *rule).exit_code == 0

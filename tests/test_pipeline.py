@@ -78,6 +78,10 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
 
 
+# params.yaml keys that shrink the main job to a test's size (also used by tests/test_core_install.py)
+SMALL_MAIN_JOB = {"demo.images": 12, "demo.size": 64, "demo.mask_fraction": 0.4, "train.epochs": 1, "train.tile_size": 64, "evaluate.worst": 2}
+
+
 def make_project(tmp_path: Path, with_pipelines: bool = False) -> Path:
     """A fresh copy of the project (dvc.yaml, params.yaml, class list, code) as its own git + DVC repo."""
     root = tmp_path / "proj"
@@ -90,8 +94,7 @@ def make_project(tmp_path: Path, with_pipelines: bool = False) -> Path:
     shutil.copytree(REPO / "b2p", root / "b2p", ignore=ignore)  # stages depend on their code
     if with_pipelines:
         shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("work", "dvc.lock"))
-    _edit_params(root / "params.yaml", {"demo.images": 12, "demo.size": 64, "demo.mask_fraction": 0.4,
-                                        "train.epochs": 1, "train.tile_size": 64, "evaluate.worst": 2})
+    _edit_params(root / "params.yaml", SMALL_MAIN_JOB)
     _run(root, "git", "init", "-q")
     dvc(root, "init", "-q")
     dvc(root, "config", "core.analytics", "false")
