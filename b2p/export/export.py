@@ -12,11 +12,12 @@ images of different batches never collide and no path holds an inner `images/` f
 would rewrite to find the labels. `export.json` records where the masks came from, the counts and, for
 polygons, how well they rasterise back.
 
-Reproducible and all-or-nothing: JSON keys are sorted, nothing carries a time, and every format is built
-in a hidden folder beside its target (each file written atomically) that replaces the old folder only
-after every format has been built; on any error the hidden folders are removed and nothing changes (those
-of a killed run are removed by the next). A folder is replaced only if it holds a b2p `export.json`, so an existing folder b2p did not write is
-refused rather than deleted.
+Reproducible and all-or-nothing: JSON keys are sorted, nothing carries a time, and every format of a run is
+built in ONE hidden folder inside OUT (each file written atomically), then the formats are swapped in as a
+set (`fileio.staged_dirs`): a run killed at any point leaves them all old or, once the swap has begun, all new
+(the next run finishes a swap a kill interrupted before it reads anything). On any error the hidden folder is
+removed and nothing changes. A folder is replaced only if it holds a b2p `export.json`, so an existing
+folder b2p did not write is refused rather than deleted.
 """
 
 from __future__ import annotations

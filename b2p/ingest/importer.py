@@ -86,11 +86,17 @@ class ImportResult:
     mask_files: list[Path] = field(default_factory=list)  # manual-mask PNGs
 
 
-def _mask_files(masks_dir: Path) -> dict[str, Path]:
-    """Mask PNGs by `name_key` of their relative stem ('sub/a' for masks/sub/a.png or a.PNG)."""
+def _mask_files(masks_dir: Path, src: SourceBatch) -> dict[str, Path]:
+    """Mask PNGs by `name_key` of their relative stem ('sub/a' for masks/sub/a.png or a.PNG); each must
+    belong to an image of the batch."""
     if not masks_dir.is_dir():
         raise B2PError("mask folder not found", masks_dir)
-    return files_by_stem(masks_dir, ".png", "mask")
+    masks = files_by_stem(masks_dir, ".png", "mask")
+    stems = {_stem(im.file_name) for im in src.images}
+    for stem, p in masks.items():
+        if stem not in stems:
+            raise B2PError(f"mask has no image {stem}.* in this batch", p)
+    return masks
 
 
 def _stem(file_name: str) -> str:
@@ -367,6 +373,27 @@ def _cross_batch_warnings(images: list[dict], others: list[tuple[str, Path, dict
     return out
 
 
+def _warnings(got: _Collected, others: list, out: Path, rule_info: dict) -> list[str]:
+    """What import says but does not refuse: images another batch holds too, EXIF-turned images, a changed split rule."""
+    warnings = _cross_batch_warnings(got.images, others)
+    oriented = got.oriented
+    if oriented:
+        shown = ", ".join(f"{n!r} ({describe_orientation(o)})" for n, o in oriented[:3]) + (f" and {len(oriented) - 3} more" if len(oriented) > 3 else "")
+        warnings.append(
+            f"{len(oriented)} image(s) carry an EXIF orientation tag and are read as displayed: {shown}; boxes must be drawn on "
+            "the displayed image. If yours were made on the raw pixels (PIL, labelImg, scripts), remove the tags "
+            "(exiftool -Orientation=1 -n FILE) and import again"
+        )
+    if out.is_file():
+        try:
+            old_rule = read_json(out).get("info", {}).get("split_rule")
+        except (B2PError, AttributeError):
+            old_rule = None
+        if old_rule is not None and old_rule != rule_info:
+            warnings.append(f"{out} was imported with split rule {old_rule}; re-importing with {rule_info} moves images between splits")
+    return warnings
+
+
 def import_batch(
     batch: str,
     images_dir: str | Path,
@@ -414,14 +441,8 @@ def import_batch(
     new_classes = list(classes.names[existing.num_classes :])
     remap = {bid: classes.id_of(name) for bid, name in src.categories.items()}
 
-    masks: dict[str, Path] = {}
-    if masks_dir is not None:
-        masks_dir = Path(masks_dir)
-        masks = _mask_files(masks_dir)
-        stems = {_stem(im.file_name) for im in src.images}
-        for stem, p in masks.items():
-            if stem not in stems:
-                raise B2PError(f"mask has no image {stem}.* in this batch", p)
+    masks_dir = Path(masks_dir) if masks_dir is not None else None
+    masks = _mask_files(masks_dir, src) if masks_dir is not None else {}
 
     # every image, box and mask is checked before anything is written, and every problem is collected, so
     # a large batch with many bad boxes is fixed in one round, not one error per run
@@ -434,27 +455,12 @@ def import_batch(
     for e in _duplicate_problems(got.images, src.annotation_file):
         problems.add(e)
     problems.check()
-    images, annotations, manual, clipped, oriented = got.images, got.annotations, got.manual, got.clipped, got.oriented
+    images, annotations, manual, clipped = got.images, got.annotations, got.manual, got.clipped
 
-    warnings = _cross_batch_warnings(images, others)
-    if oriented:
-        shown = ", ".join(f"{n!r} ({describe_orientation(o)})" for n, o in oriented[:3]) + (f" and {len(oriented) - 3} more" if len(oriented) > 3 else "")
-        warnings.append(
-            f"{len(oriented)} image(s) carry an EXIF orientation tag and are read as displayed: {shown}; boxes must be drawn on "
-            "the displayed image. If yours were made on the raw pixels (PIL, labelImg, scripts), remove the tags "
-            "(exiftool -Orientation=1 -n FILE) and import again"
-        )
-    unlisted = 0
-    if src.format == "coco":
-        unlisted = len(set(list_images(images_dir)) - {im.file_name for im in src.images})
     rule_info = rule.info()
-    if out.is_file():
-        try:
-            old_rule = read_json(out).get("info", {}).get("split_rule")
-        except (B2PError, AttributeError):
-            old_rule = None
-        if old_rule is not None and old_rule != rule_info:
-            warnings.append(f"{out} was imported with split rule {old_rule}; re-importing with {rule_info} moves images between splits")
+    warnings = _warnings(got, others, out, rule_info)
+    # COCO: image files in the folder that the file does not list (not imported; said, not refused)
+    unlisted = len(set(list_images(images_dir)) - {im.file_name for im in src.images}) if src.format == "coco" else 0
     sources = list(src.sources) + [{"role": "images", "path": str(images_dir)}]
     if masks_dir is not None:
         sources.append({"role": "masks", "path": str(masks_dir), "sha256": tree_digest(masks_dir, list(masks.values())), "files": len(masks)})

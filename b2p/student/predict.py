@@ -23,7 +23,6 @@ annotated images themselves, and it is scored like a teacher (both see the same 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -37,7 +36,7 @@ from rich.console import Console
 
 from b2p.dataset import ImageRecord
 from b2p.errors import B2PError
-from b2p.fileio import atomic_write, read_image, read_json, sha256_file, write_json_atomic
+from b2p.fileio import atomic_write, read_image, sha256_file, write_json_atomic
 from b2p.labels import label_map_key, label_map_path, write_label_map
 from b2p.student.data import load_batch_files_for_inference, normalise, prepare_image
 from b2p.student.geometry import Geometry
