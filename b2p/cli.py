@@ -56,15 +56,31 @@ app = typer.Typer(
 )
 
 
+def _print_error(e: B2PError) -> None:
+    from rich.markup import escape  # messages quote user data such as "[x=3, y=4]": not markup
+
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+
+
 def _clear_errors(fn: Callable) -> Callable:
+    """A B2PError, or an OS error the user can act on (a full disk, a read-only folder, a name too long, no
+    permission: fileio.OS_ERRORS) wherever it was raised, becomes one red line and exit code 1. Every output is
+    written aside and swapped in only when complete (b2p.fileio), so the message can say the earlier one is kept."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from b2p.fileio import as_b2p_error
+
         try:
             return fn(*args, **kwargs)
         except B2PError as e:
-            from rich.markup import escape  # messages quote user data such as "[x=3, y=4]": not markup
-
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+            _print_error(e)
+            raise typer.Exit(1) from None
+        except OSError as e:
+            clear = as_b2p_error(e, writing=False)
+            if not isinstance(clear, B2PError):
+                raise
+            _print_error(clear)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -96,6 +96,7 @@ class Batch:
     images: list[ImageRecord]
     path: Path  # the canonical annotation file
     info: dict = field(default_factory=dict)
+    image_root: Path | None = None  # the folder the images' file names are relative to
 
     def split(self, *splits: str) -> list[ImageRecord]:
         return [im for im in self.images if im.split in splits]
@@ -280,7 +281,18 @@ def load_batch(path: str | Path) -> Batch:
         else:
             im.manual_rles.append((m["category_id"], seg))
     p.check()
-    return Batch(info["batch"], classes, list(by_id.values()), path, info)
+    return Batch(info["batch"], classes, list(by_id.values()), path, info, root)
+
+
+def input_folders(batches: list[Batch]) -> dict[str, Path]:
+    """What a command reading `batches` reads, by name for messages: the folders of their batch files and
+    their image folders (no output may be, hold or lie inside one: `fileio.check_separate_folders`)."""
+    out: dict[str, Path] = {}
+    for b in batches:
+        out.setdefault(f"the folder of batch file {b.path.name}", b.path.parent)
+        if b.image_root is not None:
+            out[f"the image folder of batch {b.name!r}"] = b.image_root
+    return out
 
 
 def load_batches(paths: list[str | Path]) -> list[Batch]:
@@ -289,6 +301,11 @@ def load_batches(paths: list[str | Path]) -> list[Batch]:
     names = [b.name for b in batches]
     if len(set(names)) != len(names):
         raise B2PError(f"the same batch is given twice: {names}")
+    folded: dict[str, str] = {}
+    for n in names:  # one folder per batch under every output root: `Line7` and `line7` are one on macOS / Windows
+        if n.casefold() in folded:
+            raise B2PError(f"batches {folded[n.casefold()]!r} and {n!r} differ only in case: their output folders collide on a case-insensitive file system; rename one")
+        folded[n.casefold()] = n
     for b in batches[1:]:
         if b.classes.names[: len(batches[0].classes.names)] != batches[0].classes.names[: len(b.classes.names)]:
             raise B2PError(
@@ -297,6 +314,17 @@ def load_batches(paths: list[str | Path]) -> list[Batch]:
                 b.path,
             )
     return batches
+
+
+def check_image_unchanged(im: ImageRecord) -> None:
+    """Refuse an image that is gone or whose bytes changed since `b2p import` (its boxes, masks and splits
+    were made for the old pixels): the check every command that reads the images makes before writing."""
+    from b2p.fileio import sha256_file
+
+    if not im.path.is_file():
+        raise B2PError(f"image {im.file_name!r} of batch {im.batch!r} not found (moved since import?)", im.path)
+    if sha256_file(im.path) != im.sha256:
+        raise B2PError(f"image changed since `b2p import` (sha256 differs from the batch file); re-run `b2p import --batch {im.batch}`", im.path)
 
 
 def class_list_of(batches: list[Batch]) -> ClassList:

@@ -8,6 +8,7 @@ never destroys the previous version.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import shutil
 import struct
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -54,20 +55,76 @@ def make_dir_like_mkdir(path: Path) -> None:
     os.chmod(path, 0o777 & ~current_umask())
 
 
+# OS errors a user can act on (a full disk, a read-only mount, a name too long, missing permissions): every
+# writing command turns them into one clear message naming the path (`as_b2p_error`, and b2p.cli for any
+# that escape elsewhere). Any other OSError is a bug or a broken system and keeps its traceback.
+OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is too large for this file system",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENAMETOOLONG: "the file name is too long for this file system",
+}
+KEPT = "nothing was replaced: the earlier output is kept as it was (b2p swaps an output in only once it is complete)"
+
+
+def as_b2p_error(e: OSError, path: str | Path | None = None, writing: bool = True) -> B2PError | OSError:
+    """One of OS_ERRORS as a B2PError naming `path` (else the file the OS named), saying that the earlier
+    output was kept; any other OSError is returned unchanged (the caller re-raises it)."""
+    if e.errno not in OS_ERRORS:
+        return e
+    what = OS_ERRORS[e.errno] + f" ({errno.errorcode[e.errno]})"
+    hint = "; shorten the image file names or the batch name" if e.errno == errno.ENAMETOOLONG else ""
+    return B2PError(f"{'cannot write: ' if writing else ''}{what}{hint}; {KEPT}", path if path is not None else e.filename)
+
+
+def name_max(folder: str | Path) -> int:
+    """The longest file name, in bytes, that the file system holding `folder` (or its nearest existing
+    parent) accepts: 255 on most, 143 on eCryptfs; 255 where the platform cannot say."""
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return int(os.pathconf(p, "PC_NAME_MAX"))
+    except (AttributeError, OSError, ValueError):
+        return 255
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a hidden temporary file beside `name`: `.NAME.`, with NAME cut so that the temporary
+    name (prefix + 8 random characters + suffix) fits NAME_MAX even when `name` itself nearly fills it."""
+    return "." + name.encode()[:TEMP_NAME_KEEP].decode(errors="ignore") + "."
+
+
+TEMP_NAME_KEEP = 200  # bytes of the target's name kept in a temporary name (255 - 200 leaves room for the rest)
+
+
+def _mkdir_parents(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise B2PError("cannot create this folder: a file of that name is in the way", folder) from None
+    except OSError as e:
+        raise as_b2p_error(e, folder) from None
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """Open a temporary file for binary writing that replaces `path` only when the block succeeds.
 
     The new file keeps the mode of the one it replaces, else gets the process umask's (0644 under 022).
+    A full disk, a read-only folder or a name too long becomes one B2PError naming `path` (OS_ERRORS).
     """
     path = Path(path)
     if path.is_dir():
         raise B2PError("is a folder, but a file must be written here; give a file path", path)
+    _mkdir_parents(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise B2PError("cannot create this folder: a file of that name is in the way", path.parent) from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise as_b2p_error(e, path) from None
     try:
         os.fchmod(fd, new_file_mode(path))
         with os.fdopen(fd, "wb") as f:
@@ -75,15 +132,20 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        # an error of the write itself (no file named, or the temporary file) is this path's; one the block
+        # raised about another file is left to the caller
+        if isinstance(e, OSError) and e.filename in (None, tmp, str(path)):
+            raise as_b2p_error(e, path) from None
         raise
 
 
 def clear_stale_stages(target: Path) -> None:
-    """Undo what a killed `staged_dirs` left beside `target`: an old output moved aside for a swap that never
-    finished goes back (the target is missing), and hidden build folders are removed (b2p's names only)."""
+    """Undo what a killed run of an earlier b2p version left beside `target` (one hidden folder per target):
+    an old output moved aside for a swap that never finished goes back (the target is missing), and its
+    hidden build folders are removed (b2p's names only)."""
     parent = target.parent
     if not parent.is_dir():
         return
@@ -95,50 +157,130 @@ def clear_stale_stages(target: Path) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def staged_dirs(targets: list[Path]) -> Iterator[list[Path]]:
-    """Hidden build folders beside `targets` (one each); when the block succeeds each replaces its target
-    whole, on any error (or a kill) they vanish and the targets stay as they were.
+# --- a set of output folders replaced together ----------------------------------------------------------
+#
+# `staged_dirs` builds every target of one parent folder inside ONE hidden folder `.b2p-<set>.<random>.building`
+# beside them. The commit point is one rename of that folder to `.b2p-<set>.swap` (the journal: a complete new
+# set). Then each target is moved aside into `.b2p-<set>.old` and its new version moved in; both folders go.
+# A kill before the commit point leaves the old set; after it, the set is still on its way in and the next run
+# of any b2p command writing one of these targets finishes the swap first (`recover_staged`), so the set is
+# never left half old, half new. `<set>` names the targets (a hash), so runs writing other targets in the
+# same parent (seeds side by side) never touch each other's folders; each journal lists its targets in
+# SET_MANIFEST.
+SET_MANIFEST = ".b2p-set.json"
 
-    For an output folder that must always be one run's output (a kill half-way must not leave new files
-    beside old ones). The swap is two renames per target: a kill between them leaves the target missing,
-    never mixed, the old folder in a hidden `.NAME.*.old` beside it; the next run puts it back first, and
-    removes the build folders a killed run left (`clear_stale_stages`).
-    """
+
+def _set_names(folder: Path) -> list[str]:
+    try:
+        names = json.loads((folder / SET_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _finish_swap(parent: Path, swap: Path) -> None:
+    """Move the complete new set of `swap` into place (repeatable: a kill here is finished by the next run)."""
+    old = parent / (swap.name.removesuffix(".swap") + ".old")
+    for name in _set_names(swap):
+        new, target = swap / name, parent / name
+        if not new.exists():  # moved in already
+            continue
+        if target.exists() or target.is_symlink():  # the new one is still in the journal: this one is old
+            old.mkdir(exist_ok=True)
+            shutil.rmtree(old / name, ignore_errors=True)
+            os.replace(target, old / name)
+        os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(swap)
+
+
+def recover_staged(targets: list[Path]) -> None:
+    """Finish a swap a killed run left for any of `targets` (its whole set goes in), and remove the hidden
+    build folders and moved-aside old folders of sets that include any of them."""
+    by_parent: dict[Path, set[str]] = {}
     for t in targets:
         clear_stale_stages(t)
-    stages: list[Path] = []
+        by_parent.setdefault(t.parent, set()).add(t.name)
+    for parent, names in by_parent.items():
+        if not parent.is_dir():
+            continue
+        for swap in sorted(parent.glob(".b2p-*.swap")):
+            if names & set(_set_names(swap)):
+                _finish_swap(parent, swap)
+        for leftover in sorted([*parent.glob(".b2p-*.building"), *parent.glob(".b2p-*.old")]):
+            if names & (set(_set_names(leftover)) | {p.name for p in leftover.iterdir()}):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _in_target(path: Path, builds: dict[Path, Path]) -> Path | None:
+    """`path` inside a build folder -> the same path inside its target (None when it is in none)."""
+    for parent, build in builds.items():
+        try:
+            return parent / Path(path).relative_to(build)
+        except ValueError:
+            continue
+    return None
+
+
+def _set_tag(names: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def staged_dirs(targets: list[Path]) -> Iterator[list[Path]]:
+    """Hidden build folders for `targets` (one each, in the order given); when the block succeeds the targets
+    of each parent folder are replaced together, whole; on any error (or a kill) before that the build
+    vanishes and every target stays as it was.
+
+    For output folders that must always be one run's output (a kill half-way must never leave new files
+    beside old ones, nor one format of an export new and another old). See the comment above for how a kill
+    during the swap is finished by the next run.
+    """
+    targets = [Path(t) for t in targets]
+    recover_staged(targets)
+    groups: dict[Path, list[Path]] = {}
+    for t in targets:
+        groups.setdefault(t.parent, []).append(t)
+    builds: dict[Path, Path] = {}  # parent -> its build folder
     created = list(dict.fromkeys(p for t in targets for p in [t.parent, *t.parent.parents] if not p.exists()))  # deepest first
     try:
-        for t in targets:
+        for parent, group in groups.items():
+            _mkdir_parents(parent)
+            names = [t.name for t in group]
             try:
-                t.parent.mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
-                raise B2PError("cannot create this folder: a file of that name is in the way", t.parent) from None
-            stages.append(Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".building", dir=t.parent)))
-        yield stages
-    except BaseException:
-        for s in stages:
-            shutil.rmtree(s, ignore_errors=True)
+                builds[parent] = build = Path(tempfile.mkdtemp(prefix=f".b2p-{_set_tag(names)}.", suffix=".building", dir=parent))
+                (build / SET_MANIFEST).write_text(json.dumps(names))
+                for t in group:
+                    (build / t.name).mkdir()
+            except OSError as e:
+                raise as_b2p_error(e, parent) from None
+        yield [builds[t.parent] / t.name for t in targets]
+    except BaseException as e:
+        for b in builds.values():
+            shutil.rmtree(b, ignore_errors=True)
         for p in created:  # leave no empty output folder behind either
             with contextlib.suppress(OSError):
                 p.rmdir()
+        named = _in_target(e.path, builds) if isinstance(e, B2PError) and e.path is not None else None
+        if named is not None:  # name the output as the user knows it, not its hidden build folder
+            raise B2PError(e.problem, named) from None
         raise
-    for t, s in zip(targets, stages):
-        make_dir_like_mkdir(s)
-        old = None
-        if t.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".old", dir=t.parent))
-            os.replace(t, old / t.name)
-        os.replace(s, t)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    for parent, build in builds.items():
+        swap = parent / f".b2p-{_set_tag([t.name for t in groups[parent]])}.swap"
+        try:
+            os.rename(build, swap)  # the commit point: from here on the new set goes in, now or on the next run
+            _finish_swap(parent, swap)
+        except OSError as e:
+            raise as_b2p_error(e, parent) from None
 
 
-def check_separate_folders(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
-    """Refuse an output folder that is, holds or lies inside an input folder or another output: writing it
-    would overwrite or delete what the run reads or writes. Keys are the options' names (shown in the
-    message); None entries are skipped. Call it before anything is read or written."""
+def check_separate_folders(
+    outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None], input_files: Iterable[str | Path] = ()
+) -> None:
+    """Refuse an output (folder or file) that is, holds or lies inside an input folder or another output, or
+    that holds one of `input_files`: writing it would overwrite or delete what the run reads or writes, or
+    the next run would read the outputs as inputs. Keys are the options' names (shown in the message); None
+    entries are skipped. Call it before anything is read or written. The one such check every command uses."""
     outs = [(n, Path(f)) for n, f in outputs.items() if f is not None]
     ins = [(n, Path(f)) for n, f in inputs.items() if f is not None]
     for i, (a, pa) in enumerate(outs):
@@ -154,6 +296,13 @@ def check_separate_folders(outputs: dict[str, str | Path | None], inputs: dict[s
             else:
                 continue
             raise B2PError(f"{a} {how} {b} ({pb}): writing it would overwrite what this run reads or writes; give {a} a folder of its own", pa)
+    if outs:
+        resolved = [(a, pa, pa.resolve()) for a, pa in outs]
+        for f in input_files:
+            rf = Path(f).resolve()
+            for a, pa, ra in resolved:
+                if ra in rf.parents or ra == rf:
+                    raise B2PError(f"{a} holds the input file {f}: the outputs would overwrite or mix with the inputs; write them elsewhere", pa)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -13,6 +13,7 @@ when asked for explicitly.
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,21 @@ BACKGROUND = 0
 MAX_CLASSES = 255  # label maps are uint8
 
 
+def normalize_class_name(name: str) -> str:
+    """The one spelling of a class name: surrounding blanks dropped, Unicode NFC. `e\u0301rosion` (NFD, as
+    macOS tools write it) and `\u00e9rosion` (NFC) look identical and must be one class, not two."""
+    return unicodedata.normalize("NFC", name.strip())
+
+
 @dataclass(frozen=True)
 class ClassList:
-    """Defect class names; the class with id i is names[i - 1]. Id 0 is background."""
+    """Defect class names; the class with id i is names[i - 1]. Id 0 is background. Names are normalised
+    (`normalize_class_name`) wherever they come from: a class list file, a batch, a model."""
 
     names: tuple[str, ...]
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(normalize_class_name(n) if isinstance(n, str) else n for n in self.names))
         if len(set(self.names)) != len(self.names):
             raise B2PError(f"class list has duplicate names: {list(self.names)}")
         if len(self.names) > MAX_CLASSES:
@@ -48,7 +57,7 @@ class ClassList:
 
     def id_of(self, name: str) -> int:
         try:
-            return self.names.index(name) + 1
+            return self.names.index(normalize_class_name(name)) + 1
         except ValueError:
             raise B2PError(f"unknown class {name!r}; known: {list(self.names)}") from None
 
@@ -68,7 +77,7 @@ class ClassList:
         Unknown names are an error unless `allow_new`: a batch that renames a class (say `crak` for
         `crack`) would otherwise silently create a second class.
         """
-        unknown = [n for n in dict.fromkeys(new_names) if n not in self.names]
+        unknown = [n for n in dict.fromkeys(normalize_class_name(n) for n in new_names) if n not in self.names]
         if unknown and not allow_new and self.names:
             hints = []
             for n in unknown:
@@ -106,7 +115,8 @@ def check_class_lists(model_names: list[str], batch_names: list[str], model_path
     A batch list may have appended classes since training (the model never predicts them); any other
     difference (another order, a renamed class) would silently give pixels the wrong class.
     """
-    if list(batch_names[: len(model_names)]) != list(model_names):
+    model_names = [normalize_class_name(n) for n in model_names]  # a model saved before names were normalised
+    if [normalize_class_name(n) for n in batch_names[: len(model_names)]] != model_names:
         raise B2PError(
             f"the model was trained on classes {list(model_names)} (ids 1..{len(model_names)}) but the batches' class "
             f"list is {list(batch_names)}: class ids would mean other classes; retrain on these batches",
@@ -147,6 +157,33 @@ def check_label_map_keys(file_names: Sequence[str], source: str | Path | None = 
             "named by the file name without extension, folders joined by '__', case ignored: rename the images",
             source,
         )
+
+
+def export_stem(batch: str, file_name: str) -> str:
+    """File stem of an image in a flat export or report folder: `<batch>__<label-map key>` (batches never collide)."""
+    return f"{batch}__{label_map_key(file_name)}"
+
+
+def overlay_name(rank: int, batch: str, file_name: str) -> str:
+    """File name of the evaluation overlay of the `rank`-th worst image."""
+    return f"{rank:02d}_{export_stem(batch, file_name)}.png"
+
+
+def derived_file_names(batch: str, file_name: str) -> dict[str, str]:
+    """Every file name b2p derives from an image's name, by what it is: the importer refuses an image whose
+    longest one would not fit the file system (`fileio.name_max`) rather than let a later stage crash.
+    Hidden temporary names are kept short by `fileio.temp_prefix`, so they never are the longest."""
+    key, stem = label_map_key(file_name), export_stem(batch, file_name)
+    ext = Path(file_name).suffix.lower() or ".png"
+    return {
+        "label map": f"{key}.png",
+        "teacher resume part": f"{key}.json",
+        "class probabilities": f"{key}.npz",
+        "exported image": f"{stem}{ext}",
+        "exported label map": f"{stem}.png",
+        "exported YOLO label": f"{stem}.txt",
+        "evaluation overlay": overlay_name(999, batch, file_name),
+    }
 
 
 def label_map_path(root: str | Path, batch: str, file_name: str) -> Path:

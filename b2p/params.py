@@ -1,6 +1,13 @@
-"""Stage parameters from a params.yaml section: the one reader every `--params` option uses.
+"""The project's one YAML reader, and the params-file section reader every `--params` option uses.
 
-Types, ranges and the precedence (defaults < files < options < --set) live in `b2p.schema`.
+YAML is read as DVC reads params.yaml: YAML 1.2 (ruamel.yaml, which ships with DVC), so b2p and DVC agree on
+what a file says (`yes` is the string "yes", `5e-4` a float), and a key given twice in one mapping is
+refused (YAML parsers differ on it; PyYAML silently keeps the last). Every YAML file b2p reads (params files,
+YOLO data.yaml, `--set` values) goes through `parse_yaml`; `add-batch` edits params.yaml through
+`read_yaml_for_editing`, the same parser in round-trip mode (comments kept).
+
+Types, ranges, the known top-level sections and the precedence (defaults < files < options < --set) live in
+`b2p.schema`.
 """
 
 from __future__ import annotations
@@ -12,31 +19,92 @@ from typing import Any
 from b2p.errors import B2PError
 
 
-def read_params_file(path: str | Path) -> dict[str, Any]:
-    """The whole params YAML file as a mapping ({} for an empty file); a missing or broken file is one error."""
-    import yaml
+def _parser(round_trip: bool = False):
+    from ruamel.yaml import YAML
 
+    if round_trip:
+        y = YAML()  # round-trip mode: CommentedMap / CommentedSeq, comments and layout kept
+        y.preserve_quotes = True
+        y.indent(mapping=2, sequence=4, offset=2)
+        y.width = 4096  # never re-wrap long lines
+        return y
+    return YAML(typ="safe", pure=True)  # plain dicts and lists; pure: the same results with or without ruamel's C part
+
+
+def _yaml_problem(e: Exception) -> str:
+    """A parser error as one line: what is wrong, and where (line, column; 1-based)."""
+    from ruamel.yaml.constructor import DuplicateKeyError
+
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if isinstance(e, DuplicateKeyError):
+        first = getattr(e, "context_mark", None)
+        key = str(getattr(e, "problem", "")).split('"')[1] if '"' in str(getattr(e, "problem", "")) else "?"
+        also = f" (the mapping starts at line {first.line + 1})" if first is not None else ""
+        return f"key {key!r} is given twice in one mapping{where}{also}; keep one (which one wins differs between YAML readers)"
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem}{where}"
+
+
+def parse_yaml(text: str, source: str | Path | None = None, what: str = "YAML file", round_trip: bool = False) -> Any:
+    """Parse YAML text; a syntax error or a duplicate key becomes one B2PError naming `source`."""
+    try:
+        return _parser(round_trip).load(text)
+    except Exception as e:  # ruamel raises YAMLError subclasses, and ValueError / TypeError on odd scalars
+        raise B2PError(f"{what} is not valid YAML: {_yaml_problem(e)}", source) from None
+
+
+def read_yaml(path: str | Path, what: str = "YAML file", round_trip: bool = False) -> Any:
+    """Read and parse a YAML file (None when it is empty); B2PError names the file on any problem."""
     path = Path(path)
     if not path.is_file():
-        raise B2PError("params file not found", path)
+        raise B2PError(f"{what} not found", path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise B2PError(f"params file is not valid YAML: {e}", path) from None
+        text = path.read_bytes().decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not content
+    except UnicodeDecodeError:
+        raise B2PError(f"{what} is not UTF-8 text", path) from None
+    return parse_yaml(text, path, what, round_trip)
+
+
+def read_yaml_for_editing(path: str | Path, what: str = "params file") -> Any:
+    """A YAML file as ruamel round-trip objects (edit them, then `dump_yaml_for_editing`)."""
+    return read_yaml(path, what, round_trip=True)
+
+
+def dump_yaml_for_editing(data: Any) -> str:
+    import io
+
+    buf = io.StringIO()
+    _parser(round_trip=True).dump(data, buf)
+    return buf.getvalue()
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """Every section of a params file, after checking that each top-level key is a known section
+    (`b2p.schema.SECTIONS`): a misspelt section (`trian:`) must not be silently ignored."""
+    from b2p.schema import check_section_names
+
+    path = Path(path)
+    data = read_yaml(path, "params file")
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise B2PError("params file must hold a mapping of sections", path)
+        raise B2PError(f"params file must be a mapping of sections (train:, teach:, ...), got {type(data).__name__}", path)
+    check_section_names(data, path)
     return data
 
 
 def read_params_section(path: str | Path | None, section: str, known: Iterable[str] | None = None) -> dict[str, Any]:
     """The `section` mapping of a params YAML file ({} when no file is given or the section is absent).
 
-    With `known`, a key outside it is an error (a misspelt parameter must not be silently ignored).
+    The whole file is checked for unknown top-level sections first. With `known`, a key of the section
+    outside it is an error (a misspelt parameter must not be silently ignored).
     """
     if path is None:
         return {}
     path = Path(path)
-    sec = read_params_file(path).get(section)
+    data = read_params_file(path)
+    sec = data.get(section)
     if sec is None:
         return {}
     if not isinstance(sec, dict):

@@ -1,10 +1,11 @@
 """One typed parameter schema per stage, and the one merge rule: defaults < params files < command line.
 
-Every stage that reads a `params.yaml` section (import, masks_to_boxes, teach, train, evaluate) resolves
-its settings here, so the CLI, `params.yaml`, `dvc exp run -S` and the benchmark suite all get the same
-checks. Values are coerced to the declared type (YAML reads `lr: 5e-4` as a string: it becomes the float
-5e-4) and checked against the ranges below; NaN, infinities, unknown keys and wrong types are refused.
-Every problem is reported at once, each naming the file (or command-line option) and the key.
+Every stage that reads a `params.yaml` section (import, masks_to_boxes, teach, train, predict, evaluate,
+export) resolves its settings here, so the CLI, `params.yaml`, `dvc exp run -S` and the benchmark suite all
+get the same checks. Values are coerced to the declared type (a quoted `'3'` becomes 3) and checked against
+the ranges below; NaN, infinities, unknown keys, wrong types and booleans in place of numbers (or numbers in
+place of booleans) are refused. Every problem is reported at once, each naming the file (or command-line
+option) and the key. `SECTIONS` lists every top-level section a params file may hold: any other is refused.
 
 The schemas are built from the dataclasses the stages already use (`TrainParams`, `TeachConfig`,
 `GrabCutSettings`) so each key is declared once, where it is used; this module adds only the ranges and
@@ -27,14 +28,61 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from b2p.errors import B2PError
 
 COMMAND_LINE = "command line"
 
-# lax coercion from YAML/CLI text ("5e-4" -> 0.0005, "3" -> 3, "true" -> True); no NaN / inf anywhere
+# coercion from YAML/CLI text ("5e-4" -> 0.0005, "3" -> 3); no NaN / inf anywhere; booleans and numbers do
+# not stand in for each other (`_Params._strict_scalars`)
 _CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True, validate_default=True)
+
+
+def _scalar_kind(annotation: Any) -> str | None:
+    """'bool', 'int' or 'float' for a field of that type (Optional and Annotated unwrapped), 'list:<kind>'
+    for a list of one, else None."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _scalar_kind(args[0])
+    if origin is list and args:
+        inner = _scalar_kind(args[0])
+        return f"list:{inner}" if inner in ("bool", "int", "float") else None
+    if args and origin is not None and type(None) in args:  # X | None
+        kinds = {_scalar_kind(a) for a in args if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    return {bool: "bool", int: "int", float: "float"}.get(annotation)
+
+
+def _strict_value(kind: str, v: Any) -> Any:
+    """`epochs: true` must not train 1 epoch, nor `refine: 1` or `refine: yes` switch a flag: a boolean field
+    takes true / false only (the YAML value, or that word as text), a number field never takes a boolean."""
+    if v is None:
+        return v
+    if kind == "bool":
+        if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+            return v.strip().lower() == "true"
+        if not isinstance(v, bool):
+            raise ValueError(f"must be a boolean (true or false), got {v!r}")
+    elif isinstance(v, bool):
+        raise ValueError(f"must be {'an integer' if kind == 'int' else 'a number'}, not a boolean: got {v!r}")
+    return v
+
+
+class _Params(BaseModel):
+    """Base of every parameter model: forbids unknown keys, NaN / inf, and booleans for numbers (and back)."""
+
+    model_config = _CONFIG
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, v: Any, info: ValidationInfo) -> Any:
+        kind = _scalar_kind(cls.model_fields[info.field_name].annotation)
+        if kind is None:
+            return v
+        if kind.startswith("list:"):
+            return [_strict_value(kind[5:], x) for x in v] if isinstance(v, list) else v
+        return _strict_value(kind, v)
 
 
 def _choices(values: Callable[[], Sequence[str]]) -> Callable[[Any], Any]:
@@ -147,7 +195,7 @@ def model_of_dataclass(cls: type, constraints: Mapping[str, dict[str, Any]], nam
         else:
             default = ...
         fields[f.name] = (_annotated(hint, constraints.get(f.name, {})), default)
-    return create_model(name, __config__=_CONFIG, **fields)
+    return create_model(name, __base__=_Params, **fields)
 
 
 # --- stage schemas that have no dataclass of their own ------------------------------------------------------
@@ -155,8 +203,7 @@ def model_of_dataclass(cls: type, constraints: Mapping[str, dict[str, Any]], nam
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
-class _SplitFractions(BaseModel):
-    model_config = _CONFIG
+class _SplitFractions(_Params):
     val: Fraction = 0.15
     test: Fraction = 0.15
     salt: str = "b2p"
@@ -195,20 +242,18 @@ class MasksToBoxesParams(_SplitFractions):
         return SplitRule(val=self.val, test=self.test, salt=self.salt, calib=self.calib)
 
 
-class EvaluateParams(BaseModel):
+class EvaluateParams(_Params):
     """`evaluate:` - which split is scored, and the report's options."""
 
-    model_config = _CONFIG
     split: typing.Literal["test", "val", "train", "calib", "all"] = "test"
     worst: Annotated[int, Field(ge=0)] = 8
     size_bins: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], BeforeValidator(_comma_list)] = [0.001, 0.01]
     min_cover: Fraction = 0.5
 
 
-class PredictParams(BaseModel):
+class PredictParams(_Params):
     """`predict:` - read by dvc.yaml into `b2p predict` options (checked here with the rest of the file)."""
 
-    model_config = _CONFIG
     split: typing.Literal["test", "val", "train", "calib", "all"] = "test"
     batch_size: Annotated[int, Field(ge=1)] = 4
     device: str = "auto"
@@ -221,10 +266,9 @@ class PredictParams(BaseModel):
     overlap: Annotated[float, Field(ge=0, le=0.9)] = 0.25  # sliding-window overlap, a fraction of the window
 
 
-class ExportParams(BaseModel):
+class ExportParams(_Params):
     """`export:` - the pixel dataset for other tools (b2p/export/export.py)."""
 
-    model_config = _CONFIG
     formats: Annotated[list[typing.Literal["coco", "yolo", "semantic"]], BeforeValidator(_comma_list)] = ["coco", "yolo", "semantic"]  # which formats
     source: str = "final"  # the masks of the images with boxes: final | combined | teacher | student | boxes | snapped
     unboxed: str | None = None  # the masks of the images without boxes: student (the shipped student's), or null (the source's)
@@ -233,27 +277,24 @@ class ExportParams(BaseModel):
     coco_masks: typing.Literal["rle", "polygons"] = "rle"  # COCO segmentation: rle (exact, holes kept) or polygons
 
 
-class FinalizeParams(BaseModel):
+class FinalizeParams(_Params):
     """`finalize:` - the final masks and the student alone, chosen on calib (b2p/finalize/final.py)."""
 
-    model_config = _CONFIG
     student_snap: bool = True  # the student's maps snapped to the image are candidates of its rule too
 
 
 StudentName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 
 
-class OracleParams(BaseModel):
+class OracleParams(_Params):
     """`oracle:` - the benchmark's fully supervised rows (data/manual: every image's manual mask)."""
 
-    model_config = _CONFIG
     students: Annotated[list[StudentName], Field(max_length=1)] = []  # at most one: its rows go to data/eval_oracle
 
 
-class DemoParams(BaseModel):
+class DemoParams(_Params):
     """One entry of `demos:` - an embedded synthetic batch (`b2p demo-data`)."""
 
-    model_config = _CONFIG
     seed: Annotated[int, Field(ge=0)] = 0
     images: Annotated[int, Field(ge=1)] = 48
     size: Annotated[int, Field(ge=64, le=2048)] = 128
@@ -297,29 +338,6 @@ def check_recipe(path: str | Path) -> RecipeParams:
     return recipe
 
 
-@functools.cache
-def schema(stage: str) -> type[BaseModel]:
-    """The pydantic model of a params section (built once; train/teach from their dataclasses)."""
-    if stage == "import":
-        return ImportParams
-    if stage == "masks_to_boxes":
-        return MasksToBoxesParams
-    if stage == "evaluate":
-        return EvaluateParams
-    if stage == "predict":
-        return PredictParams
-    if stage == "finalize":
-        return FinalizeParams
-    if stage == "export":
-        return ExportParams
-    # the dataclasses are looked up by name, so that a stage loads only its own code (teach never imports
-    # the student) and its DVC dependencies stay exactly the code it runs (tests/test_dvc_deps.py)
-    if stage == "teach":
-        grabcut = model_of_dataclass(_attr("b2p.teach.grabcut.GrabCutSettings"), CONSTRAINTS["grabcut"], "GrabCutParams")
-        return model_of_dataclass(_attr("b2p.teach.config.TeachConfig"), CONSTRAINTS["teach"], "TeachParams", nested={"grabcut": grabcut})
-    if stage == "train":
-        return model_of_dataclass(_attr(TRAIN_PARAMS), CONSTRAINTS["train"], "TrainParamsSchema")
-    raise KeyError(f"no parameter schema for stage {stage!r}")
 
 
 TRAIN_PARAMS = "b2p.student.train.TrainParams"
@@ -332,7 +350,64 @@ def _attr(dotted: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-STAGES = ("masks_to_boxes", "import", "teach", "train", "predict", "finalize", "export", "evaluate")
+# the dataclasses are looked up by name, so that a stage loads only its own code (teach never imports the
+# student) and its DVC dependencies stay exactly the code it runs (tests/test_dvc_deps.py)
+def _teach_model() -> type[BaseModel]:
+    grabcut = model_of_dataclass(_attr("b2p.teach.grabcut.GrabCutSettings"), CONSTRAINTS["grabcut"], "GrabCutParams")
+    return model_of_dataclass(_attr("b2p.teach.config.TeachConfig"), CONSTRAINTS["teach"], "TeachParams", nested={"grabcut": grabcut})
+
+
+def _train_model() -> type[BaseModel]:
+    return model_of_dataclass(_attr(TRAIN_PARAMS), CONSTRAINTS["train"], "TrainParamsSchema")
+
+
+# Every top-level section a b2p params file may hold (params.yaml, pipelines/*/params.yaml, a student variant
+# file), with its model: a section not listed here is refused, naming the closest known one, so `trian:` is
+# never silently ignored. A new section is one entry here: its model (a loader), or None for a section whose
+# contents the pipeline's own code reads and checks (b2p/pipeline, dvc.yaml interpolation) rather than a
+# command through `resolve`.
+SECTIONS: dict[str, Callable[[], type[BaseModel]] | None] = {
+    "masks_to_boxes": lambda: MasksToBoxesParams,
+    "import": lambda: ImportParams,
+    "teach": _teach_model,
+    "train": _train_model,
+    "predict": lambda: PredictParams,
+    "evaluate": lambda: EvaluateParams,
+    "finalize": lambda: FinalizeParams,
+    "export": lambda: ExportParams,
+    # read by dvc.yaml's interpolation and checked as a whole by `check_recipe` (b2p import runs it first):
+    "base": None, "demos": None, "batches": None, "students": None, "candidates": None, "distill": None, "oracle": None,
+    # pipelines/suite/params.yaml (b2p/pipeline/suite.py `suite_settings`)
+    "seeds": None, "recipe": None,
+}
+
+
+def check_section_names(data: Mapping[str, Any], path: str | Path | None = None) -> None:
+    """Refuse top-level keys of a params file that are not sections b2p knows (all of them in one error)."""
+    unknown = [str(k) for k in data if str(k) not in SECTIONS]
+    if not unknown:
+        return
+    named = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, list(SECTIONS), n=1)
+        named.append(f"`{k}:`" + (f" (did you mean `{close[0]}:`?)" if close else ""))
+    raise B2PError(
+        f"unknown top-level section{'s' if len(unknown) > 1 else ''} {', '.join(named)}: b2p would ignore it; "
+        f"known sections: {', '.join(sorted(SECTIONS))} (b2p/schema.py SECTIONS)",
+        path,
+    )
+
+
+@functools.cache
+def schema(stage: str) -> type[BaseModel]:
+    """The pydantic model of a params section (built once; train/teach from their dataclasses)."""
+    loader = SECTIONS.get(stage)
+    if loader is None:
+        raise KeyError(f"no parameter schema for section {stage!r}")
+    return loader()
+
+
+STAGES = tuple(name for name, model in SECTIONS.items() if model is not None)  # the typed sections
 
 
 # --- merging and validating --------------------------------------------------------------------------------
@@ -340,7 +415,7 @@ STAGES = ("masks_to_boxes", "import", "teach", "train", "predict", "finalize", "
 
 def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
     """`--set a=1 --set grabcut.iterations=3` -> {"a": 1, "grabcut": {"iterations": 3}} (values read as YAML)."""
-    import yaml
+    from b2p.params import parse_yaml
 
     out: dict[str, Any] = {}
     for item in items or []:
@@ -349,8 +424,8 @@ def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise B2PError(f"--set needs KEY=VALUE, got {item!r}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+            value = parse_yaml(text, what="--set value") if text.strip() else None
+        except B2PError:
             value = text  # let the schema say what is wrong with it
         *parents, leaf = key.split(".")
         node = out
@@ -491,7 +566,8 @@ def resolve(
 
 
 def check_params_file(path: str | Path, stages: Sequence[str] = STAGES) -> dict[str, BaseModel]:
-    """Validate every stage section a params file holds (sections of other tools are left alone).
+    """Validate every typed section a params file holds (an unknown section is refused, the pipelines' own
+    sections are left to their readers).
 
     For the suite and CI: one B2PError listing every problem of every section, naming the file."""
     from b2p.params import read_params_section

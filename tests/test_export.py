@@ -223,7 +223,7 @@ def test_params_section_sets_the_options(project: Path) -> None:
     assert img.stat().st_ino == (project / "raw/images/c.png").stat().st_ino
     (project / "params.yaml").write_text("export:\n  format: [yolo]\n")
     res = runner.invoke(app, ["export", "--params", "params.yaml"])
-    assert res.exit_code == 1 and "unknown keys" in res.output
+    assert res.exit_code == 1 and "export.format: unknown key (did you mean 'formats'?)" in res.output, res.output
 
 
 @pytest.mark.parametrize(

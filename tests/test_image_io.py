@@ -39,10 +39,13 @@ def _save_oriented(path: Path, pixels: np.ndarray, orientation: int, **kw) -> Pa
     return path
 
 
-def _import(tmp_path: Path, images: Path, names: list[str], sizes: list[tuple[int, int]], masks: Path | None = None):
+def _import(tmp_path: Path, images: Path, names: list[str], sizes: list[tuple[int, int]], masks: Path | None = None,
+            boxes: list[tuple[int, list[int]]] = ((1, [1, 1, 5, 5]),)):
+    """Each image gets `boxes` ((category id, [x, y, w, h]), ...)."""
     coco = {
         "images": [{"id": i + 1, "file_name": n, "width": w, "height": h} for i, (n, (w, h)) in enumerate(zip(names, sizes))],
-        "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [1, 1, 5, 5]} for i in range(len(names))],
+        "annotations": [{"id": len(names) * k + i + 1, "image_id": i + 1, "category_id": c, "bbox": b}
+                        for i in range(len(names)) for k, (c, b) in enumerate(boxes)],
         "categories": [{"id": 1, "name": "crack"}, {"id": 2, "name": "spot"}],
     }
     (tmp_path / "ann.json").write_text(json.dumps(coco))
@@ -208,7 +211,7 @@ def test_import_with_voc_style_palette_masks(tmp_path):
     lm[1:6, 1:6], lm[12:16, 20:28] = 1, 2
     (tmp_path / "masks").mkdir()
     _palette_png(tmp_path / "masks" / "a.png", lm)
-    r, out = _import(tmp_path, tmp_path / "images", ["a.png"], [(W, H)], masks=tmp_path / "masks")
+    r, out = _import(tmp_path, tmp_path / "images", ["a.png"], [(W, H)], masks=tmp_path / "masks", boxes=[(1, [1, 1, 5, 5]), (2, [20, 12, 8, 4])])
     assert r.exit_code == 0, r.output
     (im,) = load_batch(out).images
     np.testing.assert_array_equal(im.manual_label_map(), lm)

@@ -89,6 +89,10 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
 
 
+# params.yaml keys that shrink the main job to a test's size (also used by tests/test_core_install.py)
+SMALL_MAIN_JOB = TINY
+
+
 def make_project(tmp_path: Path) -> Path:
     """A fresh copy of the project (dvc.yaml, params.yaml, class list, code) as its own git + DVC repo."""
     root = tmp_path / "proj"

@@ -26,7 +26,7 @@ def test_yaml_string_numbers_are_coerced(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("train:\n  lr: 5e-4\n  epochs: '3'\n  taps: 1,2,4\n  self_correction: 'false'\n")
     tp = train_params([p])
-    assert tp.lr == 5e-4 and isinstance(tp.lr, float)  # PyYAML reads 5e-4 (no dot) as a string
+    assert tp.lr == 5e-4 and isinstance(tp.lr, float)  # YAML 1.2 (as DVC reads it): a float; quoted ones are coerced
     assert tp.epochs == 3 and tp.taps == [1, 2, 4] and tp.self_correction is False
 
 

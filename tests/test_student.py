@@ -323,7 +323,7 @@ def test_cli_train_and_predict(taught, tmp_path: Path):
     params = tmp_path / "params.yaml"
     p = tiny_params(epochs=2, unet_base=8)
     section = {k: v for k, v in p.__dict__.items()}
-    params.write_text(yaml.safe_dump({"train": section, "other": {"x": 1}}))
+    params.write_text(yaml.safe_dump({"train": section, "evaluate": {"worst": 3}}))  # other known sections: not train's
     runner = CliRunner()
     imported = path.parent
     model_dir = tmp_path / "model"
@@ -609,14 +609,14 @@ def test_a_model_folder_is_always_one_trainings_output(taught, tmp_path: Path, m
     def disk_full(*a, **k):
         raise OSError("disk full")
 
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.")]  # a kill cannot clean up its hidden build folder
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".b2p-")]  # a kill cannot clean up its hidden build folder
     monkeypatch.setattr(train_mod, "_write_curves", disk_full)
     with pytest.raises(OSError):
         train_student([path], teach, out, tiny_params(epochs=1, seed=5), progress=False)
     monkeypatch.undo()
     assert {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == before
     # the next run removed the kill's build folder, and its own is gone with its error
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.")]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".b2p-")]
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from b2p.dataset import ImageRecord, class_list_of, load_batches
+from b2p.dataset import ImageRecord, class_list_of, input_folders, load_batches
 from b2p.errors import B2PError
 from b2p.evaluate.metrics import ConfusionMatrix, image_binary_scores, scores
 from b2p.evaluate.noise import DEFAULT_MIN_COVER, DEFAULT_SIZE_BINS, NoiseAccumulator, RecoveryAccumulator, true_components
-from b2p.fileio import write_json_atomic, write_text_atomic
+from b2p.fileio import check_separate_folders, write_json_atomic, write_text_atomic
 from b2p.labels import ClassList, label_map_key, label_map_path, paint_label_map, read_label_map
 
 STUDENT, TEACHER, BOX = "student", "teacher", "box"
@@ -241,6 +241,8 @@ def evaluate(
         sources.append(s)
     if not sources:
         raise B2PError("nothing to evaluate: no student, teacher, box baseline or --source given")
+    roots = {("--pred-root" if s.name == STUDENT else "--teacher-root" if s.name == TEACHER else f"--source {s.name}"): s.root for s in sources}
+    check_separate_folders({"--out": Path(out)}, {**roots, **input_folders(batches)})
     check_sources_complete(sources, images, batches)
 
     cms = {s.name: ConfusionMatrix(k + 1) for s in sources}

@@ -16,7 +16,7 @@ import numpy as np
 
 from b2p.evaluate.metrics import normalized_matrix
 from b2p.fileio import read_image, write_bytes_atomic, write_text_atomic
-from b2p.labels import class_color_hex, colorize, label_map_key
+from b2p.labels import class_color_hex, colorize, overlay_name
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -170,7 +170,7 @@ def write_overlays(folder: str | Path, result: EvalResult, rank_source: str, wor
             ax.axis("off")
         handles = _class_legend(result.classes.names)
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
-        p = folder / f"{rank:02d}_{label_map_key(im.batch)}__{label_map_key(im.file_name)}.png"
+        p = folder / overlay_name(rank, im.batch, im.file_name)
         _save(fig, p)
         written.append(p)
     _remove_stale(folder, "*.png", set(written))

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 
-
 def _names(values) -> list[str]:
     """`--format a --format b`, `--format a,b` and a YAML list all mean the same."""
     if values is None:
@@ -43,8 +42,8 @@ def export(
     its box_id, class, score where the source has one, RLE or polygon mask), OUT/yolo/ (images/<split>/,
     labels/<split>/*.txt, data.yaml) and OUT/semantic/ (img_dir/<split>/, ann_dir/<split>/*.png label
     maps, splits/<split>.txt, classes.txt: the MMSegmentation layout), each with export.json (provenance,
-    counts, how well polygons rasterise back). Each format folder is rebuilt whole; a re-run gives the same
-    bytes.
+    counts, how well polygons rasterise back). The formats of one run replace the old ones together, all or
+    none, even when the run is killed; a re-run gives the same bytes.
     """
     from rich.console import Console
 

@@ -12,11 +12,12 @@ images of different batches never collide and no path holds an inner `images/` f
 would rewrite to find the labels. `export.json` records where the masks came from, the counts and, for
 polygons, how well they rasterise back.
 
-Reproducible and all-or-nothing: JSON keys are sorted, nothing carries a time, and every format is built
-in a hidden folder beside its target (each file written atomically) that replaces the old folder only
-after every format has been built; on any error the hidden folders are removed and nothing changes (those
-of a killed run are removed by the next). A folder is replaced only if it holds a b2p `export.json`, so an existing folder b2p did not write is
-refused rather than deleted.
+Reproducible and all-or-nothing: JSON keys are sorted, nothing carries a time, and every format of a run is
+built in ONE hidden folder inside OUT (each file written atomically), then the formats are swapped in as a
+set (`fileio.staged_dirs`): a run killed at any point leaves them all old or, once the swap has begun, all new
+(the next run finishes a swap a kill interrupted before it reads anything). On any error the hidden folder is
+removed and nothing changes. A folder is replaced only if it holds a b2p `export.json`, so an existing
+folder b2p did not write is refused rather than deleted.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from b2p.dataset import ImageRecord, class_list_of, load_batches
+from b2p.dataset import ImageRecord, class_list_of, input_folders, load_batches
 from b2p.errors import B2PError
-from b2p.fileio import clear_stale_stages, exif_orientation, read_json, sha256_file, staged_dirs, write_bytes_atomic
-from b2p.labels import ClassList, label_map_key, label_map_path, read_label_map
+from b2p.fileio import check_separate_folders, exif_orientation, read_json, recover_staged, sha256_file, staged_dirs, temp_prefix, write_bytes_atomic
+from b2p.labels import ClassList, export_stem, label_map_path, read_label_map
 from b2p.masks import rle_encode
 
 # Named mask sources and the root each one reads by default (`--source-root` points anywhere).
@@ -179,7 +180,7 @@ def collect_items(
         for rec in b.images:
             if rec.split not in by_split:
                 continue
-            name = f"{b.name}__{label_map_key(rec.file_name)}"
+            name = export_stem(b.name, rec.file_name)
             if name in names:
                 raise B2PError(f"images {names[name]!r} and {rec.key!r} would get the same export name {name!r}")
             names[name] = rec.key
@@ -190,14 +191,15 @@ def collect_items(
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise B2PError(f"mask source has no label map for {len(missing)} exported image(s){more}", missing[0])
-    from b2p.teach.base import _check_unchanged, check_teacher_root  # the checks teach and train make
+    from b2p.dataset import check_image_unchanged
+    from b2p.teach.base import check_teacher_root  # the checks teach and train make
 
     for b in batches:  # masks a teacher or finalize made from other images must not ship with these
         check_teacher_root(source_root, b)
         if unboxed_root is not None:
             check_teacher_root(unboxed_root, b)
     for item in (i for items in by_split.values() for i in items):  # a replaced image must not get the old one's masks
-        _check_unchanged(item.record)
+        check_image_unchanged(item.record)
     return classes, by_split, batches
 
 
@@ -215,7 +217,7 @@ def _place_image(src: Path, dst: Path, mode: str) -> None:
     if mode == "copy":
         write_bytes_atomic(dst, src.read_bytes())
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dst.name), suffix=".tmp", dir=dst.parent)
     os.close(fd)
     os.unlink(tmp)
     try:
@@ -446,6 +448,10 @@ def export_dataset(
     for t in targets:
         _check_out(t)
     classes, by_split, batches = collect_items(batch_files, source_root, opts.splits, unboxed_root)
+    inputs = {f"the mask source ({opts.source})": source_root, "--teacher-root": teacher_root, "--model": model_dir}
+    if unboxed_root is not None:
+        inputs[f"the mask source of the images without boxes ({opts.unboxed})"] = unboxed_root
+    check_separate_folders({"--out": out}, {**inputs, **input_folders(batches)})
     splits = list(by_split)
     scores = {b.name: _scores(source_root, b.name) for b in batches}
 
@@ -472,8 +478,7 @@ def export_dataset(
                                [i.label_map for items in by_split.values() for i in items]),
     }
     n_items = sum(len(v) for v in by_split.values())
-    for fmt in FORMATS:  # a killed run's leftovers, of the formats not written this time too
-        clear_stale_stages(out / fmt)
+    recover_staged([out / fmt for fmt in FORMATS])  # a killed run's swap or leftovers, of formats not written this time too
     with staged_dirs(targets) as stages:
         writers = [WRITERS[f](s, classes, opts, info) for f, s in zip(dict.fromkeys(opts.formats), stages)]
         need_instances = any(w.needs_instances for w in writers)

@@ -293,7 +293,7 @@ def finalize(
 
     from b2p.evaluate.metrics import ConfusionMatrix
     from b2p.splits import parse_splits
-    from b2p.teach.base import _Progress
+    from b2p.progress import Progress
 
     from b2p.fileio import check_separate_folders, staged_dirs
     from b2p.teach.base import check_teacher_root
@@ -302,12 +302,15 @@ def finalize(
     student_out = None if student_out is None else Path(student_out)
     # the outputs are replaced whole (below): neither may be, hold or lie inside an input or the other, nor
     # hold anything finalize does not write (the batch files, images, a teacher root's other files)
-    check_separate_folders({"--out": out, "--student-out": student_out}, {"--probs": probs_root, "--teacher-root": teacher_root})
+    batches: list[Batch] = load_batches(batch_files)
+    from b2p.dataset import input_folders
+
+    check_separate_folders({"--out": out, "--student-out": student_out},
+                           {"--probs": probs_root, "--teacher-root": teacher_root, **input_folders(batches)})
     _check_replaceable(out, "thresholds.json", {"labelmaps", "provenance.json"})
     if student_out is not None:
         _check_replaceable(student_out, "threshold.json", {"labelmaps"})
     wanted = parse_splits(splits)
-    batches: list[Batch] = load_batches(batch_files)
     classes = class_list_of(batches)
     names = list(classes.names)
     k1 = classes.num_classes + 1
@@ -343,7 +346,7 @@ def finalize(
     stride = max(1, -(-sum(im.width * im.height for im in calib) // OFFSET_FIT_PIXELS))
     if calib:
         grid = _grid(teacher_root is not None)
-        with _Progress(progress and student_out is not None and student_snap, "finalize: student-alone rules", len(calib)) as advance:
+        with Progress(progress and student_out is not None and student_snap, "finalize: student-alone rules", len(calib)) as advance:
             for im in calib:
                 probs = read_class_probabilities(probs_root, im)
                 cached.append((im, 1.0 - probs[0], teacher_map(im), im.manual_label_map()))
@@ -354,7 +357,7 @@ def finalize(
                 del probs
                 advance(1)
         per_point = []
-        with _Progress(progress, "finalize: calibrating", len(grid)) as advance:
+        with Progress(progress, "finalize: calibrating", len(grid)) as advance:
             for a, t in grid:
                 cm = ConfusionMatrix(k1)
                 settings = dict.fromkeys(range(1, k1), (a, t))
@@ -402,7 +405,7 @@ def finalize(
         n_images = n_boxes = rescued = unsnapped = 0
         cm_chosen = ConfusionMatrix(k1)
         total = sum(len(b.split(*wanted)) for b in batches)
-        with _Progress(progress, "finalize: masks", total) as advance:
+        with Progress(progress, "finalize: masks", total) as advance:
             for b in batches:
                 b_boxes = b_rescued = 0
                 for im in b.split(*wanted):

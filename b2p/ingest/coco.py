@@ -14,6 +14,7 @@ from typing import Any
 from b2p.errors import B2PError
 from b2p.fileio import normalize_file_name, read_json, sha256_file
 from b2p.ingest.source import SourceAnnotation, SourceBatch, SourceImage, is_int, is_number
+from b2p.labels import normalize_class_name
 
 
 def _require_list(data: dict, key: str, path: Path) -> list:
@@ -59,12 +60,35 @@ def _check_segmentation(seg: Any, where: str, path: Path) -> Any:
     raise B2PError(f"{where}: segmentation must be polygons (a list) or RLE (an object), got {type(seg).__name__}", path)
 
 
+def b2p_origin(data: dict) -> str | None:
+    """Why a COCO-looking file is one b2p wrote itself, or None. Its masks are b2p's own pseudo-masks or
+    predictions, not manual masks, so importing it would make them ground truth (and an export's `bbox` is
+    each mask's extent, not the annotated box; boxes whose mask was empty are not in it at all)."""
+    info = data.get("info") if isinstance(data.get("info"), dict) else {}
+    anns = data.get("annotations") if isinstance(data.get("annotations"), list) else []
+    first = anns[0] if anns and isinstance(anns[0], dict) else {}
+    if info.get("b2p_format") is not None:
+        return "a b2p canonical batch file (written by `b2p import`): it is imported already; import the original box file it names under info.sources"
+    if "mask_rule" in info or "b2p_box" in first:
+        return (
+            f"a b2p export (`b2p export`, {info.get('source', 'unknown')} masks): its segmentations are masks b2p made, not manual "
+            "masks, and its bboxes are those masks' extents, not the annotated boxes; import the batch's original box file "
+            "instead (data/imported/<batch>.json names it under info.sources)"
+        )
+    if str(info.get("description", "")).startswith("b2p teacher") or ("box_id" in first and "score" in first):
+        return "b2p teacher pseudo-masks (instances.json of `b2p teach`), not manual masks; import the batch's original box file instead"
+    return None
+
+
 def read_coco(path: str | Path) -> SourceBatch:
-    """Parse a COCO JSON file; raise a B2PError naming the file and the entry at fault."""
+    """Parse a COCO JSON file; raise a B2PError naming the file and the entry at fault. A file b2p wrote
+    itself (an export, a teacher's instances.json, a canonical batch file) is refused (`b2p_origin`)."""
     path = Path(path)
     data = read_json(path, "COCO annotation file")
     if not isinstance(data, dict):
         raise B2PError(f"not a COCO file: the top level must be an object, got {type(data).__name__}", path)
+    if (origin := b2p_origin(data)) is not None:
+        raise B2PError(f"this file is {origin}", path)
     raw_images = _require_list(data, "images", path)
     raw_anns = _require_list(data, "annotations", path)
     raw_cats = _require_list(data, "categories", path)
@@ -74,8 +98,8 @@ def read_coco(path: str | Path) -> SourceBatch:
         c = _entry(c, "category", i, path)
         where = f"category #{i}"
         cid = _field(c, "id", is_int, "an integer", where, path)
-        # stripped as YOLO names are: " crack" and "crack" are one class
-        name = _field(c, "name", lambda v: isinstance(v, str) and v.strip(), "a non-empty string", where, path).strip()
+        # one spelling per name, as for YOLO names (" crack" is "crack"; NFD "e\u0301" is NFC "\u00e9")
+        name = normalize_class_name(_field(c, "name", lambda v: isinstance(v, str) and v.strip(), "a non-empty string", where, path))
         if cid <= 0:
             raise B2PError(f"{where}: category id must be positive (0 is background), got {cid}", path)
         if cid in categories:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from b2p.errors import B2PError
-from b2p.fileio import read_image, write_json_atomic
+from b2p.fileio import check_separate_folders, read_image, write_json_atomic
 from b2p.ingest.importer import check_batch_name
 from b2p.ingest.source import progress
 from b2p.labels import label_map_path, write_label_map
@@ -167,6 +167,8 @@ def masks_to_boxes(
     check_batch_name(batch)
     rule = rule or SplitRule()
     root, out = Path(root), Path(out)
+    # the dataset is read again by `b2p import` (and the oracle's PNGs would pass for masks there)
+    check_separate_folders({"--out": out, "--oracle-out": oracle_out}, {"the dataset root": root})
     if not 1 <= threshold <= 255:
         raise B2PError(f"--threshold must be in 1..255, got {threshold}")
     if masked is not None and not 0 <= masked <= 1:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from b2p.errors import B2PError
 from b2p.fileio import sha256_file
+from b2p.labels import normalize_class_name
 from b2p.ingest.source import SourceAnnotation, SourceBatch, SourceImage, files_by_stem, list_images, name_key
 
 
@@ -34,12 +35,9 @@ def read_yolo_classes(path: str | Path) -> list[str]:
         raise B2PError("YOLO class list not found", path)
     text = _read_text(path, "YOLO class list")
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+        from b2p.params import parse_yaml
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise B2PError(f"YOLO data.yaml is not valid YAML: {e}", path) from None
+        data = parse_yaml(text, path, "YOLO data.yaml")
         names = data.get("names") if isinstance(data, dict) else None
         if isinstance(names, dict):
             if not all(isinstance(k, int) and not isinstance(k, bool) for k in names):
@@ -50,7 +48,6 @@ def read_yolo_classes(path: str | Path) -> list[str]:
             names = [names[k] for k in keys]
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
             raise B2PError("YOLO data.yaml needs 'names': a list (or {index: name} map) of non-empty class names", path)
-        names = [n.strip() for n in names]
     else:
         lines = text.splitlines()
         while lines and not lines[-1].strip():
@@ -58,9 +55,10 @@ def read_yolo_classes(path: str | Path) -> list[str]:
         for i, line in enumerate(lines, 1):
             if not line.strip():
                 raise B2PError(f"line {i} is empty; one class name per line, class index = line number - 1", path)
-        names = [line.strip() for line in lines]
+        names = lines
         if not names:
             raise B2PError("YOLO class list is empty", path)
+    names = [normalize_class_name(n) for n in names]
     if len(set(names)) != len(names):
         raise B2PError(f"YOLO class list has duplicate names: {names}", path)
     return names

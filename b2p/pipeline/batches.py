@@ -22,7 +22,6 @@ atomically (comments kept). A failure at any step undoes the earlier ones.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import shutil
@@ -57,31 +56,23 @@ class AddBatchResult:
 # --- params.yaml: round-trip editing that keeps comments and layout -------------------------------------
 
 
-def _yaml():
-    from ruamel.yaml import YAML  # ships with DVC (a declared dependency); keeps comments on round trip
-
-    y = YAML()  # round-trip mode
-    y.preserve_quotes = True
-    y.indent(mapping=2, sequence=4, offset=2)
-    y.width = 4096  # never re-wrap long lines
-    return y
-
-
 def load_params(path: str | Path) -> Any:
-    """Parse params.yaml for editing (a ruamel CommentedMap); B2PError names the file on any problem."""
+    """Parse params.yaml for editing (a ruamel CommentedMap) with the project's one YAML reader
+    (b2p.params); B2PError names the file on any problem."""
+    from b2p.params import read_yaml_for_editing
+    from b2p.schema import check_section_names
+
     path = Path(path)
     if not path.is_file():
         raise B2PError("params file not found (run add-batch in the project root, or pass --params)", path)
-    try:
-        data = _yaml().load(path.read_text())
-    except Exception as e:  # ruamel raises several YAMLError subclasses and ValueErrors
-        raise B2PError(f"params file is not valid YAML: {e}", path) from None
+    data = read_yaml_for_editing(path)
     if data is None:
         from ruamel.yaml.comments import CommentedMap
 
         data = CommentedMap()
     if not hasattr(data, "keys"):
         raise B2PError("params file must be a mapping of sections (base:, train:, batches:, ...)", path)
+    check_section_names(data, path)
     batches = data.get("batches")
     if batches is not None and not hasattr(batches, "keys"):
         raise B2PError("`batches:` must be a mapping of batch name -> {source, format, files}", path)
@@ -95,9 +86,9 @@ def registered_batches(path: str | Path) -> dict[str, dict]:
 
 
 def dump_params(data: Any) -> str:
-    buf = io.StringIO()
-    _yaml().dump(data, buf)
-    return buf.getvalue()
+    from b2p.params import dump_yaml_for_editing
+
+    return dump_yaml_for_editing(data)
 
 
 def batch_entry(name: str, raw_root: str | Path, fmt: str, has_masks: bool, yolo_classes_name: str | None = None) -> dict:
@@ -170,12 +161,12 @@ def register_batch(params_path: str | Path, name: str, entry: dict) -> None:
     if trailing is not None:
         _push_trailing_comment(batches, trailing)
     text = dump_params(data)
-    # the rewrite must parse (with a plain YAML reader) to the old mapping plus the new entry: a guard
-    # against any round-trip slip, since DVC and every stage read this file
-    import yaml
+    # the rewrite must parse (with the plain reader every stage uses) to the old mapping plus the new entry:
+    # a guard against any round-trip slip, since DVC and every stage read this file
+    from b2p.params import parse_yaml, read_yaml
 
-    before = yaml.safe_load(params_path.read_text()) or {}
-    after = yaml.safe_load(text)
+    before = read_yaml(params_path, "params file") or {}
+    after = parse_yaml(text, params_path, "rewritten params file")
     new_entry = after.get("batches", {}).pop(name, None)
     if not after.get("batches"):
         after.pop("batches", None)

@@ -188,9 +188,9 @@ def make_workspace(project: Path, ws: Path, seed: int, name: str, source: BatchS
 
 
 def load_params_text(text: str):
-    from b2p.pipeline.batches import _yaml
+    from b2p.params import parse_yaml
 
-    return _yaml().load(text)
+    return parse_yaml(text, what="generated params", round_trip=True)
 
 
 def _same_batch(raw: Path, source: BatchSource) -> bool:

@@ -130,7 +130,7 @@ def predict(
     (the model's path and sha256, the settings, the maps written), so a failed run changes nothing.
     """
     from b2p.schema import check_finite, resolve
-    from b2p.student.predict import check_roots_apart, items_from_batches, items_from_folder, run_prediction
+    from b2p.student.predict import items_from_batches, items_from_folder, run_prediction
     from b2p.student.snap import SnapSettings, check_snap
 
     for value, flag in ((box_threshold, "--box-threshold"), (snap_sure, "--snap-sure"), (overlap, "--overlap")):
@@ -165,23 +165,24 @@ def predict(
         from b2p.ingest.source import list_images
         from b2p.labels import check_label_map_keys
 
-        check_roots_apart(named, images_dir=images)  # else the maps overwrite the images, or are read as images
+        check_separate_folders(named, {"--images": images})  # else the maps overwrite the images, or are read as images
         check_label_map_keys(list_images(images) if images.is_dir() else [], images)
         items = items_from_folder(images, out, probs, snap_out)
         inputs = {"images": str(images)}
     else:
         from b2p.project import resolve_batch_files
 
-        from b2p.dataset import class_list_of, load_batches
+        from b2p.dataset import class_list_of, input_folders, load_batches
         from b2p.student.checkpoint import check_class_lists, read_checkpoint
 
         files = resolve_batch_files(imported, batch)
         ck = read_checkpoint(model)
-        check_class_lists(ck["class_names"], list(class_list_of(load_batches(files)).names), ck["path"])
+        batches = load_batches(files)
+        check_class_lists(ck["class_names"], list(class_list_of(batches).names), ck["path"])
         items = items_from_batches(files, split, out, probs, boxes_out, snap_out)
         if not items:
             raise B2PError(f"the {split} split of the chosen batches holds no images: nothing to predict")
-        check_roots_apart(named, images=[it.image_path for it in items])
+        check_separate_folders(named, input_folders(batches), [it.image_path for it in items])
         inputs = {"imported": str(imported), "batches": [f.stem for f in files], "split": split}
     kinds = {"--out": "student", "--boxes-out": "boxes", "--snap-out": "snapped"}
     res = run_prediction(

@@ -255,11 +255,11 @@ def settings_with_rule(
 def check_inputs(items: list[PredictItem]) -> None:
     """Every image exists and, where it was imported, is still the imported one (sha256): all are checked
     before anything is written, so a replaced image is never predicted with its old boxes."""
-    from b2p.teach.base import _check_unchanged  # the check teach makes
+    from b2p.dataset import check_image_unchanged  # the check teach makes
 
     for it in items:
         if it.record is not None:
-            _check_unchanged(it.record)
+            check_image_unchanged(it.record)
         elif not Path(it.image_path).is_file():
             raise B2PError("image file not found", it.image_path)
 

@@ -259,7 +259,9 @@ def train_student(
 
     console = console or Console(stderr=True)
     out_dir = Path(out_dir)
-    check_separate_folders({"--out": out_dir}, {"--teacher-root": teacher_root})
+    from b2p.dataset import input_folders, load_batches
+
+    check_separate_folders({"--out": out_dir}, {"--teacher-root": teacher_root, **input_folders(load_batches(batch_files))})
     _check_model_folder(out_dir)
     t_start = time.perf_counter()
     seed_everything(params.seed)
@@ -267,7 +269,7 @@ def train_student(
 
     train_samples, num_classes = gather_samples(batch_files, teacher_root, ("train",))
     val_samples, _ = gather_samples(batch_files, teacher_root, ("val",))
-    from b2p.dataset import class_list_of, load_batches
+    from b2p.dataset import class_list_of
 
     class_names = list(class_list_of(load_batches(batch_files)).names)
     if not train_samples:

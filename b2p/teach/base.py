@@ -36,15 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from b2p.dataset import Batch, ImageRecord, load_batch
+from b2p.dataset import Batch, ImageRecord, check_image_unchanged, input_folders, load_batch
 from b2p.errors import B2PError
-from b2p.fileio import read_image, read_json, sha256_file, write_bytes_atomic, write_json_atomic, write_png_atomic
+from b2p.fileio import check_separate_folders, read_image, read_json, write_bytes_atomic, write_json_atomic, write_png_atomic
 from b2p.labels import label_map_key, label_map_path, paint_label_map, write_label_map
 from b2p.masks import rle_decode, rle_encode
 from b2p.progress import Progress
 from b2p.splits import SPLITS
 
-_Progress = Progress  # old private name, still imported by finalize / predict until they move
 
 PART_FORMAT = 1
 PARTS_DIR = ".parts"
@@ -249,6 +248,9 @@ def teach_batch(
         raise B2PError("batch was never imported (annotation file missing); run `b2p import` first", batch_file)
     batch = load_batch(batch_file)
     out_dir = Path(out_root) / batch.name
+    check_separate_folders({"--out": out_dir}, input_folders([batch]))
+    for im in batch.images:  # every image before anything is written, the hidden resume files included
+        check_image_unchanged(im)
     commit_staged_outputs(out_dir)  # an assembly killed earlier: finish it, or drop it when incomplete
     shash = settings_hash(teacher)
     t0 = time.perf_counter()
@@ -259,7 +261,6 @@ def teach_batch(
     progress_ctx = Progress(progress, f"teach {batch.name} ({teacher.name})", len(batch.images))
     with progress_ctx as advance:
         for im in batch.images:
-            check_unchanged(im)  # a part made from the old pixels must not be reused
             jpath, ppath = _part_paths(out_dir, im)
             part = _load_part(jpath, ppath, im, shash) if resume else None
             if part is None:
@@ -331,13 +332,6 @@ def teach_batch(
     commit_staged_outputs(out_dir)
     _remove_stale(out_dir, batch)
     return TeachReport(batch.name, out_dir, len(batch.images), n_boxes, taught, reused, notes, seconds)
-
-
-def check_unchanged(im: ImageRecord) -> None:
-    if not im.path.is_file():
-        raise B2PError(f"image {im.file_name!r} of batch {im.batch!r} not found (moved since import?)", im.path)
-    if sha256_file(im.path) != im.sha256:
-        raise B2PError(f"image changed since `b2p import` (sha256 differs from the batch file); re-run `b2p import --batch {im.batch}`", im.path)
 
 
 def check_teacher_root(teacher_root: str | Path, batch: Batch) -> None:
@@ -488,4 +482,3 @@ __all__ = [
     "settings_hash",
 ]
 
-_check_unchanged = check_unchanged  # old private name (export, predict)
