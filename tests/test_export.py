@@ -53,7 +53,7 @@ def _label_maps() -> dict[str, tuple[np.ndarray, list[tuple[int, list[int]]], st
 
 @pytest.fixture()
 def project(tmp_path: Path, monkeypatch) -> Path:
-    """tmp_path laid out like a b2p project: data/imported/demo.json and masks under data/predict_boxes."""
+    """tmp_path laid out like a b2p project: data/imported/demo.json and masks under data/final."""
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     images, anns = [], []
@@ -66,7 +66,7 @@ def project(tmp_path: Path, monkeypatch) -> Path:
         for cid, xywh in boxes:
             anns.append({"id": ann_id, "image_id": i + 1, "category_id": cid, "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0})
             ann_id += 1
-        write_label_map(label_map_path(tmp_path / "data/predict_boxes", "demo", name), lm)
+        write_label_map(label_map_path(tmp_path / "data/final", "demo", name), lm)
     coco = to_coco_dict("demo", CLASSES, images, anns, [], "../../raw/images")
     save_batch_dict(tmp_path / "data/imported/demo.json", coco)
     return tmp_path
@@ -103,7 +103,7 @@ def test_coco_rle_read_back_by_pycocotools(project: Path) -> None:
     from pycocotools.coco import COCO
 
     # a teacher-style instances.json beside the label maps gives each box its score
-    write_json_atomic(project / "data/predict_boxes/demo/instances.json",
+    write_json_atomic(project / "data/final/demo/instances.json",
                       {"annotations": [{"box_id": 100, "score": 0.75}, {"box_id": 103, "score": 0.5}]})
     _export("--format", "coco")
     expected = _expected_instances()
@@ -129,7 +129,7 @@ def test_coco_rle_read_back_by_pycocotools(project: Path) -> None:
             if img["b2p_file_name"] == "a.png":
                 assert scores == {100: 0.75, 101: None}
         info = coco.dataset["info"]
-        assert info["source"] == "boxes" and info["source_root"] == "data/predict_boxes" and info["b2p_version"]
+        assert info["source"] == "final" and info["source_root"] == "data/final" and info["b2p_version"]
     assert seen_boxes == [100, 101, 102, 103, 105]  # box 104 has an empty mask: left out, and counted
     manifest = json.loads((project / "data/export/coco/export.json").read_text())
     assert manifest["boxes"] == {"boxes": 6, "empty_boxes": 1, "unboxed_pixels": 1}
@@ -216,7 +216,7 @@ def test_second_export_is_byte_identical_and_replaces_the_first(project: Path) -
 
 
 def test_params_section_sets_the_options(project: Path) -> None:
-    (project / "params.yaml").write_text("export:\n  formats: [yolo]\n  source: boxes\n  splits: [val]\n  images: hardlink\n  coco_masks: rle\n")
+    (project / "params.yaml").write_text("export:\n  formats: [yolo]\n  source: final\n  splits: [val]\n  images: hardlink\n  coco_masks: rle\n")
     _export("--params", "params.yaml")
     assert sorted(p.name for p in (project / "data/export").iterdir()) == ["yolo"]
     img = project / "data/export/yolo/images/val/demo__c.png"
@@ -237,10 +237,10 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(project: Path, case: st
         args += ["--source", "sam"]
         expect = "unknown mask source 'sam'"
     elif case == "missing masks":
-        (project / "data/predict_boxes/demo/labelmaps/c.png").unlink()
+        (project / "data/final/demo/labelmaps/c.png").unlink()
         expect = "no label map for 1 exported image"
     elif case == "wrong-size mask":  # found only while exporting: the half-built folders are removed
-        write_label_map(project / "data/predict_boxes/demo/labelmaps/d.png", np.zeros((10, 10), np.uint8))
+        write_label_map(project / "data/final/demo/labelmaps/d.png", np.zeros((10, 10), np.uint8))
         expect = f"label map is 10x10 but its image is {W}x{H}"
     elif case == "out is a file":
         (project / "data/export").write_text("not a folder")
@@ -258,7 +258,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(project: Path, case: st
         expect = "no images in split(s) ['tset']"
     else:
         args += ["--format", "voc"]
-        expect = "unknown export format 'voc'"
+        expect = "export.formats: Input should be 'coco', 'yolo' or 'semantic', got 'voc'"
     before = _tree(project)
     res = runner.invoke(app, args)
     assert res.exit_code == 1
@@ -294,29 +294,30 @@ def _manifest_root(root: Path, *model_shas: str) -> None:
 
 
 def test_model_is_recorded_only_for_the_students_own_masks(project: Path) -> None:
-    model = project / "data/models/student"
+    import shutil
+
+    model = project / "data/model"
     model.mkdir(parents=True)
     (model / "model.pt").write_bytes(b"weights")
+    shutil.copytree(project / "data/final", project / "data/predict_boxes")  # the student's box-guided masks
 
     def recorded(*args: str):
-        _export("--format", "semantic", *args)
+        _export("--format", "semantic", "--source", "boxes", *args)
         return json.loads((project / "data/export/semantic/export.json").read_text())["info"]["model"]
 
     assert recorded()["sha256"] == sha256_file(model / "model.pt")  # default root, no manifest: --model
     copy = project / "elsewhere"
-    import shutil
-
-    shutil.copytree(project / "data/predict_boxes", copy)
+    shutil.copytree(project / "data/final", copy)
     assert recorded("--source-root", str(copy)) is None  # --model says nothing about masks from elsewhere
     _manifest_root(copy, "f" * 64)
     rec = recorded("--source-root", str(copy))
     assert rec["sha256"] == "f" * 64 and rec["path"] == "elsewhere/model.pt"  # the model that wrote them
-    res = runner.invoke(app, ["export", "--quiet", "--format", "semantic", "--source-root", str(copy)])
+    res = runner.invoke(app, ["export", "--quiet", "--format", "semantic", "--source", "boxes", "--source-root", str(copy)])
     assert "elsewhere/model.pt" in res.output
     # maps of two models in one root: refused before anything is written
     _manifest_root(copy, "f" * 64, "e" * 64)
     before = _tree(project / "data/export")
-    res = runner.invoke(app, ["export", "--quiet", "--format", "semantic", "--source-root", str(copy)])
+    res = runner.invoke(app, ["export", "--quiet", "--format", "semantic", "--source", "boxes", "--source-root", str(copy)])
     assert res.exit_code == 1 and "different models" in res.output and "predict.json" in res.output, res.output
     assert _tree(project / "data/export") == before
 
