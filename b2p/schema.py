@@ -1,6 +1,7 @@
 """One typed parameter schema per stage, and the one merge rule: defaults < params files < command line.
 
-Every stage that reads a `params.yaml` section (import, masks_to_boxes, teach, train, evaluate) resolves
+Every stage that reads a `params.yaml` section (import, masks_to_boxes, teach, train, evaluate; `engine`,
+which teach, predict and finalize share) resolves
 its settings here, so the CLI, `params.yaml`, `dvc exp run -S` and the benchmark suite all get the same
 checks. Values are coerced to the declared type (YAML reads `lr: 5e-4` as a string: it becomes the float
 5e-4) and checked against the ranges below; NaN, infinities, unknown keys and wrong types are refused.
@@ -43,7 +44,8 @@ def _choices(values: Callable[[], Sequence[str]]) -> Callable[[Any], Any]:
     def check(v: Any) -> Any:
         allowed = tuple(values())
         if v is not None and v not in allowed:
-            raise ValueError(f"must be one of {list(allowed)}, got {v!r}")
+            close = difflib.get_close_matches(str(v), allowed, n=1, cutoff=0.4)
+            raise ValueError(f"must be one of {list(allowed)}, got {v!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         return v
 
     return check
@@ -103,6 +105,13 @@ CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
         "mask_select": {"choices": lambda: ("box", "iou", "single")},
         "clip_margin": {"ge": 0},
         "decoder_batch": {"ge": 1},
+    },
+    "engine": {
+        "name": {"choices": _model_choices("b2p.scale.engine.ENGINES")},
+        "workers": {"ge": 1},
+        "cpus_per_worker": {"gt": 0},
+        "gpus_per_worker": {"ge": 0},
+        "max_retries": {"ge": 0},
     },
     "grabcut": {
         "iterations": {"ge": 1},
@@ -237,6 +246,8 @@ def schema(stage: str) -> type[BaseModel]:
         return model_of_dataclass(_attr("b2p.teach.config.TeachConfig"), CONSTRAINTS["teach"], "TeachParams", nested={"grabcut": grabcut})
     if stage == "train":
         return model_of_dataclass(_attr(TRAIN_PARAMS), CONSTRAINTS["train"], "TrainParamsSchema")
+    if stage == "engine":  # the per-image stages' engine (b2p/scale/engine.py), shared by teach, predict, finalize
+        return model_of_dataclass(_attr("b2p.scale.engine.EngineConfig"), CONSTRAINTS["engine"], "EngineParams")
     raise KeyError(f"no parameter schema for stage {stage!r}")
 
 
@@ -250,7 +261,7 @@ def _attr(dotted: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-STAGES = ("masks_to_boxes", "import", "teach", "train", "predict", "evaluate")
+STAGES = ("masks_to_boxes", "import", "teach", "train", "predict", "evaluate", "engine")
 
 
 # --- merging and validating --------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from b2p.errors import B2PError
+from b2p.scale import options as eo
 
 
 def _taps(text: str | None) -> list[int] | None:
@@ -103,6 +104,11 @@ def predict(
     snap: str = typer.Option("none", "--snap", help="grabcut: the student's mask snapped to the image by GrabCut seeded with its own probabilities (no boxes), written to --snap-out; box-guided masks (--boxes-out) are then cut from it. none: no snapping."),
     snap_out: Path = typer.Option(None, "--snap-out", help="Also write the snapped label maps here (same layout as --out)."),
     snap_sure: float = typer.Option(0.9, "--snap-sure", help="--snap grabcut: p(defect) >= this is fixed defect, <= 1 - this fixed background; GrabCut settles the rest."),
+    engine: str = eo.ENGINE,
+    workers: int = eo.WORKERS,
+    address: str = eo.ADDRESS,
+    gpus_per_worker: float = eo.GPUS_PER_WORKER,
+    engine_params: Path = eo.ENGINE_PARAMS,
 ) -> None:
     """Predict defect label maps with a trained student.
 
@@ -121,11 +127,15 @@ def predict(
     Every image is checked first (it exists and, for batches, is the one imported); no output folder may lie
     in, or hold, the images. Each output root gets its new files only once all are built, then predict.json
     (the model's path and sha256, the settings, the maps written), so a failed run changes nothing.
+
+    --engine ray predicts the images on Ray workers, each loading the model once (--params's `engine:` section
+    sets it too); the maps are the same files, predict.json records the engine.
     """
     from b2p.schema import check_finite
     from b2p.student.predict import check_roots_apart, items_from_batches, items_from_folder, run_prediction
     from b2p.student.snap import SnapSettings, check_snap
 
+    engine_cfg = eo.engine_from_options(engine_params, engine, workers, address, gpus_per_worker)
     check_finite(box_threshold, "--box-threshold")
     check_finite(snap_sure, "--snap-sure")
     check_snap(snap)
@@ -168,11 +178,14 @@ def predict(
         check_roots_apart(named, images=[it.image_path for it in items])
         inputs = {"imported": str(imported), "batches": [f.stem for f in files], "split": split}
     kinds = {"--out": "student", "--boxes-out": "boxes", "--snap-out": "snapped"}
-    res = run_prediction(
-        model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap, window=window, tta=tta,
-        snap=snap, snap_settings=snap_settings, roots={kinds[opt]: r for opt, r in named.items()}, inputs=inputs,
-        precision=precision,
-    )
+    from b2p.scale.engine import open_engine
+
+    with open_engine(engine_cfg) as eng:
+        res = run_prediction(
+            model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap, window=window, tta=tta,
+            snap=snap, snap_settings=snap_settings, roots={kinds[opt]: r for opt, r in named.items()}, inputs=inputs,
+            precision=precision, engine=eng,
+        )
     typer.echo(
         f"wrote {res['images']} label maps under {out}" + (f", box-guided ones under {boxes_out}" if boxes_out else "")
         + (f", snapped ones ({snap}) under {snap_out}" if snap_out else "")
