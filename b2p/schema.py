@@ -89,6 +89,7 @@ CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
         "patience": {"ge": 1},
         "seed": {"ge": 0},
         "num_workers": {"ge": 0},
+        "processes": {"ge": 1},
         "dice_beta": {"ge": 0, "le": 1},
         "bg_weight": {"ge": 0},
         "defect_weight": {"ge": 0},

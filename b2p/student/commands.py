@@ -49,6 +49,9 @@ def train(
     feature_cache: str = typer.Option(None, "--feature-cache", help="auto, memory, disk or off (frozen backbone only)."),
     self_correction_region: str = typer.Option(None, "--self-correction-region", help="all (paper) or boxes."),
     warmup_epochs: int = typer.Option(None, "--warmup-epochs", help="Epochs before self-correction starts."),
+    processes: int = typer.Option(
+        None, "--processes", min=1, help="Train on N processes (torch.distributed: gloo on a CPU, NCCL on one GPU each); batch_size is the global batch. torchrun's WORLD_SIZE, when set, is used instead."
+    ),
     set_: list[str] = typer.Option(None, "--set", help="Any `train:` key, KEY=VALUE (YAML value); repeatable; wins over everything."),
 ) -> None:
     """Train the student on teacher pseudo-masks.
@@ -60,6 +63,10 @@ def train(
     Parameters: defaults < each --params file < the options above < --set KEY=VALUE. Every `train:` key
     (b2p/schema.py) can be given with --set, e.g. --set tau=0.8 --set augment=flips; types and ranges are
     checked and every problem is reported at once.
+
+    --processes N trains data-parallel on N processes (b2p/scale/distributed.py): each builds its share of
+    every global batch, the loss and BatchNorm statistics are those of the global batch, rank 0 validates and
+    writes; the curves match one process's within float rounding. Or launch it with torchrun.
     """
     from b2p.project import resolve_batch_files
     from b2p.schema import train_params
@@ -71,6 +78,7 @@ def train(
         input_size=input_size, scale=scale, max_side=max_side, select=select,
         epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device,
         feature_cache=feature_cache, self_correction_region=self_correction_region, warmup_epochs=warmup_epochs,
+        processes=processes,
     )
     # defaults < each --params file (e.g. the dataset's params.yaml, then a student variant's) < options < --set
     tp = train_params(params, cli, set_)
