@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import socket
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,8 @@ def open_ray_engine(config: EngineConfig, warn: Callable[[str], None]) -> Iterat
     """Connect to (or start) the cluster, size the pool, and yield the engine; a cluster this call started
     is stopped afterwards, one that was running (`address`, or Ray already initialised here) is left."""
     ray = _import_ray()
+    if config.address is not None:
+        check_reachable(config.address)
     owned = False
     if not ray.is_initialized():
         quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
@@ -160,7 +163,6 @@ def open_ray_engine(config: EngineConfig, warn: Callable[[str], None]) -> Iterat
             gpus = {"num_gpus": int(np.ceil(workers * config.gpus_per_worker))} if config.gpus_per_worker else {}
             ray.init(num_cpus=max(cpus, int(np.ceil(need))), **gpus, **quiet)
         else:
-            check_reachable(config.address)
             # the cluster runs this b2p's code (its dependencies must be installed on the nodes)
             env = {"py_modules": [str(Path(__file__).resolve().parents[1])]}
             try:
@@ -170,16 +172,17 @@ def open_ray_engine(config: EngineConfig, warn: Callable[[str], None]) -> Iterat
         owned = True
     try:
         _quiet_data()
-        workers, autoscale = _pool_size(ray, config, warn)
+        workers, autoscale = _pool_size(ray, config, warn, sized_here=owned and config.address is None)
         yield RayEngine(config, workers, autoscale)
     finally:
         if owned:
             ray.shutdown()
 
 
-def _pool_size(ray, config: EngineConfig, warn: Callable[[str], None]) -> tuple[int, bool]:
+def _pool_size(ray, config: EngineConfig, warn: Callable[[str], None], sized_here: bool) -> tuple[int, bool]:
     """(actors, whether the pool may run smaller) from what the cluster holds: a GPU asked of a cluster
-    without one is refused; more workers than fit run as many as fit (said once)."""
+    without one is refused; on a cluster not started for this run (`sized_here` False), more workers than
+    fit run as many as fit (said once)."""
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     if config.gpus_per_worker and gpus < config.gpus_per_worker:
@@ -189,10 +192,9 @@ def _pool_size(ray, config: EngineConfig, warn: Callable[[str], None]) -> tuple[
         fit = min(fit, int(gpus // config.gpus_per_worker))
     if config.workers is None:
         return max(1, fit), False
-    if config.workers > fit:
-        if config.address is not None:
-            warn(f"{config.workers} workers asked, but the Ray cluster has room for {fit}: running as many as fit")
-        return config.workers, config.address is not None
+    if config.workers > fit and not sized_here:
+        warn(f"{config.workers} workers asked, but the Ray cluster has room for {fit}: running as many as fit")
+        return config.workers, True
     return config.workers, False
 
 
@@ -204,6 +206,7 @@ def _quiet_data() -> None:
     ctx.enable_progress_bars = False
     with contextlib.suppress(AttributeError):
         ctx.print_on_execution_start = False
+    warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated", category=Warning)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 

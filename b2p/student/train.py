@@ -270,6 +270,8 @@ def train_student(
     if params.processes > 1:
         from b2p.scale.engine import cpu_count, oversubscription_warning
 
+        D.check_global_batches(0, params.batch_size, params.processes)  # before any process starts
+
         device = pick_device(params.device)
         if device.type == "cpu":
             text = oversubscription_warning(params.processes, 1, cpu_count(), "training processes")
