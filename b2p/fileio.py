@@ -506,8 +506,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return img.shape[1], img.shape[0]
 
 
-def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
-    """Write a uint8 array (HxW or HxWx3 RGB) as PNG, atomically."""
+def encode_png(array: np.ndarray, path: str | Path | None = None) -> bytes:
+    """The PNG bytes of a uint8 array (HxW or HxWx3 RGB); `path` only names the file in an error."""
     import cv2
 
     arr = np.asarray(array)
@@ -516,4 +516,9 @@ def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", arr)
     if not ok:
         raise B2PError("could not encode PNG", path)
-    write_bytes_atomic(path, buf.tobytes())
+    return buf.tobytes()
+
+
+def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 array (HxW or HxWx3 RGB) as PNG, atomically."""
+    write_bytes_atomic(path, encode_png(array, path))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from b2p.errors import B2PError
-from b2p.fileio import read_json, write_json_atomic, write_png_atomic
+from b2p.fileio import encode_png, read_json, write_bytes_atomic, write_json_atomic
 
 BACKGROUND = 0
 MAX_CLASSES = 255  # label maps are uint8
@@ -191,13 +191,18 @@ def label_map_path(root: str | Path, batch: str, file_name: str) -> Path:
     return Path(root) / batch / "labelmaps" / f"{label_map_key(file_name)}.png"
 
 
-def write_label_map(path: str | Path, label_map: np.ndarray) -> None:
+def encode_label_map(label_map: np.ndarray, path: str | Path | None = None) -> bytes:
+    """The PNG bytes `write_label_map` writes (for a worker that returns its maps to be written elsewhere)."""
     lm = np.asarray(label_map)
     if lm.ndim != 2:
         raise B2PError(f"label map must be HxW, got shape {lm.shape}", path)
     if lm.size and (lm.min() < 0 or lm.max() > MAX_CLASSES):
         raise B2PError("label map values must be in 0..255", path)
-    write_png_atomic(path, lm.astype(np.uint8))
+    return encode_png(lm.astype(np.uint8), path)
+
+
+def write_label_map(path: str | Path, label_map: np.ndarray) -> None:
+    write_bytes_atomic(path, encode_label_map(label_map, path))
 
 
 def read_label_map(path: str | Path, shape: tuple[int, int] | None = None, num_classes: int | None = None) -> np.ndarray:

@@ -1,7 +1,7 @@
 """One typed parameter schema per stage, and the one merge rule: defaults < params files < command line.
 
 Every stage that reads a `params.yaml` section (import, masks_to_boxes, teach, train, predict, evaluate,
-export) resolves its settings here, so the CLI, `params.yaml`, `dvc exp run -S` and the benchmark suite all
+export; `engine`, which teach, predict and finalize share) resolves its settings here, so the CLI, `params.yaml`, `dvc exp run -S` and the benchmark suite all
 get the same checks. Values are coerced to the declared type (a quoted `'3'` becomes 3) and checked against
 the ranges below; NaN, infinities, unknown keys, wrong types and booleans in place of numbers (or numbers in
 place of booleans) are refused. Every problem is reported at once, each naming the file (or command-line
@@ -91,7 +91,8 @@ def _choices(values: Callable[[], Sequence[str]]) -> Callable[[Any], Any]:
     def check(v: Any) -> Any:
         allowed = tuple(values())
         if v is not None and v not in allowed:
-            raise ValueError(f"must be one of {list(allowed)}, got {v!r}")
+            close = difflib.get_close_matches(str(v), allowed, n=1, cutoff=0.4)
+            raise ValueError(f"must be one of {list(allowed)}, got {v!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         return v
 
     return check
@@ -135,6 +136,7 @@ CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
         "patience": {"ge": 1},
         "seed": {"ge": 0},
         "num_workers": {"ge": 0},
+        "processes": {"ge": 1},
         "dice_beta": {"ge": 0, "le": 1},
         "bg_weight": {"ge": 0},
         "defect_weight": {"ge": 0},
@@ -151,6 +153,13 @@ CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
         "mask_select": {"choices": lambda: ("box", "iou", "single")},
         "clip_margin": {"ge": 0},
         "decoder_batch": {"ge": 1},
+    },
+    "engine": {
+        "name": {"choices": _model_choices("b2p.scale.engine.ENGINES")},
+        "workers": {"ge": 1},
+        "cpus_per_worker": {"gt": 0},
+        "gpus_per_worker": {"ge": 0},
+        "max_retries": {"ge": 0},
     },
     "grabcut": {
         "iterations": {"ge": 1},
@@ -375,6 +384,7 @@ SECTIONS: dict[str, Callable[[], type[BaseModel]] | None] = {
     "evaluate": lambda: EvaluateParams,
     "finalize": lambda: FinalizeParams,
     "export": lambda: ExportParams,
+    "engine": lambda: model_of_dataclass(_attr("b2p.scale.engine.EngineConfig"), CONSTRAINTS["engine"], "EngineParams"),
     # read by dvc.yaml's interpolation and checked as a whole by `check_recipe` (b2p import runs it first):
     "base": None, "demos": None, "batches": None, "students": None, "candidates": None, "distill": None, "oracle": None,
     # pipelines/suite/params.yaml (b2p/pipeline/suite.py `suite_settings`)

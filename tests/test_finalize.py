@@ -346,15 +346,15 @@ def test_finalize_is_all_or_nothing_and_an_output_root_is_one_runs_output(tmp_pa
     _new_probs(tmp_path / "pred", batch_file, {k: np.zeros_like(v) for k, v in truth.items()})  # another student
 
     calls = []
-    real = final_mod.write_label_map
+    real = final_mod.write_bytes_atomic  # the masks are written through it
 
-    def fail_late(path, lm):
+    def fail_late(path, data):
         calls.append(path)
         if len(calls) == 7:
             raise OSError("disk full")
-        real(path, lm)
+        real(path, data)
 
-    monkeypatch.setattr(final_mod, "write_label_map", fail_late)
+    monkeypatch.setattr(final_mod, "write_bytes_atomic", fail_late)
     try:
         finalize([batch_file], tmp_path / "pred", final, **kw)
         raise AssertionError("the failure was not raised")
@@ -366,9 +366,9 @@ def test_finalize_is_all_or_nothing_and_an_output_root_is_one_runs_output(tmp_pa
 
     # a kill -9 in the middle of the writing: the old outputs are still whole
     script = (
-        "import os, sys; import b2p.finalize.final as f; n = [0]; real = f.write_label_map\n"
-        "def die(p, lm):\n    n[0] += 1\n    real(p, lm)\n    n[0] == 5 and os._exit(137)\n"
-        "f.write_label_map = die\n"
+        "import os, sys; import b2p.finalize.final as f; n = [0]; real = f.write_bytes_atomic\n"
+        "def die(p, data):\n    n[0] += 1\n    real(p, data)\n    n[0] == 5 and os._exit(137)\n"
+        "f.write_bytes_atomic = die\n"
         f"f.finalize([{str(batch_file)!r}], {str(tmp_path / 'pred')!r}, {str(final)!r}, progress=False, student_out={str(alone)!r}, student_snap=False)\n"
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -143,7 +143,7 @@ def test_a_run_that_fails_midway_leaves_the_root_as_it_was(project, monkeypatch)
     import b2p.student.predict as predict
 
     calls = {"n": 0}
-    real = predict.write_probs
+    real = predict.write_bytes_atomic  # every output file of a predict run is written through it
 
     def dies_on_the_third(*a, **k):
         calls["n"] += 1
@@ -151,7 +151,7 @@ def test_a_run_that_fails_midway_leaves_the_root_as_it_was(project, monkeypatch)
             raise KeyboardInterrupt  # what Ctrl-C does; kill -9 is the stale-stage case below
         real(*a, **k)
 
-    monkeypatch.setattr(predict, "write_probs", dies_on_the_third)
+    monkeypatch.setattr(predict, "write_bytes_atomic", dies_on_the_third)
     before = _tree(project["pred"], project["root"] / "boxes")
     with pytest.raises(KeyboardInterrupt):
         predict.run_prediction(

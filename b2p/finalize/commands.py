@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from b2p.scale import options as eo
+
 
 def finalize(
     imported: Path = typer.Option(Path("data/imported"), "--imported", help="Folder of canonical batch files."),
@@ -16,8 +18,11 @@ def finalize(
     split: str = typer.Option("all", "--split", help="Images that get output masks: all, or a comma-separated list of splits (calib,test); OUT then holds these only. Calib probabilities are read in any case."),
     student_out: Path = typer.Option(None, "--student-out", help="Also write the student alone, its decision rule (argmax, a p(defect) threshold, the map snapped to the image, or the argmax with per-class offsets fitted on calib) chosen on calib by binary IoU + anomaly mIoU, here (no boxes used)."),
     student_snap: bool = typer.Option(None, "--student-snap/--no-student-snap", help="With --student-out: the maps snapped to the image (GrabCut seeded by the student, `b2p predict --snap`) are candidates too (about 3 GrabCut runs per calib image) [params finalize.student_snap, else on]."),
-    params: Path = typer.Option(None, "--params", help="YAML file whose `finalize:` section sets defaults."),
+    params: Path = typer.Option(None, "--params", help="YAML file whose `finalize:` and `engine:` sections set defaults."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    engine: str = eo.ENGINE,
+    workers: int = eo.WORKERS,
+    address: str = eo.ADDRESS,
 ) -> None:
     """Final pixel masks of every box-annotated image, with settings chosen on the calib split.
 
@@ -35,8 +40,13 @@ def finalize(
     student_snap = cfg.student_snap
     if teacher_root is not None and str(teacher_root) == "none":  # the recipe's oracle: nothing to blend with
         teacher_root = None
+    from b2p.scale.engine import open_engine
+
     console = Console(stderr=True)
-    r = run(resolve_batch_files(imported, batch), probs, out, teacher_root, progress=not quiet, splits=split, student_out=student_out, student_snap=student_snap)
+    engine_cfg = eo.engine_from_options(params, engine, workers, address, None)
+    files = resolve_batch_files(imported, batch)
+    with open_engine(engine_cfg) as eng:  # --engine ray: the masks are made on Ray workers (the same files)
+        r = run(files, probs, out, teacher_root, progress=not quiet, splits=split, student_out=student_out, student_snap=student_snap, engine=eng)
     t = Table(title=f"final masks: settings per class ({r.calib_images} calib images)")
     for col in ("class", "alpha", "t", "calib IoU", "default IoU", "reason"):
         t.add_column(col, justify="left" if col in ("class", "reason") else "right")

@@ -58,8 +58,9 @@ import numpy as np
 
 from b2p.dataset import Batch, ImageRecord, class_list_of, load_batches
 from b2p.errors import B2PError
-from b2p.fileio import write_json_atomic
-from b2p.labels import label_map_key, label_map_path, paint_label_map, read_label_map, write_label_map
+from b2p.fileio import write_bytes_atomic, write_json_atomic
+from b2p.labels import encode_label_map, label_map_key, label_map_path, paint_label_map, read_label_map
+from b2p.scale.engine import Engine
 # the decision rules themselves: one implementation, shared with `b2p predict` and the ONNX runtime
 from b2p.student.rules import log_probs as _log_probs, offset_label_map, student_label_map  # noqa: F401 (re-exported)
 
@@ -277,6 +278,44 @@ def _grid(with_teacher: bool) -> list[tuple[float, float]]:
     return out
 
 
+@dataclass
+class FinalMasks:
+    """One image's outputs as PNG bytes (`alone`: the student alone, when asked), its rescued boxes, whether
+    its snap found no colour model, and its final label map when it is a calib image (scored here)."""
+
+    final: bytes
+    alone: bytes | None
+    rescued: int
+    unsnapped: int
+    calib_map: np.ndarray | None
+
+
+@dataclass
+class FinalMaskJob:
+    """The final (and student-alone) masks of one image, as an engine runs them (b2p/scale/engine.py)."""
+
+    probs_root: str
+    teacher_root: str | None
+    num_classes: int
+    settings: dict[int, tuple[float, float]]
+    student_rule: StudentRule | None
+
+    def setup(self) -> None:
+        pass
+
+    def run(self, im: ImageRecord) -> FinalMasks:
+        probs = read_class_probabilities(self.probs_root, im)
+        tl = None if self.teacher_root is None else read_label_map(label_map_path(self.teacher_root, im.batch, im.file_name), (im.height, im.width), self.num_classes)
+        lm, r = final_label_map(1.0 - probs[0], im.boxes_xyxy(), im.box_class_ids(), self.settings, tl)
+        alone, unsnapped = None, 0
+        if self.student_rule is not None:
+            img = _read_image_of(im) if self.student_rule.snap_sure is not None else None
+            alone_map, ok = self.student_rule.label_map(probs, img)
+            alone, unsnapped = encode_label_map(alone_map), int(img is not None and not ok)
+        calib = lm if im.split == "calib" and im.has_manual_mask else None
+        return FinalMasks(encode_label_map(lm), alone, r, unsnapped, calib)
+
+
 def finalize(
     batch_files: list[Path],
     probs_root: str | Path,
@@ -286,10 +325,11 @@ def finalize(
     splits: str = "all",
     student_out: str | Path | None = None,
     student_snap: bool = True,
+    engine: Engine | None = None,
 ) -> FinalResult:
     """Choose (alpha, t) per class on calib, then write the final masks of every image of `splits` (and, with
     `student_out`, the calibrated student alone, snapped candidates included unless `student_snap` is
-    False); see the module docstring."""
+    False), the masks on `engine` (b2p/scale/engine.py; default local); see the module docstring."""
 
     from b2p.evaluate.metrics import ConfusionMatrix
     from b2p.splits import parse_splits
@@ -299,6 +339,7 @@ def finalize(
     from b2p.teach.base import check_teacher_root
 
     out = Path(out)
+    engine = engine or Engine()
     student_out = None if student_out is None else Path(student_out)
     # the outputs are replaced whole (below): neither may be, hold or lie inside an input or the other, nor
     # hold anything finalize does not write (the batch files, images, a teacher root's other files)
@@ -404,39 +445,43 @@ def finalize(
         new_out, new_student_out = stages[0], stages[-1]
         n_images = n_boxes = rescued = unsnapped = 0
         cm_chosen = ConfusionMatrix(k1)
-        total = sum(len(b.split(*wanted)) for b in batches)
-        with Progress(progress, "finalize: masks", total) as advance:
-            for b in batches:
-                b_boxes = b_rescued = 0
-                for im in b.split(*wanted):
-                    probs = read_class_probabilities(probs_root, im)
-                    lm, r = final_label_map(1.0 - probs[0], im.boxes_xyxy(), im.box_class_ids(), settings, teacher_map(im))
-                    write_label_map(label_map_path(new_out, b.name, im.file_name), lm)
-                    if student is not None:
-                        img = _read_image_of(im) if student_rule.snap_sure is not None else None
-                        alone, ok = student_rule.label_map(probs, img)
-                        unsnapped += img is not None and not ok
-                        write_label_map(label_map_path(new_student_out, b.name, im.file_name), alone)
-                    if im.split == "calib" and im.has_manual_mask:
-                        cm_chosen.update(lm, im.manual_label_map())
-                    b_boxes += len(im.boxes)
-                    b_rescued += r
-                    advance(1)
-                write_json_atomic(
-                    new_out / b.name / "provenance.json",
-                    {
-                        "batch": b.name,
-                        "teacher": "final",
-                        "settings": {"per_class": {n: {"alpha": c["alpha"], "t": c["t"]} for n, c in choice.items()}, "rescue_relative": RESCUE_RELATIVE},
-                        "sources": {"probs": str(probs_root), "model": model, "teacher": None if teacher_root is None else str(teacher_root)},
-                        "splits": list(wanted),
-                        "counts": {"images": len(b.split(*wanted)), "boxes": b_boxes, "rescued": b_rescued},
-                        "image_sha256": {im.file_name: im.sha256 for im in b.split(*wanted)},  # check_teacher_root (round 2)
-                    },
-                )
-                n_images += len(b.split(*wanted))
-                n_boxes += b_boxes
-                rescued += b_rescued
+        todo = [im for b in batches for im in b.split(*wanted)]
+        job = FinalMaskJob(str(probs_root), None if teacher_root is None else str(teacher_root), classes.num_classes, settings, student_rule if student is not None else None)
+        rescued_of: dict[tuple[str, int], int] = {}
+
+        def write(i: int, r: FinalMasks) -> None:
+            nonlocal unsnapped
+            im = todo[i]
+            write_bytes_atomic(label_map_path(new_out, im.batch, im.file_name), r.final)
+            if r.alone is not None:
+                write_bytes_atomic(label_map_path(new_student_out, im.batch, im.file_name), r.alone)
+            unsnapped += r.unsnapped
+            if r.calib_map is not None:
+                cm_chosen.update(r.calib_map, im.manual_label_map())
+            rescued_of[(im.batch, im.id)] = r.rescued
+            advance(1)
+
+        with Progress(progress, "finalize: masks", len(todo)) as advance:
+            engine.map(job, todo, write)
+        for b in batches:
+            b_boxes = sum(len(im.boxes) for im in b.split(*wanted))
+            b_rescued = sum(rescued_of[(b.name, im.id)] for im in b.split(*wanted))
+            write_json_atomic(
+                new_out / b.name / "provenance.json",
+                {
+                    "batch": b.name,
+                    "teacher": "final",
+                    "settings": {"per_class": {n: {"alpha": c["alpha"], "t": c["t"]} for n, c in choice.items()}, "rescue_relative": RESCUE_RELATIVE},
+                    "sources": {"probs": str(probs_root), "model": model, "teacher": None if teacher_root is None else str(teacher_root)},
+                    "splits": list(wanted),
+                    "engine": engine.record(),
+                    "counts": {"images": len(b.split(*wanted)), "boxes": b_boxes, "rescued": b_rescued},
+                    "image_sha256": {im.file_name: im.sha256 for im in b.split(*wanted)},  # check_teacher_root (round 2)
+                },
+            )
+            n_images += len(b.split(*wanted))
+            n_boxes += b_boxes
+            rescued += b_rescued
         if calib:
             calib_scores = cm_chosen.scores(names)
         result = FinalResult(out, n_images, n_boxes, rescued, len(calib), choice, calib_scores, default_scores, grid_scores, student)

@@ -218,13 +218,16 @@ def partial_label_ce(
     valid: torch.Tensor,
     outside_weight: float = 1.0,
     binary: bool = False,
+    reduce=None,
 ) -> torch.Tensor:
     """-log(p_bg + sum of p_c over the classes of the boxes covering the pixel), weighted, averaged over
     the valid pixels. Outside every box that is -log p_bg (certain background, weight class_weights[0] *
     outside_weight); inside, weight = the largest class weight among the covering boxes' classes.
 
     logits: Bx(K+1)xHxW (fine head), or Bx2xHxW with binary=True (every box stands for class 1, so inside a
-    box any answer is allowed and only the outside teaches the binary head). valid: BxHxW bool.
+    box any answer is allowed and only the outside teaches the binary head). valid: BxHxW bool. `reduce` sums
+    a tensor over the ranks of a distributed training (b2p/scale/distributed.py `sum_across`), so that the
+    average is over the global batch.
     """
     logits = logits.float()
     bsz, k1, h, w = logits.shape
@@ -240,4 +243,5 @@ def partial_label_ce(
     inside_w = (allowed[:, 1:].float() * cw[1:].view(1, -1, 1, 1)).amax(dim=1)
     weight = torch.where(in_box, inside_w, torch.full_like(inside_w, float(cw[0]) * outside_weight))
     weight = weight * valid.float()
-    return (nll * weight).sum() / valid.float().sum().clamp_min(1.0)
+    r = reduce or (lambda t: t)
+    return r((nll * weight).sum()) / r(valid.float().sum()).clamp_min(1.0)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from b2p.errors import B2PError
+from b2p.scale import options as eo
 
 
 def _taps(text: str | None) -> list[int] | None:
@@ -49,6 +50,9 @@ def train(
     feature_cache: str = typer.Option(None, "--feature-cache", help="auto, memory, disk or off (frozen backbone only)."),
     self_correction_region: str = typer.Option(None, "--self-correction-region", help="all (paper) or boxes."),
     warmup_epochs: int = typer.Option(None, "--warmup-epochs", help="Epochs before self-correction starts."),
+    processes: int = typer.Option(
+        None, "--processes", min=1, help="Train on N processes (torch.distributed: gloo on a CPU, NCCL on one GPU each); batch_size is the global batch. torchrun's WORLD_SIZE, when set, is used instead."
+    ),
     set_: list[str] = typer.Option(None, "--set", help="Any `train:` key, KEY=VALUE (YAML value); repeatable; wins over everything."),
 ) -> None:
     """Train the student on teacher pseudo-masks.
@@ -60,6 +64,10 @@ def train(
     Parameters: defaults < each --params file < the --student variant < the options above < --set KEY=VALUE. Every `train:` key
     (b2p/schema.py) can be given with --set, e.g. --set tau=0.8 --set augment=flips; types and ranges are
     checked and every problem is reported at once.
+
+    --processes N trains data-parallel on N processes (b2p/scale/distributed.py): each builds its share of
+    every global batch, the loss and BatchNorm statistics are those of the global batch, rank 0 validates and
+    writes; the curves match one process's within float rounding. Or launch it with torchrun.
     """
     from b2p.project import resolve_batch_files
     from b2p.schema import train_params
@@ -71,6 +79,7 @@ def train(
         input_size=input_size, scale=scale, max_side=max_side, select=select,
         epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device,
         feature_cache=feature_cache, self_correction_region=self_correction_region, warmup_epochs=warmup_epochs,
+        processes=processes,
     )
     # defaults < each --params file (e.g. the dataset's params.yaml, then a student variant's) < options < --set
     tp = train_params(params, cli, set_, student=student)
@@ -86,7 +95,7 @@ def predict(
     images: Path = typer.Option(None, "--images", help="Predict every image in this folder instead of batches."),
     out: Path = typer.Option(Path("data/predict"), "--out", help="Prediction root (batches) or output folder (--images)."),
     probs: bool = typer.Option(False, "--probs", help="Also write per-image class probabilities (npz: uint8, p x 255)."),
-    params: Path = typer.Option(None, "--params", help="YAML file whose `predict:` section sets the defaults of the options below."),
+    params: Path = typer.Option(None, "--params", help="YAML file whose `predict:` and `engine:` sections set the defaults of the options below."),
     student: str = typer.Option(None, "--student", help="A student variant of --params: its `students.NAME.predict` keys win over `predict:`."),
     batch_size: int = typer.Option(None, "--batch-size", help="Windows per forward pass (sliding window) [4]."),
     window: int = typer.Option(
@@ -107,6 +116,10 @@ def predict(
     snap_out: Path = typer.Option(None, "--snap-out", help="Also write the snapped label maps here (same layout as --out)."),
     snap_sure: float = typer.Option(None, "--snap-sure", help="--snap grabcut: p(defect) >= this is fixed defect, <= 1 - this fixed background; GrabCut settles the rest [0.9]."),
     set_: list[str] = typer.Option(None, "--set", help="Any `predict:` key, KEY=VALUE (YAML value); repeatable; wins over everything."),
+    engine: str = eo.ENGINE,
+    workers: int = eo.WORKERS,
+    address: str = eo.ADDRESS,
+    gpus_per_worker: float = eo.GPUS_PER_WORKER,
 ) -> None:
     """Predict defect label maps with a trained student.
 
@@ -128,6 +141,9 @@ def predict(
     Every image is checked first (it exists and, for batches, is the one imported); no output folder may lie
     in, or hold, the images. Each output root gets its new files only once all are built, then predict.json
     (the model's path and sha256, the settings, the maps written), so a failed run changes nothing.
+
+    --engine ray predicts the images on Ray workers, each loading the model once (--params's `engine:` section
+    sets it too); the maps are the same files, predict.json records the engine.
     """
     from b2p.schema import check_finite, resolve
     from b2p.student.predict import items_from_batches, items_from_folder, run_prediction
@@ -146,6 +162,7 @@ def predict(
     # not set anywhere: None, so that a model's rule.json (the shipped student) decides, else the defaults
     window, overlap, tta = (getattr(cfg, k) if k in cfg.model_fields_set else None for k in ("window", "overlap", "tta"))
     box_threshold, snap, snap_sure = cfg.box_threshold, cfg.snap, cfg.snap_sure
+    engine_cfg = eo.engine_from_options(params, engine, workers, address, gpus_per_worker)
     check_snap(snap)
     if snap != "none" and snap_out is None and boxes_out is None:
         raise B2PError(f"--snap {snap} writes its maps to --snap-out ROOT (or shapes the box-guided ones of --boxes-out): give one")
@@ -185,11 +202,14 @@ def predict(
         check_separate_folders(named, input_folders(batches), [it.image_path for it in items])
         inputs = {"imported": str(imported), "batches": [f.stem for f in files], "split": split}
     kinds = {"--out": "student", "--boxes-out": "boxes", "--snap-out": "snapped"}
-    res = run_prediction(
-        model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap, window=window, tta=tta,
-        snap=snap, snap_settings=snap_settings, roots={kinds[opt]: r for opt, r in named.items()}, inputs=inputs,
-        precision=precision,
-    )
+    from b2p.scale.engine import open_engine
+
+    with open_engine(engine_cfg) as eng:
+        res = run_prediction(
+            model, items, tile_batch=batch_size, device=device, box_threshold=box_threshold, overlap=overlap, window=window, tta=tta,
+            snap=snap, snap_settings=snap_settings, roots={kinds[opt]: r for opt, r in named.items()}, inputs=inputs,
+            precision=precision, engine=eng,
+        )
     typer.echo(
         f"wrote {res['images']} label maps under {out}" + (f", box-guided ones under {boxes_out}" if boxes_out else "")
         + (f", snapped ones ({snap}) under {snap_out}" if snap_out else "")

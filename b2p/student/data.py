@@ -205,8 +205,22 @@ class StudentDataset(torch.utils.data.Dataset):
             gy, gx = int(torch.randint(ny + 1, ())), int(torch.randint(nx + 1, ()))
         return gy * step, gx * step
 
-    def __getitem__(self, k: int) -> dict:
+    def draw(self, k: int) -> tuple[int, int, tuple[int, int]]:
+        """The random part of item k: (sample index, flip code, tile origin), drawn from torch's global
+        generator in the order `__getitem__` always drew them, without reading the image (distributed
+        training draws every item of a global batch on every rank, and builds only its own share)."""
         i = k // self.sampling.crops_per_image if self.sampling else k
+        code = self.draw_flip()
+        if not self.sampling:
+            return i, code, (0, 0)
+        g = self.geometry(i)
+        hp, wp = g.padded_size(self.min_side)
+        boxes = _flip_boxes(g.boxes_to_model(self.samples[i].record.boxes_xyxy()), code, hp, wp)
+        return i, code, self.draw_origin(hp, wp, boxes)
+
+    def __getitem__(self, k: int | tuple[int, int, tuple[int, int]]) -> dict:
+        """Item k, or the item of a plan `draw` made: (sample index, flip code, tile origin)."""
+        i, code, (y0, x0) = k if isinstance(k, tuple) else self.draw(k)
         rec = self.samples[i].record
         g = self.geometry(i)
         img, lm = self.read(i)
@@ -214,14 +228,11 @@ class StudentDataset(torch.utils.data.Dataset):
         y = g.labels_to_model(lm, self.min_side)
         bm = g.box_mask_to_model(rec.boxes_xyxy(), self.min_side)
         hp, wp = y.shape
-        code = self.draw_flip()
         boxes = _flip_boxes(g.boxes_to_model(rec.boxes_xyxy()), code, hp, wp)
         x, y, valid, bm = (_flip_np(a, code) for a in (x, y, valid, bm))
         er, ec = g.edge_distance(self.min_side, code)
-        y0 = x0 = 0
         if self.sampling:  # crop before normalising: a tile of a large image costs a tile
             t = self.sampling.tile
-            y0, x0 = self.draw_origin(hp, wp, boxes)
             x, y, valid, bm = (a[y0 : y0 + t, x0 : x0 + t] for a in (x, y, valid, bm))
             er, ec = er[y0 : y0 + t], ec[x0 : x0 + t]
         x = normalise(x, self.mean, self.std)

@@ -93,19 +93,26 @@ def defect_probability(binary_logits: torch.Tensor | None, fine_logits: torch.Te
 
 
 def asymmetric_dice(
-    p_defect: torch.Tensor, target_defect: torch.Tensor, beta: float = 0.4, eps: float = 1e-6, valid: torch.Tensor | None = None
+    p_defect: torch.Tensor,
+    target_defect: torch.Tensor,
+    beta: float = 0.4,
+    eps: float = 1e-6,
+    valid: torch.Tensor | None = None,
+    reduce=None,
 ) -> torch.Tensor:
     """1 - (TP + eps) / (TP + beta*FP + FN + eps), soft counts summed over the whole batch.
 
     p_defect: BxHxW float probabilities; target_defect: BxHxW bool/0-1; valid: BxHxW bool, pixels that count.
+    `reduce`: sums a count over the ranks of a distributed training (the global batch's counts).
     """
+    r = reduce or (lambda x: x)
     t = target_defect.float()
     if valid is not None:
         p_defect = p_defect * valid
         t = t * valid
-    tp = (p_defect * t).sum()
-    fp = p_defect.sum() - tp
-    fn = t.sum() - tp
+    tp = r((p_defect * t).sum())
+    fp = r(p_defect.sum()) - tp
+    fn = r(t.sum()) - tp
     return 1.0 - (tp + eps) / (tp + beta * fp + fn + eps)
 
 
@@ -136,8 +143,11 @@ class StudentLoss:
     un-normalised with the `mean`/`std` given here).
     """
 
-    def __init__(self, params: LossParams, num_classes: int, mean=None, std=None):
+    def __init__(self, params: LossParams, num_classes: int, mean=None, std=None, reduce=None):
         self.p = params
+        # distributed training: sums over the ranks (b2p/scale/distributed.py sum_across), so that every rank
+        # computes the loss of the global batch; None: one process
+        self.reduce = reduce
         self.num_classes = num_classes
         self.class_weights = torch.tensor([params.bg_weight] + [params.defect_weight] * (num_classes - 1), dtype=torch.float32)
         if params.pairwise_weight > 0 and (mean is None or std is None):
@@ -156,14 +166,17 @@ class StudentLoss:
         target = torch.where(valid, target, torch.full_like(target, IGNORE))  # no term reads a padded label
         box_mask = batch.get("box_mask")
         w = self.class_weights.to(fine.device)
-        n_valid = valid.float().sum().clamp_min(1.0)
+        r = self.reduce or (lambda t: t)
+        if self.reduce is not None and (p.proj_weight > 0 or p.pairwise_weight > 0):
+            raise B2PError("the box projection and pairwise losses train on one process only (train.processes 1)")
+        n_valid = r(valid.float().sum()).clamp_min(1.0)
         parts: dict[str, float] = {}
         flipped = None
         if p.pseudo_labels == "partial":
-            ce = partial_label_ce(fine, batch.get("boxes"), w, valid, p.outside_box_bg_weight)
+            ce = partial_label_ce(fine, batch.get("boxes"), w, valid, p.outside_box_bg_weight, reduce=self.reduce)
             # the binary head: the same partial labels with every box standing for "defect"
             wb = torch.tensor([p.bg_weight, p.defect_weight], device=fine.device)
-            dice = partial_label_ce(binary, batch["boxes"], wb, valid, p.outside_box_bg_weight, binary=True) if binary is not None else fine.sum() * 0.0
+            dice = partial_label_ce(binary, batch["boxes"], wb, valid, p.outside_box_bg_weight, binary=True, reduce=self.reduce) if binary is not None else fine.sum() * 0.0
         else:
             corrected = target
             if p.self_correction and epoch >= p.warmup_epochs:
@@ -177,9 +190,9 @@ class StudentLoss:
             if box_mask is not None and p.outside_box_bg_weight != 1.0:
                 outside_bg = (~box_mask.bool()) & (corrected == 0)
                 ce = ce * torch.where(outside_bg, torch.full_like(ce, p.outside_box_bg_weight), torch.ones_like(ce))
-            ce = ce.sum() / n_valid
+            ce = r(ce.sum()) / n_valid
             # Dice on the pseudo-labels as given (self-correction concerns the fine head only)
-            dice = asymmetric_dice(defect_probability(binary, fine), target > 0, p.dice_beta, p.dice_eps, valid)
+            dice = asymmetric_dice(defect_probability(binary, fine), target > 0, p.dice_beta, p.dice_eps, valid, self.reduce)
         total = p.w_binary * dice + p.w_fine * ce
         names = ("binary_pce", "pce") if p.pseudo_labels == "partial" else ("dice", "ce")
         parts[names[0]] = float(dice.detach())
@@ -187,7 +200,7 @@ class StudentLoss:
         if p.proj_weight > 0 or p.pairwise_weight > 0:
             total = total + self._box_terms(fine, binary, batch, valid, epoch, parts)
         parts["loss"] = float(total.detach())
-        parts["flipped_fraction"] = float(flipped.sum()) / float(n_valid) if flipped is not None else 0.0
+        parts["flipped_fraction"] = float(r(flipped.sum().float())) / float(n_valid) if flipped is not None else 0.0
         return total, parts
 
     def _box_terms(self, fine, binary, batch, valid, epoch, parts) -> torch.Tensor:

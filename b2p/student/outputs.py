@@ -33,11 +33,28 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 PROBS_SCALE = 255
 
 
+def encode_probs(probs: np.ndarray, class_names: list[str]) -> bytes:
+    """The bytes of a --probs file of (K+1)xHxW float probabilities: np.savez_compressed's layout (np.load
+    reads it), with a fixed time stamp on its members, so that the same probabilities give the same file."""
+    import io
+    import zipfile
+
+    q = np.rint(np.clip(probs, 0.0, 1.0) * PROBS_SCALE).astype(np.uint8)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, arr in (("probs", q), ("scale", np.float32(PROBS_SCALE)), ("class_names", np.array(class_names))):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with z.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
 def write_probs(path: Path, probs: np.ndarray, class_names: list[str]) -> None:
     """Write (K+1)xHxW float probabilities as a --probs file (atomically)."""
-    q = np.rint(np.clip(probs, 0.0, 1.0) * PROBS_SCALE).astype(np.uint8)
-    with atomic_write(path) as f:
-        np.savez_compressed(f, probs=q, scale=np.float32(PROBS_SCALE), class_names=np.array(class_names))
+    from b2p.fileio import write_bytes_atomic
+
+    write_bytes_atomic(path, encode_probs(probs, class_names))
 
 
 def read_probs(path: Path) -> np.ndarray:

@@ -28,16 +28,20 @@ import torch
 from rich.console import Console
 
 from b2p.errors import B2PError
-from b2p.fileio import read_image, sha256_file
+from b2p.fileio import read_image, sha256_file, write_bytes_atomic
 from b2p.labels import label_map_key, label_map_path, write_label_map
 from b2p.student import windows
 from b2p.student.data import load_batch_files_for_inference, prepare_image
 from b2p.student.geometry import Geometry
+from b2p.scale.engine import Engine
+from b2p.student.predict_job import ImagePrediction, PredictJob, PredictTally
 from b2p.student.manifest import MANIFEST, PREDICT_FORMAT, merged_manifest, prediction_model, read_prediction_manifest, run_key  # noqa: F401 (re-exported)
 from b2p.student.outputs import (  # noqa: F401 (re-exported: PredictItem, the probs files, the folder items)
     IMAGE_EXTS,
     MAP_OF,
     PROBS_SCALE,
+    ROOT_OUTPUTS,
+    encode_probs,
     PredictItem,
     check_roots_apart,
     commit_roots,
@@ -280,6 +284,7 @@ def run_prediction(
     roots: dict[str, Path] | None = None,
     inputs: dict | None = None,
     precision: str = "float32",
+    engine: Engine | None = None,
 ) -> dict:
     """Predict every item and write its label map (and probabilities when `probs_out` is set, the
     box-guided label map when `boxed_out` is set, and the label map snapped to the image by `snap` when
@@ -293,6 +298,7 @@ def run_prediction(
     A rule.json beside the model (rules.py) gives the label maps its decision rule (recorded in the
     manifest), and the window, overlap and TTA it was chosen with where these are None; without one they
     default to DEFAULT_WINDOW / DEFAULT_OVERLAP / no TTA and the label map is the argmax.
+    `engine` (b2p/scale/engine.py; default local) runs the images, each worker loading the model once.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -301,6 +307,7 @@ def run_prediction(
     from b2p.student.train import pick_device
 
     console = console or Console(stderr=True)
+    engine = engine or Engine()
     if tile_batch < 1:
         raise B2PError(f"tiles per forward pass must be at least 1, got {tile_batch}")
     deploy = read_deploy_settings(model_dir)
@@ -340,41 +347,29 @@ def run_prediction(
         how += "; snap none: the snapped maps are the student's own"
     if rule is not None:
         how += f"; decision rule {rule.describe()} (rule.json)"
-    console.print(f"student from {ck['path']}: backbone {describe_backbone(model)}; {len(items)} images on {dev}; {how}")
-    n_defect_px = rescued = n_boxes = n_snapped = n_unsnapped = 0
-    used_windows: set[int] = set()
+    where = dev if engine.in_process else f"{engine.workers} {engine.name} workers"
+    console.print(f"student from {ck['path']}: backbone {describe_backbone(model)}; {len(items)} images on {where}; {how}")
+    job = PredictJob(
+        str(model_dir), device, precision, used, overlap, tile_batch, window, tta, snap, snap_settings, box_threshold,
+        ["background", *ck["class_names"]], rule, loaded=(model, dev, arithmetic),
+    )
+    tally = PredictTally()
+    kind_of = {attr: kind for kind, attrs in ROOT_OUTPUTS.items() for attr in attrs}
     with staged_roots(roots) as stages:
 
-        def staged(kind: str, path: Path) -> Path:
-            return stages[kind] / relative_to_root(path, roots[kind])
+        def write(i: int, p: ImagePrediction) -> None:
+            it = items[i]
+            for attr, data in p.files.items():
+                path = getattr(it, attr)
+                write_bytes_atomic(stages[kind_of[attr]] / relative_to_root(path, roots[kind_of[attr]]), data)
+            tally.add(p)
+            bar.advance(task)
 
         with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=not progress) as bar:
             task = bar.add_task("predict", total=len(items))
-            for it in items:
-                img = read_image(it.image_path)
-                if not legacy:
-                    used_windows.add(window_for(model, window, *img.shape[:2]))
-                with arithmetic:
-                    lm, pr = predict_image(model, img, dev, overlap, tile_batch, window, tta, rule)
-                write_label_map(staged("student", it.label_out), lm)
-                snapped = None
-                if snap == "grabcut" and (it.snapped_out is not None or it.boxed_out is not None):
-                    snapped, ok = snap_grabcut(img, pr, snap_settings)
-                    n_snapped += ok
-                    n_unsnapped += not ok
-                if it.snapped_out is not None:
-                    write_label_map(staged("snapped", it.snapped_out), lm if snapped is None else snapped)
-                n_defect_px += int(np.count_nonzero(lm))
-                if it.boxed_out is not None:
-                    # snapped: each box keeps the snapped mask's pixels (the box threshold then plays no part)
-                    defect = None if snapped is None else snapped > 0
-                    boxed, r = within_boxes(1.0 - pr[0], it.boxes_xyxy, it.box_classes, box_threshold, defect=defect)
-                    write_label_map(staged("boxes", it.boxed_out), boxed)
-                    rescued += r
-                    n_boxes += len(it.box_classes)
-                if it.probs_out is not None:
-                    write_probs(staged("student", it.probs_out), pr, ["background", *ck["class_names"]])
-                bar.advance(task)
+            engine.map(job, items, write)
+        n_defect_px, n_boxes, rescued, n_snapped, n_unsnapped = tally.defect_pixels, tally.boxes, tally.rescued, tally.snapped, tally.unsnapped
+        used_windows = tally.windows
         student = {"window": nominal, "overlap": overlap, "tta": tta} if not legacy else {"legacy_input_size": c.legacy_input_size, "tta": tta}
         if used != "float32":  # float32 unnamed: manifests written before the option stay the same run
             student["precision"] = used
@@ -384,7 +379,7 @@ def run_prediction(
         settings = {"student": student, "snapped": {**student, **snapping}, "boxes": {**student, **snapping, "box_threshold": box_threshold}}
         runs = {
             kind: {
-                "model": model_rec, "settings": settings[kind], "inputs": inputs or {},
+                "model": model_rec, "settings": settings[kind], "inputs": inputs or {}, "engine": engine.record(),
                 **({"probs": any(it.probs_out is not None for it in items)} if kind == "student" else {}),
                 "maps": sorted(relative_to_root(getattr(it, MAP_OF[kind]), root).as_posix() for it in items if getattr(it, MAP_OF[kind]) is not None),
             }

@@ -97,6 +97,9 @@ class TrainParams:
     feature_cache: str = "auto"  # auto (frozen backbone -> memory) | memory | disk | off
     cache_dir: str | None = None  # where `disk` keeps features (default data/cache/features)
     num_workers: int = 0
+    # training processes (torch.distributed, b2p/scale/distributed.py): the global batch is batch_size, cut
+    # among them; 1 = this process (torchrun's WORLD_SIZE, when set, says how many instead)
+    processes: int = 1
     augment: str = "none"  # none | flips (random left-right and up-down flips of the training images)
     # losses
     dice_beta: float = 0.4
@@ -250,14 +253,58 @@ def train_student(
     params: TrainParams,
     console: Console | None = None,
     progress: bool = True,
-) -> dict:
+) -> dict | None:
     """Train, validate, and write OUT/model.pt, OUT/metrics.json, OUT/curves.csv (and OUT/rules/); returns
-    metrics.json's dict. OUT is replaced whole once they are all written (`_check_model_folder`)."""
+    metrics.json's dict. OUT is replaced whole once they are all written (`_check_model_folder`).
+
+    On several processes (`params.processes`, started here; or torchrun's): b2p/scale/distributed.py. Rank 0
+    writes and returns the metrics, the other ranks return None."""
+    from b2p.scale import distributed as D
+
+    ranks = D.torchrun_ranks()
+    if ranks is not None and ranks.world > 1:
+        if params.processes not in (1, ranks.world):
+            raise B2PError(f"train.processes is {params.processes}, but the launcher started {ranks.world} processes")
+        device = D.rank_device(pick_device(params.device), ranks)
+        with D.process_group(ranks, device):
+            return _train(batch_files, teacher_root, out_dir, params, console, progress, ranks, device)
+    if params.processes > 1:
+        from b2p.scale.engine import cpu_count, oversubscription_warning
+
+        D.check_global_batches(0, params.batch_size, params.processes)  # before any process starts
+
+        device = pick_device(params.device)
+        if device.type == "cpu":
+            text = oversubscription_warning(params.processes, 1, cpu_count(), "training processes")
+            if text:
+                (console or Console(stderr=True)).print(f"[bold yellow]warning:[/] {text}", highlight=False)
+        elif torch.cuda.device_count() < params.processes:
+            raise B2PError(f"train.processes {params.processes} on GPUs needs as many GPUs, this machine has {torch.cuda.device_count()}")
+        return D.spawn(_spawned_rank, params.processes, (batch_files, teacher_root, out_dir, params, progress))
+    return _train(batch_files, teacher_root, out_dir, params, console, progress, D.Ranks(), pick_device(params.device))
+
+
+def _spawned_rank(ranks, init_method: str, batch_files, teacher_root, out_dir, params: TrainParams, progress: bool) -> dict | None:
+    """One process that `train_student` started: its share of the CPU threads, its GPU, the process group."""
+    from b2p.scale import distributed as D
+    from b2p.scale.engine import cpu_count
+
+    device = D.rank_device(pick_device(params.device), ranks)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, cpu_count() // ranks.world))
+    with D.process_group(ranks, device, init_method):
+        return _train(batch_files, teacher_root, out_dir, params, None, progress, ranks, device)
+
+
+def _train(batch_files, teacher_root, out_dir, params: TrainParams, console: Console | None, progress: bool, ranks, device: torch.device) -> dict | None:
+    """train_student on this process: alone, or as rank `ranks.rank` of a process group."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from b2p.evaluate.metrics import ConfusionMatrix, scores
+    from b2p.scale import distributed as D
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, quiet=not ranks.main)
+    progress = progress and ranks.main
     out_dir = Path(out_dir)
     from b2p.dataset import input_folders, load_batches
 
@@ -265,7 +312,6 @@ def train_student(
     _check_model_folder(out_dir)
     t_start = time.perf_counter()
     seed_everything(params.seed)
-    device = pick_device(params.device)
 
     train_samples, num_classes = gather_samples(batch_files, teacher_root, ("train",))
     val_samples, _ = gather_samples(batch_files, teacher_root, ("val",))
@@ -286,6 +332,8 @@ def train_student(
         console.print(f"tiles of {largest} px instead of {config.tile_size}: no training image is larger at this scale")
         config.tile_size = largest
     model = build_model(config, weights=params.weights, allow_download=params.allow_download).to(device)
+    if ranks.active:  # BatchNorm on the global batch's statistics (what one process would see)
+        model = D.convert_batchnorm(model)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)  # the inputs follow (cpu_layout)
     provenance = dict(model.provenance)
@@ -300,10 +348,12 @@ def train_student(
         f"{config.tile_size} px tiles x {params.crops_per_image} per image, on {device}"
     )
 
-    loss_fn = StudentLoss(params.loss_params(), num_classes, config.mean, config.std)
+    loss_fn = StudentLoss(params.loss_params(), num_classes, config.mean, config.std, reduce=D.sum_across if ranks.active else None)
     if params.class_balance > 0:
         loss_fn.class_weights = balanced_class_weights(train_samples, num_classes, params.bg_weight, params.defect_weight, params.class_balance)
         console.print("class weights (balanced x" + f"{params.class_balance:g}): " + ", ".join(f"{w:.2f}" for w in loss_fn.class_weights.tolist()))
+    val_loss_fn = copy.copy(loss_fn)  # rank 0 validates alone: its loss is summed over its own images only
+    val_loss_fn.reduce = None
     if params.loss_params().self_correction_region == "boxes":
         console.print("self-correction restricted to pixels inside boxes")
     select = params.select
@@ -331,9 +381,18 @@ def train_student(
     view = dict(mean=config.mean, std=config.std, num_classes=num_classes, scale=config.scale, max_side=config.max_side, multiple=config.multiple)
     ds_train = StudentDataset(train_samples, sampling=sampling, augment=params.augment, **view)
     ds_val = StudentDataset(val_samples, min_side=config.tile_size, **view)
-    dl_train = torch.utils.data.DataLoader(
-        ds_train, batch_size=params.batch_size, shuffle=True, generator=g, num_workers=params.num_workers, collate_fn=collate
-    )
+    if ranks.active:  # the global batches of one process; this rank builds its share of each
+        D.check_global_batches(len(ds_train), params.batch_size, ranks.world)
+        if params.loss_params().proj_weight > 0 or params.loss_params().pairwise_weight > 0:
+            raise B2PError("the box projection and pairwise losses train on one process only: set train.processes 1")
+        global_batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds_train, generator=g), params.batch_size, drop_last=False)
+        dl_train = torch.utils.data.DataLoader(
+            ds_train, batch_sampler=D.RankBatches(global_batches, ds_train.draw, ranks), generator=g, num_workers=params.num_workers, collate_fn=collate
+        )
+    else:
+        dl_train = torch.utils.data.DataLoader(
+            ds_train, batch_size=params.batch_size, shuffle=True, generator=g, num_workers=params.num_workers, collate_fn=collate
+        )
     dl_val = torch.utils.data.DataLoader(
         ds_val, batch_sampler=same_size_batches(ds_val, params.batch_size), num_workers=params.num_workers, collate_fn=collate
     )
@@ -374,7 +433,7 @@ def train_student(
             per.append(crop_features(whole, (oy, ox), size, geo.padded_size(ds.min_side)))
         return [torch.stack([p[t] for p in per]).to(device, torch.float32) for t in range(len(per[0]))]
 
-    val_truth = [ds_val.read(i)[1] for i in range(len(ds_val))]  # teacher label maps at each image's own size
+    val_truth = [ds_val.read(i)[1] for i in range(len(ds_val))] if ranks.main else []  # teacher label maps at each image's own size
     curves: list[dict] = []
     best: dict | None = None
     best_state: dict | None = None
@@ -401,6 +460,7 @@ def train_student(
                     raise B2PError(f"training diverged (loss {float(loss)} at epoch {epoch + 1}); lower lr or check the inputs")
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                D.average_gradients(trainable)  # several processes: the global loss's gradient on every rank
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
                 scaler.step(opt)
@@ -414,14 +474,19 @@ def train_student(
                 n_steps += 1
             row: dict[str, Any] = {"epoch": epoch + 1}
             row.update({f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()})
-            tr = scores(cm_train.matrix, class_names)
+            tr = scores(D.sum_array(cm_train.matrix, ranks), class_names)
             row["train_anomaly_miou"] = tr.get("anomaly_miou")
             row["train_binary_iou"] = tr.get("binary_iou")
             row["lr"] = opt.param_groups[0]["lr"]
             row["train_seconds"] = time.perf_counter() - t_ep
             val = None
-            if val_samples:
-                val = _validate(ema.model, dl_val, ds_val, val_truth, features, loss_fn, device, use_amp, amp_dtype, num_classes, class_names)
+            if val_samples and not ranks.main:
+                # a DataLoader without a generator draws its base seed from torch's global generator when it is
+                # iterated: the ranks that leave validation to rank 0 draw it too, so that every rank's tile
+                # draws stay those of one process
+                iter(dl_val)
+            if val_samples and ranks.main:
+                val = _validate(ema.model, dl_val, ds_val, val_truth, features, val_loss_fn, device, use_amp, amp_dtype, num_classes, class_names)
                 row.update({f"val_{k}": val[k] for k in ("loss", "miou", "anomaly_miou", "binary_iou", "binary_f1", "box_dice", "outside_share", "box_score")})
             score = rule_score(select, val)
             if val is not None:
@@ -442,9 +507,11 @@ def train_student(
                 since_best += 1
             info = f"loss {row.get('train_loss', float('nan')):.4f}" + (f"  val {select} {score:.4f}" if score is not None else "")
             bar.update(task, advance=1, info=info)
-            if score is not None and since_best >= params.patience:
+            if D.broadcast_object(score is not None and since_best >= params.patience, ranks):  # rank 0 decides
                 console.print(f"early stop after epoch {epoch + 1}: no val {select} score gain for {params.patience} epochs")
                 break
+    if not ranks.main:
+        return None
 
     seconds = time.perf_counter() - t_start
     metrics = {
@@ -459,6 +526,7 @@ def train_student(
         "backbone": provenance,
         "device": str(device),
         "precision": precision,
+        "processes": ranks.world,
         "images": {"train": len(train_samples), "val": len(val_samples)},
         "geometry": {"scale": config.scale, "max_side": config.max_side, "tile_size": config.tile_size, "multiple": config.multiple},
         "feature_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},

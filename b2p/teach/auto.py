@@ -136,6 +136,10 @@ class AutoTeacher(Teacher):
     def predict(self, image: np.ndarray, boxes: np.ndarray) -> TeacherOutput:
         raise B2PError("teacher 'auto' needs the boxes' classes (predict_for)")
 
+    def setup(self) -> None:
+        for cand in {c.name: c for c in self.for_class.values()}.values():  # the chosen ones teach
+            cand.teacher.setup()
+
     def predict_for(self, record: ImageRecord, image: np.ndarray, boxes: np.ndarray, class_ids: np.ndarray) -> TeacherOutput:
         image, boxes = check_inputs(image, boxes)
         n = len(boxes)

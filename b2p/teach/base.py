@@ -14,6 +14,9 @@ and writes, under `<out_root>/<batch>/`:
   provenance.json      teacher, settings, checkpoint, versions, counts, time, every per-box note.
   preview.png          up to 8 images (test split first) with the label map in class colours and the boxes.
 
+Engine (b2p/scale/engine.py): the images are taught in this process (local) or on Ray workers; either way
+this process writes every file below, and provenance.json records the engine and its workers.
+
 Resume: each finished image is written atomically to `.parts/<key>.json` (+ `.png`) with the hash of the
 teacher's settings. A rerun skips images whose part has the same settings hash, image hash and boxes, and
 redoes the rest; the final files above are assembled from the parts only once every image is done, so an
@@ -39,7 +42,8 @@ import numpy as np
 from b2p.dataset import Batch, ImageRecord, check_image_unchanged, input_folders, load_batch
 from b2p.errors import B2PError
 from b2p.fileio import check_separate_folders, read_image, read_json, write_bytes_atomic, write_json_atomic, write_png_atomic
-from b2p.labels import label_map_key, label_map_path, paint_label_map, write_label_map
+from b2p.labels import encode_label_map, label_map_key, label_map_path, paint_label_map, write_label_map
+from b2p.scale.engine import Engine
 from b2p.masks import rle_decode, rle_encode
 from b2p.progress import Progress
 from b2p.splits import SPLITS
@@ -116,6 +120,18 @@ class Teacher(ABC):
         """`predict` given also the image's identity and the boxes' class ids (N int), for teachers that need
         them (`auto` picks a teacher per class; earlier-round masks are looked up by image)."""
         return self.predict(image, boxes)
+
+    # --- on an engine's workers (b2p/scale/engine.py): the teacher travels pickled, without its model ---
+
+    def setup(self) -> None:
+        """Load what pickling left out (a model), once per worker; a no-op for teachers without one."""
+
+    def counters(self) -> dict[str, int]:
+        """Running counts that provenance reports (encoder calls, cache hits), to be summed over workers."""
+        return {}
+
+    def add_counters(self, counts: dict[str, int]) -> None:
+        """Add counts a worker's copy of this teacher made (see `counters`)."""
 
 
 def check_inputs(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -229,6 +245,23 @@ def teach_image(teacher: Teacher, im: ImageRecord) -> tuple[list[PseudoMask], np
     return pms, lm
 
 
+@dataclass
+class TeachJob:
+    """One image's teaching, as an engine runs it (b2p/scale/engine.py): the teacher set up once per worker,
+    then per image (label-map PNG bytes, COCO annotations, the teacher's counter increments)."""
+
+    teacher: Teacher
+
+    def setup(self) -> None:
+        self.teacher.setup()
+
+    def run(self, im: ImageRecord) -> tuple[bytes, list[dict], dict[str, int]]:
+        before = self.teacher.counters()
+        pms, lm = _teach_image(self.teacher, im)
+        after = self.teacher.counters()
+        return encode_label_map(lm), [p.to_coco() for p in pms], {k: v - before.get(k, 0) for k, v in after.items()}
+
+
 def teach_batch(
     batch_file: str | Path,
     out_root: str | Path,
@@ -236,12 +269,14 @@ def teach_batch(
     resume: bool = True,
     progress: bool = True,
     limit: int | None = None,
+    engine: Engine | None = None,
 ) -> TeachReport:
     """Run `teacher` on every image of the canonical batch `batch_file`; write `<out_root>/<batch>/`.
 
     `resume=False` redoes every image even when a matching part exists. `limit` stops after that many
     newly taught images WITHOUT assembling the final files (a deliberate interruption, for tests and
-    benchmarks). Returns a TeachReport.
+    benchmarks). `engine` (b2p/scale/engine.py; default local) runs the images; this process writes every
+    file. Every image is checked (unchanged since import) before any is taught. Returns a TeachReport.
     """
     batch_file = Path(batch_file)
     if not batch_file.is_file():
@@ -251,37 +286,47 @@ def teach_batch(
     check_separate_folders({"--out": out_dir}, input_folders([batch]))
     for im in batch.images:  # every image before anything is written, the hidden resume files included
         check_image_unchanged(im)
+    engine = engine or Engine()
     commit_staged_outputs(out_dir)  # an assembly killed earlier: finish it, or drop it when incomplete
     shash = settings_hash(teacher)
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    taught = reused = 0
     parts: dict[int, dict] = {}
-
-    progress_ctx = Progress(progress, f"teach {batch.name} ({teacher.name})", len(batch.images))
-    with progress_ctx as advance:
-        for im in batch.images:
-            jpath, ppath = _part_paths(out_dir, im)
-            part = _load_part(jpath, ppath, im, shash) if resume else None
-            if part is None:
-                if limit is not None and taught >= limit:
-                    return TeachReport(batch.name, out_dir, len(batch.images), 0, taught, reused, seconds=time.perf_counter() - t0)
-                pms, lm = teach_image(teacher, im)
-                part = {
-                    "format": PART_FORMAT,
-                    "settings_hash": shash,
-                    "image_sha256": im.sha256,
-                    "file_name": im.file_name,
-                    "boxes": _boxes_signature(im),
-                    "annotations": [p.to_coco() for p in pms],
-                }
-                write_label_map(ppath, lm)  # png first: a part counts as finished only once its json exists
-                write_json_atomic(jpath, part, indent=None)
-                taught += 1
-            else:
-                reused += 1
+    pending: list[ImageRecord] = []
+    for im in batch.images:
+        part = _load_part(*_part_paths(out_dir, im), im, shash) if resume else None
+        if part is None:
+            pending.append(im)
+        else:
             parts[im.id] = part
-            advance(1)
+    reused = len(parts)
+    interrupted = limit is not None and len(pending) > limit
+    pending = pending[:limit] if interrupted else pending
+
+    def write_part(i: int, result: tuple[bytes, list[dict], dict[str, int]]) -> None:
+        png, annotations, counts = result
+        im = pending[i]
+        jpath, ppath = _part_paths(out_dir, im)
+        part = {
+            "format": PART_FORMAT,
+            "settings_hash": shash,
+            "image_sha256": im.sha256,
+            "file_name": im.file_name,
+            "boxes": _boxes_signature(im),
+            "annotations": annotations,
+        }
+        write_bytes_atomic(ppath, png)  # png first: a part counts as finished only once its json exists
+        write_json_atomic(jpath, part, indent=None)
+        if not engine.in_process:  # a worker's copy of the teacher counted these
+            teacher.add_counters(counts)
+        parts[im.id] = part
+        advance(1)
+
+    with Progress(progress, f"teach {batch.name} ({teacher.name})", len(batch.images)) as advance:
+        advance(reused)
+        taught = engine.map(TeachJob(teacher), pending, write_part).done
+    if interrupted:
+        return TeachReport(batch.name, out_dir, len(batch.images), 0, taught, reused, seconds=time.perf_counter() - t0)
 
     # every image is done: assemble the final files from the parts in a staging folder, then swap it in
     staging = out_dir / STAGING_DIR
@@ -314,6 +359,7 @@ def teach_batch(
         "settings_hash": shash,
         "image_sha256": {im.file_name: im.sha256 for im in batch.images},  # check_teacher_root: masks of these pixels
         **teacher.provenance(),
+        "engine": engine.record(),
         "versions": _versions(),
         "counts": {
             "images": len(batch.images),

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from b2p.scale import options as eo
+
 
 def teach(
     batch_files: list[Path] = typer.Argument(..., help="Canonical batch file(s), e.g. data/imported/NAME.json."),
@@ -13,7 +15,7 @@ def teach(
     teacher: str = typer.Option(None, "--teacher", help="grabcut (default, no weights) | box (baseline) | sam | auto (best per class on the calib split)."),
     choice: Path = typer.Option(None, "--choice", help="Teach each class with the teacher a `b2p choose-teacher` choice.json names (the recipe's way)."),
     candidate: list[str] = typer.Option(None, "--candidate", help="auto: also score NAME=ROOT, an earlier round's masks (ROOT/<batch>/labelmaps/<key>.png); repeatable."),
-    params: Path = typer.Option(None, "--params", help="YAML file whose `teach:` section sets defaults."),
+    params: Path = typer.Option(None, "--params", help="YAML file whose `teach:` and `engine:` sections set defaults."),
     sam_model: str = typer.Option(None, "--sam-model", help="SAM size: vit_b (default) | vit_l | vit_h."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Explicit SAM checkpoint file (a state dict)."),
     weights_dir: Path = typer.Option(None, "--weights-dir", help="Folder holding official SAM files [$B2P_WEIGHTS_DIR or weights/]."),
@@ -28,12 +30,18 @@ def teach(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse images finished by an earlier run with the same settings."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     set_: list[str] = typer.Option(None, "--set", help="Any `teach:` key, KEY=VALUE (YAML value), e.g. grabcut.min_fill=0.1; repeatable."),
+    engine: str = eo.ENGINE,
+    workers: int = eo.WORKERS,
+    address: str = eo.ADDRESS,
+    gpus_per_worker: float = eo.GPUS_PER_WORKER,
 ) -> None:
     """Make one pseudo-mask per box with a teacher (GrabCut, filled box, or box-prompted SAM).
 
     Reads canonical batch files (`b2p import`) and teaches every image of every split.
 
     Writes OUT/<batch>/labelmaps/<key>.png (uint8 label maps; where masks overlap, the smaller one wins), OUT/<batch>/instances.json (COCO RLE per box, with box_id and score) and OUT/<batch>/provenance.json (teacher, settings, checkpoint path + sha256, versions, counts, time, per-box notes). An interrupted run continues where it stopped.
+
+    --engine ray teaches the images on Ray workers (each loads the teacher once; --params's `engine:` section sets it too); the outputs are the same files, provenance.json records the engine.
 
     SAM weights: --checkpoint FILE, else the official file in --weights-dir, else a checksum-verified download from the official host (--no-download to forbid it).
 
@@ -62,7 +70,8 @@ def teach(
     )
     if no_cache:
         cfg.cache_dir = None
-    run_teach(cfg, batch_files, out, resume=resume, quiet=quiet, choice=choice)
+    engine_cfg = eo.engine_from_options(params, engine, workers, address, gpus_per_worker)
+    run_teach(cfg, batch_files, out, resume=resume, quiet=quiet, choice=choice, engine=engine_cfg)
 
 
 def _parse_candidates(candidate: list[str] | None) -> dict[str, str]:
@@ -109,9 +118,17 @@ def choose_teacher(
     console.print(f"[green]wrote[/] {out}/choice.json and {len(rec['candidates'])} teachers' masks of {rec['test_images']} test images", highlight=False)
 
 
-def run_teach(cfg, batch_files: list[Path], out: Path, resume: bool = True, quiet: bool = False, choice: Path | None = None) -> None:
+def run_teach(cfg, batch_files: list[Path], out: Path, resume: bool = True, quiet: bool = False, choice: Path | None = None, engine=None) -> None:
     """Teach `batch_files` into `out` with the teacher of `cfg` (a TeachConfig), or the per-class teacher of a
-    `choice` file, printing what `b2p teach` prints (for auto: the calib score table and the choice per class)."""
+    `choice` file, on `engine` (an EngineConfig; default local), printing what `b2p teach` prints (for auto:
+    the calib score table and the choice per class)."""
+    from b2p.scale.engine import open_engine
+
+    with open_engine(engine) as eng:  # an unreachable cluster is refused before anything is built or written
+        _teach_with(cfg, batch_files, out, resume, quiet, eng, choice)
+
+
+def _teach_with(cfg, batch_files: list[Path], out: Path, resume: bool, quiet: bool, eng, choice: Path | None = None) -> None:
     from rich.console import Console
     from rich.markup import escape
 
@@ -142,10 +159,10 @@ def run_teach(cfg, batch_files: list[Path], out: Path, resume: bool = True, quie
             raise B2PError("--candidate goes with --teacher auto")
         t = make_teacher(cfg, progress=not quiet)
     for f in batch_files:
-        r = teach_batch(f, out, t, resume=resume, progress=not quiet)
+        r = teach_batch(f, out, t, resume=resume, progress=not quiet, engine=eng)
         console.print(
             f"[green]taught[/] {r.batch}: {r.images} images, {r.boxes} boxes with {t.name} "
-            f"({r.taught} taught, {r.reused} reused) in {r.seconds:.1f} s -> {r.out_dir} (see preview.png)"
+            f"({r.taught} taught, {r.reused} reused{'' if eng.name == 'local' else f' on {eng.workers} {eng.name} workers'}) in {r.seconds:.1f} s -> {r.out_dir} (see preview.png)"
             + (f"; [yellow]{len(r.notes)} boxes with notes[/] (see provenance.json)" if r.notes else ""),
             highlight=False,
         )

@@ -79,8 +79,6 @@ class SamTeacher(Teacher):
         decoder_batch: int = 64,
         progress: bool = True,
     ):
-        from segment_anything import SamPredictor
-
         self.cfg = settings or SamSettings()
         if decoder_batch < 1:
             raise B2PError(f"decoder_batch must be >= 1, got {decoder_batch}")
@@ -88,15 +86,39 @@ class SamTeacher(Teacher):
         self.ckpt: ResolvedCheckpoint = resolve_checkpoint(
             self.cfg.model_type, checkpoint, weights_dir, download=download, specs=specs, progress=progress
         )
-        self.device = pick_device(device)
-        model = load_sam(self.cfg.model_type, self.ckpt.path).to(self.device)
+        self.device_request = device
         self.encoder_calls = 0
+        self.cache = EmbeddingCache(cache_dir, self.cfg.model_type, self.ckpt.sha256) if cache_dir is not None else None
+        self._load()
+
+    def _load(self) -> None:
+        from segment_anything import SamPredictor
+
+        self.device = pick_device(self.device_request)
+        model = load_sam(self.cfg.model_type, self.ckpt.path).to(self.device)
         model.image_encoder.register_forward_hook(self._count_encoder)
         self.predictor = SamPredictor(model)
-        self.cache = EmbeddingCache(cache_dir, self.cfg.model_type, self.ckpt.sha256) if cache_dir is not None else None
 
     def _count_encoder(self, *_: Any) -> None:
         self.encoder_calls += 1
+
+    # an engine's worker gets the teacher pickled without its model, and loads it (on its own device) once
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "predictor"}
+
+    def setup(self) -> None:
+        if getattr(self, "predictor", None) is None:
+            self._load()
+
+    def counters(self) -> dict[str, int]:
+        c = self.cache
+        return {"encoder_calls": self.encoder_calls, "cache_hits": c.hits if c else 0, "cache_misses": c.misses if c else 0}
+
+    def add_counters(self, counts: dict[str, int]) -> None:
+        self.encoder_calls += counts.get("encoder_calls", 0)
+        if self.cache is not None:
+            self.cache.hits += counts.get("cache_hits", 0)
+            self.cache.misses += counts.get("cache_misses", 0)
 
     def settings(self) -> dict[str, Any]:
         return {**asdict(self.cfg), "checkpoint_sha256": self.ckpt.sha256}

@@ -1,0 +1,199 @@
+"""Benchmark of the engines (b2p/scale): prints figures measured side by side in this one run; not a test.
+
+    python benchmarks/bench_scale.py [--images 160] [--epochs 2] [--out reports/benchmarks]
+
+On Magnetic-Tile (/work/shared/datasets/magnetic-tile: boxes from its masks, `b2p masks-to-boxes`), the first
+`--images` images of the imported batch:
+  1. teach (GrabCut) and predict (a student trained for one epoch: real model, real cost) on the local engine
+     (torch and OpenCV on 1 thread, the share one worker gets, and on every core), and on the Ray engine with
+     1 and 2 workers of 1 CPU each, on one local Ray cluster started once (its start is timed apart: on an
+     existing `ray start` cluster it is not paid). Each engine's outputs are checked equal to the local ones;
+  2. training on 1 vs 2 processes (`--processes`), same global batch.
+Figures: the speed-up of 2 workers over 1 (goal >= 1.7x) and over the 1-thread local run, the overhead of
+1 worker over the 1-thread local run (goal <= 10 %). Writes OUT/scale_cpu.json and OUT/scale_cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATASET = Path("/work/shared/datasets/magnetic-tile")
+
+
+def b2p(*args: str, cwd: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "b2p", *args], cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"b2p {' '.join(args)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+
+
+def prepare(work: Path, n_images: int) -> Path:
+    """Boxes from the masks, imported; the batch cut to `n_images` of its images, evenly spread."""
+    b2p("masks-to-boxes", str(DATASET), "--out", "raw/boxes.json", "--batch", "mt", cwd=work)
+    b2p("import", "--batch", "mt", "--images", str(DATASET), "--coco", "raw/boxes.json", "--out", "imported/mt.json", cwd=work)
+    batch = json.loads((work / "imported" / "mt.json").read_text())
+    step = max(1, len(batch["images"]) // n_images)  # spread over the classes and splits
+    keep = {im["id"] for im in batch["images"][::step][:n_images]}
+    batch["images"] = [im for im in batch["images"] if im["id"] in keep]
+    for key, value in batch.items():  # annotations, manual masks: whatever names an image
+        if isinstance(value, list) and value and isinstance(value[0], dict) and "image_id" in value[0]:
+            batch[key] = [a for a in value if a["image_id"] in keep]
+    (work / "imported" / "mt.json").write_text(json.dumps(batch))
+    return work / "imported" / "mt.json"
+
+
+def threads(n: int) -> None:
+    import cv2
+    import torch
+
+    torch.set_num_threads(n)
+    cv2.setNumThreads(n)
+
+
+def same_tree(a: Path, b: Path, skip: tuple[str, ...]) -> bool:
+    files = lambda r: {p.relative_to(r).as_posix(): p.read_bytes() for p in r.rglob("*") if p.is_file() and p.name not in skip}  # noqa: E731
+    return files(a) == files(b)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_engines(work: Path, batch: Path) -> dict:
+    import ray
+
+    from b2p.scale.engine import Engine, EngineConfig, open_engine
+    from b2p.student.predict import items_from_batches, run_prediction
+    from b2p.teach.base import teach_batch
+    from b2p.teach.grabcut import GrabCutTeacher
+    from rich.console import Console
+
+    quiet = Console(stderr=True, quiet=True)
+
+    def teach(out: str, engine) -> float:
+        shutil.rmtree(work / out, ignore_errors=True)
+        return timed(lambda: teach_batch(batch, work / out, GrabCutTeacher(), progress=False, engine=engine))
+
+    def predict(out: str, engine) -> float:
+        shutil.rmtree(work / out, ignore_errors=True)
+        items = items_from_batches([batch], "all", work / out, probs=True)
+        return timed(lambda: run_prediction(work / "model", items, device="cpu", console=quiet, progress=False, engine=engine))
+
+    res: dict = {"teach": {}, "predict": {}}
+    for stage, fn in (("teach", teach), ("predict", predict)):
+        threads(1)
+        res[stage]["local_1_thread"] = fn(f"{stage}_local1", Engine())
+        threads(os.cpu_count() or 1)
+        res[stage]["local_all_threads"] = fn(f"{stage}_local", Engine())
+    threads(1)
+    t = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    res["ray_cluster_start_s"] = time.perf_counter() - t
+    try:
+        for workers in (1, 2):
+            with open_engine(EngineConfig(name="ray", workers=workers)) as eng:
+                res["teach"][f"ray_{workers}"] = teach(f"teach_ray{workers}", eng)
+                res["predict"][f"ray_{workers}"] = predict(f"predict_ray{workers}", eng)
+            # a worker runs 1 torch thread: its maps are those of the 1-thread local run (torch's CPU arithmetic
+            # may round differently with another thread count)
+            res["teach"][f"ray_{workers}_same_files"] = same_tree(work / "teach_local1" / "mt", work / f"teach_ray{workers}" / "mt", ("provenance.json",))
+            res["predict"][f"ray_{workers}_same_files"] = same_tree(work / "predict_local1", work / f"predict_ray{workers}", ("predict.json",))
+    finally:
+        ray.shutdown()
+    res["predict"]["local_1_vs_all_threads_same_files"] = same_tree(work / "predict_local1", work / "predict_local", ("predict.json",))
+    for stage in ("teach", "predict"):
+        r = res[stage]
+        r["speedup_2_over_1_worker"] = r["ray_1"] / r["ray_2"]
+        r["speedup_2_workers_over_local_1_thread"] = r["local_1_thread"] / r["ray_2"]
+        r["overhead_1_worker_over_local_1_thread"] = r["ray_1"] / r["local_1_thread"] - 1
+    return res
+
+
+def bench_training(work: Path, epochs: int) -> dict:
+    params = work / "train.yaml"
+    params.write_text(f"train:\n  epochs: {epochs}\n  batch_size: 4\n  crops_per_image: 2\n  select: last\n")
+    out = {}
+    for n in (1, 2):
+        shutil.rmtree(work / f"m{n}", ignore_errors=True)
+        t = time.perf_counter()
+        b2p("train", "--imported", "imported", "--teacher-root", "teach_local", "--out", f"m{n}", "--params", str(params), "--processes", str(n), cwd=work)
+        out[f"processes_{n}_s"] = time.perf_counter() - t
+        out[f"processes_{n}_final_train_loss"] = json.loads((work / f"m{n}" / "metrics.json").read_text())["final_train"]["train_loss"]
+    out["speedup_2_over_1"] = out["processes_1_s"] / out["processes_2_s"]
+    return out
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_before": os.getloadavg(), "python": platform.python_version()}
+
+
+def write_report(out: Path, data: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale_cpu.json").write_text(json.dumps(data, indent=1))
+    lines = [
+        f"# Engines on a CPU: Magnetic-Tile, {data['images']} images (generated by benchmarks/bench_scale.py)",
+        "",
+        f"{data['date']}, {data['machine']['cpu']}, {data['machine']['cores']} cores; load average before: "
+        + ", ".join(f"{v:.2f}" for v in data["machine"]["load_before"]) + f", after: {', '.join(f'{v:.2f}' for v in data['load_after'])}.",
+        f"Ray cluster start (once, not paid on a running cluster): {data['engines']['ray_cluster_start_s']:.1f} s.",
+        "",
+        "| stage | local 1 thread (s) | local all cores (s) | Ray 1 worker (s) | Ray 2 workers (s) | 2 vs 1 worker | 1-worker overhead | same files as local 1 thread |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for stage in ("teach", "predict"):
+        r = data["engines"][stage]
+        lines.append(
+            f"| {stage} | {r['local_1_thread']:.1f} | {r['local_all_threads']:.1f} | {r['ray_1']:.1f} | {r['ray_2']:.1f} | "
+            f"{r['speedup_2_over_1_worker']:.2f}x | {100 * r['overhead_1_worker_over_local_1_thread']:+.1f} % | {r['ray_1_same_files'] and r['ray_2_same_files']} |"
+        )
+    t = data["training"]
+    lines += [
+        "",
+        f"Predict, local on 1 thread vs on all cores: the same files: {data['engines']['predict']['local_1_vs_all_threads_same_files']}.",
+        "",
+        f"Training ({data['epochs']} epochs, global batch 4): 1 process {t['processes_1_s']:.1f} s, 2 processes {t['processes_2_s']:.1f} s "
+        f"({t['speedup_2_over_1']:.2f}x; final train loss {t['processes_1_final_train_loss']:.6f} vs {t['processes_2_final_train_loss']:.6f}).",
+        "",
+    ]
+    (out / "scale_cpu.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks")
+    a = ap.parse_args()
+    info = machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        batch = prepare(work, a.images)
+        b2p("teach", "imported/mt.json", "--out", "teach_local", "--quiet", cwd=work)
+        (work / "m.yaml").write_text("train:\n  epochs: 1\n  select: last\n")
+        b2p("train", "--imported", "imported", "--teacher-root", "teach_local", "--out", "model", "--params", "m.yaml", cwd=work)
+        engines = bench_engines(work, batch)
+        training = bench_training(work, a.epochs)
+    data = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": info, "load_after": os.getloadavg(),
+        "images": a.images, "epochs": a.epochs, "engines": engines, "training": training,
+    }
+    write_report(a.out, data)
+
+
+if __name__ == "__main__":
+    main()
