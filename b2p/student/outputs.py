@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from b2p.errors import B2PError
-from b2p.fileio import atomic_write, write_json_atomic
+from b2p.fileio import write_json_atomic
 from b2p.labels import label_map_key
 from b2p.student.manifest import MANIFEST, merged_manifest
 

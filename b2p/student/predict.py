@@ -28,8 +28,8 @@ import torch
 from rich.console import Console
 
 from b2p.errors import B2PError
-from b2p.fileio import read_image, sha256_file, write_bytes_atomic
-from b2p.labels import label_map_key, label_map_path, write_label_map
+from b2p.fileio import sha256_file, write_bytes_atomic
+from b2p.labels import label_map_key, label_map_path
 from b2p.student import windows
 from b2p.student.data import load_batch_files_for_inference, prepare_image
 from b2p.student.geometry import Geometry
@@ -54,7 +54,7 @@ from b2p.student.outputs import (  # noqa: F401 (re-exported: PredictItem, the p
     write_probs,
 )
 from b2p.student.rules import DecisionRule, DeploySettings, read_deploy_settings
-from b2p.student.snap import GMM_COMPONENTS, SnapSettings, check_snap, snap_grabcut
+from b2p.student.snap import GMM_COMPONENTS, SnapSettings, check_snap
 from b2p.student.windows import (  # noqa: F401 (re-exported)
     DEFAULT_OVERLAP,
     DEFAULT_TILE_BATCH,

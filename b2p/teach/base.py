@@ -42,7 +42,7 @@ import numpy as np
 from b2p.dataset import Batch, ImageRecord, check_image_unchanged, input_folders, load_batch
 from b2p.errors import B2PError
 from b2p.fileio import check_separate_folders, read_image, read_json, write_bytes_atomic, write_json_atomic, write_png_atomic
-from b2p.labels import encode_label_map, label_map_key, label_map_path, paint_label_map, write_label_map
+from b2p.labels import encode_label_map, label_map_key, label_map_path, paint_label_map
 from b2p.scale.engine import Engine
 from b2p.masks import rle_decode, rle_encode
 from b2p.progress import Progress
@@ -257,7 +257,7 @@ class TeachJob:
 
     def run(self, im: ImageRecord) -> tuple[bytes, list[dict], dict[str, int]]:
         before = self.teacher.counters()
-        pms, lm = _teach_image(self.teacher, im)
+        pms, lm = teach_image(self.teacher, im)
         after = self.teacher.counters()
         return encode_label_map(lm), [p.to_coco() for p in pms], {k: v - before.get(k, 0) for k, v in after.items()}
 
