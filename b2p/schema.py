@@ -388,7 +388,7 @@ SECTIONS: dict[str, Callable[[], type[BaseModel]] | None] = {
     # read by dvc.yaml's interpolation and checked as a whole by `check_recipe` (b2p import runs it first):
     "base": None, "demos": None, "batches": None, "students": None, "candidates": None, "distill": None, "oracle": None,
     # pipelines/suite/params.yaml (b2p/pipeline/suite.py `suite_settings`)
-    "seeds": None, "recipe": None,
+    "seeds": None, "oracle_seeds": None, "recipe": None,
 }
 
 

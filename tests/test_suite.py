@@ -140,7 +140,7 @@ def test_the_suite_runs_the_recipe_per_seed_and_leaves_dvc_up_to_date(tmp_path: 
     root = _suite_project(tmp_path)
     ds = tmp_path / "Line 7 Parts"
     make_folder_dataset(ds, "QC-", "Good", images=14, size=64)
-    sets = ["seeds=[1,2]", "masks_to_boxes.masked=0.6", "masks_to_boxes.free_images=2", "recipe.students.lite.train.epochs=1"]
+    sets = ["seeds=[1,2]", "oracle_seeds=[1,2]", "masks_to_boxes.masked=0.6", "masks_to_boxes.free_images=2", "recipe.students.lite.train.epochs=1"]
     p = _run(root, B2P, "suite", "--root", str(ds), *[a for s in sets for a in ("--set", s)])
     home = root / "pipelines" / "suite" / "line-7-parts"
     res = read_json(root / "reports" / "line-7-parts" / "results.json")

@@ -105,6 +105,8 @@ def suite_settings(project: Path, overrides: list[str] = ()) -> dict:
         if parts[-1] not in node and parts[0] != "recipe":
             raise B2PError(f"--set {spec}: no key {'.'.join(parts)!r} in the suite's params", path)
         node[parts[-1]] = value
+    if "oracle_seeds" in data and not (isinstance(data["oracle_seeds"], list) and set(data["oracle_seeds"]) <= set(data.get("seeds") or [])):
+        raise B2PError(f"`oracle_seeds` must be a list of some of the `seeds`, got {data['oracle_seeds']!r}", path)
     seeds = data.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise B2PError(f"`seeds` must be a list of distinct non-negative integers, got {seeds!r}", path)
@@ -467,9 +469,10 @@ def run_suite(
     if source_root is not None:
         batch = simulate_batch(source_root, name, home / "source", settings)
     workspaces = {int(s): home / f"seed-{s}" for s in settings["seeds"]}
+    oracle_seeds = settings.get("oracle_seeds", settings["seeds"])
     for seed, ws in workspaces.items():
         recipe = dict(settings.get("recipe") or {})
-        if batch.manual is None:  # a user's batch: nothing to train an oracle on
+        if batch.manual is None or seed not in oracle_seeds:  # a user's batch has nothing to train an oracle on
             recipe["oracle"] = {"students": []}
         make_workspace(project, ws, seed, name, batch, recipe)
     stages = plan(workspaces)
