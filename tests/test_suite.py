@@ -121,7 +121,7 @@ def _suite_project(tmp_path: Path) -> Path:
     import shutil
 
     root = tmp_path / "proj"
-    root.mkdir()
+    root.mkdir(parents=True)
     for f in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / f, root / f)
     shutil.copytree(REPO / "b2p", root / "b2p", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

@@ -1,7 +1,7 @@
 """`b2p suite`: the recipe (the project's dvc.yaml) on a benchmark dataset, over several seeds.
 
 The suite has no stages of its own. For each seed it makes a workspace, pipelines/suite/<name>/seed-<N>/,
-that is a b2p project as a user would have it: its own DVC repository (`dvc init --subdir --no-scm`), the
+that is a b2p project as a user would have it: its own DVC repository (`dvc init --subdir`), the
 project's dvc.yaml and b2p/ as symlinks (one definition of every stage; code changes re-run what they
 touch), a params.yaml that is the project's with the suite's overrides (pipelines/suite/params.yaml
 `recipe:`) and `base.seed: N`, and the dataset added with `b2p add-batch` from a COCO batch with manual
@@ -155,8 +155,11 @@ def _merge_into(node: Any, layer: dict) -> None:
 def make_workspace(project: Path, ws: Path, seed: int, name: str, source: BatchSource, recipe: dict) -> None:
     """Create or refresh one seed's workspace (module docstring); an unchanged one is left as it is."""
     ws.mkdir(parents=True, exist_ok=True)
-    if not (ws / ".dvc").is_dir():
-        _run(["dvc", "init", "--subdir", "--no-scm", "-q"], ws)
+    if not (ws / ".dvc").is_dir():  # its own DVC repository: the project's `dvc repro` never parses it
+        try:
+            _run(["dvc", "init", "--subdir", "-q"], ws)  # inside the project's git repository
+        except B2PError:
+            _run(["dvc", "init", "--no-scm", "-q"], ws)  # a project outside git
     for link in ("dvc.yaml", "b2p"):
         target = Path(os.path.relpath(project / link, ws))
         if (ws / link).is_symlink() and Path(os.readlink(ws / link)) == target:
