@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DOCS = REPO / "docs"
 PAGES = [README, *sorted(DOCS.rglob("*.md"))]
-INSTALL = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[app,test]"'
+INSTALL = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[app,test,ray]"'
 MAIN_JOB = "dvc repro"
 TEST = "python -m pytest -q"
 
