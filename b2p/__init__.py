@@ -3,7 +3,7 @@
 Pipeline (one sub-package per stage): ingest -> teach -> student (train, predict) -> evaluate -> browse,
 chained by DVC (see dvc.yaml). Shared concepts live in one module each: `labels` (class list and the
 label-map format), `splits` (the split rule), `dataset` (the canonical annotation file),
-`evaluate.metrics` (every metric definition).
+`metrics` (every metric definition).
 """
 
 __version__ = "0.1.0"

@@ -12,7 +12,8 @@ Types, ranges, the known top-level sections and the precedence (defaults < files
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import difflib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,47 @@ def dump_yaml_for_editing(data: Any) -> str:
     return buf.getvalue()
 
 
+# Every top-level section a b2p params file may hold (params.yaml, pipelines/suite/params.yaml), with the name
+# of its model in b2p.schema (a class, or a function that builds it): a section not listed here is refused,
+# naming the closest known one, so `trian:` is never silently ignored. None: a section whose contents the
+# pipeline's own code reads and checks (dvc.yaml interpolation, `b2p.schema.check_recipe`, the suite).
+SECTIONS: dict[str, str | None] = {
+    "masks_to_boxes": "MasksToBoxesParams",
+    "import": "ImportParams",
+    "teach": "_teach_model",
+    "train": "_train_model",
+    "predict": "PredictParams",
+    "evaluate": "EvaluateParams",
+    "finalize": "FinalizeParams",
+    "export": "ExportParams",
+    "engine": "_engine_model",
+    # read by dvc.yaml's interpolation and checked as a whole by `check_recipe` (b2p import runs it first):
+    "base": None, "demos": None, "batches": None, "students": None, "candidates": None, "distill": None, "oracle": None,
+    # pipelines/suite/params.yaml (b2p/pipeline/suite.py `suite_settings`)
+    "seeds": None, "oracle_seeds": None, "recipe": None,
+}
+
+
+def check_section_names(data: Mapping[str, Any], path: str | Path | None = None) -> None:
+    """Refuse top-level keys of a params file that are not sections b2p knows (all of them in one error)."""
+    unknown = [str(k) for k in data if str(k) not in SECTIONS]
+    if not unknown:
+        return
+    named = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, list(SECTIONS), n=1)
+        named.append(f"`{k}:`" + (f" (did you mean `{close[0]}:`?)" if close else ""))
+    raise B2PError(
+        f"unknown top-level section{'s' if len(unknown) > 1 else ''} {', '.join(named)}: b2p would ignore it; "
+        f"known sections: {', '.join(sorted(SECTIONS))} (b2p/params.py SECTIONS)",
+        path,
+    )
+
+
+
 def read_params_file(path: str | Path) -> dict[str, Any]:
     """Every section of a params file, after checking that each top-level key is a known section
-    (`b2p.schema.SECTIONS`): a misspelt section (`trian:`) must not be silently ignored."""
-    from b2p.schema import check_section_names
-
+    (`SECTIONS`): a misspelt section (`trian:`) must not be silently ignored."""
     path = Path(path)
     data = read_yaml(path, "params file")
     if data is None:

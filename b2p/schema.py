@@ -5,7 +5,7 @@ export; `engine`, which teach, predict and finalize share) resolves its settings
 get the same checks. Values are coerced to the declared type (a quoted `'3'` becomes 3) and checked against
 the ranges below; NaN, infinities, unknown keys, wrong types and booleans in place of numbers (or numbers in
 place of booleans) are refused. Every problem is reported at once, each naming the file (or command-line
-option) and the key. `SECTIONS` lists every top-level section a params file may hold: any other is refused.
+option) and the key. `b2p.params.SECTIONS` lists every top-level section a params file may hold: any other is refused.
 
 The schemas are built from the dataclasses the stages already use (`TrainParams`, `TeachConfig`,
 `GrabCutSettings`) so each key is declared once, where it is used; this module adds only the ranges and
@@ -375,49 +375,29 @@ def _train_model() -> type[BaseModel]:
 # never silently ignored. A new section is one entry here: its model (a loader), or None for a section whose
 # contents the pipeline's own code reads and checks (b2p/pipeline, dvc.yaml interpolation) rather than a
 # command through `resolve`.
-SECTIONS: dict[str, Callable[[], type[BaseModel]] | None] = {
-    "masks_to_boxes": lambda: MasksToBoxesParams,
-    "import": lambda: ImportParams,
-    "teach": _teach_model,
-    "train": _train_model,
-    "predict": lambda: PredictParams,
-    "evaluate": lambda: EvaluateParams,
-    "finalize": lambda: FinalizeParams,
-    "export": lambda: ExportParams,
-    "engine": lambda: model_of_dataclass(_attr("b2p.scale.engine.EngineConfig"), CONSTRAINTS["engine"], "EngineParams"),
-    # read by dvc.yaml's interpolation and checked as a whole by `check_recipe` (b2p import runs it first):
-    "base": None, "demos": None, "batches": None, "students": None, "candidates": None, "distill": None, "oracle": None,
-    # pipelines/suite/params.yaml (b2p/pipeline/suite.py `suite_settings`)
-    "seeds": None, "oracle_seeds": None, "recipe": None,
-}
-
-
-def check_section_names(data: Mapping[str, Any], path: str | Path | None = None) -> None:
-    """Refuse top-level keys of a params file that are not sections b2p knows (all of them in one error)."""
-    unknown = [str(k) for k in data if str(k) not in SECTIONS]
-    if not unknown:
-        return
-    named = []
-    for k in unknown:
-        close = difflib.get_close_matches(k, list(SECTIONS), n=1)
-        named.append(f"`{k}:`" + (f" (did you mean `{close[0]}:`?)" if close else ""))
-    raise B2PError(
-        f"unknown top-level section{'s' if len(unknown) > 1 else ''} {', '.join(named)}: b2p would ignore it; "
-        f"known sections: {', '.join(sorted(SECTIONS))} (b2p/schema.py SECTIONS)",
-        path,
-    )
-
-
 @functools.cache
 def schema(stage: str) -> type[BaseModel]:
     """The pydantic model of a params section (built once; train/teach from their dataclasses)."""
-    loader = SECTIONS.get(stage)
-    if loader is None:
+    from b2p.params import SECTIONS
+
+    name = SECTIONS.get(stage)
+    if name is None:
         raise KeyError(f"no parameter schema for section {stage!r}")
-    return loader()
+    model = globals()[name]
+    return model if isinstance(model, type) else model()
 
 
-STAGES = tuple(name for name, model in SECTIONS.items() if model is not None)  # the typed sections
+def _engine_model() -> type[BaseModel]:
+    return model_of_dataclass(_attr("b2p.scale.engine.EngineConfig"), CONSTRAINTS["engine"], "EngineParams")
+
+
+def _typed_sections() -> tuple[str, ...]:
+    from b2p.params import SECTIONS
+
+    return tuple(name for name, model in SECTIONS.items() if model is not None)
+
+
+STAGES = _typed_sections()  # the typed sections
 
 
 # --- merging and validating --------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def run_child(kind: str, model_dir: Path, files: list[str], out: Path, threads: 
 
 def scores_of(maps: list[np.ndarray], imported: Path, limit: int | None) -> dict:
     from b2p.dataset import class_list_of, load_batches
-    from b2p.evaluate.metrics import ConfusionMatrix
+    from b2p.metrics import ConfusionMatrix
 
     batches = load_batches([imported])
     names = list(class_list_of(batches).names)

@@ -47,7 +47,7 @@ def fo_db(tmp_path_factory):
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Binary IoU computed here, independently of b2p.evaluate.metrics (1.0 when both are empty)."""
+    """Binary IoU computed here, independently of b2p.metrics (1.0 when both are empty)."""
     a, b = a > 0, b > 0
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0

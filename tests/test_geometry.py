@@ -96,7 +96,7 @@ def test_boxes_and_box_masks_round_trip(h, w, scale):
         x0, y0 = int(np.floor(b[0])), int(np.floor(b[1]))
         assert m[min(y0, hs - 1), min(x0, ws - 1)]
     if scale == 1.0:
-        from b2p.teach.base import box_mask
+        from b2p.boxes import box_mask
 
         want = np.zeros((h, w), bool)
         for b in boxes:

@@ -140,7 +140,8 @@ def test_set_refuses_booleans_for_numbers_and_numbers_for_booleans(tmp_path, ite
 
 
 def test_params_booleans_and_section_names_pass_where_right(tmp_path):
-    from b2p.schema import SECTIONS, check_params_file, train_params
+    from b2p.params import SECTIONS
+    from b2p.schema import check_params_file, train_params
 
     p = tmp_path / "p.yaml"
     p.write_text("train:\n  refine: false\n  epochs: 3\n  lr: 5e-4\nbatches: {}\nseeds: [1, 2]\n")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from b2p.errors import B2PError
-from b2p.evaluate.metrics import (
+from b2p.metrics import (
     ConfusionMatrix,
     binary_counts,
     binary_counts_from_matrix,

@@ -18,7 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from b2p.cli import app
-from b2p.scale.engine import EngineConfig, open_engine
+from b2p.scale.engine import EngineConfig
+from b2p.scale.engines import open_engine
 
 runner = CliRunner()
 TESTS = Path(__file__).resolve().parent

@@ -68,7 +68,7 @@ def test_snap_refuses_bad_inputs():
 
 
 def test_box_guided_masks_keep_the_snapped_pixels_inside_each_box():
-    from b2p.student.predict import within_boxes
+    from b2p.boxes import within_boxes
 
     img, probs, truth = _scene()
     snapped, _ = snap_grabcut(img, probs)

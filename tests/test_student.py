@@ -298,7 +298,7 @@ def test_cached_tile_features_equal_cropped_whole_image_features(taught, tmp_pat
 
 
 def test_within_boxes_keeps_student_pixels_inside_boxes_with_the_box_class():
-    from b2p.student.predict import within_boxes
+    from b2p.boxes import within_boxes
 
     p = np.zeros((20, 30), dtype=np.float32)
     p[2:8, 2:8] = 0.9  # a confident blob, half of it outside box 1
@@ -373,7 +373,7 @@ def test_cli_train_and_predict(taught, tmp_path: Path):
     boxed = tmp_path / "boxed"
     r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--split", "all", "--out", str(tmp_path / "pred2"), "--boxes-out", str(boxed)])
     assert r.exit_code == 0, r.output
-    from b2p.teach.base import box_mask
+    from b2p.boxes import box_mask
 
     for rec in b.images:
         lm = read_label_map(label_map_path(boxed, b.name, rec.file_name), shape=(rec.height, rec.width))

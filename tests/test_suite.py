@@ -19,7 +19,7 @@ from b2p.cli import app
 from b2p.fileio import read_json
 from b2p.ingest.from_masks import common_prefix, masks_to_boxes
 from b2p.labels import label_map_path, read_label_map
-from b2p.pipeline.results import check_text, fmt_stat, mean_std, readme_section, update_text
+from b2p.pipeline.results import check_text, fmt_stat, mean_std, readme_section
 
 REPO = Path(__file__).resolve().parents[1]
 B2P = str(Path(sys.executable).parent / "b2p")

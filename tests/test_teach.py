@@ -17,7 +17,8 @@ from b2p.errors import B2PError
 from b2p.fileio import read_image, sha256_file, write_png_atomic
 from b2p.labels import label_map_path, paint_label_map, read_label_map
 from b2p.masks import rle_decode
-from b2p.teach.base import clip_to_box, settings_hash, teach_batch
+from b2p.boxes import clip_to_box
+from b2p.teach.base import settings_hash, teach_batch
 from b2p.teach.box import BoxTeacher
 from b2p.teach.grabcut import GrabCutTeacher
 

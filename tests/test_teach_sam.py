@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from b2p.cli import app
 from b2p.fileio import read_image, sha256_file
 from b2p.masks import rle_decode
-from b2p.teach.base import box_pixel_bounds, settings_hash, teach_batch
+from b2p.boxes import box_pixel_bounds
+from b2p.teach.base import settings_hash, teach_batch
 from b2p.teach.sam import SamSettings, SamTeacher, _bbox_iou
 from b2p.teach.weights import save_random_checkpoint
 

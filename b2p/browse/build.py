@@ -15,7 +15,7 @@ Sample fields
   field (FIELD_COLORS: one colour per source, so teacher and student masks of one image can be told apart)
   and boxes by class (`b2p.labels.class_color_hex`, the same in every b2p picture).
 - `batch`, `split`, `has_manual_mask`, `b2p_key`, `b2p_fingerprint`.
-- Scores (binary defect-vs-background, `b2p.evaluate.metrics` per-image helpers; an image where neither
+- Scores (binary defect-vs-background, `b2p.metrics` per-image helpers; an image where neither
   map has a defect pixel scores 1.0): `teacher_iou`, `teacher_precision`, `teacher_recall` and
   `student_iou` against the manual mask; `disagreement` = 1 - IoU(teacher, student);
   `student_gain` = student_iou - teacher_iou; `final_iou` (final masks against the manual mask) and
@@ -44,7 +44,7 @@ import numpy as np
 
 from b2p.dataset import Batch, ImageRecord, class_list_of, load_batches
 from b2p.errors import B2PError
-from b2p.evaluate.metrics import binary_iou, image_binary_scores
+from b2p.metrics import binary_iou, image_binary_scores
 from b2p.labels import ClassList, class_color_hex, label_map_path, read_label_map
 from b2p.splits import SPLITS
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from b2p.evaluate.metrics import ratio
+from b2p.metrics import ratio
 
 DEFAULT_SIZE_BINS = (0.001, 0.01)  # fractions of the image area: small < 0.1 % <= medium < 1 % <= large
 DEFAULT_MIN_COVER = 0.5

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from b2p.evaluate.metrics import normalized_matrix
+from b2p.metrics import normalized_matrix
 from b2p.fileio import read_image, write_bytes_atomic, write_text_atomic
 from b2p.labels import class_color_hex, colorize, overlay_name
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from b2p.evaluate.evaluate import EvalResult
+    from b2p.evaluate.sources import EvalResult
 
 SUMMARY_METRICS = ("miou", "anomaly_miou", "binary_iou", "binary_precision", "binary_recall", "binary_f1")
 
@@ -135,7 +135,7 @@ def write_overlays(folder: str | Path, result: EvalResult, rank_source: str, wor
 
     Files are `NN_<batch>__<label map key>.png`, NN the rank (00 = worst).
     """
-    from b2p.evaluate.evaluate import STUDENT, TEACHER, load_source_map
+    from b2p.evaluate.sources import STUDENT, TEACHER, load_source_map
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)  # exists even with no overlay, for a DVC output

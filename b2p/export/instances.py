@@ -1,7 +1,7 @@
 """One mask per annotated box, cut out of a label map.
 
 Rule: the mask of a box is the pixels of the box's class inside the box (the same box pixels as the
-teachers use, `b2p.teach.base.box_pixel_bounds`). Where boxes of the same class overlap, a pixel belongs to
+teachers use, `b2p.boxes.box_pixel_bounds`). Where boxes of the same class overlap, a pixel belongs to
 ONE of them, decided as b2p paints label maps (`b2p.labels.paint_label_map`): the smaller mask wins, equal
 areas go to the higher score, then to the earlier box. Boxes of different classes cannot share a pixel
 (it holds one class). So the instance masks are disjoint and their union is the label map's defect
@@ -40,7 +40,7 @@ class Instance:
 
 def box_instances(label_map: np.ndarray, record: ImageRecord, scores: dict[int, float]) -> tuple[list[Instance], int]:
     """Instances of every box of `record` in its label map (empty masks included), and the unboxed pixel count."""
-    from b2p.teach.base import box_pixel_bounds
+    from b2p.boxes import box_pixel_bounds
 
     h, w = label_map.shape
     candidates = []

@@ -8,7 +8,7 @@ served by another student than wide erosion).
 
 Each source is a mask root in the teacher layout (ROOT/<batch>/labelmaps/<key>.png); a box's mask under a
 source is that source's pixels of the box's class inside the box (b2p.teach.auto.LabelMapTeacher). Every
-source is scored per class on the calib images' manual masks (one confusion matrix, b2p/evaluate/metrics.py)
+source is scored per class on the calib images' manual masks (one confusion matrix, b2p/metrics.py)
 and each class takes its best (ties: the earlier source, so the base wins a tie). Without calib masks every
 class takes the pool's first member: the student the params list first.
 

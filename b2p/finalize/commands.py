@@ -40,7 +40,7 @@ def finalize(
     student_snap = cfg.student_snap
     if teacher_root is not None and str(teacher_root) == "none":  # the recipe's oracle: nothing to blend with
         teacher_root = None
-    from b2p.scale.engine import open_engine
+    from b2p.scale.engines import open_engine
 
     console = Console(stderr=True)
     engine_cfg = eo.engine_from_options(params, engine, workers, address, None)

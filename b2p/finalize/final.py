@@ -8,11 +8,11 @@ c becomes the pixels inside it where
 
 is above t, painted with c; overlaps: the smaller mask wins; a box where no pixel passes keeps its pixels
 with s >= half its best s (rescued: the annotator says a defect is there). This is `within_boxes` of
-b2p/student/predict.py with s in place of p(defect). alpha 1 is the student alone, alpha 0 the teacher.
+b2p/boxes.py with s in place of p(defect). alpha 1 is the student alone, alpha 0 the teacher.
 
 (alpha, t) is chosen per class on the calib images (`b2p import --calib`): every grid point of ALPHAS x
 THRESHOLDS (ALPHAS only 1.0 without a teacher) gives label maps for all calib images, scored against their
-manual masks with one confusion matrix (b2p/evaluate/metrics.py); each class takes the point with its best
+manual masks with one confusion matrix (b2p/metrics.py); each class takes the point with its best
 IoU (ties: the earlier point; the grid starts with the default). A class without calib pixels keeps the
 default, and so does everything when there is no calib image: alpha 1, t 0.5 (the student alone, at
 even odds). Calib images are only measured here: their manual masks never become output.
@@ -201,7 +201,7 @@ def _read_image_of(im: ImageRecord) -> np.ndarray:
 def fit_class_offsets(samples: list[tuple[np.ndarray, np.ndarray]], names: list[str], k1: int) -> tuple[tuple[float, ...], dict]:
     """Per-class offsets on log p maximising binary IoU + anomaly mIoU over `samples` ((K+1)xN log p, N truth
     labels; module docstring); returns (offsets with background 0, the scores they reach)."""
-    from b2p.evaluate.metrics import ConfusionMatrix
+    from b2p.metrics import ConfusionMatrix
 
     lp = np.concatenate([a for a, _ in samples], axis=1)
     truth = np.concatenate([t for _, t in samples])
@@ -245,7 +245,7 @@ def final_label_map(
 ) -> tuple[np.ndarray, int]:
     """HxW uint8 label map of one image and the number of rescued boxes; `settings` maps a class id to
     its (alpha, t). Without `teacher_lm` alpha must be 1."""
-    from b2p.student.predict import within_boxes
+    from b2p.boxes import within_boxes
 
     h, w = p_defect.shape
     masks, rescued = [], 0
@@ -331,7 +331,7 @@ def finalize(
     `student_out`, the calibrated student alone, snapped candidates included unless `student_snap` is
     False), the masks on `engine` (b2p/scale/engine.py; default local); see the module docstring."""
 
-    from b2p.evaluate.metrics import ConfusionMatrix
+    from b2p.metrics import ConfusionMatrix
     from b2p.splits import parse_splits
     from b2p.progress import Progress
 
@@ -530,7 +530,7 @@ def _choose_student_rule(maps: list[dict], truths: list[np.ndarray], names: list
     """The student-alone rule with the best binary IoU + anomaly mIoU on calib (module docstring); the argmax
     without calib.
     `maps[i][rule]`: calib image i's label map under that rule; `truths[i]`: its manual label map."""
-    from b2p.evaluate.metrics import ConfusionMatrix
+    from b2p.metrics import ConfusionMatrix
 
     if not truths:
         return {"t": ARGMAX, "snap_sure": None, "offsets": None, "rule": _rule_name(ARGMAX), "reason": "no calib images: default", "calib": None, "grid": []}

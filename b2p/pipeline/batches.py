@@ -60,7 +60,7 @@ def load_params(path: str | Path) -> Any:
     """Parse params.yaml for editing (a ruamel CommentedMap) with the project's one YAML reader
     (b2p.params); B2PError names the file on any problem."""
     from b2p.params import read_yaml_for_editing
-    from b2p.schema import check_section_names
+    from b2p.params import check_section_names
 
     path = Path(path)
     if not path.is_file():

@@ -30,10 +30,9 @@ Settings (params.yaml `engine:`, or the `--engine / --workers / --address` optio
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -116,20 +115,6 @@ class Engine:
         return MapStats(done=len(items))
 
 
-@contextlib.contextmanager
-def open_engine(config: EngineConfig | None = None, warn: Callable[[str], None] | None = None) -> Iterator[Engine]:
-    """The engine `config` names, ready to map (a Ray cluster connected or started: an unreachable address
-    is refused here, before any output is written); closed (a cluster started for the run stopped) after."""
-    config = config or EngineConfig()
-    if config.name == "local":
-        yield Engine()
-        return
-    from b2p.scale.ray_engine import open_ray_engine
-
-    with open_ray_engine(config, warn or _print_warning) as engine:
-        yield engine
-
-
 def engine_config(params_file: str | os.PathLike | None = None, **options: Any) -> EngineConfig:
     """EngineConfig from a params file's `engine:` section and command-line options (None = not given),
     checked by the engine schema (b2p/schema.py)."""
@@ -158,7 +143,7 @@ def oversubscription_warning(workers: int, cpus_per_worker: float, cpus: int, wh
     )
 
 
-def _print_warning(text: str) -> None:
+def print_warning(text: str) -> None:
     from rich.console import Console
     from rich.markup import escape
 

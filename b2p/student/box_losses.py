@@ -2,7 +2,7 @@
 
 All of them read the training batch's `boxes`: per sample an Nx6 float tensor (x0, y0, x1, y1 in tile
 pixels, clipped to the tile; class id; clipped flag, non-zero when the tile border cut the box). A box's
-pixels follow `b2p.teach.base.box_pixel_bounds` (floor of the start, ceil of the end, end-exclusive).
+pixels follow `b2p.boxes.box_pixel_bounds` (floor of the start, ceil of the end, end-exclusive).
 
 Per box and class: a box of class c constrains the probability of class c (fine head) and p(defect)
 (binary head); the caller passes per-class probability maps, so one function serves both heads.

@@ -202,7 +202,7 @@ def predict(
         check_separate_folders(named, input_folders(batches), [it.image_path for it in items])
         inputs = {"imported": str(imported), "batches": [f.stem for f in files], "split": split}
     kinds = {"--out": "student", "--boxes-out": "boxes", "--snap-out": "snapped"}
-    from b2p.scale.engine import open_engine
+    from b2p.scale.engines import open_engine
 
     with open_engine(engine_cfg) as eng:
         res = run_prediction(

@@ -165,9 +165,9 @@ class Geometry:
         return b * np.array([sx, sy, sx, sy])
 
     def box_mask_to_model(self, boxes_xyxy: np.ndarray, min_side: int = 0) -> np.ndarray:
-        """HpxWp bool: model pixels inside at least one box, with b2p.teach.base.box_pixel_bounds' pixel rule
+        """HpxWp bool: model pixels inside at least one box, with b2p.boxes.box_pixel_bounds' pixel rule
         (floor the start, ceil the end) applied in model space, so a thin box keeps at least one pixel."""
-        from b2p.teach.base import box_pixel_bounds
+        from b2p.boxes import box_pixel_bounds
 
         m = np.zeros(self.padded_size(min_side), dtype=bool)
         for box in self.boxes_to_model(boxes_xyxy):

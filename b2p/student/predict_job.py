@@ -55,7 +55,7 @@ class PredictJob:
         if self.loaded is not None:
             return
         from b2p.student.checkpoint import load_student
-        from b2p.student.predict import inference_setup
+        from b2p.student.infer import inference_setup
         from b2p.student.train import pick_device
 
         dev = pick_device(self.device)
@@ -72,7 +72,8 @@ class PredictJob:
         from b2p.fileio import read_image
         from b2p.labels import encode_label_map
         from b2p.student.outputs import encode_probs
-        from b2p.student.predict import predict_image, window_for, within_boxes
+        from b2p.boxes import within_boxes
+        from b2p.student.infer import predict_image, window_for
         from b2p.student.snap import snap_grabcut
 
         model, dev, arithmetic = self.loaded

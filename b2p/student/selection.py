@@ -37,7 +37,7 @@ class BoxFitScore:
 
     def update(self, defect: np.ndarray, boxes_xyxy: np.ndarray) -> None:
         """defect: HxW bool predicted defect mask at the image's size; boxes_xyxy: Nx4 image pixels."""
-        from b2p.teach.base import box_pixel_bounds  # the box pixel rule of every teacher
+        from b2p.boxes import box_pixel_bounds  # the box pixel rule of every teacher
 
         defect = np.asarray(defect, dtype=bool)
         inside = np.zeros_like(defect)

@@ -300,7 +300,7 @@ def _train(batch_files, teacher_root, out_dir, params: TrainParams, console: Con
     """train_student on this process: alone, or as rank `ranks.rank` of a process group."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from b2p.evaluate.metrics import ConfusionMatrix, scores
+    from b2p.metrics import ConfusionMatrix, scores
     from b2p.scale import distributed as D
 
     console = console or Console(stderr=True, quiet=not ranks.main)
@@ -591,7 +591,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def _validate(model, dl, ds, truth, features, loss_fn, device, use_amp, amp_dtype, num_classes, class_names) -> dict:
     """Whole val images: loss at model scale; scores at each image's own size against the teacher's label
     maps (`truth`) and the `box` selection score against its boxes."""
-    from b2p.evaluate.metrics import ConfusionMatrix, scores
+    from b2p.metrics import ConfusionMatrix, scores
 
     model.eval()
     cm = ConfusionMatrix(num_classes)

@@ -2,7 +2,7 @@
 
 Every available teacher ("candidate") pseudo-labels the calib images (manually masked images that
 `b2p import --calib` set aside: never trained on, never tested); each candidate's label maps are scored
-against the manual masks with ONE confusion matrix over all calib images (b2p/evaluate/metrics.py), and
+against the manual masks with ONE confusion matrix over all calib images (b2p/metrics.py), and
 every class takes the candidate with the highest IoU on that class. Each box is then taught by its
 class's candidate.
 
@@ -39,7 +39,8 @@ import numpy as np
 from b2p.dataset import Batch, ImageRecord
 from b2p.errors import B2PError
 from b2p.labels import label_map_path, read_label_map
-from b2p.teach.base import Teacher, TeacherOutput, box_pixel_bounds, check_inputs
+from b2p.boxes import box_pixel_bounds
+from b2p.teach.base import Teacher, TeacherOutput, check_inputs
 
 # GrabCut settings tried besides the configured ones: name suffix -> overrides
 GRABCUT_GRID: dict[str, dict[str, Any]] = {
@@ -208,7 +209,7 @@ def build_candidates(cfg, extra: dict[str, str] | None = None, progress: bool = 
 def score_candidates(batches: list[Batch], candidates: list[Candidate], progress: bool = True) -> tuple[dict[str, dict], int]:
     """metrics.scores of each candidate's painted label maps against the calib images' manual masks."""
     from b2p.dataset import class_list_of
-    from b2p.evaluate.metrics import ConfusionMatrix
+    from b2p.metrics import ConfusionMatrix
     from b2p.teach.base import Progress, teach_image
 
     images = calib_images(batches)

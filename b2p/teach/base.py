@@ -143,35 +143,6 @@ def check_inputs(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.n
     return image, boxes
 
 
-def box_pixel_bounds(box: np.ndarray, shape: tuple[int, int], margin: int = 0) -> tuple[int, int, int, int]:
-    """Integer pixel bounds (x0, y0, x1, y1), end-exclusive, of an XYXY box grown by `margin`, inside the image.
-
-    A COCO box [x, y, w, h] covers pixels x..x+w-1, so XYXY (x, y, x+w, y+h) maps to x0=floor(x), x1=ceil(x+w).
-    """
-    h, w = shape
-    x0 = max(0, int(np.floor(box[0])) - margin)
-    y0 = max(0, int(np.floor(box[1])) - margin)
-    x1 = min(w, int(np.ceil(box[2])) + margin)
-    y1 = min(h, int(np.ceil(box[3])) + margin)
-    return x0, y0, max(x0, x1), max(y0, y1)
-
-
-def clip_to_box(mask: np.ndarray, box: np.ndarray, margin: int = 0) -> np.ndarray:
-    """HxW bool mask with everything outside the box (grown by `margin` px) set to False."""
-    x0, y0, x1, y1 = box_pixel_bounds(box, mask.shape, margin)
-    out = np.zeros_like(mask, dtype=bool)
-    out[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
-    return out
-
-
-def box_mask(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """HxW bool mask of the box itself (the trivial pseudo-mask)."""
-    x0, y0, x1, y1 = box_pixel_bounds(box, shape)
-    m = np.zeros(shape, dtype=bool)
-    m[y0:y1, x0:x1] = True
-    return m
-
-
 def settings_hash(teacher: Teacher) -> str:
     blob = json.dumps({"format": PART_FORMAT, "teacher": teacher.name, "settings": teacher.settings()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -522,8 +493,6 @@ __all__ = [
     "Teacher",
     "TeacherOutput",
     "TeachReport",
-    "box_mask",
-    "clip_to_box",
     "teach_batch",
     "settings_hash",
 ]

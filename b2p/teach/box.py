@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from b2p.teach.base import Teacher, TeacherOutput, box_mask, check_inputs
+from b2p.boxes import box_mask
+from b2p.teach.base import Teacher, TeacherOutput, check_inputs
 
 
 class BoxTeacher(Teacher):

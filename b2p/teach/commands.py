@@ -122,7 +122,7 @@ def run_teach(cfg, batch_files: list[Path], out: Path, resume: bool = True, quie
     """Teach `batch_files` into `out` with the teacher of `cfg` (a TeachConfig), or the per-class teacher of a
     `choice` file, on `engine` (an EngineConfig; default local), printing what `b2p teach` prints (for auto:
     the calib score table and the choice per class)."""
-    from b2p.scale.engine import open_engine
+    from b2p.scale.engines import open_engine
 
     with open_engine(engine) as eng:  # an unreachable cluster is refused before anything is built or written
         _teach_with(cfg, batch_files, out, resume, quiet, eng, choice)

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from b2p.errors import B2PError
-from b2p.teach.base import Teacher, TeacherOutput, box_mask, box_pixel_bounds, check_inputs
+from b2p.boxes import box_mask, box_pixel_bounds
+from b2p.teach.base import Teacher, TeacherOutput, check_inputs
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from b2p.errors import B2PError
-from b2p.teach.base import Teacher, TeacherOutput, box_pixel_bounds, check_inputs
+from b2p.boxes import box_pixel_bounds
+from b2p.teach.base import Teacher, TeacherOutput, check_inputs
 from b2p.teach.cache import DEFAULT_CACHE_DIR, EmbeddingCache, image_content_hash
 from b2p.teach.weights import CheckpointSpec, ResolvedCheckpoint, load_sam, resolve_checkpoint
 
