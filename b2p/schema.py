@@ -213,10 +213,10 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 class _SplitFractions(_Params):
-    val: Fraction = 0.15
-    test: Fraction = 0.15
-    salt: str = "b2p"
-    calib: Fraction = 0.0  # share of the manually masked non-test images kept for choosing settings (b2p/splits.py)
+    val: Fraction = 0.15  # share of the images without a forced split that validate (pick the kept epoch)
+    test: Fraction = 0.15  # share of the images without a forced split that go to test
+    salt: str = "b2p"  # salt of the split hash: another salt, another split of the same images
+    calib: Fraction = 0.0  # share of the manually masked images that choose settings instead of being tested
 
     @model_validator(mode="after")
     def _fractions_fit(self):
@@ -228,7 +228,7 @@ class _SplitFractions(_Params):
 class ImportParams(_SplitFractions):
     """`import:` - the hashed split rule (the same for every batch)."""
 
-    manual_masks_split: typing.Literal["test", "hash"] = "test"
+    manual_masks_split: typing.Literal["test", "hash"] = "test"  # where manually masked images go (not calib): test, or by the hash
 
     def split_rule(self):
         from b2p.splits import SplitRule
@@ -239,10 +239,10 @@ class ImportParams(_SplitFractions):
 class MasksToBoxesParams(_SplitFractions):
     """`masks_to_boxes:` - simulated box annotation of a dataset with manual masks."""
 
-    strip_prefix: str = ""
-    threshold: Annotated[int, Field(ge=1, le=255)] = 128
-    min_area: Annotated[int, Field(ge=1)] = 10
-    free_images: Annotated[int, Field(ge=0)] | None = None
+    strip_prefix: str = ""  # removed from class folder names (auto: the prefix all class folders share)
+    threshold: Annotated[int, Field(ge=1, le=255)] = 128  # a mask pixel at least this bright is defect
+    min_area: Annotated[int, Field(ge=1)] = 10  # smaller mask components are annotation noise: no box
+    free_images: Annotated[int, Field(ge=0)] | None = None  # at most this many defect-free images kept (null: all)
     masked: Fraction | None = None  # keep the masks of this hashed share of the images (import splits them)
 
     def split_rule(self):
@@ -254,24 +254,24 @@ class MasksToBoxesParams(_SplitFractions):
 class EvaluateParams(_Params):
     """`evaluate:` - which split is scored, and the report's options."""
 
-    split: typing.Literal["test", "val", "train", "calib", "all"] = "test"
-    worst: Annotated[int, Field(ge=0)] = 8
-    size_bins: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], BeforeValidator(_comma_list)] = [0.001, 0.01]
-    min_cover: Fraction = 0.5
+    split: typing.Literal["test", "val", "train", "calib", "all"] = "test"  # the split whose manual masks score
+    worst: Annotated[int, Field(ge=0)] = 8  # overlays of this many worst images (by the shipped student's binary IoU)
+    size_bins: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], BeforeValidator(_comma_list)] = [0.001, 0.01]  # defect size bins of the noise analysis, fractions of the image
+    min_cover: Fraction = 0.5  # a true defect counts as found when this share of it is covered
 
 
 class PredictParams(_Params):
     """`predict:` - read by dvc.yaml into `b2p predict` options (checked here with the rest of the file)."""
 
-    split: typing.Literal["test", "val", "train", "calib", "all"] = "test"
-    batch_size: Annotated[int, Field(ge=1)] = 4
-    device: str = "auto"
-    box_threshold: Fraction = 0.5
-    window: Annotated[int, Field(ge=1)] | None = None  # sliding-window side, px at model scale (None: predict.py's default)
-    tta: typing.Literal["none", "flips"] = "none"  # test-time augmentation: predict.py's TTA_MODES (a test keeps them equal)
-    precision: typing.Literal["float32", "bfloat16", "auto"] = "float32"  # predict.py's PRECISIONS (a test keeps them equal)
-    snap: typing.Literal["none", "grabcut"] = "none"  # snap.py's SNAP_MODES (a test keeps them equal)
-    snap_sure: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.9  # snap.py's SnapSettings.sure
+    split: typing.Literal["test", "val", "train", "calib", "all"] = "test"  # the split predicted (the recipe: all)
+    batch_size: Annotated[int, Field(ge=1)] = 4  # windows per forward pass
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda
+    box_threshold: Fraction = 0.5  # p(defect) a pixel needs inside a box in the box-guided masks (--boxes-out)
+    window: Annotated[int, Field(ge=1)] | None = None  # sliding-window side, px at model scale (null: the training tile for a strip-context model, else 512)
+    tta: typing.Literal["none", "flips"] = "none"  # test-time augmentation: flips averages the logits of the image and its 3 flips
+    precision: typing.Literal["float32", "bfloat16", "auto"] = "float32"  # arithmetic: bfloat16 autocast where the hardware has it; auto picks
+    snap: typing.Literal["none", "grabcut"] = "none"  # also write the student's maps snapped to the image by GrabCut (--snap-out)
+    snap_sure: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.9  # with snap: p(defect) at least this is fixed defect, at most 1 - this fixed background
     overlap: Annotated[float, Field(ge=0, le=0.9)] = 0.25  # sliding-window overlap, a fraction of the window
 
 
@@ -304,21 +304,21 @@ class OracleParams(_Params):
 class DemoParams(_Params):
     """One entry of `demos:` - an embedded synthetic batch (`b2p demo-data`)."""
 
-    seed: Annotated[int, Field(ge=0)] = 0
-    images: Annotated[int, Field(ge=1)] = 48
-    size: Annotated[int, Field(ge=64, le=2048)] = 128
-    mask_fraction: Fraction = 0.3
+    seed: Annotated[int, Field(ge=0)] = 0  # the same seed gives byte-identical files
+    images: Annotated[int, Field(ge=1)] = 48  # how many images
+    size: Annotated[int, Field(ge=64, le=2048)] = 128  # image side, px (square)
+    mask_fraction: Fraction = 0.3  # share of the images with an exact manual mask (they form calib and test)
 
 
 class RecipeParams(BaseModel):
     """The recipe's lists (dvc.yaml): which student variants are trained in which group."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # the stage sections are checked on their own
-    students: dict[StudentName, dict[str, Any] | None] = {}
-    candidates: Annotated[list[StudentName], Field(min_length=1)] = ["bitfit"]
-    distill: Annotated[list[StudentName], Field(min_length=1)] = ["lite"]
-    oracle: OracleParams = OracleParams()
-    demos: dict[StudentName, DemoParams] = {}
+    students: dict[StudentName, dict[str, Any] | None] = {}  # student variants: NAME: {train: {...}, predict: {...}} over `train:` / `predict:`
+    candidates: Annotated[list[StudentName], Field(min_length=1)] = ["bitfit"]  # round 1: trained on the teacher's masks; their final masks are combined
+    distill: Annotated[list[StudentName], Field(min_length=1)] = ["lite"]  # trained on the combined masks; the shipped model is the best student alone on calib
+    oracle: OracleParams = OracleParams()  # benchmarks: students trained on every image's manual mask
+    demos: dict[StudentName, DemoParams] = {}  # embedded synthetic batches (`b2p demo-data`), one per entry
 
     @model_validator(mode="after")
     def _names_known(self):

@@ -6,14 +6,11 @@ import csv
 from pathlib import Path
 
 import pytest
+from conftest import make_synthetic_batch
 
-pytest.importorskip("b2p.student.geometry", reason="needs the tiled trainer whose batches carry boxes (issue 12)")
-
-from conftest import make_synthetic_batch  # noqa: E402
-
-from b2p.errors import B2PError  # noqa: E402
-from b2p.teach.base import teach_batch  # noqa: E402
-from b2p.teach.box import BoxTeacher  # noqa: E402
+from b2p.errors import B2PError
+from b2p.teach.base import teach_batch
+from b2p.teach.box import BoxTeacher
 
 
 def _curves(path: Path) -> list[dict]:

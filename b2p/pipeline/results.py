@@ -27,6 +27,7 @@ HEADS = ("mIoU", "anomaly mIoU", "binary IoU", "binary P", "binary R", "binary F
 # the headline rows, in table order (whichever exist)
 HEADLINE = ("box", "teacher", "combined", "final", "student")
 HISTORY = "history"
+LEGACY = "legacy"  # history/legacy/: results of the suite before it ran the recipe (another format)
 
 
 def row_label(source: str) -> str:
@@ -230,7 +231,29 @@ def history_index(folder: Path) -> str:
                          f"{', '.join(map(str, r['seeds']))} | " + " | ".join(cells) + " |")
         except (B2PError, KeyError, TypeError):
             lines.append(f"| {p.stem} | (not a results file of this format) | | | | " + " | " * (len(HEADLINE) - 1) + " |")
+    legacy = sorted((folder / LEGACY).glob("*.json"), reverse=True)
+    if legacy:
+        lines += ["", "## Before the suite ran the recipe", "",
+                  "The suite's own stages (pipelines/suite/dvc.yaml, since replaced): other rows, named as in each file; "
+                  "each file's Markdown twin is beside it.", "",
+                  "| run | date | commit | machine | seeds | wall min | rows |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for p in legacy:
+            try:
+                r = read_json(p, "results")
+                wall = f"{r['total_seconds'] / 60:.1f}" if r.get("total_seconds") else "-"
+                lines.append(f"| [{p.stem}]({LEGACY}/{p.name}) | {r.get('generated', '-')} | {(r.get('git', {}).get('commit') or '?')[:10]} | "
+                             f"{r.get('machine', {}).get('cpu', '?')} | {', '.join(map(str, r.get('seeds', [])))} | {wall} | {len(r.get('rows', []))} |")
+            except (B2PError, KeyError, TypeError, AttributeError):
+                lines.append(f"| {p.stem} | (unreadable) | | | | | |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # rewrite a history folder's index
+    import sys
+
+    folder = Path(sys.argv[1])
+    write_text_atomic(folder / "index.md", history_index(folder))
+    print(f"wrote {folder / 'index.md'}")
 
 
 # --- the README's generated tables ---------------------------------------------------------------------------

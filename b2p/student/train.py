@@ -52,70 +52,62 @@ from b2p.student.selection import RULES_DIR, SELECT_RULES, BoxFitScore, rule_sco
 class TrainParams:
     """The `train:` section of params.yaml (CLI options override)."""
 
-    # model
-    arch: str = "b2p"
-    backbone: str = "efficientnet_lite0"
+    arch: str = "b2p"  # b2p (the Boxes2Pixels student) | unet (the paper's from-scratch baseline)
+    backbone: str = "efficientnet_lite0"  # efficientnet_lite0 (embedded weights) | dinov2_s / _b / _l / _g (the paper's: dinov2_s)
     weights: str | None = None  # backbone weight source; "random" only when asked (tests, ablations)
-    allow_download: bool = False
-    adaptation: str = "bitfit"
-    taps: list[int] | None = None
-    detail_branch: bool = True
-    binary_head: bool = True
-    # geometry (geometry.py): model px per image px (1.0 = native resolution), a cap on the longer scaled
-    # side (huge images), the square training tile at model scale (None: the model's default, 256 rounded
-    # up to the backbone's multiple). `input_size`, the old square resize, is read as tile_size.
-    scale: float = 1.0
-    max_side: int | None = None
-    tile_size: int | None = None
-    # tiles: the share centred (with jitter) on a random box, the rest uniform anywhere; tiles per image per epoch
-    box_crop_fraction: float = 0.5
-    crops_per_image: int = 1
-    decoder_dim: int | None = None  # 256 for DINOv2 (paper), 128 for EfficientNet-Lite0
+    allow_download: bool = False  # let a hub id download backbone weights (offline by default)
+    adaptation: str = "bitfit"  # bitfit (only bias / norm parameters train: the paper) | frozen (features cached) | full
+    taps: list[int] | None = None  # backbone blocks the decoder taps (null: the backbone's default)
+    detail_branch: bool = True  # the CNN on the raw image beside the decoder
+    binary_head: bool = True  # the binary defect head (asymmetric Dice) beside the fine head
+    scale: float = 1.0  # model px per image px (1.0 = native resolution: a 2 px crack stays 2 px)
+    max_side: int | None = None  # a cap on the longer scaled side, for huge frames (null: none)
+    tile_size: int | None = None  # the square training tile at model scale (null: 256 rounded to the backbone's multiple; at most the largest image)
+    box_crop_fraction: float = 0.5  # share of the tiles centred (with jitter) on a random box; the rest anywhere
+    crops_per_image: int = 1  # tiles per image per epoch
+    decoder_dim: int | None = None  # decoder channels (null: 256 for DINOv2, the paper's; 128 for EfficientNet-Lite0)
     decoder: str = "full"  # full (the paper's) | lite (about a quarter of its cost; model.py)
     refine: bool = False  # a full-resolution correction of the logits from the image (thin defects; model.py)
     context: str = "none"  # none (the paper's) | strip (row / column / image means join the decoder; model.py)
     edges: bool = False  # with a strip context: distances to the image's edges join it (model.py StripContext)
-    unet_base: int = 32
+    unet_base: int = 32  # the U-Net's first-level channels
     dinov2_config: dict | None = None  # tiny random DINOv2 for tests
-    # optimisation
-    epochs: int = 200
-    batch_size: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    epochs: int = 200  # training epochs (the paper: 200)
+    batch_size: int = 1  # tiles per step, the global batch (the paper: 1)
+    lr: float = 5e-4  # AdamW learning rate, cosine schedule
+    weight_decay: float = 1e-2  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clip
+    ema_decay: float = 0.999  # EMA of the weights (validated and saved)
     ema_warmup: bool = True  # decay min(d, (1+t)/(10+t)): short runs still get a useful EMA
-    patience: int = 25
+    patience: int = 25  # stop after this many epochs without a better kept-epoch score
     select: str = "box"  # box (teacher-free, default) | pseudo (val mIoU vs pseudo-masks) | last (selection.py)
-    # also write OUT/rules/<rule>.pt for every other rule that keeps a different epoch (the benchmark suite
-    # scores them on test: `b2p suite-select`); metrics.json lists every rule's epoch in any case
+    # also write OUT/rules/<rule>.pt for every other rule that keeps a different epoch; metrics.json lists
+    # every rule's epoch in any case
     keep_rule_models: bool = False
-    seed: int = 42
+    seed: int = 42  # the training seed (the recipe passes base.seed)
     amp: bool = True  # only on a GPU
     cpu_bf16: bool = False  # bfloat16 autocast on a CPU that has it natively (AMX / AVX512-BF16: cpu_native_bf16)
     device: str = "auto"  # auto | cpu | cuda
     feature_cache: str = "auto"  # auto (frozen backbone -> memory) | memory | disk | off
     cache_dir: str | None = None  # where `disk` keeps features (default data/cache/features)
-    num_workers: int = 0
+    num_workers: int = 0  # data-loader worker processes
     # training processes (torch.distributed, b2p/scale/distributed.py): the global batch is batch_size, cut
     # among them; 1 = this process (torchrun's WORLD_SIZE, when set, says how many instead)
     processes: int = 1
     augment: str = "none"  # none | flips (random left-right and up-down flips of the training images)
-    # losses
-    dice_beta: float = 0.4
-    bg_weight: float = 0.4
-    defect_weight: float = 4.0
+    dice_beta: float = 0.4  # asymmetric Dice of the binary head: false positives cost beta (the paper: 0.4)
+    bg_weight: float = 0.4  # cross-entropy weight of background (the paper's code: 0.4)
+    defect_weight: float = 4.0  # cross-entropy weight of each defect class (the paper's code: 4.0)
     # per defect class: defect_weight x (mean share / class share) ** class_balance, the shares counted in the
     # train split's teacher masks (0 = every defect class alike, the paper; 0.5 = inverse square root)
     class_balance: float = 0.0
-    tau: float = 0.9
-    self_correction: bool = True
-    warmup_epochs: int = 0
-    self_correction_region: str = "all"
-    outside_box_bg_weight: float = 1.0
-    w_binary: float = 0.5
-    w_fine: float = 0.5
-    # box supervision (b2p/student/box_losses.py; 0 = off)
+    tau: float = 0.9  # self-correction: a background label flips to a defect class the student is this sure of
+    self_correction: bool = True  # one-sided online self-correction of the fine head's targets
+    warmup_epochs: int = 0  # epochs before self-correction starts
+    self_correction_region: str = "all"  # all (the paper) | boxes (only inside boxes: outside them is background)
+    outside_box_bg_weight: float = 1.0  # weight of background pixels outside every box
+    w_binary: float = 0.5  # weight of the binary head's loss
+    w_fine: float = 0.5  # weight of the fine head's loss
     pseudo_labels: str = "teacher"  # teacher | partial (boxes only: inside a box "background or its class")
     proj_weight: float = 0.0  # BoxInst projection loss: the mask touches every row and column of its box
     pairwise_weight: float = 0.0  # BoxInst pairwise loss: similar-colour neighbours inside a box agree

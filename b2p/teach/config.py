@@ -34,20 +34,19 @@ TEACHERS = ("grabcut", "box", "sam", "auto")  # auto: chosen per class on the ca
 
 @dataclass
 class TeachConfig:
-    teacher: str = "grabcut"  # needs no download
-    sam_model: str = "vit_b"
-    checkpoint: str | None = None
-    weights_dir: str | None = None  # None: $B2P_WEIGHTS_DIR, else weights/
-    cache_dir: str | None = DEFAULT_CACHE_DIR  # None: no embedding cache
-    device: str = "auto"
-    mask_select: str = "box"
-    clip_margin: int = 0
-    download: bool = True
-    decoder_batch: int = 64
-    grabcut: dict[str, Any] = field(default_factory=dict)
-    candidates: dict[str, str] = field(default_factory=dict)  # auto: extra candidates NAME -> mask root
-    # auto without calib masks: the candidate that teaches every class (`b2p choose-teacher`)
-    fallback: str = "grabcut"
+    teacher: str = "grabcut"  # grabcut | box | sam | auto (per class the best on calib)
+    sam_model: str = "vit_b"  # SAM size: vit_b | vit_l | vit_h
+    checkpoint: str | None = None  # an explicit SAM checkpoint file (else the official file name in weights_dir)
+    weights_dir: str | None = None  # where official weights lie (null: $B2P_WEIGHTS_DIR, else weights/)
+    cache_dir: str | None = DEFAULT_CACHE_DIR  # SAM image embeddings, keyed by content, model and checkpoint (null: no cache)
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N
+    mask_select: str = "box"  # which of SAM's 3 masks: box (best fit to the box) | iou (SAM's own score) | single
+    clip_margin: int = 0  # SAM masks are clipped to the box grown by this many px
+    download: bool = True  # download official SAM weights when missing (checksum-verified)
+    decoder_batch: int = 64  # boxes per SAM prompt-decoder call
+    grabcut: dict[str, Any] = field(default_factory=dict)  # the GrabCut settings (teach.grabcut, below)
+    candidates: dict[str, str] = field(default_factory=dict)  # auto: further candidates NAME: mask root (an earlier round's masks)
+    fallback: str = "grabcut"  # auto without calib masks: the candidate that teaches every class
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHERS:

@@ -33,24 +33,20 @@ from b2p.teach.base import Teacher, TeacherOutput, check_inputs
 
 @dataclass(frozen=True)
 class GrabCutSettings:
-    iterations: int = 5
+    iterations: int = 5  # GrabCut iterations per box
     context_frac: float = 0.5  # context around the box, as a fraction of its longer side ...
     context_px: int = 8  # ... but at least this many pixels
-    min_side: int = 4
-    min_background: int = 32
+    min_side: int = 4  # a box thinner than this is filled (noted): too few pixels for colour models
+    min_background: int = 32  # context pixels a box needs for a background colour model, else it is filled (noted)
     # fill the box when the context around it has fewer than this many pixels per box pixel (0 = off):
     # a background colour model estimated from a thin, image-clipped border cannot explain a box that
-    # covers a large part of the image (e.g. whole-tile "uneven" regions), and GrabCut then cuts the box
-    # along texture; the annotator's box is the better mask there
+    # covers a large part of the image, and GrabCut then cuts the box along texture
     min_context_ratio: float = 0.0
     # a GrabCut mask holding less than this fraction of its box is a collapse, handled like an empty result
-    # (0 = off): on low-contrast grayscale textures GrabCut can shrink to a handful of pixels, which no tight
-    # box around a real defect allows (the defect touches all four sides of its box)
+    # (0 = off): no tight box around a real defect allows it (the defect touches all four sides of its box)
     min_fill: float = 0.0
-    # 0 = off; > 0: the rim left to GrabCut is this fraction of the box's shorter half-side (1: at most a 1 px
-    # line of inside left), the inside is definite foreground. Magnetic-Tile calib, IoU against
-    # the manual masks (`teach --teacher auto`'s table; box fill / rim 0.2 / rim 0.5, the suite's settings):
-    # uneven 0.847 / 0.881 / 0.856, fray 0.550 / 0.604 / 0.671, blowhole 0.649 / 0.739 / 0.762
+    # GrabCut decides only a rim of each box, this fraction of its shorter half-side (0 = off, the whole box;
+    # 1: at most a 1 px line of inside left); the inside is definite foreground
     rim: float = 0.0
     empty: str = "box"  # what to do when GrabCut finds no foreground: "box" (fill, noted) or "keep"
     seed: int = 0  # OpenCV's k-means initialisation of the colour models is random
