@@ -48,8 +48,9 @@ app = typer.Typer(
     cls=_UsageErrorsExit1,
     name="b2p",
     help="Boxes in, pixel-accurate defect masks out.\n\n"
-    "Pipeline: demo-data | import -> teach -> train -> predict -> evaluate -> browse. "
-    "`dvc repro` chains them (see dvc.yaml); `add-batch` registers a new box-annotated batch.",
+    "The recipe: import -> choose-teacher, teach -> train, predict, finalize -> combine -> train, predict, finalize "
+    "(distilled) -> combine (final), deploy, export-onnx -> export, evaluate, summary; browse. "
+    "`dvc repro` chains them (dvc.yaml); `add-batch` registers a new box-annotated batch.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -93,7 +93,7 @@ def demo_data(
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
     images: int = typer.Option(64, "--images", help="Number of images."),
     size: int = typer.Option(192, "--size", help="Image side in pixels (square)."),
-    mask_fraction: float = typer.Option(0.3, "--mask-fraction", help="Fraction of images that get a manual mask (the test images)."),
+    mask_fraction: float = typer.Option(0.3, "--mask-fraction", help="Fraction of images that get a manual mask (the recipe splits them into calib and test)."),
     all_masks: bool = typer.Option(False, "--all-masks", help="Write a manual mask for every image (for measuring teachers)."),
 ) -> None:
     """Write a small synthetic inspection dataset (textured surfaces, cracks / spots / erosion, distractors).
@@ -131,7 +131,7 @@ def masks_to_boxes(
 ) -> None:
     """Simulate box annotation for a dataset with manual masks (one box per connected defect component).
 
-    Each class folder's connected mask components (8-connectivity, mask >= --threshold) become tight boxes of that class (folder name minus --strip-prefix, lower-cased); components under --min-area pixels are dropped (no box, not in the manual mask) and counted. Folders whose masks are all empty (e.g. MT_Free) give defect-free images. Output: a COCO JSON with file names relative to ROOT and boxes for every image; manual masks (RLE segmentation per component, "has_manual_mask": true) ONLY for images the split rule puts in test. Then `b2p import --images ROOT --coco OUT --batch NAME --val V --test T` with the same fractions gives the same split, so manual masks never reach training.
+    Each class folder's connected mask components (8-connectivity, mask >= --threshold) become tight boxes of that class (folder name minus --strip-prefix, lower-cased); components under --min-area pixels are dropped (no box, not in the manual mask) and counted. Folders whose masks are all empty (e.g. MT_Free) give defect-free images. Output: a COCO JSON with file names relative to ROOT and boxes for every image; manual masks (RLE segmentation per component, "has_manual_mask": true) only for the images the split rule puts in test (and calib), or, with --masked F, for a hashed share F of the images (then `b2p import` splits them into calib and test by its own rule). Importing with the same batch name and fractions gives the same split, so manual masks never reach training.
     """
     from b2p.ingest.from_masks import masks_to_boxes as run
     from b2p.schema import resolve

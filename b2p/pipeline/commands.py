@@ -61,7 +61,7 @@ def suite(
     images: Path = typer.Option(None, "--images", help="The user's batch's image folder (with --coco or --yolo-labels)."),
     masks: Path = typer.Option(None, "--masks", help="The user's batch's manual-mask PNG folder, if not in the COCO file."),
     name: str = typer.Option(None, "--name", help="Dataset name: pipelines/suite/<name>/, reports/<name>/ and the batch name (default: the folder's name)."),
-    jobs: int = typer.Option(3, "--jobs", min=1, help="Stages run side by side, one torch thread each (on a 2-core CPU 3 beat 2: the last long stages share both cores)."),
+    jobs: int = typer.Option(3, "--jobs", min=1, help="Stages run side by side, one torch thread each (more than the cores: the last long stages still share them)."),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch threads per stage (OMP_NUM_THREADS)."),
     set_: list[str] = typer.Option(None, "--set", help="KEY=VALUE over pipelines/suite/params.yaml, repeatable: seeds=[1,2], recipe.train.epochs=4, masks_to_boxes.masked=0.3."),
     project: Path = typer.Option(Path("."), "--project", help="The b2p project (its dvc.yaml and params.yaml are the recipe)."),

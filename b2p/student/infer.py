@@ -20,10 +20,8 @@ from b2p.student.rules import DecisionRule
 from b2p.student.data import prepare_image
 from b2p.student.windows import DEFAULT_OVERLAP, DEFAULT_TILE_BATCH, TTA_MODES, check_tta
 
-# inference arithmetic: float32 (the default; the README's figures unless said), bfloat16 autocast, or auto:
-# bfloat16 where a CPU has it in hardware (AMX / AVX512-BF16), float32 elsewhere. On such a CPU bfloat16
-# predicts 1.4-1.9x faster than float32 and moves under 0.1 % of the argmax labels
-# (benchmarks/results_bench_inference_cpu.txt)
+# inference arithmetic: float32 (the default), bfloat16 autocast, or auto: bfloat16 where a CPU has it in
+# hardware (AMX / AVX512-BF16), float32 elsewhere (benchmarks/bench_inference_cpu.py measures both)
 PRECISIONS = ("float32", "bfloat16", "auto")
 
 

@@ -78,8 +78,8 @@ class StudentConfig:
     # are 1-3 px wide, finer than the heads' stride-2 features
     refine: bool = False
     # with a strip context: each row's and column's distance to the image's nearest edge joins the means
-    # (StripContext): defects that hug the edges of a part, such as Magnetic-Tile's bands, look like the
-    # plain surface in a tile cut from the middle of the image
+    # (StripContext): defects that hug the edges of a part look like the plain surface in a tile cut from
+    # the middle of the image
     edges: bool = False
     upsample_steps: int | None = None  # x2 steps of the three up-steps; None: 3 for ViT, to ~H/4 for CNNs
     unet_base: int = 32

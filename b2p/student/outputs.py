@@ -28,8 +28,8 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 # --probs files: (K+1)xHxW class probabilities quantised to uint8 (p * PROBS_SCALE, rounded), compressed:
-# 1/255 is far below any threshold step b2p chooses, and uint8 writes 5x faster and 20x smaller than
-# float16 (Magnetic-Tile: 44 kB vs 846 kB an image). Files written before hold float16 and still read.
+# 1/255 is far below any threshold step b2p chooses, and uint8 is far smaller and faster to write than
+# float16. Files written before hold float16 and still read.
 PROBS_SCALE = 255
 
 

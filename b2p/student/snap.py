@@ -32,14 +32,13 @@ def check_snap(mode: str) -> str:
 
 @dataclass(frozen=True)
 class SnapSettings:
-    # p(defect) at or above this is fixed defect, at or below 1 - sure fixed background; chosen on a second
-    # draw of the demo (README "Student"): 0.9 vs 0.8 / 0.7 / 0.95
+    # p(defect) at or above this is fixed defect, at or below 1 - sure fixed background
     sure: float = 0.9
     iterations: int = 5  # GrabCut's EM iterations (as the GrabCut teacher)
     seed: int = 0  # OpenCV's k-means initialisation of the colour models is random
     # GrabCut's graph costs about 230 bytes a pixel (a 4000 x 3000 frame: 2.7 GB): a larger image is cut into
     # square windows of this side, overlapping by `overlap` px, each with its own colour models, each pixel
-    # taken from the window whose core holds it. Images up to this side are one window (the demo, Magnetic-Tile)
+    # taken from the window whose core holds it. Images up to this side are one window
     window: int = 1024
     overlap: int = 64
 

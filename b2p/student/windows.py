@@ -25,9 +25,8 @@ from b2p.student.geometry import Geometry
 
 DEFAULT_OVERLAP = 0.25  # of the window side
 DEFAULT_TILE_BATCH = 4  # windows per forward pass: bounds activation memory
-# prediction window side at model scale (rounded up to the model's multiple, at least its tile): 512 px keeps
-# a whole Magnetic-Tile image (up to ~600 px) in one or two windows: 1.4x faster than 128-px windows, and
-# better on calib (README "Geometry"). Not for a strip-context model: its row / column means span its
+# prediction window side at model scale (rounded up to the model's multiple, at least its tile): a large
+# window computes fewer pixels twice. Not for a strip-context model: its row / column means span its
 # window, so it predicts best in windows of the tile it was trained on (`WindowModel.nominal_window`)
 DEFAULT_WINDOW = 512
 # test-time augmentation: name -> the views averaged, each the image axes flipped (0 rows, 1 columns;
