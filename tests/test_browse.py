@@ -260,3 +260,29 @@ def test_refuses_foreign_dataset(tmp_path, fo_db):
     with pytest.raises(B2PError, match="not made by b2p"):
         build_dataset([path], None, None, name=name, progress=False)
     fo.delete_dataset(name)
+
+
+def test_every_further_source_is_its_own_field_with_its_iou(tmp_path, fo_db):
+    """`b2p browse --source` / `--recipe`: a mask source beyond teacher / student / final is a field of its own,
+    with its IoU against the manual mask and a colour of its own (masks are coloured by field)."""
+    fo = fo_db
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    path, truth = make_synthetic_batch(tmp_path, "b1", seed=0)
+    _write_masks(tmp_path, "b1", truth)
+    for fname, lm in truth.items():  # a source that misses every spot
+        write_label_map(label_map_path(tmp_path / "combined", "b1", fname), np.where(lm == 2, 0, lm).astype(np.uint8))
+    build_dataset([path], tmp_path / "teach", tmp_path / "predict", name=name, progress=False,
+                  extra_roots={"combined": tmp_path / "combined", "students.bitfit.final": tmp_path / "predict"})
+    ds = fo.load_dataset(name)
+    schema = ds.get_field_schema()
+    assert {"combined", "combined_iou", "students_bitfit_final", "students_bitfit_final_iou"} <= set(schema)
+    for smp in ds:
+        fname = smp.b2p_key.split("/", 1)[1]
+        want = np.where(truth[fname] == 2, 0, truth[fname])
+        np.testing.assert_array_equal(smp.combined.get_mask(), want)
+        if smp.has_manual_mask:
+            assert smp.combined_iou == pytest.approx(_iou(want, truth[fname]))
+        else:
+            assert smp.combined_iou is None
+    colors = {f["path"]: f["fieldColor"] for f in ds.app_config.color_scheme.fields}
+    assert len({colors[m] for m in ("teacher", "student", "final", "combined", "students_bitfit_final")}) == 5
