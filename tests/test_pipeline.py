@@ -190,6 +190,29 @@ def test_the_recipe_end_to_end_through_dvc(tmp_path: Path, monkeypatch) -> None:
     assert stages_run(dvc(root, "repro")) == []
 
 
+@pytest.mark.slow
+def test_the_recipe_without_any_manual_mask_runs_on_its_defaults(tmp_path: Path) -> None:
+    """No manual mask anywhere: every stage still runs, each choice takes its documented default (the
+    fallback teacher, the first candidate's final masks, the first distilled student with the argmax), nothing
+    is scored, and the summary says so once."""
+    root = make_project(tmp_path)
+    _edit_params(root / "params.yaml", {"demos.demo.mask_fraction": 0.0})
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    p = dvc(root, "repro")
+    assert set(stages_run(p)) == recipe_stages(params), stages_run(p)
+    teachers = json.loads((root / "data/teachers/choice.json").read_text())
+    assert set(teachers["choice"].values()) == {params["teach"]["fallback"]} and teachers["calib"] is False
+    combined = json.loads((root / "data/combined/choice.json").read_text())
+    assert set(combined["choice"].values()) == {f"students.{params['candidates'][0]}"}
+    dep = json.loads((root / "data/model/choice.json").read_text())
+    assert dep["chosen"] == f"distilled.{params['distill'][0]}" and "no calib" in dep["reason"]
+    assert json.loads((root / "data/model/rule.json").read_text())["rule"]["kind"] == "argmax"
+    assert not list((root / "data/eval/metrics").glob("*.json"))
+    out = " ".join(p.stdout.split())
+    assert out.count("no calib masks anywhere") == 1 and "nothing was scored" in out
+    assert (root / "data/export/semantic").is_dir() and (root / "data/model/model.onnx").is_file()
+
+
 def _check_export_sources(root: Path) -> None:
     from b2p.dataset import load_batch
     from b2p.labels import label_map_key, label_map_path, read_label_map

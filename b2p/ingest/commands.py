@@ -76,6 +76,9 @@ def import_batch(
         highlight=False,
     )
     calib_n, test_n = r.splits.get("calib", 0), r.splits.get("test", 0)
+    if not r.manual_masks:
+        console.print("note: no manual mask in this batch: nothing of it chooses a setting or is scored "
+                      "(settings without calib masks take their documented defaults)", highlight=False)
     if r.manual_masks and rule.calib and (calib_n == 0 or test_n == 0):
         missing = "calib: settings this batch could choose take their defaults" if calib_n == 0 else "test: nothing of this batch is scored"
         console.print(f"[yellow]only {r.manual_masks} manual mask(s), too few for both calib ({calib_n}) and test ({test_n}); none in {missing}. "
