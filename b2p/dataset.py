@@ -159,16 +159,30 @@ def load_batch(path: str | Path) -> Batch:
     folder, one label-map file each), sizes, splits, hashes, and every box and manual mask against its
     image and the class list.
     """
-    from b2p.fileio import normalize_file_name, safe_join
-    from b2p.labels import label_map_key_clashes
-    from b2p.splits import SPLITS
-
     path = Path(path)
     data = read_json(path, "canonical annotation file")
     if not isinstance(data, dict) or not isinstance(data.get("info"), dict) or data["info"].get("b2p_format") != FORMAT_VERSION:
         raise B2PError("not a b2p canonical annotation file (run `b2p import` to make one)", path)
     info = data["info"]
     p = Problems(path, "canonical annotation file")
+    _check_batch_layout(data, p)
+    p.check()
+
+    root = Path(info["image_root"])
+    if not root.is_absolute():
+        root = path.parent / root
+    classes = _read_categories(data["categories"], path)
+    k = classes.num_classes
+    by_id = _read_images(data["images"], info, root, p)
+    _read_boxes(data["annotations"], by_id, k, p)
+    _read_manual_masks(data.get("manual_masks", []), by_id, k, p)
+    p.check()
+    return Batch(info["batch"], classes, list(by_id.values()), path, info, root)
+
+
+def _check_batch_layout(data: dict, p: Problems) -> None:
+    """The file's top level: its lists, its batch name and its image root (problems noted in `p`)."""
+    info = data["info"]
     for key in ("categories", "images", "annotations"):
         if not isinstance(data.get(key), list):
             p.add(f"{key!r} must be a list")
@@ -180,25 +194,29 @@ def load_batch(path: str | Path) -> Batch:
         p.add(f"info.batch: {e.problem}")
     if not isinstance(info.get("image_root"), str) or not info["image_root"]:
         p.add("info.image_root must be a non-empty string")
-    p.check()
 
-    root = Path(info["image_root"])
-    if not root.is_absolute():
-        root = path.parent / root
-    cats = data["categories"]
+
+def _read_categories(cats: list, path: Path) -> ClassList:
+    """The class list from the categories, whose ids must be 1..K."""
     if not all(isinstance(c, dict) and _is_int(c.get("id")) and isinstance(c.get("name"), str) for c in cats):
         raise B2PError("every category needs an integer 'id' and a string 'name'", path)
     ids = sorted(c["id"] for c in cats)
     if ids != list(range(1, len(ids) + 1)):
         raise B2PError(f"category ids must be 1..K, got {ids}", path)
     try:
-        classes = ClassList(tuple(c["name"] for c in sorted(cats, key=lambda c: c["id"])))
+        return ClassList(tuple(c["name"] for c in sorted(cats, key=lambda c: c["id"])))
     except B2PError as e:
         raise B2PError(e.problem, path) from None
-    k = classes.num_classes
+
+
+def _read_images(images: list, info: dict, root: Path, p: Problems) -> dict[int, ImageRecord]:
+    """The valid image records by id (their fields, file names inside `root`, one label-map file each); problems noted in `p`."""
+    from b2p.fileio import normalize_file_name, safe_join
+    from b2p.labels import label_map_key_clashes
+    from b2p.splits import SPLITS
 
     by_id: dict[int, ImageRecord] = {}
-    for i, im in enumerate(data["images"]):
+    for i, im in enumerate(images):
         where = f"images[{i}]"
         if not isinstance(im, dict):
             p.add(f"{where} must be an object")
@@ -239,8 +257,13 @@ def load_batch(path: str | Path) -> Batch:
         )
     for group in label_map_key_clashes([r.file_name for r in by_id.values()]):
         p.add(f"images {group} would share one label-map file")
+    return by_id
+
+
+def _read_boxes(annotations: list, by_id: dict[int, ImageRecord], k: int, p: Problems) -> None:
+    """Each valid box joins its image (class 1..k, inside the image within BOX_TOLERANCE_PX); problems noted in `p`."""
     seen_ann: set[int] = set()
-    for i, a in enumerate(data["annotations"]):
+    for i, a in enumerate(annotations):
         where = f"annotations[{i}]"
         if not (isinstance(a, dict) and _is_int(a.get("id")) and _is_int(a.get("image_id")) and _is_int(a.get("category_id"))):
             p.add(f"{where}: needs integer 'id', 'image_id' and 'category_id'")
@@ -263,7 +286,11 @@ def load_batch(path: str | Path) -> Batch:
         else:
             im.boxes.append(Box(a["id"], a["category_id"], tuple(float(v) for v in box)))
         seen_ann.add(a["id"])
-    for i, m in enumerate(data.get("manual_masks", [])):
+
+
+def _read_manual_masks(masks: list, by_id: dict[int, ImageRecord], k: int, p: Problems) -> None:
+    """Each valid manual-mask RLE joins its image (one that declares has_manual_mask, at its size); problems noted in `p`."""
+    for i, m in enumerate(masks):
         where = f"manual_masks[{i}]"
         if not (isinstance(m, dict) and _is_int(m.get("image_id")) and _is_int(m.get("category_id"))):
             p.add(f"{where}: needs integer 'image_id' and 'category_id'")
@@ -280,8 +307,6 @@ def load_batch(path: str | Path) -> Batch:
             p.add(f"{where}: 'segmentation' must be an RLE of the image size [{im.height}, {im.width}]")
         else:
             im.manual_rles.append((m["category_id"], seg))
-    p.check()
-    return Batch(info["batch"], classes, list(by_id.values()), path, info, root)
 
 
 def input_folders(batches: list[Batch]) -> dict[str, Path]:

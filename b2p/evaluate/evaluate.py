@@ -166,70 +166,13 @@ def evaluate(
     """
     batches = load_batches(list(batch_files))
     classes = class_list_of(batches)
-    k = classes.num_classes
     images = select_images(batches, split)
-
-    sources: list[MaskSource] = []
-    if pred_root is not None:
-        sources.append(MaskSource(STUDENT, Path(pred_root)))
-    if teacher_root is not None:
-        sources.append(MaskSource(TEACHER, Path(teacher_root)))
-    if box_baseline:
-        sources.append(MaskSource(BOX, None))
-    for s in extra_sources:
-        if s.name in {x.name for x in sources} or s.name in RESERVED:
-            raise B2PError(f"source name {s.name!r} is given twice or is reserved")
-        sources.append(s)
-    if not sources:
-        raise B2PError("nothing to evaluate: no student, teacher, box baseline or --source given")
+    sources = _sources(pred_root, teacher_root, box_baseline, extra_sources)
     roots = {("--pred-root" if s.name == STUDENT else "--teacher-root" if s.name == TEACHER else f"--source {s.name}"): s.root for s in sources}
     check_separate_folders({"--out": Path(out)}, {**roots, **input_folders(batches)})
     check_sources_complete(sources, images, batches)
 
-    cms = {s.name: ConfusionMatrix(k + 1) for s in sources}
-    noise = {s.name: NoiseAccumulator(classes.names, size_bins, min_cover) for s in sources}
-    names = {s.name for s in sources}
-    recovery = RecoveryAccumulator() if {STUDENT, TEACHER} <= names else None
-    rows: list[dict] = []
-
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"evaluating {len(sources)} sources", total=len(images))
-        for im in images:
-            truth = im.manual_label_map()
-            assert truth is not None
-            comps = true_components(truth, k)
-            maps = {s.name: load_source_map(s, im, k) for s in sources}
-            for s in sources:
-                lm = maps[s.name]
-                cms[s.name].update(lm, truth)
-                noise[s.name].update(truth, lm, comps)
-                b = image_binary_scores(lm, truth)
-                rows.append(
-                    {
-                        "source": s.name,
-                        "batch": im.batch,
-                        "file_name": im.file_name,
-                        "label_map_key": label_map_key(im.file_name),
-                        "binary_iou": b["iou"],
-                        "binary_precision": b["precision"],
-                        "binary_recall": b["recall"],
-                        "binary_f1": b["f1"],
-                        "truth_classes": _class_presence(truth, classes),
-                        "pred_classes": _class_presence(lm, classes),
-                        "anomaly_pixels": int(b["tp"] + b["fn"]),
-                        "predicted_pixels": int(b["tp"] + b["fp"]),
-                        "tp": b["tp"],
-                        "fp": b["fp"],
-                        "fn": b["fn"],
-                        "pixels": int(truth.size),
-                    }
-                )
-            if recovery is not None:
-                recovery.update(truth, maps[TEACHER], maps[STUDENT])
-            bar.advance(task)
-
+    cms, noise, recovery, rows = _score_images(images, sources, classes, size_bins, min_cover, progress)
     order = {s.name: i for i, s in enumerate(sources)}
     # each source's worst images first; ties by fewest true pixels found, then by name (stable output)
     rows.sort(key=lambda r: (order[r["source"]], r["binary_iou"], -r["fn"], r["batch"], r["file_name"]))
@@ -243,6 +186,88 @@ def evaluate(
         metrics["noise"]["student_vs_teacher"] = recovery.result()
 
     out = Path(out)
+    _write_scores(out, metrics, cms, rows, images, sources, classes, split)
+    result = EvalResult(metrics, {n: cm.matrix for n, cm in cms.items()}, rows, images, sources, classes)
+    if plots:
+        from b2p.evaluate.plots import write_overlays, write_plots
+
+        write_plots(out / "plots", result)
+        rank_source = STUDENT if STUDENT in {s.name for s in sources} else sources[0].name
+        result.overlays = write_overlays(out / "overlays", result, rank_source, worst, progress=progress)
+    return result
+
+
+def _sources(pred_root, teacher_root, box_baseline: bool, extra_sources: Sequence[MaskSource]) -> list[MaskSource]:
+    """The sources to score, in order: student, teacher, box fill, then the extra ones (their names unique, none reserved)."""
+    sources: list[MaskSource] = []
+    if pred_root is not None:
+        sources.append(MaskSource(STUDENT, Path(pred_root)))
+    if teacher_root is not None:
+        sources.append(MaskSource(TEACHER, Path(teacher_root)))
+    if box_baseline:
+        sources.append(MaskSource(BOX, None))
+    for s in extra_sources:
+        if s.name in {x.name for x in sources} or s.name in RESERVED:
+            raise B2PError(f"source name {s.name!r} is given twice or is reserved")
+        sources.append(s)
+    if not sources:
+        raise B2PError("nothing to evaluate: no student, teacher, box baseline or --source given")
+    return sources
+
+
+def _score_images(images, sources: list[MaskSource], classes: ClassList, size_bins, min_cover: float, progress: bool) -> tuple:
+    """Every source's label map of every image against its manual mask: the confusion matrices, the noise (and
+    student-vs-teacher recovery) accumulators, and the per-image rows."""
+    from rich.progress import Progress
+
+    k = classes.num_classes
+    cms = {s.name: ConfusionMatrix(k + 1) for s in sources}
+    noise = {s.name: NoiseAccumulator(classes.names, size_bins, min_cover) for s in sources}
+    recovery = RecoveryAccumulator() if {STUDENT, TEACHER} <= {s.name for s in sources} else None
+    rows: list[dict] = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"evaluating {len(sources)} sources", total=len(images))
+        for im in images:
+            truth = im.manual_label_map()
+            assert truth is not None
+            comps = true_components(truth, k)
+            maps = {s.name: load_source_map(s, im, k) for s in sources}
+            for s in sources:
+                lm = maps[s.name]
+                cms[s.name].update(lm, truth)
+                noise[s.name].update(truth, lm, comps)
+                rows.append(_image_row(s.name, im, lm, truth, classes))
+            if recovery is not None:
+                recovery.update(truth, maps[TEACHER], maps[STUDENT])
+            bar.advance(task)
+    return cms, noise, recovery, rows
+
+
+def _image_row(source: str, im: ImageRecord, lm: np.ndarray, truth: np.ndarray, classes: ClassList) -> dict:
+    """One per_image.csv row: a source's binary scores and pixel counts on one image."""
+    b = image_binary_scores(lm, truth)
+    return {
+        "source": source,
+        "batch": im.batch,
+        "file_name": im.file_name,
+        "label_map_key": label_map_key(im.file_name),
+        "binary_iou": b["iou"],
+        "binary_precision": b["precision"],
+        "binary_recall": b["recall"],
+        "binary_f1": b["f1"],
+        "truth_classes": _class_presence(truth, classes),
+        "pred_classes": _class_presence(lm, classes),
+        "anomaly_pixels": int(b["tp"] + b["fn"]),
+        "predicted_pixels": int(b["tp"] + b["fp"]),
+        "tp": b["tp"],
+        "fp": b["fp"],
+        "fn": b["fn"],
+        "pixels": int(truth.size),
+    }
+
+
+def _write_scores(out: Path, metrics: dict, cms: dict, rows: list[dict], images, sources: list[MaskSource], classes: ClassList, split: str) -> None:
+    """OUT/metrics.json, OUT/metrics/, OUT/details.json, OUT/confusion.json and OUT/per_image.csv."""
     # metrics.json holds the headline figures only (what `dvc metrics show` tabulates); the per-class scores
     # and the noise analysis go to details.json
     write_json_atomic(out / "metrics.json", {n: {k: v for k, v in sec.items() if k != "per_class"} for n, sec in metrics.items() if n != "noise"})
@@ -259,12 +284,3 @@ def evaluate(
         },
     )
     write_text_atomic(out / "per_image.csv", per_image_csv(rows))
-
-    result = EvalResult(metrics, {n: cm.matrix for n, cm in cms.items()}, rows, images, sources, classes)
-    if plots:
-        from b2p.evaluate.plots import write_overlays, write_plots
-
-        write_plots(out / "plots", result)
-        rank_source = STUDENT if STUDENT in names else sources[0].name
-        result.overlays = write_overlays(out / "overlays", result, rank_source, worst, progress=progress)
-    return result

@@ -69,6 +69,11 @@ def export(
         resolve_batch_files(imported, batch), out, opts,
         teacher_root=teacher_root, model_dir=model, progress=not quiet,
     )
+    _print_report(console, report)
+
+
+def _print_report(console, report) -> None:
+    """Each format's folder and counts, then the warnings (empty boxes, pixels outside every box, EXIF tags) and the provenance."""
     for fmt_name, m in report.formats.items():
         n_img = sum(c.get("images", 0) for c in m["counts"].values())
         line = f"[green]{fmt_name}[/]: {report.out / fmt_name}  {n_img} images"

@@ -422,25 +422,8 @@ def export_dataset(
     Everything is checked before anything is written: the options, the output folders, that every label
     map exists. `teacher_root` and `model_dir` only feed the provenance record (where present).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    for f in opts.formats:
-        if f not in WRITERS:
-            raise B2PError(f"unknown export format {f!r}; choose from {list(FORMATS)}")
-    if not opts.formats:
-        raise B2PError(f"no export format given; choose from {list(FORMATS)}")
-    if opts.images not in IMAGE_MODES:
-        raise B2PError(f"unknown image mode {opts.images!r}; choose from {list(IMAGE_MODES)}")
-    if opts.coco_masks not in COCO_MASKS:
-        raise B2PError(f"unknown COCO mask encoding {opts.coco_masks!r}; choose from {list(COCO_MASKS)}")
-    source_root = resolve_source(opts.source, opts.source_root)
-    if not source_root.is_dir():
-        raise B2PError(f"mask source {opts.source!r} has no masks here (run the stage that writes them first)", source_root)
-    unboxed_root = None
-    if opts.unboxed not in (None, "none"):
-        unboxed_root = resolve_source(opts.unboxed, opts.unboxed_root)
-        if not unboxed_root.is_dir():
-            raise B2PError(f"mask source {opts.unboxed!r} (images without boxes) has no masks here (run the stage that writes them first)", unboxed_root)
+    _check_options(opts)
+    source_root, unboxed_root = _mask_roots(opts)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise B2PError("export output is a file, not a folder", out)
@@ -458,12 +441,52 @@ def export_dataset(
     if opts.source == "teacher":  # the masks ARE the teacher's: record the root they came from
         teacher_root = source_root
     teacher_root = Path(teacher_root) if teacher_root is not None else None
+    info = _provenance(opts, by_split, batches, splits, source_root, unboxed_root, teacher_root, model_dir)
+    recover_staged([out / fmt for fmt in FORMATS])  # a killed run's swap or leftovers, of formats not written this time too
+    with staged_dirs(targets) as stages:
+        writers = [WRITERS[f](s, classes, opts, info) for f, s in zip(dict.fromkeys(opts.formats), stages)]
+        totals = _write_items(writers, splits, by_split, classes, scores, progress)
+        report = ExportReport(out)
+        for fmt, w, stage in zip(dict.fromkeys(opts.formats), writers, stages):
+            report.formats[fmt] = _finish_format(fmt, w, stage, splits, opts, info, totals)
+    return report
+
+
+def _check_options(opts: ExportOptions) -> None:
+    """Refuse an unknown (or no) format, image mode or COCO mask encoding."""
+    for f in opts.formats:
+        if f not in WRITERS:
+            raise B2PError(f"unknown export format {f!r}; choose from {list(FORMATS)}")
+    if not opts.formats:
+        raise B2PError(f"no export format given; choose from {list(FORMATS)}")
+    if opts.images not in IMAGE_MODES:
+        raise B2PError(f"unknown image mode {opts.images!r}; choose from {list(IMAGE_MODES)}")
+    if opts.coco_masks not in COCO_MASKS:
+        raise B2PError(f"unknown COCO mask encoding {opts.coco_masks!r}; choose from {list(COCO_MASKS)}")
+
+
+def _mask_roots(opts: ExportOptions) -> tuple[Path, Path | None]:
+    """The folder of the source's masks and, with `opts.unboxed`, that of the images without boxes; each must exist."""
+    source_root = resolve_source(opts.source, opts.source_root)
+    if not source_root.is_dir():
+        raise B2PError(f"mask source {opts.source!r} has no masks here (run the stage that writes them first)", source_root)
+    unboxed_root = None
+    if opts.unboxed not in (None, "none"):
+        unboxed_root = resolve_source(opts.unboxed, opts.unboxed_root)
+        if not unboxed_root.is_dir():
+            raise B2PError(f"mask source {opts.unboxed!r} (images without boxes) has no masks here (run the stage that writes them first)", unboxed_root)
+    return source_root, unboxed_root
+
+
+def _provenance(opts: ExportOptions, by_split: dict, batches: list, splits: list[str], source_root: Path, unboxed_root: Path | None,
+                teacher_root: Path | None, model_dir) -> dict:
+    """The `info` every format records: the source of the masks, its teacher and model, the batches and splits, the version."""
     from b2p import __version__
 
     # the masks follow the image as displayed (EXIF orientation applied, fileio.read_image); the exported
     # file keeps its tag, so a reader that ignores it (torchvision's decode_jpeg by default) sees them turned
     oriented = [i.record.key for items in by_split.values() for i in items if exif_orientation(i.record.path) != 1]
-    info = {
+    return {
         "description": f"b2p pixel dataset ({opts.source} masks)",
         "exif_oriented_images": oriented,
         "b2p_version": __version__,
@@ -477,49 +500,54 @@ def export_dataset(
         "model": _model_record(Path(model_dir) if model_dir is not None else None, opts.source, source_root,
                                [i.label_map for items in by_split.values() for i in items]),
     }
-    n_items = sum(len(v) for v in by_split.values())
-    recover_staged([out / fmt for fmt in FORMATS])  # a killed run's swap or leftovers, of formats not written this time too
-    with staged_dirs(targets) as stages:
-        writers = [WRITERS[f](s, classes, opts, info) for f, s in zip(dict.fromkeys(opts.formats), stages)]
-        need_instances = any(w.needs_instances for w in writers)
-        totals = {"unboxed_pixels": 0, "empty_boxes": 0, "boxes": 0}
-        image_id = 0
-        with Progress(TextColumn("[bold]export"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      transient=True, disable=not progress) as bar:
-            task = bar.add_task("export", total=n_items)
-            for split in splits:
-                for item in by_split[split]:
-                    rec = item.record
-                    image_id += 1
-                    lm = read_label_map(item.label_map, (rec.height, rec.width), classes.num_classes)
-                    kept: list = []
-                    if need_instances:
-                        from b2p.export.instances import box_instances
 
-                        instances, unboxed = box_instances(lm, rec, scores[rec.batch])
-                        kept = [i for i in instances if i.area > 0]
-                        totals["boxes"] += len(instances)
-                        totals["empty_boxes"] += len(instances) - len(kept)
-                        totals["unboxed_pixels"] += unboxed
-                    for w in writers:
-                        w.add(split, item, lm, kept, image_id)
-                    bar.advance(task)
-        report = ExportReport(out)
-        for fmt, w, stage in zip(dict.fromkeys(opts.formats), writers, stages):
-            extra = w.finish(splits)
-            manifest = {
-                "b2p_export": EXPORT_FORMAT,
-                "format": fmt,
-                "info": info,
-                "images": opts.images,
-                "counts": w.counts,
-                **extra,
-            }
-            if w.needs_instances:
-                manifest["mask_rule"] = MASK_RULE
-                manifest["boxes"] = totals
-            if fmt == "yolo" or (fmt == "coco" and opts.coco_masks == "polygons"):
-                manifest["polygon_rule"] = POLYGON_RULE
-            write_bytes_atomic(stage / MARKER, _dumps(manifest))
-            report.formats[fmt] = manifest
-    return report
+
+def _write_items(writers: list, splits: list[str], by_split: dict, classes, scores: dict, progress: bool) -> dict[str, int]:
+    """Each image's label map (and its box instances, where a format needs them) to every writer; the box totals."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    n_items = sum(len(v) for v in by_split.values())
+    need_instances = any(w.needs_instances for w in writers)
+    totals = {"unboxed_pixels": 0, "empty_boxes": 0, "boxes": 0}
+    image_id = 0
+    with Progress(TextColumn("[bold]export"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True, disable=not progress) as bar:
+        task = bar.add_task("export", total=n_items)
+        for split in splits:
+            for item in by_split[split]:
+                rec = item.record
+                image_id += 1
+                lm = read_label_map(item.label_map, (rec.height, rec.width), classes.num_classes)
+                kept: list = []
+                if need_instances:
+                    from b2p.export.instances import box_instances
+
+                    instances, unboxed = box_instances(lm, rec, scores[rec.batch])
+                    kept = [i for i in instances if i.area > 0]
+                    totals["boxes"] += len(instances)
+                    totals["empty_boxes"] += len(instances) - len(kept)
+                    totals["unboxed_pixels"] += unboxed
+                for w in writers:
+                    w.add(split, item, lm, kept, image_id)
+                bar.advance(task)
+    return totals
+
+
+def _finish_format(fmt: str, w: _Writer, stage: Path, splits: list[str], opts: ExportOptions, info: dict, totals: dict) -> dict:
+    """A format's closing files and its manifest (MARKER), returned."""
+    extra = w.finish(splits)
+    manifest = {
+        "b2p_export": EXPORT_FORMAT,
+        "format": fmt,
+        "info": info,
+        "images": opts.images,
+        "counts": w.counts,
+        **extra,
+    }
+    if w.needs_instances:
+        manifest["mask_rule"] = MASK_RULE
+        manifest["boxes"] = totals
+    if fmt == "yolo" or (fmt == "coco" and opts.coco_masks == "polygons"):
+        manifest["polygon_rule"] = POLYGON_RULE
+    write_bytes_atomic(stage / MARKER, _dumps(manifest))
+    return manifest

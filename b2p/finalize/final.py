@@ -330,161 +330,46 @@ def finalize(
     """Choose (alpha, t) per class on calib, then write the final masks of every image of `splits` (and, with
     `student_out`, the calibrated student alone, snapped candidates included unless `student_snap` is
     False), the masks on `engine` (b2p/scale/engine.py; default local); see the module docstring."""
-
-    from b2p.metrics import ConfusionMatrix
+    from b2p.fileio import staged_dirs
     from b2p.splits import parse_splits
-    from b2p.progress import Progress
-
-    from b2p.fileio import check_separate_folders, staged_dirs
-    from b2p.teach.base import check_teacher_root
 
     out = Path(out)
     engine = engine or Engine()
     student_out = None if student_out is None else Path(student_out)
-    # the outputs are replaced whole (below): neither may be, hold or lie inside an input or the other, nor
-    # hold anything finalize does not write (the batch files, images, a teacher root's other files)
     batches: list[Batch] = load_batches(batch_files)
-    from b2p.dataset import input_folders
-
-    check_separate_folders({"--out": out, "--student-out": student_out},
-                           {"--probs": probs_root, "--teacher-root": teacher_root, **input_folders(batches)})
-    _check_replaceable(out, "thresholds.json", {"labelmaps", "provenance.json"})
-    if student_out is not None:
-        _check_replaceable(student_out, "threshold.json", {"labelmaps"})
+    _check_output_roots(batches, out, student_out, probs_root, teacher_root)
     wanted = parse_splits(splits)
     classes = class_list_of(batches)
     names = list(classes.names)
     k1 = classes.num_classes + 1
-
-    def teacher_map(im: ImageRecord) -> np.ndarray | None:
-        if teacher_root is None:
-            return None
-        return read_label_map(label_map_path(teacher_root, im.batch, im.file_name), (im.height, im.width), classes.num_classes)
-
     calib = [im for b in batches for im in b.split("calib") if im.has_manual_mask]
-    # every input first (cheap checks): a bad one must stop the run before any work, and the outputs are
-    # built in hidden folders that replace the old ones only once complete, so a late failure loses nothing
-    needed = list({id(im): im for im in [*calib, *(im for b in batches for im in b.split(*wanted))]}.values())
-    for im in needed:
-        check_probs_file(probs_root, im, names)
-    from b2p.student.manifest import prediction_model
-
-    # one finished predict run's model behind every probability read (not a root a killed re-run mixed)
-    model = prediction_model(probs_root, [label_map_path(probs_root, im.batch, im.file_name) for im in needed], probs=True)
-    if teacher_root is not None:
-        for b in batches:
-            check_teacher_root(teacher_root, b)
-        for im in needed:
-            tp = label_map_path(teacher_root, im.batch, im.file_name)
-            if not tp.is_file():
-                raise B2PError(f"teacher label map missing for this {im.split} image (--teacher-root {teacher_root}): teach its batch into this root first", tp)
-    choice: dict[str, dict] = {}
-    grid_scores: list[dict] = []
-    calib_scores = default_scores = None
-    cached, student_maps, offset_samples = [], [], []
+    model = _check_inputs(batches, calib, wanted, probs_root, teacher_root, names)
     rules = student_rules(student_snap)
-    # the offsets' fit reads a fixed stride of the calib pixels, at most OFFSET_FIT_PIXELS of them
-    stride = max(1, -(-sum(im.width * im.height for im in calib) // OFFSET_FIT_PIXELS))
     if calib:
-        grid = _grid(teacher_root is not None)
-        with Progress(progress and student_out is not None and student_snap, "finalize: student-alone rules", len(calib)) as advance:
-            for im in calib:
-                probs = read_class_probabilities(probs_root, im)
-                cached.append((im, 1.0 - probs[0], teacher_map(im), im.manual_label_map()))
-                if student_out is not None:
-                    img = _read_image_of(im) if student_snap else None
-                    student_maps.append({r: r.label_map(probs, img)[0] for r in rules})
-                    offset_samples.append((_log_probs(probs.reshape(k1, -1)[:, ::stride]), cached[-1][3].ravel()[::stride].astype(np.int64)))
-                del probs
-                advance(1)
-        per_point = []
-        with Progress(progress, "finalize: calibrating", len(grid)) as advance:
-            for a, t in grid:
-                cm = ConfusionMatrix(k1)
-                settings = dict.fromkeys(range(1, k1), (a, t))
-                for im, pd, tl, truth in cached:
-                    lm, _ = final_label_map(pd, im.boxes_xyxy(), im.box_class_ids(), settings, tl)
-                    cm.update(lm, truth)
-                s = cm.scores(names)
-                per_point.append(s)
-                grid_scores.append({"alpha": a, "t": t, **{n: s["per_class"][n]["iou"] for n in names}, "binary_iou": s["binary_iou"], "anomaly_miou": s["anomaly_miou"]})
-                advance(1)
-        default_scores = per_point[0]
-        for n in names:
-            ious = [(s["per_class"][n]["iou"], -i) for i, s in enumerate(per_point) if s["per_class"][n]["iou"] is not None]
-            d_iou = default_scores["per_class"][n]["iou"]
-            if ious:
-                best, neg_i = max(ious)
-                a, t = grid[-neg_i]
-                choice[n] = {"alpha": a, "t": t, "reason": "best IoU on calib", "calib_iou": best, "default_iou": d_iou}
-            else:
-                choice[n] = {"alpha": DEFAULT[0], "t": DEFAULT[1], "reason": "no calib pixels of this class: default", "calib_iou": None, "default_iou": None}
+        cached, student_maps, offset_samples = _read_calib(calib, probs_root, teacher_root, classes, student_out, student_snap, rules, progress)
+        choice, grid_scores, default_scores = _calibrate(cached, names, k1, teacher_root is not None, progress)
     else:
-        for n in names:
-            choice[n] = {"alpha": DEFAULT[0], "t": DEFAULT[1], "reason": "no calib images: default", "calib_iou": None, "default_iou": None}
-    student = None
+        cached, student_maps, offset_samples, grid_scores, default_scores = [], [], [], [], None
+        choice = {n: {"alpha": DEFAULT[0], "t": DEFAULT[1], "reason": "no calib images: default", "calib_iou": None, "default_iou": None} for n in names}
+    student = student_rule = None
     if student_out is not None:
-        if offset_samples:
-            offsets, _ = fit_class_offsets(offset_samples, names, k1)
-            fitted = StudentRule(offsets=offsets)
-            # the probabilities read again: holding every calib image's would cost memory on a large calib set
-            for m, (im, *_) in zip(student_maps, cached):
-                m[fitted] = fitted.label_map(read_class_probabilities(probs_root, im))[0]
-            rules = [*rules, fitted]
-        del offset_samples
-        student = _choose_student_rule(student_maps, [c[3] for c in cached], names, k1, rules)
-        student_rule = StudentRule(student["t"], student["snap_sure"], None if student["offsets"] is None else tuple(student["offsets"]))
+        student, student_rule = _choose_student(student_maps, offset_samples, cached, probs_root, names, k1, rules)
     settings = {classes.id_of(n): (c["alpha"], c["t"]) for n, c in choice.items()}
 
     if student is not None and student_rule.snap_sure is not None:
         for im in (im for b in batches for im in b.split(*wanted)):  # an image that changed stops the run before any mask is written
             _read_image_of(im)
+    sources = {"probs": str(probs_root), "model": model, "teacher": None if teacher_root is None else str(teacher_root)}
     # each output root is built hidden beside it and swapped in whole once complete: it always holds one
     # run's output (images outside `splits` and batches not given included: they are no longer there)
     with staged_dirs([out] if student_out is None else [out, student_out]) as stages:
         new_out, new_student_out = stages[0], stages[-1]
-        n_images = n_boxes = rescued = unsnapped = 0
-        cm_chosen = ConfusionMatrix(k1)
         todo = [im for b in batches for im in b.split(*wanted)]
-        job = FinalMaskJob(str(probs_root), None if teacher_root is None else str(teacher_root), classes.num_classes, settings, student_rule if student is not None else None)
-        rescued_of: dict[tuple[str, int], int] = {}
-
-        def write(i: int, r: FinalMasks) -> None:
-            nonlocal unsnapped
-            im = todo[i]
-            write_bytes_atomic(label_map_path(new_out, im.batch, im.file_name), r.final)
-            if r.alone is not None:
-                write_bytes_atomic(label_map_path(new_student_out, im.batch, im.file_name), r.alone)
-            unsnapped += r.unsnapped
-            if r.calib_map is not None:
-                cm_chosen.update(r.calib_map, im.manual_label_map())
-            rescued_of[(im.batch, im.id)] = r.rescued
-            advance(1)
-
-        with Progress(progress, "finalize: masks", len(todo)) as advance:
-            engine.map(job, todo, write)
-        for b in batches:
-            b_boxes = sum(len(im.boxes) for im in b.split(*wanted))
-            b_rescued = sum(rescued_of[(b.name, im.id)] for im in b.split(*wanted))
-            write_json_atomic(
-                new_out / b.name / "provenance.json",
-                {
-                    "batch": b.name,
-                    "teacher": "final",
-                    "settings": {"per_class": {n: {"alpha": c["alpha"], "t": c["t"]} for n, c in choice.items()}, "rescue_relative": RESCUE_RELATIVE},
-                    "sources": {"probs": str(probs_root), "model": model, "teacher": None if teacher_root is None else str(teacher_root)},
-                    "splits": list(wanted),
-                    "engine": engine.record(),
-                    "counts": {"images": len(b.split(*wanted)), "boxes": b_boxes, "rescued": b_rescued},
-                    "image_sha256": {im.file_name: im.sha256 for im in b.split(*wanted)},  # check_teacher_root (round 2)
-                },
-            )
-            n_images += len(b.split(*wanted))
-            n_boxes += b_boxes
-            rescued += b_rescued
-        if calib:
-            calib_scores = cm_chosen.scores(names)
-        result = FinalResult(out, n_images, n_boxes, rescued, len(calib), choice, calib_scores, default_scores, grid_scores, student)
+        job = FinalMaskJob(str(probs_root), None if teacher_root is None else str(teacher_root), classes.num_classes, settings, student_rule)
+        rescued_of, unsnapped, cm_chosen = _write_masks(engine, job, todo, new_out, new_student_out, k1, progress)
+        counts = _write_provenances(new_out, batches, wanted, rescued_of, choice, sources, engine)
+        calib_scores = cm_chosen.scores(names) if calib else None
+        result = FinalResult(out, counts["images"], counts["boxes"], counts["rescued"], len(calib), choice, calib_scores, default_scores, grid_scores, student)
         if student is not None:
             student["unsnapped"] = unsnapped if student_rule.snap_sure is not None else None
             write_json_atomic(new_student_out / "threshold.json", {**student, "splits": list(wanted), "sources": {"probs": str(probs_root), "model": model}})
@@ -498,13 +383,178 @@ def finalize(
                 "calib_chosen": _summary(calib_scores),
                 "calib_default": _summary(default_scores),
                 "calib_grid": grid_scores,
-                "sources": {"probs": str(probs_root), "model": model, "teacher": None if teacher_root is None else str(teacher_root)},
-                "counts": {"images": n_images, "boxes": n_boxes, "rescued": rescued},
+                "sources": sources,
+                "counts": counts,
                 "splits": list(wanted),
                 "student_alone": student,
             },
         )
     return result
+
+
+def _check_output_roots(batches: list[Batch], out: Path, student_out: Path | None, probs_root, teacher_root) -> None:
+    """The outputs are replaced whole: neither may be, hold or lie inside an input or the other, nor hold anything
+    finalize does not write (the batch files, images, a teacher root's other files)."""
+    from b2p.dataset import input_folders
+    from b2p.fileio import check_separate_folders
+
+    check_separate_folders({"--out": out, "--student-out": student_out},
+                           {"--probs": probs_root, "--teacher-root": teacher_root, **input_folders(batches)})
+    _check_replaceable(out, "thresholds.json", {"labelmaps", "provenance.json"})
+    if student_out is not None:
+        _check_replaceable(student_out, "threshold.json", {"labelmaps"})
+
+
+def _check_inputs(batches: list[Batch], calib: list[ImageRecord], wanted, probs_root, teacher_root, names: list[str]) -> dict:
+    """Every input the run reads, before any work (probs files, one predict run's model, the teacher root and its
+    label maps); returns that model's record."""
+    from b2p.student.manifest import prediction_model
+    from b2p.teach.base import check_teacher_root
+
+    # cheap checks: a bad input must stop the run before any work, and the outputs are built in hidden
+    # folders that replace the old ones only once complete, so a late failure loses nothing
+    needed = list({id(im): im for im in [*calib, *(im for b in batches for im in b.split(*wanted))]}.values())
+    for im in needed:
+        check_probs_file(probs_root, im, names)
+    # one finished predict run's model behind every probability read (not a root a killed re-run mixed)
+    model = prediction_model(probs_root, [label_map_path(probs_root, im.batch, im.file_name) for im in needed], probs=True)
+    if teacher_root is not None:
+        for b in batches:
+            check_teacher_root(teacher_root, b)
+        for im in needed:
+            tp = label_map_path(teacher_root, im.batch, im.file_name)
+            if not tp.is_file():
+                raise B2PError(f"teacher label map missing for this {im.split} image (--teacher-root {teacher_root}): teach its batch into this root first", tp)
+    return model
+
+
+def _read_calib(calib: list[ImageRecord], probs_root, teacher_root, classes, student_out, student_snap: bool, rules: list[StudentRule], progress: bool) -> tuple:
+    """Per calib image (im, p(defect), teacher map, manual map); with `student_out` also every student-alone rule's
+    map and the offsets' fit sample (a fixed stride of the pixels, at most OFFSET_FIT_PIXELS in all)."""
+    from b2p.progress import Progress
+
+    k1 = classes.num_classes + 1
+    cached, student_maps, offset_samples = [], [], []
+    stride = max(1, -(-sum(im.width * im.height for im in calib) // OFFSET_FIT_PIXELS))
+    with Progress(progress and student_out is not None and student_snap, "finalize: student-alone rules", len(calib)) as advance:
+        for im in calib:
+            probs = read_class_probabilities(probs_root, im)
+            cached.append((im, 1.0 - probs[0], _teacher_map(teacher_root, im, classes.num_classes), im.manual_label_map()))
+            if student_out is not None:
+                img = _read_image_of(im) if student_snap else None
+                student_maps.append({r: r.label_map(probs, img)[0] for r in rules})
+                offset_samples.append((_log_probs(probs.reshape(k1, -1)[:, ::stride]), cached[-1][3].ravel()[::stride].astype(np.int64)))
+            del probs
+            advance(1)
+    return cached, student_maps, offset_samples
+
+
+def _teacher_map(teacher_root, im: ImageRecord, num_classes: int) -> np.ndarray | None:
+    """The teacher's label map of the image (None without a teacher)."""
+    if teacher_root is None:
+        return None
+    return read_label_map(label_map_path(teacher_root, im.batch, im.file_name), (im.height, im.width), num_classes)
+
+
+def _calibrate(cached: list, names: list[str], k1: int, with_teacher: bool, progress: bool) -> tuple[dict[str, dict], list[dict], dict]:
+    """Every (alpha, t) of the grid scored on the calib images; per class the point of best IoU (ties: the earlier).
+    Returns the choice, the grid's scores and the default point's scores."""
+    from b2p.metrics import ConfusionMatrix
+    from b2p.progress import Progress
+
+    grid = _grid(with_teacher)
+    grid_scores: list[dict] = []
+    per_point = []
+    with Progress(progress, "finalize: calibrating", len(grid)) as advance:
+        for a, t in grid:
+            cm = ConfusionMatrix(k1)
+            settings = dict.fromkeys(range(1, k1), (a, t))
+            for im, pd, tl, truth in cached:
+                lm, _ = final_label_map(pd, im.boxes_xyxy(), im.box_class_ids(), settings, tl)
+                cm.update(lm, truth)
+            s = cm.scores(names)
+            per_point.append(s)
+            grid_scores.append({"alpha": a, "t": t, **{n: s["per_class"][n]["iou"] for n in names}, "binary_iou": s["binary_iou"], "anomaly_miou": s["anomaly_miou"]})
+            advance(1)
+    default_scores = per_point[0]
+    choice: dict[str, dict] = {}
+    for n in names:
+        ious = [(s["per_class"][n]["iou"], -i) for i, s in enumerate(per_point) if s["per_class"][n]["iou"] is not None]
+        d_iou = default_scores["per_class"][n]["iou"]
+        if ious:
+            best, neg_i = max(ious)
+            a, t = grid[-neg_i]
+            choice[n] = {"alpha": a, "t": t, "reason": "best IoU on calib", "calib_iou": best, "default_iou": d_iou}
+        else:
+            choice[n] = {"alpha": DEFAULT[0], "t": DEFAULT[1], "reason": "no calib pixels of this class: default", "calib_iou": None, "default_iou": None}
+    return choice, grid_scores, default_scores
+
+
+def _choose_student(student_maps: list[dict], offset_samples: list, cached: list, probs_root, names: list[str], k1: int,
+                    rules: list[StudentRule]) -> tuple[dict, StudentRule]:
+    """The student-alone rule of best calib score, the offset rule fitted on calib among the candidates; its record and the rule."""
+    if offset_samples:
+        offsets, _ = fit_class_offsets(offset_samples, names, k1)
+        fitted = StudentRule(offsets=offsets)
+        # the probabilities read again: holding every calib image's would cost memory on a large calib set
+        for m, (im, *_) in zip(student_maps, cached):
+            m[fitted] = fitted.label_map(read_class_probabilities(probs_root, im))[0]
+        rules = [*rules, fitted]
+    offset_samples.clear()  # the fit's pixels are no longer needed
+    student = _choose_student_rule(student_maps, [c[3] for c in cached], names, k1, rules)
+    return student, StudentRule(student["t"], student["snap_sure"], None if student["offsets"] is None else tuple(student["offsets"]))
+
+
+def _write_masks(engine: Engine, job: FinalMaskJob, todo: list[ImageRecord], new_out: Path, new_student_out: Path, k1: int, progress: bool) -> tuple:
+    """Every image's final (and student-alone) label map written as the engine returns it; (rescued boxes per image,
+    images whose snap found no colour model, the confusion matrix of the calib images' final maps)."""
+    from b2p.metrics import ConfusionMatrix
+    from b2p.progress import Progress
+
+    cm_chosen = ConfusionMatrix(k1)
+    rescued_of: dict[tuple[str, int], int] = {}
+    unsnapped = 0
+
+    def write(i: int, r: FinalMasks) -> None:
+        nonlocal unsnapped
+        im = todo[i]
+        write_bytes_atomic(label_map_path(new_out, im.batch, im.file_name), r.final)
+        if r.alone is not None:
+            write_bytes_atomic(label_map_path(new_student_out, im.batch, im.file_name), r.alone)
+        unsnapped += r.unsnapped
+        if r.calib_map is not None:
+            cm_chosen.update(r.calib_map, im.manual_label_map())
+        rescued_of[(im.batch, im.id)] = r.rescued
+        advance(1)
+
+    with Progress(progress, "finalize: masks", len(todo)) as advance:
+        engine.map(job, todo, write)
+    return rescued_of, unsnapped, cm_chosen
+
+
+def _write_provenances(new_out: Path, batches: list[Batch], wanted, rescued_of: dict, choice: dict, sources: dict, engine: Engine) -> dict[str, int]:
+    """OUT/<batch>/provenance.json of every batch; the images, boxes and rescued boxes of them all."""
+    n_images = n_boxes = rescued = 0
+    for b in batches:
+        b_boxes = sum(len(im.boxes) for im in b.split(*wanted))
+        b_rescued = sum(rescued_of[(b.name, im.id)] for im in b.split(*wanted))
+        write_json_atomic(
+            new_out / b.name / "provenance.json",
+            {
+                "batch": b.name,
+                "teacher": "final",
+                "settings": {"per_class": {n: {"alpha": c["alpha"], "t": c["t"]} for n, c in choice.items()}, "rescue_relative": RESCUE_RELATIVE},
+                "sources": sources,
+                "splits": list(wanted),
+                "engine": engine.record(),
+                "counts": {"images": len(b.split(*wanted)), "boxes": b_boxes, "rescued": b_rescued},
+                "image_sha256": {im.file_name: im.sha256 for im in b.split(*wanted)},  # check_teacher_root (round 2)
+            },
+        )
+        n_images += len(b.split(*wanted))
+        n_boxes += b_boxes
+        rescued += b_rescued
+    return {"images": n_images, "boxes": n_boxes, "rescued": rescued}
 
 
 def _check_replaceable(root: Path, top_file: str, batch_entries: set[str]) -> None:

@@ -93,6 +93,21 @@ def read_coco(path: str | Path) -> SourceBatch:
     raw_anns = _require_list(data, "annotations", path)
     raw_cats = _require_list(data, "categories", path)
 
+    categories = _read_categories(raw_cats, path)
+    images = _read_images(raw_images, path)
+    _read_annotations(raw_anns, images, categories, path)
+    return SourceBatch(
+        format="coco",
+        categories=categories,
+        images=list(images.values()),
+        annotation_file=path,
+        class_file=path,
+        sources=[{"role": "coco", "path": str(path), "sha256": sha256_file(path)}],
+    )
+
+
+def _read_categories(raw_cats: list, path: Path) -> dict[int, str]:
+    """Class names by category id (positive, unique; names normalised and unique)."""
     categories: dict[int, str] = {}
     for i, c in enumerate(raw_cats):
         c = _entry(c, "category", i, path)
@@ -107,7 +122,11 @@ def read_coco(path: str | Path) -> SourceBatch:
         if name in categories.values():
             raise B2PError(f"duplicate category name {name!r}", path)
         categories[cid] = name
+    return categories
 
+
+def _read_images(raw_images: list, path: Path) -> dict[int, SourceImage]:
+    """The images by id (unique ids, sizes positive where given, file names normalised and unique)."""
     images: dict[int, SourceImage] = {}
     names: set[str] = set()
     for i, im in enumerate(raw_images):
@@ -132,7 +151,11 @@ def read_coco(path: str | Path) -> SourceBatch:
             raise B2PError(f"{where}: duplicate image file name {fname!r} (the same file as {norm!r} listed before)", path)
         names.add(norm)
         images[iid] = SourceImage(norm, width=im.get("width"), height=im.get("height"), declared_manual_mask=flag, label_file=path)
+    return images
 
+
+def _read_annotations(raw_anns: list, images: dict[int, SourceImage], categories: dict[int, str], path: Path) -> None:
+    """Each annotation joins its image: ids unique where given, a known image and category, a box, a well-formed segmentation."""
     seen_ann_ids: set[int] = set()
     for i, a in enumerate(raw_anns):
         a = _entry(a, "annotation", i, path)
@@ -160,12 +183,3 @@ def read_coco(path: str | Path) -> SourceBatch:
             raise B2PError(f"{where}: unknown category id {cat}; categories are {sorted(categories)}", path)
         seg = _check_segmentation(a.get("segmentation"), where, path)
         images[image_id].annotations.append(SourceAnnotation(cat, tuple(float(v) for v in bbox), where, seg))
-
-    return SourceBatch(
-        format="coco",
-        categories=categories,
-        images=list(images.values()),
-        annotation_file=path,
-        class_file=path,
-        sources=[{"role": "coco", "path": str(path), "sha256": sha256_file(path)}],
-    )

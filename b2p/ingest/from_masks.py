@@ -169,6 +169,64 @@ def masks_to_boxes(
     root, out = Path(root), Path(out)
     # the dataset is read again by `b2p import` (and the oracle's PNGs would pass for masks there)
     check_separate_folders({"--out": out, "--oracle-out": oracle_out}, {"the dataset root": root})
+    _check_options(threshold, masked, min_area, free_images)
+
+    class_folders = _class_folders(root, folders)
+    if strip_prefix == AUTO_PREFIX:
+        strip_prefix = common_prefix(class_folders)
+    pairs = _image_mask_pairs(root, class_folders)
+    items = []
+    for folder, p, m in progress(pairs, "reading masks", total=len(pairs)):
+        binary = _read_mask(m, threshold)
+        items.append(_Item(folder, p.relative_to(root).as_posix(), p, m, binary.shape, binary if binary.any() else None))
+    free_folders, folder_class = _folder_classes(items, strip_prefix)
+    categories = sorted({c for f, c in folder_class.items() if f not in free_folders})
+    cat_id = {n: i + 1 for i, n in enumerate(categories)}
+
+    free, keep_free = _defect_free(items, free_folders, free_images)
+    keep = {it.file_name for it in keep_free} | {it.file_name for it in items if it.folder not in free_folders}
+    t = _boxes_of_items(items, keep, folder_class, cat_id, batch, rule, masked, min_area, oracle_out)
+    info = {
+        "description": "boxes simulated from manual masks by `b2p masks-to-boxes` (one box per connected component)",
+        "root": str(root),
+        "batch": batch,
+        "threshold": threshold,
+        "min_area": min_area,
+        "connectivity": 8,
+        "strip_prefix": strip_prefix,
+        "split_rule": {k: v for k, v in rule.info().items() if k != "manual_masks"},
+        "manual_masks": (f"a hashed share {masked:g} of the images" if masked is not None
+                         else "test and calib splits only" if rule.calib else "test split only"),
+        "free_images": {"found": len(free), "kept": len(keep_free)},
+        "oracle_out": None if oracle_out is None else str(oracle_out),
+        "dropped_components": dict(sorted(t.dropped.items())),
+        "folders": folder_class,
+    }
+    coco = {
+        "info": info,
+        "categories": [{"id": cat_id[n], "name": n, "supercategory": "defect"} for n in categories],
+        "images": t.images,
+        "annotations": t.annotations,
+    }
+    write_json_atomic(out, coco)
+    return MasksToBoxesResult(
+        out=out,
+        categories=categories,
+        images=len(t.images),
+        images_per_class=dict(t.per_class_images),
+        boxes_per_class={n: t.boxes[n] for n in categories},
+        dropped_per_class={n: t.dropped[n] for n in categories},
+        test_images=t.n_test,
+        masked_images=t.n_masked,
+        calib_images=t.n_calib,
+        free_total=len(free),
+        free_kept=len(keep_free),
+        folders=folder_class,
+    )
+
+
+def _check_options(threshold: int, masked: float | None, min_area: int, free_images: int | None) -> None:
+    """Refuse out-of-range options before any file is read."""
     if not 1 <= threshold <= 255:
         raise B2PError(f"--threshold must be in 1..255, got {threshold}")
     if masked is not None and not 0 <= masked <= 1:
@@ -178,9 +236,9 @@ def masks_to_boxes(
     if free_images is not None and free_images < 0:
         raise B2PError(f"--free-images must be >= 0, got {free_images}")
 
-    class_folders = _class_folders(root, folders)
-    if strip_prefix == AUTO_PREFIX:
-        strip_prefix = common_prefix(class_folders)
+
+def _image_mask_pairs(root: Path, class_folders: list[str]) -> list[tuple[str, Path, Path]]:
+    """(folder, image, mask) for every image of the class folders; a mask without its image, or an image without its mask, is refused."""
     pairs: list[tuple[str, Path, Path]] = []
     for folder in class_folders:
         imgs_dir = root / folder / "Imgs"
@@ -196,100 +254,87 @@ def masks_to_boxes(
             pairs.append((folder, p, mask))
     if not pairs:
         raise B2PError("no images found (expected ROOT/<CLASS>/Imgs/NAME.jpg + NAME.png)", root)
+    return pairs
 
-    items = []
-    for folder, p, m in progress(pairs, "reading masks", total=len(pairs)):
-        binary = _read_mask(m, threshold)
-        items.append(_Item(folder, p.relative_to(root).as_posix(), p, m, binary.shape, binary if binary.any() else None))
+
+def _folder_classes(items: list[_Item], strip_prefix: str) -> tuple[set[str], dict[str, str]]:
+    """The defect-free folders (every mask empty) and each folder's class name ("defect-free" for those)."""
     by_folder: dict[str, list[_Item]] = {}
     for it in items:
         by_folder.setdefault(it.folder, []).append(it)
     free_folders = {f for f, its in by_folder.items() if all(it.binary is None for it in its)}
     folder_class = {f: ("defect-free" if f in free_folders else class_name_of(f, strip_prefix)) for f in by_folder}
-    categories = sorted({c for f, c in folder_class.items() if f not in free_folders})
-    cat_id = {n: i + 1 for i, n in enumerate(categories)}
+    return free_folders, folder_class
 
-    # defect-free images: keep a deterministic subset, chosen by a hash independent of the split hash
-    # (choosing by the split hash would keep only test images)
+
+def _defect_free(items: list[_Item], free_folders: set[str], free_images: int | None) -> tuple[list[_Item], list[_Item]]:
+    """The defect-free images found, and those kept (all, or `free_images` of them)."""
+    # a deterministic subset, chosen by a hash independent of the split hash (choosing by the split hash
+    # would keep only test images)
     free = [it for it in items if it.folder in free_folders]
     keep_free = free
     if free_images is not None and free_images < len(free):
         keep_free = sorted(free, key=lambda it: unit_hash(f"b2p-free-images:{it.file_name}"))[:free_images]
-    keep = {it.file_name for it in keep_free} | {it.file_name for it in items if it.folder not in free_folders}
+    return free, keep_free
 
-    images, annotations = [], []
-    boxes, dropped, per_class_images = Counter(), Counter(), Counter()
-    n_test = n_calib = n_masked = 0
+
+@dataclass
+class _Tally:
+    """The COCO images and annotations made from the masks, and their counts."""
+
+    images: list[dict] = field(default_factory=list)
+    annotations: list[dict] = field(default_factory=list)
+    boxes: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+    per_class_images: Counter = field(default_factory=Counter)
+    n_test: int = 0
+    n_calib: int = 0
+    n_masked: int = 0
+
+
+def _keeps_mask(batch: str, file_name: str, rule: SplitRule, masked: float | None) -> tuple[bool, bool, bool]:
+    """(keep its manual mask, in calib, in test): by the split rule, or with `masked` by a hashed share."""
+    if masked is None:
+        is_calib = rule.is_calib(batch, file_name)
+        is_test = rule.hash_split(batch, file_name) == "test"
+        return is_test or is_calib, is_calib, is_test
+    # which of them become calib or test is import's rule
+    return unit_hash(f"{rule.salt}:masked:{batch}/{file_name}") < masked, False, False
+
+
+def _boxes_of_items(
+    items: list[_Item], keep: set[str], folder_class: dict[str, str], cat_id: dict[str, int], batch: str,
+    rule: SplitRule, masked: float | None, min_area: int, oracle_out: str | Path | None,
+) -> _Tally:
+    """One COCO image per kept item, one box per component (with its RLE where the mask is kept); the oracle's label maps on the way."""
+    t = _Tally()
     for it in progress([i for i in items if i.file_name in keep], "boxes from masks", total=len(keep)):
         h, w = read_image(it.image_path).shape[:2]
         if it.shape != (h, w):
             raise B2PError(f"mask is {it.shape[1]}x{it.shape[0]} but its image is {w}x{h}", it.mask_path)
         cls = folder_class[it.folder]
-        if masked is None:
-            is_calib = rule.is_calib(batch, it.file_name)
-            is_test = rule.hash_split(batch, it.file_name) == "test"
-            keep_mask = is_test or is_calib
-        else:  # which of them become calib or test is import's rule
-            keep_mask = unit_hash(f"{rule.salt}:masked:{batch}/{it.file_name}") < masked
-            is_calib = is_test = False
-        image_id = len(images) + 1
-        images.append({"id": image_id, "file_name": it.file_name, "width": w, "height": h, "has_manual_mask": keep_mask})
-        per_class_images[cls] += 1
-        n_test += is_test
-        n_calib += is_calib
-        n_masked += keep_mask
+        keep_mask, is_calib, is_test = _keeps_mask(batch, it.file_name, rule, masked)
+        image_id = len(t.images) + 1
+        t.images.append({"id": image_id, "file_name": it.file_name, "width": w, "height": h, "has_manual_mask": keep_mask})
+        t.per_class_images[cls] += 1
+        t.n_test += is_test
+        t.n_calib += is_calib
+        t.n_masked += keep_mask
         if it.binary is None:
             if oracle_out is not None:
                 write_label_map(label_map_path(oracle_out, batch, it.file_name), np.zeros((h, w), np.uint8))
             continue
         kept, n_dropped = _components(it.binary, min_area)
-        dropped[cls] += n_dropped
+        t.dropped[cls] += n_dropped
         if oracle_out is not None:  # the kept components only: the same pixels as the test split's manual masks
             lm = np.zeros((h, w), np.uint8)
             for _, _, comp in kept:
                 lm[comp] = cat_id[cls]
             write_label_map(label_map_path(oracle_out, batch, it.file_name), lm)
         for bbox, area, comp in kept:
-            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[cls], "bbox": bbox, "area": area, "iscrowd": 0}
+            ann = {"id": len(t.annotations) + 1, "image_id": image_id, "category_id": cat_id[cls], "bbox": bbox, "area": area, "iscrowd": 0}
             if keep_mask:
                 ann["segmentation"] = rle_encode(comp)
-            annotations.append(ann)
-            boxes[cls] += 1
-
-    info = {
-        "description": "boxes simulated from manual masks by `b2p masks-to-boxes` (one box per connected component)",
-        "root": str(root),
-        "batch": batch,
-        "threshold": threshold,
-        "min_area": min_area,
-        "connectivity": 8,
-        "strip_prefix": strip_prefix,
-        "split_rule": {k: v for k, v in rule.info().items() if k != "manual_masks"},
-        "manual_masks": (f"a hashed share {masked:g} of the images" if masked is not None
-                         else "test and calib splits only" if rule.calib else "test split only"),
-        "free_images": {"found": len(free), "kept": len(keep_free)},
-        "oracle_out": None if oracle_out is None else str(oracle_out),
-        "dropped_components": dict(sorted(dropped.items())),
-        "folders": folder_class,
-    }
-    coco = {
-        "info": info,
-        "categories": [{"id": cat_id[n], "name": n, "supercategory": "defect"} for n in categories],
-        "images": images,
-        "annotations": annotations,
-    }
-    write_json_atomic(out, coco)
-    return MasksToBoxesResult(
-        out=out,
-        categories=categories,
-        images=len(images),
-        images_per_class=dict(per_class_images),
-        boxes_per_class={n: boxes[n] for n in categories},
-        dropped_per_class={n: dropped[n] for n in categories},
-        test_images=n_test,
-        masked_images=n_masked,
-        calib_images=n_calib,
-        free_total=len(free),
-        free_kept=len(keep_free),
-        folders=folder_class,
-    )
+            t.annotations.append(ann)
+            t.boxes[cls] += 1
+    return t

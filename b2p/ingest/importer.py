@@ -422,17 +422,7 @@ def import_batch(
                                        "--masks": masks_dir, "--yolo-labels": yolo_labels})
     if not images_dir.is_dir():
         raise B2PError("image folder not found", images_dir)
-    if coco is not None:
-        if yolo_classes is not None:
-            raise B2PError("--yolo-classes goes with --yolo-labels, not with --coco")
-        src = read_coco(coco)
-    else:
-        if yolo_classes is None:
-            raise B2PError("--yolo-labels needs --yolo-classes FILE (names, one per line, or a data.yaml)")
-        src = read_yolo(images_dir, yolo_labels, yolo_classes)
-    if not src.images:
-        raise B2PError("the batch holds no images", src.annotation_file)
-    check_label_map_keys([im.file_name for im in src.images], src.annotation_file)
+    src = _read_box_source(images_dir, coco, yolo_labels, yolo_classes)
     others = _other_batches(batch, out)
 
     # classes: matched by name against the shared list; ids of existing classes never move
@@ -443,38 +433,16 @@ def import_batch(
 
     masks_dir = Path(masks_dir) if masks_dir is not None else None
     masks = _mask_files(masks_dir, src) if masks_dir is not None else {}
-
-    # every image, box and mask is checked before anything is written, and every problem is collected, so
-    # a large batch with many bad boxes is fixed in one round, not one error per run
-    problems = Problems(src.annotation_file, "batch")
-    for e in _name_length_problems(batch, [im.file_name for im in src.images], out.parent, src.annotation_file):
-        problems.add(e)
-    got = _Collected()
-    for idx, im in enumerate(progress(src.images, f"importing {batch}", total=len(src.images)), 1):
-        _import_image(idx, im, images_dir, src, classes, remap, masks.get(_stem(im.file_name)), batch, rule, got, problems)
-    for e in _duplicate_problems(got.images, src.annotation_file):
-        problems.add(e)
-    problems.check()
+    got = _collect(batch, src, images_dir, classes, remap, masks, rule, out)
     images, annotations, manual, clipped = got.images, got.annotations, got.manual, got.clipped
 
     rule_info = rule.info()
     warnings = _warnings(got, others, out, rule_info)
     # COCO: image files in the folder that the file does not list (not imported; said, not refused)
     unlisted = len(set(list_images(images_dir)) - {im.file_name for im in src.images}) if src.format == "coco" else 0
-    sources = list(src.sources) + [{"role": "images", "path": str(images_dir)}]
-    if masks_dir is not None:
-        sources.append({"role": "masks", "path": str(masks_dir), "sha256": tree_digest(masks_dir, list(masks.values())), "files": len(masks)})
     split_counts = {s: sum(i["split"] == s for i in images) for s in SPLITS}
     per_class = {n: sum(a["category_id"] == classes.id_of(n) for a in annotations) for n in classes.names}
-    info = {
-        "source_format": src.format,
-        "sources": sources,
-        "split_rule": rule_info,
-        "box_tolerance_px": BOX_TOLERANCE_PX,
-        "clipped_boxes": clipped,
-        "counts": {"images": len(images), "boxes": len(annotations), "manual_masks": sum(i["has_manual_mask"] for i in images), **split_counts},
-        "b2p_version": __version__,
-    }
+    info = _batch_info(src, images_dir, masks_dir, masks, rule_info, got, split_counts)
     coco_dict = to_coco_dict(batch, classes, images, annotations, manual, relative_image_root(images_dir, out), info)
     # all checks passed: annotation file first, then the class list (both atomic)
     save_batch_dict(out, coco_dict)
@@ -499,3 +467,52 @@ def import_batch(
         label_files=list(src.label_files),
         mask_files=list(masks.values()),
     )
+
+
+def _read_box_source(images_dir: Path, coco, yolo_labels, yolo_classes) -> SourceBatch:
+    """The batch's images, boxes and classes as its COCO file or YOLO folder gives them; refused when it holds no image
+    or two of its file names would share one label-map file."""
+    if coco is not None:
+        if yolo_classes is not None:
+            raise B2PError("--yolo-classes goes with --yolo-labels, not with --coco")
+        src = read_coco(coco)
+    else:
+        if yolo_classes is None:
+            raise B2PError("--yolo-labels needs --yolo-classes FILE (names, one per line, or a data.yaml)")
+        src = read_yolo(images_dir, yolo_labels, yolo_classes)
+    if not src.images:
+        raise B2PError("the batch holds no images", src.annotation_file)
+    check_label_map_keys([im.file_name for im in src.images], src.annotation_file)
+    return src
+
+
+def _collect(batch: str, src: SourceBatch, images_dir: Path, classes: ClassList, remap: dict, masks: dict, rule: SplitRule, out: Path) -> _Collected:
+    """Every image, box and mask checked and converted; all the problems raised together, before anything is written."""
+    # every problem is collected, so a large batch with many bad boxes is fixed in one round, not one error per run
+    problems = Problems(src.annotation_file, "batch")
+    for e in _name_length_problems(batch, [im.file_name for im in src.images], out.parent, src.annotation_file):
+        problems.add(e)
+    got = _Collected()
+    for idx, im in enumerate(progress(src.images, f"importing {batch}", total=len(src.images)), 1):
+        _import_image(idx, im, images_dir, src, classes, remap, masks.get(_stem(im.file_name)), batch, rule, got, problems)
+    for e in _duplicate_problems(got.images, src.annotation_file):
+        problems.add(e)
+    problems.check()
+    return got
+
+
+def _batch_info(src: SourceBatch, images_dir: Path, masks_dir: Path | None, masks: dict, rule_info: dict, got: _Collected, split_counts: dict) -> dict:
+    """The canonical file's extra `info`: its sources (with the masks' digest), split rule, box tolerance and counts."""
+    images = got.images
+    sources = list(src.sources) + [{"role": "images", "path": str(images_dir)}]
+    if masks_dir is not None:
+        sources.append({"role": "masks", "path": str(masks_dir), "sha256": tree_digest(masks_dir, list(masks.values())), "files": len(masks)})
+    return {
+        "source_format": src.format,
+        "sources": sources,
+        "split_rule": rule_info,
+        "box_tolerance_px": BOX_TOLERANCE_PX,
+        "clipped_boxes": got.clipped,
+        "counts": {"images": len(images), "boxes": len(got.annotations), "manual_masks": sum(i["has_manual_mask"] for i in images), **split_counts},
+        "b2p_version": __version__,
+    }

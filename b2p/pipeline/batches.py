@@ -228,10 +228,51 @@ def add_batch(
     `add_classes`, class names new to CLASSES are appended to it (ids of existing classes never move).
     Raises B2PError with params.yaml, CLASSES and RAW_ROOT untouched on any bad input.
     """
-    from b2p.ingest.importer import import_batch
     from b2p.labels import save_class_list
 
     source, params, raw_root, classes = Path(source), Path(params), Path(raw_root), Path(classes)
+    folder = _check_add_batch(source, name, coco, yolo_labels, yolo_classes, params, raw_root)
+    fmt = "coco" if coco is not None else "yolo"
+    # 1. validate exactly as `b2p import` does
+    result = _validate_in_scratch(source, name, coco, yolo_labels, yolo_classes, masks, add_classes, params, classes)
+    new_class_list = result.classes
+
+    # 2. copy into a hidden scratch folder beside the target, then rename it into place (atomic on one fs)
+    raw_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=raw_root))
+    make_dir_like_mkdir(tmp)  # mkdtemp gives 0700: the team sharing the project must read the batch
+    old_classes = classes.read_bytes() if classes.is_file() else None
+    renamed = False
+    try:
+        yolo_classes_name = _copy_batch(source, result, tmp, coco, yolo_labels, yolo_classes, masks)
+        os.rename(tmp, folder)
+        renamed = True
+        entry = batch_entry(name, raw_root, fmt, masks is not None, yolo_classes_name)
+        # 3. class list (only when the batch adds classes, or the project has none yet), then params.yaml
+        if old_classes is None or result.new_classes:
+            save_class_list(classes, new_class_list)
+        register_batch(params, name, entry)
+    except BaseException:
+        # undo in reverse order so a failure leaves the project as it was
+        _restore_class_list(classes, old_classes)
+        shutil.rmtree(folder if renamed else tmp, ignore_errors=True)
+        raise
+    return AddBatchResult(
+        name=name,
+        folder=folder,
+        entry=entry,
+        num_images=result.num_images,
+        num_boxes=result.num_boxes,
+        manual_masks=result.manual_masks,
+        splits=result.splits,
+        new_classes=list(result.new_classes),
+        warnings=list(result.warnings),
+    )
+
+
+def _check_add_batch(source: Path, name: str, coco, yolo_labels, yolo_classes, params: Path, raw_root: Path) -> Path:
+    """The checks before any work: the name, one box source, not registered yet, no folder RAW_ROOT/NAME yet, the image
+    folder there; returns RAW_ROOT/NAME."""
     check_name(name)
     if (coco is None) == (yolo_labels is None):
         raise B2PError("give exactly one box source: --coco FILE, or --yolo-labels DIR with --yolo-classes FILE")
@@ -246,14 +287,18 @@ def add_batch(
         raise B2PError(f"folder already exists; remove it or choose another --name than {name!r}", folder)
     if not source.is_dir():
         raise B2PError("image folder not found", source)
-    fmt = "coco" if coco is not None else "yolo"
+    return folder
 
-    # 1. validate exactly as `b2p import` does: run the importer against a scratch class list and output
+
+def _validate_in_scratch(source: Path, name: str, coco, yolo_labels, yolo_classes, masks, add_classes: bool, params: Path, classes: Path):
+    """The importer's result for the batch, run against a scratch copy of the class list and a scratch output."""
+    from b2p.ingest.importer import import_batch
+
     with tempfile.TemporaryDirectory(prefix="b2p-add-batch-") as scratch:
         scratch_classes = Path(scratch) / "classes.json"
         if classes.is_file():
             shutil.copy2(classes, scratch_classes)
-        result = import_batch(
+        return import_batch(
             name,
             source,
             coco=coco,
@@ -265,51 +310,30 @@ def add_batch(
             rule=import_rule(params),
             out=Path(scratch) / f"{name}.json",
         )
-        new_class_list = result.classes
 
-    # 2. copy into a hidden scratch folder beside the target, then rename it into place (atomic on one fs)
-    raw_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=raw_root))
-    make_dir_like_mkdir(tmp)  # mkdtemp gives 0700: the team sharing the project must read the batch
-    old_classes = classes.read_bytes() if classes.is_file() else None
-    renamed = False
-    try:
-        _copy_files(source, result.image_files, tmp / "images")
-        yolo_classes_name = None
-        if coco is not None:
-            shutil.copy2(coco, tmp / "annotations.json")
-        else:
-            _copy_files(Path(yolo_labels), [p.relative_to(yolo_labels) for p in result.label_files], tmp / "labels")
-            suffix = Path(yolo_classes).suffix.lower()
-            yolo_classes_name = "data.yaml" if suffix in (".yaml", ".yml") else "classes.txt"
-            shutil.copy2(yolo_classes, tmp / yolo_classes_name)
-        if masks is not None:
-            _copy_files(Path(masks), [p.relative_to(masks) for p in result.mask_files], tmp / "masks")
-        os.rename(tmp, folder)
-        renamed = True
-        entry = batch_entry(name, raw_root, fmt, masks is not None, yolo_classes_name)
-        # 3. class list (only when the batch adds classes, or the project has none yet), then params.yaml
-        if old_classes is None or result.new_classes:
-            save_class_list(classes, new_class_list)
-        register_batch(params, name, entry)
-    except BaseException:
-        # undo in reverse order so a failure leaves the project as it was
-        if old_classes is not None:
-            if classes.is_file() and classes.read_bytes() != old_classes:
-                write_bytes_atomic(classes, old_classes)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                classes.unlink()
-        shutil.rmtree(folder if renamed else tmp, ignore_errors=True)
-        raise
-    return AddBatchResult(
-        name=name,
-        folder=folder,
-        entry=entry,
-        num_images=result.num_images,
-        num_boxes=result.num_boxes,
-        manual_masks=result.manual_masks,
-        splits=result.splits,
-        new_classes=list(result.new_classes),
-        warnings=list(result.warnings),
-    )
+
+def _copy_batch(source: Path, result, tmp: Path, coco, yolo_labels, yolo_classes, masks) -> str | None:
+    """Copy the files the importer validated into `tmp` (images/, annotations.json or labels/ + the class file, masks/);
+    returns the YOLO class file's name there (None for COCO)."""
+    _copy_files(source, result.image_files, tmp / "images")
+    yolo_classes_name = None
+    if coco is not None:
+        shutil.copy2(coco, tmp / "annotations.json")
+    else:
+        _copy_files(Path(yolo_labels), [p.relative_to(yolo_labels) for p in result.label_files], tmp / "labels")
+        suffix = Path(yolo_classes).suffix.lower()
+        yolo_classes_name = "data.yaml" if suffix in (".yaml", ".yml") else "classes.txt"
+        shutil.copy2(yolo_classes, tmp / yolo_classes_name)
+    if masks is not None:
+        _copy_files(Path(masks), [p.relative_to(masks) for p in result.mask_files], tmp / "masks")
+    return yolo_classes_name
+
+
+def _restore_class_list(classes: Path, old_classes: bytes | None) -> None:
+    """Put the class list back as it was before add-batch (removed when there was none)."""
+    if old_classes is not None:
+        if classes.is_file() and classes.read_bytes() != old_classes:
+            write_bytes_atomic(classes, old_classes)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            classes.unlink()

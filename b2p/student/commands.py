@@ -145,19 +145,10 @@ def predict(
     --engine ray predicts the images on Ray workers, each loading the model once (--params's `engine:` section
     sets it too); the maps are the same files, predict.json records the engine.
     """
-    from b2p.schema import check_finite, resolve
-    from b2p.student.predict import items_from_batches, items_from_folder, run_prediction
+    from b2p.student.predict import run_prediction
     from b2p.student.snap import SnapSettings, check_snap
 
-    for value, flag in ((box_threshold, "--box-threshold"), (snap_sure, "--snap-sure"), (overlap, "--overlap")):
-        if value is not None:
-            check_finite(value, flag)
-    cfg = resolve(
-        "predict", params,
-        {"batch_size": batch_size, "window": window, "overlap": overlap, "tta": tta, "device": device, "precision": precision,
-         "box_threshold": box_threshold, "snap": snap, "snap_sure": snap_sure},
-        set_, student=student,
-    )
+    cfg = _predict_config(params, set_, student, batch_size, window, overlap, tta, device, precision, box_threshold, snap, snap_sure)
     batch_size, device, precision = cfg.batch_size, cfg.device, cfg.precision
     # not set anywhere: None, so that a model's rule.json (the shipped student) decides, else the defaults
     window, overlap, tta = (getattr(cfg, k) if k in cfg.model_fields_set else None for k in ("window", "overlap", "tta"))
@@ -167,40 +158,11 @@ def predict(
     if snap != "none" and snap_out is None and boxes_out is None:
         raise B2PError(f"--snap {snap} writes its maps to --snap-out ROOT (or shapes the box-guided ones of --boxes-out): give one")
     snap_settings = SnapSettings(sure=snap_sure)
-    named = {opt: r for opt, r in (("--out", out), ("--boxes-out", boxes_out), ("--snap-out", snap_out)) if r is not None}
-    for root in named.values():
-        if root.exists() and not root.is_dir():
-            raise B2PError("is a file; predictions are written into a folder here", root)
-    from b2p.fileio import check_separate_folders
-
-    # one root inside another would read its maps as a batch folder of the other (and DVC tracks each whole)
-    check_separate_folders(named, {})
-
+    named = _output_roots(out, boxes_out, snap_out)
     if images is not None:
-        if boxes_out is not None:
-            raise B2PError("--boxes-out needs box annotations: use it with batches (--imported), not --images")
-        from b2p.ingest.source import list_images
-        from b2p.labels import check_label_map_keys
-
-        check_separate_folders(named, {"--images": images})  # else the maps overwrite the images, or are read as images
-        check_label_map_keys(list_images(images) if images.is_dir() else [], images)
-        items = items_from_folder(images, out, probs, snap_out)
-        inputs = {"images": str(images)}
+        items, inputs = _folder_items(images, out, probs, boxes_out, snap_out, named)
     else:
-        from b2p.project import resolve_batch_files
-
-        from b2p.dataset import class_list_of, input_folders, load_batches
-        from b2p.student.checkpoint import check_class_lists, read_checkpoint
-
-        files = resolve_batch_files(imported, batch)
-        ck = read_checkpoint(model)
-        batches = load_batches(files)
-        check_class_lists(ck["class_names"], list(class_list_of(batches).names), ck["path"])
-        items = items_from_batches(files, split, out, probs, boxes_out, snap_out)
-        if not items:
-            raise B2PError(f"the {split} split of the chosen batches holds no images: nothing to predict")
-        check_separate_folders(named, input_folders(batches), [it.image_path for it in items])
-        inputs = {"imported": str(imported), "batches": [f.stem for f in files], "split": split}
+        items, inputs = _batch_items(model, imported, batch, split, out, probs, boxes_out, snap_out, named)
     kinds = {"--out": "student", "--boxes-out": "boxes", "--snap-out": "snapped"}
     from b2p.scale.engines import open_engine
 
@@ -214,3 +176,66 @@ def predict(
         f"wrote {res['images']} label maps under {out}" + (f", box-guided ones under {boxes_out}" if boxes_out else "")
         + (f", snapped ones ({snap}) under {snap_out}" if snap_out else "")
     )
+
+
+def _predict_config(params, set_, student, batch_size, window, overlap, tta, device, precision, box_threshold, snap, snap_sure):
+    """The `predict:` settings: defaults < --params (and its --student variant) < the options < --set; the floats given must be finite."""
+    from b2p.schema import check_finite, resolve
+
+    for value, flag in ((box_threshold, "--box-threshold"), (snap_sure, "--snap-sure"), (overlap, "--overlap")):
+        if value is not None:
+            check_finite(value, flag)
+    return resolve(
+        "predict", params,
+        {"batch_size": batch_size, "window": window, "overlap": overlap, "tta": tta, "device": device, "precision": precision,
+         "box_threshold": box_threshold, "snap": snap, "snap_sure": snap_sure},
+        set_, student=student,
+    )
+
+
+def _output_roots(out: Path, boxes_out: Path | None, snap_out: Path | None) -> dict[str, Path]:
+    """The output roots given, by option; each must be a folder (or not exist yet), none inside another."""
+    from b2p.fileio import check_separate_folders
+
+    named = {opt: r for opt, r in (("--out", out), ("--boxes-out", boxes_out), ("--snap-out", snap_out)) if r is not None}
+    for root in named.values():
+        if root.exists() and not root.is_dir():
+            raise B2PError("is a file; predictions are written into a folder here", root)
+    # one root inside another would read its maps as a batch folder of the other (and DVC tracks each whole)
+    check_separate_folders(named, {})
+    return named
+
+
+def _folder_items(images: Path, out: Path, probs: bool, boxes_out: Path | None, snap_out: Path | None, named: dict[str, Path]) -> tuple[list, dict]:
+    """The items of every image in the folder --images, and the inputs record; no output root may be, hold or lie in it."""
+    from b2p.fileio import check_separate_folders
+    from b2p.ingest.source import list_images
+    from b2p.labels import check_label_map_keys
+    from b2p.student.predict import items_from_folder
+
+    if boxes_out is not None:
+        raise B2PError("--boxes-out needs box annotations: use it with batches (--imported), not --images")
+    check_separate_folders(named, {"--images": images})  # else the maps overwrite the images, or are read as images
+    check_label_map_keys(list_images(images) if images.is_dir() else [], images)
+    return items_from_folder(images, out, probs, snap_out), {"images": str(images)}
+
+
+def _batch_items(model: Path, imported: Path, batch, split: str, out: Path, probs: bool, boxes_out: Path | None, snap_out: Path | None,
+                 named: dict[str, Path]) -> tuple[list, dict]:
+    """The items of the split's images of the chosen batches, and the inputs record; the model's classes must be the
+    batches', the split not empty, no output root be, hold or lie in an input."""
+    from b2p.dataset import class_list_of, input_folders, load_batches
+    from b2p.fileio import check_separate_folders
+    from b2p.project import resolve_batch_files
+    from b2p.student.checkpoint import check_class_lists, read_checkpoint
+    from b2p.student.predict import items_from_batches
+
+    files = resolve_batch_files(imported, batch)
+    ck = read_checkpoint(model)
+    batches = load_batches(files)
+    check_class_lists(ck["class_names"], list(class_list_of(batches).names), ck["path"])
+    items = items_from_batches(files, split, out, probs, boxes_out, snap_out)
+    if not items:
+        raise B2PError(f"the {split} split of the chosen batches holds no images: nothing to predict")
+    check_separate_folders(named, input_folders(batches), [it.image_path for it in items])
+    return items, {"imported": str(imported), "batches": [f.stem for f in files], "split": split}

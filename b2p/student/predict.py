@@ -132,8 +132,6 @@ def run_prediction(
     default to DEFAULT_WINDOW / DEFAULT_OVERLAP / no TTA and the label map is the argmax.
     `engine` (b2p/scale/engine.py; default local) runs the images, each worker loading the model once.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from b2p.student.checkpoint import load_student
     from b2p.student.model import describe_backbone
     from b2p.student.train import pick_device
@@ -164,11 +162,29 @@ def run_prediction(
         read_deploy_settings(model_dir, ck["class_names"])  # made for this model's classes
         rule = deploy.rule
     arithmetic, used = inference_setup(model, dev, precision)
-    legacy = c.legacy_input_size is not None
-    nominal = None if legacy else window_of(model, window)
+    nominal = None if c.legacy_input_size is not None else window_of(model, window)
+    how = _describe_settings(c, nominal, overlap, tta, precision, used, snap, snap_settings, rule, items)
+    where = dev if engine.in_process else f"{engine.workers} {engine.name} workers"
+    console.print(f"student from {ck['path']}: backbone {describe_backbone(model)}; {len(items)} images on {where}; {how}")
+    job = PredictJob(
+        str(model_dir), device, precision, used, overlap, tile_batch, window, tta, snap, snap_settings, box_threshold,
+        ["background", *ck["class_names"]], rule, loaded=(model, dev, arithmetic),
+    )
+    settings = _settings_by_kind(c, nominal, overlap, tta, used, rule, snap, snap_settings, box_threshold)
+    tally, manifests = _predict_into_roots(engine, job, items, roots, settings, model_rec, inputs, console, progress)
+    _report_run(console, tally, manifests, roots, nominal, snap, box_threshold)
+    return {
+        "images": len(items), "defect_pixels": tally.defect_pixels, "model": ck["path"], "boxes": tally.boxes, "boxes_rescued": tally.rescued,
+        "snapped": tally.snapped, "unsnapped": tally.unsnapped, "windows": sorted(tally.windows),
+    }
+
+
+def _describe_settings(c, nominal: int | None, overlap: float, tta: str, precision: str, used: str, snap: str,
+                       snap_settings: SnapSettings, rule, items: list[PredictItem]) -> str:
+    """The run's settings in words, for its opening line."""
     how = (
         f"LEGACY square {c.legacy_input_size} px (version-1 model)"
-        if legacy
+        if c.legacy_input_size is not None
         else f"windows up to {nominal} px (trained on {c.tile_size} px tiles), overlap {overlap:g}, scale {c.scale:g}" + (f", max side {c.max_side}" if c.max_side else "")
     ) + ("" if tta == "none" else f"; TTA {tta} (x{len(TTA_MODES[tta])} the time)")
     if precision != "float32":  # what auto became, said
@@ -179,12 +195,27 @@ def run_prediction(
         how += "; snap none: the snapped maps are the student's own"
     if rule is not None:
         how += f"; decision rule {rule.describe()} (rule.json)"
-    where = dev if engine.in_process else f"{engine.workers} {engine.name} workers"
-    console.print(f"student from {ck['path']}: backbone {describe_backbone(model)}; {len(items)} images on {where}; {how}")
-    job = PredictJob(
-        str(model_dir), device, precision, used, overlap, tile_batch, window, tta, snap, snap_settings, box_threshold,
-        ["background", *ck["class_names"]], rule, loaded=(model, dev, arithmetic),
-    )
+    return how
+
+
+def _settings_by_kind(c, nominal: int | None, overlap: float, tta: str, used: str, rule, snap: str, snap_settings: SnapSettings,
+                      box_threshold: float) -> dict[str, dict]:
+    """The settings each root's manifest records ("student", "snapped", "boxes"): what makes their maps what they are."""
+    student = {"window": nominal, "overlap": overlap, "tta": tta} if c.legacy_input_size is None else {"legacy_input_size": c.legacy_input_size, "tta": tta}
+    if used != "float32":  # float32 unnamed: manifests written before the option stay the same run
+        student["precision"] = used
+    if rule is not None:
+        student["rule"] = rule.to_dict()
+    snapping = {"snap": snap, **({"snap_sure": snap_settings.sure} if snap != "none" else {})}
+    return {"student": student, "snapped": {**student, **snapping}, "boxes": {**student, **snapping, "box_threshold": box_threshold}}
+
+
+def _predict_into_roots(engine: Engine, job: PredictJob, items: list[PredictItem], roots: dict[str, Path], settings: dict,
+                        model_rec: dict, inputs: dict | None, console: Console, progress: bool) -> tuple[PredictTally, dict]:
+    """Every item predicted by the engine, its files written into the staged roots, the roots committed with their
+    manifests; returns the tally and the manifests."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     tally = PredictTally()
     kind_of = {attr: kind for kind, attrs in ROOT_OUTPUTS.items() for attr in attrs}
     with staged_roots(roots) as stages:
@@ -200,15 +231,6 @@ def run_prediction(
         with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=not progress) as bar:
             task = bar.add_task("predict", total=len(items))
             engine.map(job, items, write)
-        n_defect_px, n_boxes, rescued, n_snapped, n_unsnapped = tally.defect_pixels, tally.boxes, tally.rescued, tally.snapped, tally.unsnapped
-        used_windows = tally.windows
-        student = {"window": nominal, "overlap": overlap, "tta": tta} if not legacy else {"legacy_input_size": c.legacy_input_size, "tta": tta}
-        if used != "float32":  # float32 unnamed: manifests written before the option stay the same run
-            student["precision"] = used
-        if rule is not None:
-            student["rule"] = rule.to_dict()
-        snapping = {"snap": snap, **({"snap_sure": snap_settings.sure} if snap != "none" else {})}
-        settings = {"student": student, "snapped": {**student, **snapping}, "boxes": {**student, **snapping, "box_threshold": box_threshold}}
         runs = {
             kind: {
                 "model": model_rec, "settings": settings[kind], "inputs": inputs or {}, "engine": engine.record(),
@@ -218,6 +240,12 @@ def run_prediction(
             for kind, root in roots.items()
         }
         manifests = commit_roots(roots, stages, runs)
+    return tally, manifests
+
+
+def _report_run(console: Console, tally: PredictTally, manifests: dict, roots: dict[str, Path], nominal: int | None, snap: str, box_threshold: float) -> None:
+    """The closing notes: windows other than asked, roots now mixing runs, rescued boxes, images left unsnapped."""
+    used_windows = tally.windows
     if used_windows and used_windows != {nominal}:
         console.print(
             f"windows used: {', '.join(str(w) for w in sorted(used_windows))} px (a window never exceeds the image's "
@@ -229,20 +257,16 @@ def run_prediction(
                 f"[yellow]{roots[kind]} now holds maps of {len(m['runs'])} predict runs with different models or settings: "
                 "predict every split again with one model before using it[/]"
             )
-    if n_boxes:
+    if tally.boxes:
         console.print(
-            f"box-guided masks for {n_boxes} boxes; {rescued} boxes had no pixel above p(defect) {box_threshold} "
+            f"box-guided masks for {tally.boxes} boxes; {tally.rescued} boxes had no pixel above p(defect) {box_threshold} "
             "and kept the student's best pixels in them"
         )
-    if n_unsnapped:
+    if tally.unsnapped:
         console.print(
-            f"snap {snap}: {n_unsnapped} of {n_snapped + n_unsnapped} images kept the student's own map (fewer than "
+            f"snap {snap}: {tally.unsnapped} of {tally.snapped + tally.unsnapped} images kept the student's own map (fewer than "
             f"{GMM_COMPONENTS} defect or background pixels: no colour model to snap with)"
         )
-    return {
-        "images": len(items), "defect_pixels": n_defect_px, "model": ck["path"], "boxes": n_boxes, "boxes_rescued": rescued,
-        "snapped": n_snapped, "unsnapped": n_unsnapped, "windows": sorted(used_windows),
-    }
 
 
 def items_from_batches(

@@ -18,7 +18,7 @@ import io
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -290,25 +290,105 @@ def _spawned_rank(ranks, init_method: str, batch_files, teacher_root, out_dir, p
 
 def _train(batch_files, teacher_root, out_dir, params: TrainParams, console: Console | None, progress: bool, ranks, device: torch.device) -> dict | None:
     """train_student on this process: alone, or as rank `ranks.rank` of a process group."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from b2p.metrics import ConfusionMatrix, scores
-    from b2p.scale import distributed as D
-
     console = console or Console(stderr=True, quiet=not ranks.main)
     progress = progress and ranks.main
     out_dir = Path(out_dir)
+    run = _set_up(batch_files, teacher_root, out_dir, params, console, ranks, device)
+    kept = _fit(run, progress)
+    if not ranks.main:
+        return None
+    seconds = time.perf_counter() - run.t_start
+    metrics = _metrics(run, kept, seconds)
+    _save(run, kept, metrics, out_dir)
+    _report_saved(run, kept, metrics, out_dir, seconds)
+    return metrics
+
+
+@dataclass
+class _Run:
+    """One training's pieces, from its setup (`_set_up`) through its epochs (`_fit`) to its saving (`_save`)."""
+
+    params: TrainParams
+    config: StudentConfig
+    ranks: Any
+    device: torch.device
+    console: Console
+    t_start: float
+    train_samples: list
+    val_samples: list
+    num_classes: int
+    class_names: list[str]
+    model: torch.nn.Module
+    provenance: dict
+    loss_fn: StudentLoss
+    val_loss_fn: StudentLoss
+    cache: FeatureCache | None
+    ds_train: StudentDataset
+    ds_val: StudentDataset
+    dl_train: Any
+    dl_val: Any
+    trainable: list
+    opt: torch.optim.Optimizer
+    sched: Any
+    ema: EMA
+    use_amp: bool
+    amp_dtype: torch.dtype
+    precision: str
+    scaler: Any
+
+    def features(self, batch: dict, ds: StudentDataset) -> list[torch.Tensor] | None:
+        """Cached backbone features of the batch's tiles (None without a cache: the model computes them)."""
+        if self.cache is None:
+            return None
+        size = tuple(batch["target"].shape[-2:])
+        per = []
+        for i, code, (oy, ox) in zip(batch["index"].tolist(), batch["flip"].tolist(), batch["origin"].tolist()):
+            geo = ds.geometry(i)
+            key = feature_view_key(ds.samples[i].record.sha256, geo, ds.min_side, code)
+            whole = self.cache.get(key)
+            if whole is None:
+                with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                    fresh = self.model.backbone_features(ds.model_image(i, code)[None].to(self.device))
+                self.cache.put(key, [f[0] for f in fresh])
+                whole = self.cache.get(key)
+            per.append(crop_features(whole, (oy, ox), size, geo.padded_size(ds.min_side)))
+        return [torch.stack([p[t] for p in per]).to(self.device, torch.float32) for t in range(len(per[0]))]
+
+
+def _set_up(batch_files, teacher_root, out_dir: Path, params: TrainParams, console: Console, ranks, device: torch.device) -> _Run:
+    """The checks, the seed, the splits, the model, its losses, feature cache, loaders and optimiser, in that order."""
     from b2p.dataset import input_folders, load_batches
 
     check_separate_folders({"--out": out_dir}, {"--teacher-root": teacher_root, **input_folders(load_batches(batch_files))})
     _check_model_folder(out_dir)
     t_start = time.perf_counter()
     seed_everything(params.seed)
+    train_samples, val_samples, num_classes, class_names = _splits(batch_files, teacher_root, console)
+    config = params.student_config(num_classes)
+    model, provenance = _build_student(config, params, train_samples, val_samples, ranks, device, console)
+    loss_fn, val_loss_fn = _losses(params, config, num_classes, train_samples, ranks, console)
+    _check_select(params.select, val_samples)
+    if params.loss_params().uses_boxes:
+        lp = params.loss_params()
+        console.print(f"box supervision: pseudo_labels {lp.pseudo_labels}, projection x{lp.proj_weight}, pairwise x{lp.pairwise_weight}")
+    cache = _feature_cache(model, params, config, console)
+    ds_train, ds_val, dl_train, dl_val = _loaders(params, config, num_classes, train_samples, val_samples, cache, ranks)
+    trainable, opt, sched, ema = _optimiser(model, params, len(dl_train))
+    use_amp, amp_dtype, precision = _precision(params, device, console)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    return _Run(
+        params, config, ranks, device, console, t_start, train_samples, val_samples, num_classes, class_names,
+        model, provenance, loss_fn, val_loss_fn, cache, ds_train, ds_val, dl_train, dl_val,
+        trainable, opt, sched, ema, use_amp, amp_dtype, precision, scaler,
+    )
+
+
+def _splits(batch_files, teacher_root, console: Console) -> tuple[list, list, int, list[str]]:
+    """The train and val samples, the class count and names; an empty train split is an error."""
+    from b2p.dataset import class_list_of, load_batches
 
     train_samples, num_classes = gather_samples(batch_files, teacher_root, ("train",))
     val_samples, _ = gather_samples(batch_files, teacher_root, ("val",))
-    from b2p.dataset import class_list_of
-
     class_names = list(class_list_of(load_batches(batch_files)).names)
     if not train_samples:
         raise B2PError(f"the train split of batches {[p.stem for p in batch_files]} is empty: nothing to train on")
@@ -317,8 +397,13 @@ def _train(batch_files, teacher_root, out_dir, params: TrainParams, console: Con
             "[bold yellow]warning:[/] the val split is empty: no validation, no early stopping; "
             "the EMA model after the last epoch is saved"
         )
+    return train_samples, val_samples, num_classes, class_names
 
-    config = params.student_config(num_classes)
+
+def _build_student(config: StudentConfig, params: TrainParams, train_samples, val_samples, ranks, device: torch.device, console: Console) -> tuple[torch.nn.Module, dict]:
+    """The model on its device (tiles no larger than the largest image, BatchNorm across ranks, NHWC on a CPU) and its provenance."""
+    from b2p.scale import distributed as D
+
     largest = max(max(Geometry.for_image(s.record.height, s.record.width, config.scale, config.max_side, config.multiple).padded_size()) for s in train_samples)
     if largest < config.tile_size:  # a tile larger than every image is mostly padding: the same images, less work
         console.print(f"tiles of {largest} px instead of {config.tile_size}: no training image is larger at this scale")
@@ -339,6 +424,12 @@ def _train(batch_files, teacher_root, out_dir, params: TrainParams, console: Con
         f"({config.adaptation}); {len(train_samples)} train / {len(val_samples)} val images at {geom}, "
         f"{config.tile_size} px tiles x {params.crops_per_image} per image, on {device}"
     )
+    return model, provenance
+
+
+def _losses(params: TrainParams, config: StudentConfig, num_classes: int, train_samples, ranks, console: Console) -> tuple[StudentLoss, StudentLoss]:
+    """The training loss (summed across ranks; class weights with class_balance) and rank 0's validation loss."""
+    from b2p.scale import distributed as D
 
     loss_fn = StudentLoss(params.loss_params(), num_classes, config.mean, config.std, reduce=D.sum_across if ranks.active else None)
     if params.class_balance > 0:
@@ -348,15 +439,17 @@ def _train(batch_files, teacher_root, out_dir, params: TrainParams, console: Con
     val_loss_fn.reduce = None
     if params.loss_params().self_correction_region == "boxes":
         console.print("self-correction restricted to pixels inside boxes")
-    select = params.select
+    return loss_fn, val_loss_fn
+
+
+def _check_select(select: str, val_samples) -> None:
+    """The `box` rule scores val images against their boxes: refuse a val split without any."""
     if select == "box" and val_samples and not any(len(s.record.boxes) for s in val_samples):
         raise B2PError("train.select 'box' scores val images against their boxes, but the val split has no box; use select: pseudo or last")
-    if params.loss_params().uses_boxes:
-        lp = params.loss_params()
-        console.print(f"box supervision: pseudo_labels {lp.pseudo_labels}, projection x{lp.proj_weight}, pairwise x{lp.pairwise_weight}")
 
-    # frozen backbone: whole-image features once per view (the backbone never changes), tiles cut from them
-    cache: FeatureCache | None = None
+
+def _feature_cache(model: torch.nn.Module, params: TrainParams, config: StudentConfig, console: Console) -> FeatureCache | None:
+    """With a frozen backbone, the cache of whole-image features (once per view, tiles cut from them); else None."""
     mode = params.feature_cache
     if mode not in ("auto", "memory", "disk", "off"):
         raise B2PError(f"feature_cache must be auto, memory, disk or off, got {mode!r}")
@@ -364,8 +457,15 @@ def _train(batch_files, teacher_root, out_dir, params: TrainParams, console: Con
         disk = (params.cache_dir or "data/cache/features") if mode == "disk" else None
         cache = FeatureCache(backbone_fingerprint(model), disk)
         console.print(f"frozen backbone: features are cached ({'disk ' + str(disk) if disk else 'memory'})")
-    elif mode in ("memory", "disk"):
+        return cache
+    if mode in ("memory", "disk"):
         console.print(f"[yellow]note:[/] feature cache {mode!r} ignored: the backbone is not frozen (adaptation={config.adaptation})")
+    return None
+
+
+def _loaders(params: TrainParams, config: StudentConfig, num_classes: int, train_samples, val_samples, cache, ranks) -> tuple:
+    """The train dataset of random tiles and the val dataset of whole images, and their loaders (this rank's share on several)."""
+    from b2p.scale import distributed as D
 
     g = torch.Generator().manual_seed(params.seed)
     # cached features are cut exactly only on the backbone's stride grid; without a cache any origin will do
@@ -388,13 +488,22 @@ def _train(batch_files, teacher_root, out_dir, params: TrainParams, console: Con
     dl_val = torch.utils.data.DataLoader(
         ds_val, batch_sampler=same_size_batches(ds_val, params.batch_size), num_workers=params.num_workers, collate_fn=collate
     )
+    return ds_train, ds_val, dl_train, dl_val
 
+
+def _optimiser(model: torch.nn.Module, params: TrainParams, steps_per_epoch: int) -> tuple:
+    """The trainable parameters, AdamW over them, its cosine schedule over all steps, and the EMA of the weights."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     # foreach: a few calls per step for all parameters, not a few per parameter (torch picks it only on a GPU)
     opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay, foreach=True)
-    total_steps = max(1, params.epochs * len(dl_train))
+    total_steps = max(1, params.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     ema = EMA(model, params.ema_decay, params.ema_warmup)
+    return trainable, opt, sched, ema
+
+
+def _precision(params: TrainParams, device: torch.device, console: Console) -> tuple[bool, torch.dtype, str]:
+    """Whether to autocast, to which dtype, and its name: mixed precision on a GPU, bfloat16 on a CPU with cpu_bf16 where native."""
     use_amp = params.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and params.cpu_bf16:
@@ -405,132 +514,176 @@ def _train(batch_files, teacher_root, out_dir, params: TrainParams, console: Con
     precision = ("bfloat16" if amp_dtype == torch.bfloat16 else "float16") + " autocast" if use_amp else "float32"
     if use_amp and device.type == "cpu":
         console.print(f"precision: {precision} (train.cpu_bf16)")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    return use_amp, amp_dtype, precision
 
-    def features(batch: dict, ds: StudentDataset) -> list[torch.Tensor] | None:
-        """Cached backbone features of the batch's tiles (None without a cache: the model computes them)."""
-        if cache is None:
-            return None
-        size = tuple(batch["target"].shape[-2:])
-        per = []
-        for i, code, (oy, ox) in zip(batch["index"].tolist(), batch["flip"].tolist(), batch["origin"].tolist()):
-            geo = ds.geometry(i)
-            key = feature_view_key(ds.samples[i].record.sha256, geo, ds.min_side, code)
-            whole = cache.get(key)
-            if whole is None:
-                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    fresh = model.backbone_features(ds.model_image(i, code)[None].to(device))
-                cache.put(key, [f[0] for f in fresh])
-                whole = cache.get(key)
-            per.append(crop_features(whole, (oy, ox), size, geo.padded_size(ds.min_side)))
-        return [torch.stack([p[t] for p in per]).to(device, torch.float32) for t in range(len(per[0]))]
 
-    val_truth = [ds_val.read(i)[1] for i in range(len(ds_val))] if ranks.main else []  # teacher label maps at each image's own size
-    curves: list[dict] = []
+@dataclass
+class _Kept:
+    """What the epochs keep: the curves, the selected epoch (its val scores and EMA weights), every other rule's epoch."""
+
+    select: str
+    curves: list[dict] = field(default_factory=list)
     best: dict | None = None
     best_state: dict | None = None
     best_score: float | None = None
-    best_epoch, since_best, epochs_run = -1, 0, 0
+    best_epoch: int = -1
+    since_best: int = 0
+    epochs_run: int = 0
     # what every other rule would keep: {rule: {"epoch", "score", "state"}} (state only with keep_rule_models)
-    others: dict[str, dict] = {}
+    others: dict[str, dict] = field(default_factory=dict)
+
+    def note_other_rules(self, epoch: int, val: dict | None, ema_model: torch.nn.Module, keep_rule_models: bool) -> None:
+        """Each other rule's best epoch so far (and its EMA weights with keep_rule_models)."""
+        if val is None:
+            return
+        for rule in (r for r in SELECT_RULES if r != self.select):
+            sc, o = rule_score(rule, val), self.others.get(rule)
+            if o is None or sc is None or sc > o["score"]:
+                keep = keep_rule_models and rule != "last"  # `last`: the final EMA state, taken at the end
+                state = _state(ema_model) if keep else None
+                self.others[rule] = {"epoch": epoch + 1, "score": sc, "state": state}
+
+    def note_epoch(self, epoch: int, row: dict, val: dict | None, score: float | None, ema_model: torch.nn.Module) -> None:
+        """The epoch's curves row; its weights when its score beats the best (or there is no score)."""
+        self.curves.append(row)
+        self.epochs_run = epoch + 1
+        if score is None or self.best_score is None or score > self.best_score:
+            self.best, self.best_score, self.best_epoch, self.since_best = val, score, epoch + 1, 0
+            self.best_state = _state(ema_model)
+        else:
+            self.since_best += 1
+
+
+def _fit(run: _Run, progress: bool) -> _Kept:
+    """The epochs: train, validate (rank 0), keep the selected epoch and each rule's, stop early when the score stalls."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from b2p.scale import distributed as D
+
+    params, select = run.params, run.params.select
+    val_truth = [run.ds_val.read(i)[1] for i in range(len(run.ds_val))] if run.ranks.main else []  # teacher label maps at each image's own size
+    kept = _Kept(select)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+    with Progress(*columns, console=run.console, disable=not progress, transient=False) as bar:
         task = bar.add_task("train", total=params.epochs, info="")
         for epoch in range(params.epochs):
             t_ep = time.perf_counter()
-            model.train()
-            sums: dict[str, float] = {}
-            n_steps = 0
-            cm_train = ConfusionMatrix(num_classes)
-            for batch in dl_train:
-                batch = _to_device(batch, device)
-                feats = features(batch, ds_train)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    out = model(cpu_layout(batch["image"], device), cpu_layout(feats, device), (batch["edge_rows"], batch["edge_cols"]))
-                loss, parts = loss_fn(out, batch, epoch)
-                if not torch.isfinite(loss):
-                    raise B2PError(f"training diverged (loss {float(loss)} at epoch {epoch + 1}); lower lr or check the inputs")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                D.average_gradients(trainable)  # several processes: the global loss's gradient on every rank
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                ema.update()
-                keep = batch["target"] != IGNORE
-                cm_train.update(class_map(out["fine"].detach(), 1)[keep].cpu().numpy(), batch["target"][keep].cpu().numpy())
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_steps += 1
-            row: dict[str, Any] = {"epoch": epoch + 1}
-            row.update({f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()})
-            tr = scores(D.sum_array(cm_train.matrix, ranks), class_names)
-            row["train_anomaly_miou"] = tr.get("anomaly_miou")
-            row["train_binary_iou"] = tr.get("binary_iou")
-            row["lr"] = opt.param_groups[0]["lr"]
-            row["train_seconds"] = time.perf_counter() - t_ep
-            val = None
-            if val_samples and not ranks.main:
-                # a DataLoader without a generator draws its base seed from torch's global generator when it is
-                # iterated: the ranks that leave validation to rank 0 draw it too, so that every rank's tile
-                # draws stay those of one process
-                iter(dl_val)
-            if val_samples and ranks.main:
-                val = _validate(ema.model, dl_val, ds_val, val_truth, features, val_loss_fn, device, use_amp, amp_dtype, num_classes, class_names)
-                row.update({f"val_{k}": val[k] for k in ("loss", "miou", "anomaly_miou", "binary_iou", "binary_f1", "box_dice", "outside_share", "box_score")})
+            row = _train_epoch(run, epoch, t_ep)
+            val = _validate_epoch(run, val_truth, row)
             score = rule_score(select, val)
-            if val is not None:
-                for rule in (r for r in SELECT_RULES if r != select):
-                    sc, o = rule_score(rule, val), others.get(rule)
-                    if o is None or sc is None or sc > o["score"]:
-                        keep = params.keep_rule_models and rule != "last"  # `last`: the final EMA state, taken at the end
-                        state = _state(ema.model) if keep else None
-                        others[rule] = {"epoch": epoch + 1, "score": sc, "state": state}
+            kept.note_other_rules(epoch, val, run.ema.model, params.keep_rule_models)
             row["select_score"] = score
             row["seconds"] = time.perf_counter() - t_ep  # train + val
-            curves.append(row)
-            epochs_run = epoch + 1
-            if score is None or best_score is None or score > best_score:
-                best, best_score, best_epoch, since_best = val, score, epoch + 1, 0
-                best_state = _state(ema.model)
-            else:
-                since_best += 1
+            kept.note_epoch(epoch, row, val, score, run.ema.model)
             info = f"loss {row.get('train_loss', float('nan')):.4f}" + (f"  val {select} {score:.4f}" if score is not None else "")
             bar.update(task, advance=1, info=info)
-            if D.broadcast_object(score is not None and since_best >= params.patience, ranks):  # rank 0 decides
-                console.print(f"early stop after epoch {epoch + 1}: no val {select} score gain for {params.patience} epochs")
+            if D.broadcast_object(score is not None and kept.since_best >= params.patience, run.ranks):  # rank 0 decides
+                run.console.print(f"early stop after epoch {epoch + 1}: no val {select} score gain for {params.patience} epochs")
                 break
-    if not ranks.main:
-        return None
+    return kept
 
-    seconds = time.perf_counter() - t_start
-    metrics = {
-        "best_epoch": best_epoch,
-        "epochs_run": epochs_run,
-        "select": {"rule": select, "score": best_score, "epoch": best_epoch},
-        "val": _jsonable(best) if best is not None else None,
-        "val_note": None if val_samples else "val split empty: no validation, last epoch saved",
-        "final_train": {k: v for k, v in curves[-1].items() if k.startswith("train_")} if curves else {},
-        "params": count_params(model),
+
+def _train_epoch(run: _Run, epoch: int, t_ep: float) -> dict[str, Any]:
+    """One pass over the training tiles; the epoch's curves row so far (mean losses, train scores, lr, seconds)."""
+    from b2p.metrics import ConfusionMatrix, scores
+    from b2p.scale import distributed as D
+
+    run.model.train()
+    sums: dict[str, float] = {}
+    n_steps = 0
+    cm_train = ConfusionMatrix(run.num_classes)
+    for batch in run.dl_train:
+        batch = _to_device(batch, run.device)
+        out, parts = _step(run, batch, epoch)
+        keep = batch["target"] != IGNORE
+        cm_train.update(class_map(out["fine"].detach(), 1)[keep].cpu().numpy(), batch["target"][keep].cpu().numpy())
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_steps += 1
+    row: dict[str, Any] = {"epoch": epoch + 1}
+    row.update({f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()})
+    tr = scores(D.sum_array(cm_train.matrix, run.ranks), run.class_names)
+    row["train_anomaly_miou"] = tr.get("anomaly_miou")
+    row["train_binary_iou"] = tr.get("binary_iou")
+    row["lr"] = run.opt.param_groups[0]["lr"]
+    row["train_seconds"] = time.perf_counter() - t_ep
+    return row
+
+
+def _step(run: _Run, batch: dict, epoch: int) -> tuple[dict, dict]:
+    """One optimiser step on a batch (forward, loss, backward, gradients averaged across ranks, clipped); the outputs and loss parts."""
+    from b2p.scale import distributed as D
+
+    device = run.device
+    feats = run.features(batch, run.ds_train)
+    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+        out = run.model(cpu_layout(batch["image"], device), cpu_layout(feats, device), (batch["edge_rows"], batch["edge_cols"]))
+    loss, parts = run.loss_fn(out, batch, epoch)
+    if not torch.isfinite(loss):
+        raise B2PError(f"training diverged (loss {float(loss)} at epoch {epoch + 1}); lower lr or check the inputs")
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    D.average_gradients(run.trainable)  # several processes: the global loss's gradient on every rank
+    run.scaler.unscale_(run.opt)
+    torch.nn.utils.clip_grad_norm_(run.trainable, run.params.grad_clip)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
+    run.ema.update()
+    return out, parts
+
+
+def _validate_epoch(run: _Run, val_truth: list, row: dict) -> dict | None:
+    """Rank 0 scores the EMA model on the val images (their scores join the row); None without a val split or on another rank."""
+    if run.val_samples and not run.ranks.main:
+        # a DataLoader without a generator draws its base seed from torch's global generator when it is
+        # iterated: the ranks that leave validation to rank 0 draw it too, so that every rank's tile
+        # draws stay those of one process
+        iter(run.dl_val)
+    if not (run.val_samples and run.ranks.main):
+        return None
+    val = _validate(
+        run.ema.model, run.dl_val, run.ds_val, val_truth, run.features, run.val_loss_fn, run.device, run.use_amp, run.amp_dtype,
+        run.num_classes, run.class_names,
+    )
+    row.update({f"val_{k}": val[k] for k in ("loss", "miou", "anomaly_miou", "binary_iou", "binary_f1", "box_dice", "outside_share", "box_score")})
+    return val
+
+
+def _metrics(run: _Run, kept: _Kept, seconds: float) -> dict:
+    """metrics.json's dict, but for its `rules` (`_save` adds them)."""
+    config = run.config
+    return {
+        "best_epoch": kept.best_epoch,
+        "epochs_run": kept.epochs_run,
+        "select": {"rule": kept.select, "score": kept.best_score, "epoch": kept.best_epoch},
+        "val": _jsonable(kept.best) if kept.best is not None else None,
+        "val_note": None if run.val_samples else "val split empty: no validation, last epoch saved",
+        "final_train": {k: v for k, v in kept.curves[-1].items() if k.startswith("train_")} if kept.curves else {},
+        "params": count_params(run.model),
         "train_seconds": round(seconds, 2),
-        "backbone": provenance,
-        "device": str(device),
-        "precision": precision,
-        "processes": ranks.world,
-        "images": {"train": len(train_samples), "val": len(val_samples)},
+        "backbone": run.provenance,
+        "device": str(run.device),
+        "precision": run.precision,
+        "processes": run.ranks.world,
+        "images": {"train": len(run.train_samples), "val": len(run.val_samples)},
         "geometry": {"scale": config.scale, "max_side": config.max_side, "tile_size": config.tile_size, "multiple": config.multiple},
-        "feature_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
+        "feature_cache": None if run.cache is None else {"hits": run.cache.hits, "misses": run.cache.misses},
     }
+
+
+def _save(run: _Run, kept: _Kept, metrics: dict, out_dir: Path) -> None:
+    """OUT/model.pt, OUT/rules/ (keep_rule_models), OUT/metrics.json with every rule's epoch, OUT/curves.csv."""
+    params, config, class_names, provenance = run.params, run.config, run.class_names, run.provenance
+    best_epoch, others = kept.best_epoch, kept.others
     info = {"best_epoch": best_epoch, "select": params.select, "val": metrics["val"], "train_params": asdict(params)}
     # the folder is built hidden beside OUT and replaces it whole: a kill or an error never leaves a new
     # model.pt beside an old metrics.json or rules/ (suite-select, bench-report and export read them together)
     with staged_dirs([out_dir]) as (stage,):
-        save_checkpoint(stage / MODEL_FILE, config, class_names, provenance, best_state, info)
+        save_checkpoint(stage / MODEL_FILE, config, class_names, provenance, kept.best_state, info)
         if "last" in others:  # the EMA weights after the last epoch run
-            others["last"].update(epoch=epochs_run, state=_state(ema.model) if params.keep_rule_models else None)
-        metrics["rules"] = {select: {"epoch": best_epoch, "score": best_score, "file": MODEL_FILE}}
+            others["last"].update(epoch=kept.epochs_run, state=_state(run.ema.model) if params.keep_rule_models else None)
+        metrics["rules"] = {kept.select: {"epoch": best_epoch, "score": kept.best_score, "file": MODEL_FILE}}
         for rule, o in others.items():
             file = None
             if o["epoch"] == best_epoch:
@@ -541,15 +694,18 @@ def _train(batch_files, teacher_root, out_dir, params: TrainParams, console: Con
                 save_checkpoint(stage / file, config, class_names, provenance, o["state"], rule_info)
             metrics["rules"][rule] = {"epoch": o["epoch"], "score": o["score"], "file": file}
         write_json_atomic(stage / "metrics.json", metrics)
-        _write_curves(stage / "curves.csv", curves)
+        _write_curves(stage / "curves.csv", kept.curves)
+
+
+def _report_saved(run: _Run, kept: _Kept, metrics: dict, out_dir: Path, seconds: float) -> None:
+    """The closing line: where the model went, its epoch and val scores, the time, the backbone."""
     v = metrics["val"]
-    console.print(
-        f"saved {out_dir / MODEL_FILE} (epoch {best_epoch} of {epochs_run}, select {select}"
+    run.console.print(
+        f"saved {out_dir / MODEL_FILE} (epoch {kept.best_epoch} of {kept.epochs_run}, select {kept.select}"
         + (f", val box score {v['box_score']:.4f}" if v and v.get("box_score") is not None else "")
         + (f", val anomaly mIoU {v['anomaly_miou']:.4f}, binary IoU {v['binary_iou']:.4f} vs pseudo-masks" if v and v.get("anomaly_miou") is not None and v.get("binary_iou") is not None else "")
-        + f") in {seconds:.1f} s; backbone {describe_backbone(model)}"
+        + f") in {seconds:.1f} s; backbone {describe_backbone(run.model)}"
     )
-    return metrics
 
 
 MODEL_FOLDER_FILES = (MODEL_FILE, "metrics.json", "curves.csv", RULES_DIR)

@@ -262,6 +262,37 @@ def teach_batch(
     shash = settings_hash(teacher)
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    parts, pending = _finished_parts(batch, out_dir, shash, resume)
+    reused = len(parts)
+    interrupted = limit is not None and len(pending) > limit
+    pending = pending[:limit] if interrupted else pending
+    taught = _teach_images(batch, pending, parts, out_dir, teacher, shash, engine, reused, progress)
+    if interrupted:
+        return TeachReport(batch.name, out_dir, len(batch.images), 0, taught, reused, seconds=time.perf_counter() - t0)
+
+    # every image is done: assemble the final files from the parts in a staging folder, then swap it in
+    staging = out_dir / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)
+    annotations, notes = _assemble_parts(batch, parts, out_dir, staging)
+    write_preview(staging / "preview.png", batch, out_root, label_root=staging / "labelmaps")
+    seconds = time.perf_counter() - t0
+    instances = {
+        "info": {"batch": batch.name, "teacher": teacher.name, "settings_hash": shash, "description": "b2p teacher pseudo-masks"},
+        "images": [{"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height, "split": im.split} for im in batch.images],
+        "categories": batch.classes.to_coco_categories(),
+        "annotations": annotations,
+    }
+    write_json_atomic(staging / "instances.json", instances, indent=None)
+    prov = _teach_provenance(batch, batch_file, teacher, shash, engine, annotations, notes, taught, reused, started, seconds)
+    write_json_atomic(staging / "provenance.json", prov)
+    write_bytes_atomic(staging / COMPLETE_MARKER, b"")
+    commit_staged_outputs(out_dir)
+    _remove_stale(out_dir, batch)
+    return TeachReport(batch.name, out_dir, len(batch.images), len(annotations), taught, reused, notes, seconds)
+
+
+def _finished_parts(batch: Batch, out_dir: Path, shash: str, resume: bool) -> tuple[dict[int, dict], list[ImageRecord]]:
+    """The parts an earlier run finished with these settings, by image id (none without `resume`), and the images still to teach."""
     parts: dict[int, dict] = {}
     pending: list[ImageRecord] = []
     for im in batch.images:
@@ -270,9 +301,13 @@ def teach_batch(
             pending.append(im)
         else:
             parts[im.id] = part
-    reused = len(parts)
-    interrupted = limit is not None and len(pending) > limit
-    pending = pending[:limit] if interrupted else pending
+    return parts, pending
+
+
+def _teach_images(batch: Batch, pending: list[ImageRecord], parts: dict[int, dict], out_dir: Path, teacher: Teacher, shash: str,
+                  engine: Engine, reused: int, progress: bool) -> int:
+    """Teach the pending images on the engine, each written as a part (PNG, then its JSON) as it comes and added to
+    `parts`; returns how many were taught."""
 
     def write_part(i: int, result: tuple[bytes, list[dict], dict[str, int]]) -> None:
         png, annotations, counts = result
@@ -295,13 +330,11 @@ def teach_batch(
 
     with Progress(progress, f"teach {batch.name} ({teacher.name})", len(batch.images)) as advance:
         advance(reused)
-        taught = engine.map(TeachJob(teacher), pending, write_part).done
-    if interrupted:
-        return TeachReport(batch.name, out_dir, len(batch.images), 0, taught, reused, seconds=time.perf_counter() - t0)
+        return engine.map(TeachJob(teacher), pending, write_part).done
 
-    # every image is done: assemble the final files from the parts in a staging folder, then swap it in
-    staging = out_dir / STAGING_DIR
-    shutil.rmtree(staging, ignore_errors=True)
+
+def _assemble_parts(batch: Batch, parts: dict[int, dict], out_dir: Path, staging: Path) -> tuple[list[dict], list[dict]]:
+    """Every part's label map copied into `staging`; all the parts' annotations, and the boxes that carry a note."""
     annotations, notes = [], []
     for im in batch.images:
         _, ppath = _part_paths(out_dir, im)
@@ -311,18 +344,13 @@ def teach_batch(
             annotations.append(ann)
             if ann.get("note"):
                 notes.append({"box_id": ann["box_id"], "image": im.file_name, "note": ann["note"]})
-    write_preview(staging / "preview.png", batch, out_root, label_root=staging / "labelmaps")
-    seconds = time.perf_counter() - t0
-    instances = {
-        "info": {"batch": batch.name, "teacher": teacher.name, "settings_hash": shash, "description": "b2p teacher pseudo-masks"},
-        "images": [{"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height, "split": im.split} for im in batch.images],
-        "categories": batch.classes.to_coco_categories(),
-        "annotations": annotations,
-    }
-    write_json_atomic(staging / "instances.json", instances, indent=None)
-    n_boxes = len(annotations)
-    empty = sum(1 for a in annotations if a["area"] == 0)
-    prov = {
+    return annotations, notes
+
+
+def _teach_provenance(batch: Batch, batch_file: Path, teacher: Teacher, shash: str, engine: Engine, annotations: list[dict],
+                      notes: list[dict], taught: int, reused: int, started: str, seconds: float) -> dict:
+    """provenance.json: the teacher, its settings and versions, the images' hashes, the counts, the time, the notes."""
+    return {
         "batch": batch.name,
         "batch_file": str(batch_file),
         "teacher": teacher.name,
@@ -334,21 +362,16 @@ def teach_batch(
         "versions": _versions(),
         "counts": {
             "images": len(batch.images),
-            "boxes": n_boxes,
+            "boxes": len(annotations),
             "images_by_split": {s: len(batch.split(s)) for s in SPLITS},
             "taught_this_run": taught,
             "reused_from_earlier_run": reused,
             "boxes_with_notes": len(notes),
-            "empty_masks": empty,
+            "empty_masks": sum(1 for a in annotations if a["area"] == 0),
         },
         "time": {"started": started, "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 3)},
         "notes": notes,
     }
-    write_json_atomic(staging / "provenance.json", prov)
-    write_bytes_atomic(staging / COMPLETE_MARKER, b"")
-    commit_staged_outputs(out_dir)
-    _remove_stale(out_dir, batch)
-    return TeachReport(batch.name, out_dir, len(batch.images), n_boxes, taught, reused, notes, seconds)
 
 
 def check_teacher_root(teacher_root: str | Path, batch: Batch) -> None:
