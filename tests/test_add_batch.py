@@ -75,7 +75,8 @@ def test_add_batch_copies_registers_and_keeps_comments(project: Path, source: Pa
     assert len(new_lines) - len(before.splitlines()) == 7
     # the comment heading the section after `batches:` still sits right above that section
     i = new_lines.index("import:")
-    assert new_lines[i - 1].startswith("# `b2p import`"), new_lines[i - 3 : i + 1]
+    heading = before.splitlines()[before.splitlines().index("import:") - 1]
+    assert heading.startswith("#") and new_lines[i - 1] == heading, new_lines[i - 3 : i + 1]
     # and the registered files import to the same batch as the source did (the copy is complete)
     a = import_batch("line7", **_import_args(params["batches"]["line7"]["files"]), classes_path=project / "data" / "classes.json",
                      out=project / "x" / "line7.json")
@@ -164,7 +165,7 @@ def test_add_batch_copies_exactly_what_validated_coco(project: Path, source: Pat
 
 @pytest.mark.parametrize(
     "case",
-    ["broken_json", "duplicate_name", "bad_name_dots", "bad_name_escape", "no_box_source", "unknown_class", "box_outside", "folder_exists"],
+    ["broken_json", "duplicate_name", "bad_name_dots", "bad_name_escape", "no_box_source", "unknown_class", "box_outside", "folder_exists", "case_only_name", "source_holds_raw"],
 )
 def test_add_batch_bad_input_changes_nothing(project: Path, source: Path, case: str) -> None:
     args = [str(source / "images"), "--name", "line7", "--coco", str(source / "annotations.json")]
@@ -188,6 +189,11 @@ def test_add_batch_bad_input_changes_nothing(project: Path, source: Path, case: 
         (source / "annotations.json").write_text(json.dumps(coco))
     elif case == "folder_exists":
         (project / "data" / "raw" / "line7").mkdir(parents=True)
+    elif case == "case_only_name":
+        args[2] = "Demo"  # "demo" is registered: one folder on a case-insensitive file system
+    elif case == "source_holds_raw":
+        (project / "data" / "raw").mkdir(parents=True)
+        args[0] = str(project)  # the copy would land inside the folder it copies
     before = _snapshot(project)
     res = runner.invoke(app, ["add-batch", *args])
     assert res.exit_code == 1, res.output
@@ -199,6 +205,10 @@ def test_add_batch_bad_input_changes_nothing(project: Path, source: Path, case: 
         assert "already registered" in res.output
     if case == "unknown_class":
         assert "crak" in res.output and "--add-classes" in res.output
+    if case == "case_only_name":
+        assert "differs only in case" in res.output and "'demo'" in res.output
+    if case == "source_holds_raw":
+        assert "holds the project's batch folder" in res.output
 
 
 def test_add_classes_appends_to_class_list(project: Path, source: Path) -> None:

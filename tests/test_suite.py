@@ -4,6 +4,7 @@ per seed; boxes and the oracle from masks, results over seeds, the README sectio
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def test_the_suite_runs_the_recipe_per_seed_and_leaves_dvc_up_to_date(tmp_path: 
     ds = tmp_path / "Line 7 Parts"
     make_folder_dataset(ds, "QC-", "Good", images=14, size=64)
     sets = ["seeds=[1,2]", "oracle_seeds=[1,2]", "masks_to_boxes.masked=0.6", "masks_to_boxes.free_images=2", "recipe.students.lite.train.epochs=1"]
-    p = _run(root, B2P, "suite", "--root", str(ds), *[a for s in sets for a in ("--set", s)])
+    p = _run(root, B2P, "suite", "--root", os.path.relpath(ds, root), *[a for s in sets for a in ("--set", s)])
     home = root / "pipelines" / "suite" / "line-7-parts"
     res = read_json(root / "reports" / "line-7-parts" / "results.json")
     rows = {r["source"]: r for r in res["rows"]}
@@ -152,14 +153,14 @@ def test_the_suite_runs_the_recipe_per_seed_and_leaves_dvc_up_to_date(tmp_path: 
     logs = {f.stem: f.read_text() for f in (home / "logs").glob("*.log")}
     assert logs["seed-2_teachers"].startswith("copied") and not logs["seed-1_teachers"].startswith("copied")
     assert not logs["seed-2_train_bitfit"].startswith("copied")
-    # every workspace is a project whose lock records it all: `dvc repro` there runs nothing
+    # every workspace is a project whose lock records each stage as it finished: `dvc repro` there runs nothing
     for seed in (1, 2):
         ws = home / f"seed-{seed}"
         assert (ws / "dvc.yaml").is_symlink() and yaml.safe_load((ws / "params.yaml").read_text())["base"]["seed"] == seed
         assert stages_run(dvc(ws, "repro")) == [], seed
     md = (root / "reports" / "line-7-parts" / "results.md").read_text()
     assert "shipped student" in md and "seeds 1, 2" in md and (root / "reports" / "line-7-parts" / "history" / "index.md").is_file()
-    # a second run finds everything up to date and runs no stage
+    # a second run (the dataset named by its absolute path now: the same batch) finds everything up to date
     p = _run(root, B2P, "suite", "--root", str(ds), *[a for s in sets for a in ("--set", s)])
     assert "(0 stages run)" in " ".join(p.stdout.split())
     # a user's own batch (COCO + masks) goes through the same recipe, without the oracle

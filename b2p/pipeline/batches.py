@@ -280,14 +280,28 @@ def _check_add_batch(source: Path, name: str, coco, yolo_labels, yolo_classes, p
         raise B2PError("--yolo-labels needs --yolo-classes FILE (names, one per line, or a data.yaml)")
     if coco is not None and yolo_classes is not None:
         raise B2PError("--yolo-classes goes with --yolo-labels, not with --coco")
-    if name in registered_batches(params):
+    registered = registered_batches(params)
+    if name in registered:
         raise B2PError(f"batch {name!r} is already registered in `batches:`; choose another --name", params)
+    # a name that differs only in case gives the same folders on a case-insensitive file system (Windows, macOS)
+    names = set(registered)
+    if raw_root.is_dir():
+        names |= {p.name for p in raw_root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    clash = next((n for n in sorted(names) if n.casefold() == name.casefold() and n != name), None)
+    if clash is not None:
+        raise B2PError(f"batch name {name!r} differs only in case from the batch {clash!r}: their folders would collide; choose another --name", params)
     folder = raw_root / name
     if folder.exists():
         raise B2PError(f"folder already exists; remove it or choose another --name than {name!r}", folder)
     if not source.is_dir():
         raise B2PError("image folder not found", source)
+    if _inside(raw_root.resolve(), source.resolve()):  # the copy would land inside what it copies
+        raise B2PError(f"the image folder holds the project's batch folder {raw_root}: give the folder of this batch's images only", source)
     return folder
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def _validate_in_scratch(source: Path, name: str, coco, yolo_labels, yolo_classes, masks, add_classes: bool, params: Path, classes: Path):

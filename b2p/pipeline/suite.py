@@ -13,8 +13,9 @@ Running: DVC resolves each workspace's stages (commands, deps, outs); the runner
 waiting chain first (`chain_lengths`). Why not `dvc repro`: it runs one stage at a time, and on a 2-core
 machine three single-threaded trainings side by side finish sooner than one after the other. A stage that
 reads no seed (import, the teachers, teach: nothing upstream of it reads `base.seed`) runs once, in the
-first workspace; the others get a copy of its outputs. At the end `dvc commit` records every workspace's
-outputs, so `dvc repro` there is a no-op, and the report (b2p/pipeline/results.py) goes to reports/<name>/.
+first workspace; the others get a copy of its outputs. Each stage is recorded in its workspace's dvc.lock
+(`dvc commit`) as soon as it finishes, so a suite that was stopped resumes where it stopped, and after the
+run `dvc repro` there is a no-op; the report (b2p/pipeline/results.py) goes to reports/<name>/.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -338,6 +340,23 @@ def run_stage(stage: SuiteStage, log: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
+_commit_locks: dict[Path, threading.Lock] = {}
+
+
+def commit_stage(stage: SuiteStage) -> None:
+    """Record one finished stage in its workspace's dvc.lock (one `dvc commit` per workspace at a time: DVC
+    holds a lock on its repository)."""
+    lock = _commit_locks.setdefault(stage.wdir, threading.Lock())
+    with lock:
+        _run(["dvc", "commit", "--force", "--quiet", stage.name.split("/", 1)[1]], stage.wdir)
+
+
+def _run_and_commit(stage: SuiteStage, log: Path, env: dict[str, str]) -> float:
+    seconds = run_stage(stage, log, env)
+    commit_stage(stage)
+    return seconds
+
+
 def chain_lengths(stages: list[SuiteStage], cost: dict[str, float] | None = None) -> dict[str, float]:
     """Per stage, the cost of the longest chain of stages that waits for it (itself included): the sum of
     their `cost` (expected seconds), or their number without one. The runner starts the ready stage with
@@ -422,7 +441,7 @@ def run_stages(stages: list[SuiteStage], logs: Path, jobs: int, threads: int, pr
                 for name in [n for n in pending if by_name[n].after <= done][: jobs - len(running)]:
                     pending.remove(name)
                     log = logs / f"{name.replace('/', '_').replace('@', '_')}.log"
-                    running[pool.submit(run_stage, by_name[name], log, env)] = name
+                    running[pool.submit(_run_and_commit, by_name[name], log, env)] = name
             elif not running:
                 break
             if not running:  # nothing can start: a dependency cycle
@@ -441,12 +460,6 @@ def run_stages(stages: list[SuiteStage], logs: Path, jobs: int, threads: int, pr
     if failure is not None:
         raise failure
     return seconds
-
-
-def commit(workspaces: dict[int, Path]) -> None:
-    """`dvc commit` in every workspace: its dvc.lock records what the runner made (`dvc repro` is a no-op)."""
-    for ws in workspaces.values():
-        _run(["dvc", "commit", "--force", "--quiet"], ws)
 
 
 def run_suite(
@@ -469,8 +482,8 @@ def run_suite(
     if (source_root is None) == (batch is None):
         raise B2PError("give the dataset as a folder with masks (--root) or as a batch (--coco / --yolo-labels), not both")
     t_all = time.perf_counter()
-    if source_root is not None:
-        batch = simulate_batch(source_root, name, home / "source", settings)
+    if source_root is not None:  # absolute: the boxes file records it, and a changed one means a new batch
+        batch = simulate_batch(Path(source_root).resolve(), name, home / "source", settings)
     workspaces = {int(s): home / f"seed-{s}" for s in settings["seeds"]}
     oracle_seeds = settings.get("oracle_seeds", settings["seeds"])
     for seed, ws in workspaces.items():
@@ -481,7 +494,6 @@ def run_suite(
     stages = plan(workspaces)
     previous, previous_source = previous_stage_seconds([home / TIMES_FILE, project / "reports" / name / "results.json"])
     seconds = run_stages(stages, home / "logs", jobs, threads, previous, progress)
-    commit(workspaces)
     record = {
         "command": command or shlex.join(["b2p", *sys.argv[1:]]),
         "jobs": jobs,

@@ -106,7 +106,7 @@ def predict(
     device: str = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     precision: str = typer.Option(
         None, "--precision",
-        help="float32 (default); bfloat16 (autocast: a GPU with it, or a CPU with AMX / AVX512-BF16; 1.4-1.9x faster on such a CPU, under 0.1 % of labels move); auto: bfloat16 where a CPU has it natively, else float32.",
+        help="float32 (default); bfloat16 (autocast: a GPU with it, or a CPU with AMX / AVX512-BF16; faster on such a CPU, a few labels move: measure with benchmarks/bench_inference_cpu.py); auto: bfloat16 where a CPU has it natively, else float32.",
     ),
     boxes_out: Path = typer.Option(
         None, "--boxes-out", help="Also write box-guided label maps here: the student's defect pixels inside each annotated box, with the box's class."

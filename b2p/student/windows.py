@@ -108,9 +108,8 @@ class WindowModel:
         DEFAULT_WINDOW for any other, rounded up to the model's multiple and never below its training tile.
 
         Why the tile: a strip-context model's row, column and image means are taken over its input, so a larger
-        window shows it statistics over a wider area than any it was trained on (Magnetic-Tile calib, b2p-lite
-        on 256 px tiles: binary IoU 0.691 in 256 px windows vs 0.665 in 384-512 px ones, seed 1; 0.669 vs 0.658,
-        seed 2)."""
+        window shows it statistics over a wider area than any it was trained on, and scores drop (measured on
+        calib: docs/student.md)."""
         if window is None:
             window = self.tile_size if self.strip_context else DEFAULT_WINDOW
         w = int(window)
