@@ -1,6 +1,6 @@
 """`pip install -e .` without extras: every module imports, the whole import -> evaluate pipeline works,
-`b2p browse` says which extra to install, every third-party module b2p imports is a core dependency (or the
-`app` extra's), and the main job runs end to end through `dvc repro` in a fresh venv holding the core
+`b2p browse` says which extra to install, every third-party module b2p imports is a core dependency (or an
+extra's, where that extra is used), and the main job runs end to end through `dvc repro` in a fresh venv holding the core
 dependencies only.
 
 FiftyOne is made unimportable in a child process (`sys.modules["fiftyone"] = None`), which is what an
@@ -73,14 +73,16 @@ def test_every_third_party_import_is_a_declared_dependency() -> None:
     from packaging.utils import canonicalize_name
 
     core = set(_closure(_requirements()))
-    app_only = set(_closure(_requirements("app"))) - core
+    # an extra's modules may be imported only where that extra is used (lazily, with a message naming it)
+    extra_home = {"app": "b2p/browse/", "ray": "b2p/scale/ray_engine.py"}
+    extra_only = {x: set(_closure(_requirements(x))) - core for x in extra_home}
     providers = md.packages_distributions()
     undeclared = {}
     for module, files in _third_party_imports().items():
         dists = {canonicalize_name(d) for d in providers.get(module, [])}
         if dists & core:
             continue
-        if dists & app_only and all(f.startswith("b2p/browse/") for f in files):
+        if any(dists & extra_only[x] and all(f.startswith(home) for f in files) for x, home in extra_home.items()):
             continue
         undeclared[module] = sorted(files)
     assert not undeclared, f"imported but not a core dependency (pyproject.toml): {undeclared}"

@@ -285,7 +285,7 @@ def test_an_output_overlapping_an_input_or_the_other_output_is_refused_before_an
         (["--probs", str(pred), "--out", str(tmp_path / "f2"), "--student-out", str(tmp_path / "f2")], "--out is the same folder as --student-out"),
         (["--probs", str(pred), "--out", str(tmp_path / "f2"), "--student-out", str(final)], "holds b1/provenance.json, which finalize does not write"),
         (["--probs", str(pred), "--out", str(tmp_path / "f2"), "--student-out", str(tmp_path / "f2" / "alone")], "--out holds --student-out"),
-        (["--probs", str(pred), "--out", str(batch_file.parent)], "finalize does not write"),
+        (["--probs", str(pred), "--out", str(batch_file.parent)], "--out is the same folder as the folder"),
     ]:
         r = runner.invoke(app, [*base, *extra])
         assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, (extra, r.output)

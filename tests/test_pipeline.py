@@ -34,7 +34,7 @@ def recipe_stages(params: dict) -> set[str]:
     """The stage names dvc.yaml resolves to for these params (what a fresh `dvc repro` runs)."""
     batches, cands, dist, oracle = params["batches"], params["candidates"], params["distill"], params["oracle"]["students"]
     return ({f"demo_data@{d}" for d in params["demos"]} | {f"{s}@{b}" for s in ("import", "teach") for b in batches}
-            | {"teachers", "combine", "final", "deploy", "export", "evaluate", "summary"}
+            | {"teachers", "combine", "final", "deploy", "export_model", "export", "evaluate", "summary"}
             | {f"{s}@{m}" for s in ("train", "predict", "finalize") for m in cands}
             | {f"{s}_distilled@{m}" for s in ("train", "predict", "finalize") for m in dist}
             | {f"{s}_oracle@{m}" for s in ("train", "predict", "finalize", "evaluate") for m in oracle})

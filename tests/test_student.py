@@ -417,7 +417,7 @@ def test_cli_train_and_predict(taught, tmp_path: Path):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     before = {p: p.read_bytes() for p in sorted(pred.rglob("*.png")) + sorted(snapped.rglob("*.png"))}
-    for bad, says in ((["--snap", "crf"], "--snap must be one of"), (["--snap-sure", "0.4"], "--snap-sure"),
+    for bad, says in ((["--snap", "crf"], "--snap: predict.snap: Input should be 'none' or 'grabcut'"), (["--snap-sure", "0.4"], "--snap-sure"),
                       (["--snap", "grabcut", "--snap-out", str(a_file)], "is a file")):
         r = runner.invoke(app, ["predict", "--model", str(model_dir), "--imported", str(imported), "--out", str(pred), "--snap-out", str(snapped), *bad])
         assert r.exit_code == 1 and says in r.output, r.output

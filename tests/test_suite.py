@@ -190,7 +190,7 @@ def test_a_bad_suite_setting_is_refused_before_anything_is_written(tmp_path: Pat
 
     (tmp_path / "pipelines" / "suite").mkdir(parents=True)
     (tmp_path / "pipelines" / "suite" / "params.yaml").write_text((REPO / "pipelines" / "suite" / "params.yaml").read_text())
-    assert suite_settings(tmp_path, ["seeds=[4, 5]"])["seeds"] == [4, 5]
+    assert suite_settings(tmp_path, ["seeds=[4, 5]", "oracle_seeds=[4]"])["seeds"] == [4, 5]
     for spec, said in (("seeds=[1, 1]", "distinct"), ("sedes=[1]", "no key 'sedes'"), ("masks_to_boxes.maskd=0.3", "no key")):
         with pytest.raises(B2PError, match=said):
             suite_settings(tmp_path, [spec])

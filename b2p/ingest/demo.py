@@ -277,6 +277,7 @@ def make_demo_data(
     # which images get a manual mask: the lowest hashes (exact count, stable when --images grows)
     n_masks = images if all_masks else int(round(mask_fraction * images))
     masked = set(sorted(names, key=lambda n: unit_hash(f"b2p-demo-masks:{seed}:{n}"))[:n_masks])
+    (out / "masks").mkdir(parents=True, exist_ok=True)  # also with no mask: the batch entry names the folder
 
     coco_images, anns = [], []
     counts = dict.fromkeys(DEMO_CLASSES, 0)
