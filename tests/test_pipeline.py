@@ -225,7 +225,7 @@ def _check_export_sources(root: Path) -> None:
         unboxed += not im.boxes
         np.testing.assert_array_equal(read_label_map(exported, (im.height, im.width)),
                                       read_label_map(label_map_path(src, "demo", im.file_name), (im.height, im.width)))
-    assert unboxed, "the demo should hold defect-free images"
+    assert unboxed < len(batch.images), "every demo image lacks boxes: nothing checked the final masks"
 
 
 @pytest.mark.parametrize("content", ["[1]", '{"miou": "high"}', "not json"])

@@ -291,7 +291,7 @@ def plan(workspaces: dict[int, Path]) -> list[SuiteStage]:
             short = s.name.split("/", 1)[1]
             if seed != first_seed and short in free:
                 s.copy_of = originals[short]
-                s.after = {originals[short].name}
+                s.after = s.after | {originals[short].name}  # its own upstream too: its lock entry hashes those
             stages.append(s)
     return _with_descendants(stages, changed)
 
