@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -73,6 +72,7 @@ def child(kind: str, model_dir: Path, files: list[str], out: Path, threads: int)
     """One runtime in this process: predict every file, save label maps (+ some probabilities), print timings."""
     from b2p.deploy.onnx_model import OnnxStudent, check_header, read_header
     from b2p.fileio import read_image
+    from b2p.memory import peak_rss_mb
     from b2p.student import windows
     from b2p.student.rules import DecisionRule
 
@@ -102,7 +102,7 @@ def child(kind: str, model_dir: Path, files: list[str], out: Path, threads: int)
         if i < PROBS_KEPT:
             kept.append(p.astype(np.float32))
     np.savez_compressed(out / f"{kind}.npz", **{f"m{i}": x for i, x in enumerate(maps)}, **{f"p{i}": x for i, x in enumerate(kept)})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"times": times, "peak_rss_mb": peak}))
 
 

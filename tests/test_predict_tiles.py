@@ -252,13 +252,12 @@ def test_run_prediction_writes_label_maps_probs_and_box_guided_maps(tmp_path: Pa
 PEAK_RSS_MB = 1500
 PREDICT_GROWTH_MB = 700
 _MEMORY_SCRIPT = """
-import json, resource, sys
+import json, sys
 import numpy as np, torch
 from b2p.student.model import StudentConfig, build_model
 from b2p.student.predict import predict_image
 torch.set_num_threads(1)
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from b2p.memory import peak_rss_mb as peak_mb
 torch.manual_seed(0)
 model = build_model(StudentConfig(num_classes=3, arch="unet", unet_base=4, tile_size=256)).eval()
 img = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)

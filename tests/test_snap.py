@@ -95,11 +95,10 @@ def test_a_square_across_window_borders_snaps_as_in_one_window():
 # The bound: the snap grows the process's peak RSS by less than 600 MB (measured 2026-11-30: +235 MB, 486 MB peak).
 SNAP_GROWTH_MB = 600
 _SNAP_MEMORY_SCRIPT = """
-import json, resource
+import json
 import numpy as np
+from b2p.memory import peak_rss_mb as peak_mb
 from b2p.student.snap import snap_grabcut
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 h, w = 3000, 4000
 img = np.full((h, w, 3), 180, np.uint8)
 img[1000:1400, 1500:2600] = 70
