@@ -1,9 +1,10 @@
 """Benchmark of the engines (b2p/scale): prints figures measured side by side in this one run; not a test.
 
-    python benchmarks/bench_scale.py [--images 160] [--epochs 2] [--out reports/benchmarks]
+    python benchmarks/bench_scale.py [--images 200] [--teach-images 1000] [--epochs 1] [--out reports/benchmarks]
 
-On Magnetic-Tile (/work/shared/datasets/magnetic-tile: boxes from its masks, `b2p masks-to-boxes`), the first
-`--images` images of the imported batch:
+On Magnetic-Tile (/work/shared/datasets/magnetic-tile: boxes from its masks, `b2p masks-to-boxes`), images of
+the imported batch spread over it: `--teach-images` for teach (GrabCut is cheap per image: fewer would measure
+the cluster's fixed costs), `--images` (a subset of those) for predict and training:
   1. teach (GrabCut) and predict (a student trained for one epoch: real model, real cost) on the local engine
      (torch and OpenCV on 1 thread, the share one worker gets, and on every core), and on the Ray engine with
      1 and 2 workers of 1 CPU each, on one local Ray cluster started once (its start is timed apart: on an
@@ -38,19 +39,25 @@ def b2p(*args: str, cwd: Path) -> None:
         raise SystemExit(f"b2p {' '.join(args)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
 
 
-def prepare(work: Path, n_images: int) -> Path:
-    """Boxes from the masks, imported; the batch cut to `n_images` of its images, evenly spread."""
-    b2p("masks-to-boxes", str(DATASET), "--out", "raw/boxes.json", "--batch", "mt", cwd=work)
+def prepare(work: Path, n_images: int, boxes: Path | None = None) -> Path:
+    """Boxes from the masks (or the `boxes` file made so before), imported; the batch cut to `n_images` of its
+    images, evenly spread."""
+    if boxes is None:
+        b2p("masks-to-boxes", str(DATASET), "--out", "raw/boxes.json", "--batch", "mt", cwd=work)
+    else:
+        (work / "raw").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(boxes, work / "raw" / "boxes.json")
     b2p("import", "--batch", "mt", "--images", str(DATASET), "--coco", "raw/boxes.json", "--out", "imported/mt.json", cwd=work)
-    batch = json.loads((work / "imported" / "mt.json").read_text())
+    path = work / "imported" / "mt.json"
+    batch = json.loads(path.read_text())
     step = max(1, len(batch["images"]) // n_images)  # spread over the classes and splits
     keep = {im["id"] for im in batch["images"][::step][:n_images]}
     batch["images"] = [im for im in batch["images"] if im["id"] in keep]
     for key, value in batch.items():  # annotations, manual masks: whatever names an image
         if isinstance(value, list) and value and isinstance(value[0], dict) and "image_id" in value[0]:
             batch[key] = [a for a in value if a["image_id"] in keep]
-    (work / "imported" / "mt.json").write_text(json.dumps(batch))
-    return work / "imported" / "mt.json"
+    path.write_text(json.dumps(batch))
+    return path
 
 
 def threads(n: int) -> None:
@@ -72,10 +79,11 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_engines(work: Path, batch: Path) -> dict:
+def bench_engines(work: Path, batch: Path, teach_batch_file: Path) -> dict:
     import ray
 
-    from b2p.scale.engine import Engine, EngineConfig, open_engine
+    from b2p.scale.engine import Engine, EngineConfig
+    from b2p.scale.engines import open_engine
     from b2p.student.predict import items_from_batches, run_prediction
     from b2p.teach.base import teach_batch
     from b2p.teach.grabcut import GrabCutTeacher
@@ -85,7 +93,7 @@ def bench_engines(work: Path, batch: Path) -> dict:
 
     def teach(out: str, engine) -> float:
         shutil.rmtree(work / out, ignore_errors=True)
-        return timed(lambda: teach_batch(batch, work / out, GrabCutTeacher(), progress=False, engine=engine))
+        return timed(lambda: teach_batch(teach_batch_file, work / out, GrabCutTeacher(), progress=False, engine=engine))
 
     def predict(out: str, engine) -> float:
         shutil.rmtree(work / out, ignore_errors=True)
@@ -97,7 +105,7 @@ def bench_engines(work: Path, batch: Path) -> dict:
         threads(1)
         res[stage]["local_1_thread"] = fn(f"{stage}_local1", Engine())
         threads(os.cpu_count() or 1)
-        res[stage]["local_all_threads"] = fn(f"{stage}_local", Engine())
+        res[stage]["local_all_threads"] = fn(f"{stage}_local_all", Engine())
     threads(1)
     t = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -113,7 +121,7 @@ def bench_engines(work: Path, batch: Path) -> dict:
             res["predict"][f"ray_{workers}_same_files"] = same_tree(work / "predict_local1", work / f"predict_ray{workers}", ("predict.json",))
     finally:
         ray.shutdown()
-    res["predict"]["local_1_vs_all_threads_same_files"] = same_tree(work / "predict_local1", work / "predict_local", ("predict.json",))
+    res["predict"]["local_1_vs_all_threads_same_files"] = same_tree(work / "predict_local1", work / "predict_local_all", ("predict.json",))
     for stage in ("teach", "predict"):
         r = res[stage]
         r["speedup_2_over_1_worker"] = r["ray_1"] / r["ray_2"]
@@ -145,7 +153,7 @@ def write_report(out: Path, data: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale_cpu.json").write_text(json.dumps(data, indent=1))
     lines = [
-        f"# Engines on a CPU: Magnetic-Tile, {data['images']} images (generated by benchmarks/bench_scale.py)",
+        f"# Engines on a CPU: Magnetic-Tile, teach on {data['teach_images']} images, predict and training on {data['images']} (generated by benchmarks/bench_scale.py)",
         "",
         f"{data['date']}, {data['machine']['cpu']}, {data['machine']['cores']} cores; load average before: "
         + ", ".join(f"{v:.2f}" for v in data["machine"]["load_before"]) + f", after: {', '.join(f'{v:.2f}' for v in data['load_after'])}.",
@@ -175,24 +183,29 @@ def write_report(out: Path, data: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=160)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--teach-images", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks")
     a = ap.parse_args()
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         batch = prepare(work, a.images)
+        teach_set = prepare(work / "teachset", a.teach_images, boxes=work / "raw" / "boxes.json")
         b2p("teach", "imported/mt.json", "--out", "teach_local", "--quiet", cwd=work)
         (work / "m.yaml").write_text("train:\n  epochs: 1\n  select: last\n")
         b2p("train", "--imported", "imported", "--teacher-root", "teach_local", "--out", "model", "--params", "m.yaml", cwd=work)
-        engines = bench_engines(work, batch)
+        engines = bench_engines(work, batch, teach_set)
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "scale_cpu.partial.json").write_text(json.dumps(engines, indent=1))  # kept if training fails
         training = bench_training(work, a.epochs)
     data = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": info, "load_after": os.getloadavg(),
-        "images": a.images, "epochs": a.epochs, "engines": engines, "training": training,
+        "images": a.images, "teach_images": a.teach_images, "epochs": a.epochs, "engines": engines, "training": training,
     }
     write_report(a.out, data)
+    (a.out / "scale_cpu.partial.json").unlink()
 
 
 if __name__ == "__main__":

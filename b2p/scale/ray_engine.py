@@ -1,8 +1,8 @@
 """The `ray` engine (engine.py): a Ray Data actor pool over the images, results written by the driver.
 
 Only this module imports Ray (the optional extra `pip install "b2p[ray]"`). Each image is one row (its
-index and the pickled item); rows go out in at most MAX_BLOCKS blocks, so a dead worker costs at most
-the images of the blocks it held. Each actor unpickles the job, sets it up once, and returns per row its
+index and the pickled item); rows go out in blocks (`block_count`), so a dead worker costs at most the
+images of the blocks it held. Each actor unpickles the job, sets it up once, and returns per row its
 index and the pickled outcome: ("ok", result) or ("error", message, path) for a B2PError, which the driver
 raises as it is. Actors are restarted and their blocks retried up to `max_retries` times.
 """
@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import socket
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,8 +25,12 @@ import numpy as np
 from b2p.errors import B2PError
 from b2p.scale.engine import Engine, EngineConfig, ImageJob, MapStats, cpu_count, oversubscription_warning
 
-# blocks (Ray Data tasks) the images are cut into: one image each up to this many images, so work spreads
-# evenly and a retry after a dead worker redoes little; beyond it, blocks of several images
+# blocks (Ray Data tasks) the images are cut into: each block costs a task's scheduling and transfer, so a few
+# per worker keep the pool busy with little of that; a block holds at most MAX_BLOCK_IMAGES images, so a retry
+# after a dead worker redoes little; never more than MAX_BLOCKS blocks (the planner's cost grows with them)
+BLOCKS_PER_WORKER = 8
+IN_FLIGHT_PER_WORKER = 1
+MAX_BLOCK_IMAGES = 64
 MAX_BLOCKS = 2048
 CONNECT_TIMEOUT_S = 5.0
 
@@ -74,8 +79,11 @@ class RayEngine(Engine):
         rows = [{"i": i, "item": pickle.dumps(it)} for i, it in enumerate(items)]
         c = self.config
         n = len(rows)
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=self.workers) if self.autoscale else ray.data.ActorPoolStrategy(size=self.workers)
-        ds = ray.data.from_items(rows, override_num_blocks=min(n, MAX_BLOCKS)).map_batches(
+        # one block in flight per actor: the pool hands a block to whichever actor is free, so none sits on a
+        # queue of blocks while another has run out (at the end of a run the idle one is stopped)
+        sizes = dict(min_size=1, max_size=self.workers) if self.autoscale else dict(size=self.workers)
+        pool = ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_WORKER)
+        ds = ray.data.from_items(rows, override_num_blocks=block_count(n, self.workers)).map_batches(
             MapWorker,
             batch_size=1,
             batch_format="numpy",
@@ -109,6 +117,11 @@ class RayEngine(Engine):
         return stats
 
 
+def block_count(images: int, workers: int) -> int:
+    """How many blocks `images` rows are cut into for a pool of `workers` actors (see BLOCKS_PER_WORKER)."""
+    return max(1, min(images, MAX_BLOCKS, max(workers * BLOCKS_PER_WORKER, -(-images // MAX_BLOCK_IMAGES))))
+
+
 class MapWorker:
     """One actor of the pool: the job set up once, then one image per call."""
 
@@ -119,16 +132,16 @@ class MapWorker:
             raise B2PError(f"this Ray worker ({socket.gethostname()}) cannot see the driver's working folder: put the data on storage every node mounts at the same path", cwd)
         os.chdir(cwd)
         threads = max(1, int(cpus))
+        # torch reads the variable when a job first imports it: a job without torch (GrabCut) never pays its import
+        os.environ["OMP_NUM_THREADS"] = str(threads)
         with contextlib.suppress(ImportError):
             import cv2
 
             cv2.setNumThreads(threads)
-        with contextlib.suppress(ImportError):
-            import torch
-
-            torch.set_num_threads(threads)
         self.job = pickle.loads(job_blob)
         self.job.setup()
+        if "torch" in sys.modules:  # imported before the variable was read (by the unpickled job's module)
+            sys.modules["torch"].set_num_threads(threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
