@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from b2p.errors import B2PError
-from b2p.scale.engine import Engine, EngineConfig, ImageJob, MapStats, cpu_count, oversubscription_warning
+from b2p.scale.engine import (
+    Engine,
+    EngineConfig,
+    ImageJob,
+    MapStats,
+    cpu_count,
+    oversubscription_warning,
+)
 
 # blocks (Ray Data tasks) the images are cut into: each block costs a task's scheduling and transfer, so a few
 # per worker keep the pool busy with little of that; a block holds at most MAX_BLOCK_IMAGES images, so a retry
@@ -81,7 +88,7 @@ class RayEngine(Engine):
         n = len(rows)
         # one block in flight per actor: the pool hands a block to whichever actor is free, so none sits on a
         # queue of blocks while another has run out (at the end of a run the idle one is stopped)
-        sizes = dict(min_size=1, max_size=self.workers) if self.autoscale else dict(size=self.workers)
+        sizes = {"min_size": 1, "max_size": self.workers} if self.autoscale else {"size": self.workers}
         pool = ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_WORKER)
         ds = ray.data.from_items(rows, override_num_blocks=block_count(n, self.workers)).map_batches(
             MapWorker,
