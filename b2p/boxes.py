@@ -33,6 +33,12 @@ def clip_to_box(mask: np.ndarray, box: np.ndarray, margin: int = 0) -> np.ndarra
     return out
 
 
+def boxes_area(boxes: np.ndarray) -> float:
+    """Summed area in pixels of Nx4 XYXY boxes (overlaps counted twice: an estimate of the work they make)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return float(np.sum(np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)))
+
+
 def box_mask(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """HxW bool mask of the box itself (the trivial pseudo-mask)."""
     x0, y0, x1, y1 = box_pixel_bounds(box, shape)

@@ -214,3 +214,41 @@ def test_two_processes_need_a_global_batch_of_at_least_two(demo, tmp_path):
     r = _cli("train", "--imported", "imported", "--teacher-root", "teach_local", "--out", str(tmp_path / "m"), "--params", str(params), "--processes", "2", cwd=demo)
     assert r.exit_code == 1 and "must be at least 2" in " ".join(r.output.split())
     assert not (tmp_path / "m").exists()
+
+
+def _ray_blocks(rows: list[int], blocks: int) -> list[list[int]]:
+    """The rows cut as ray.data.from_items cuts them: contiguous runs, the first len % blocks one longer."""
+    size, extra = divmod(len(rows), blocks)
+    return [rows[k * size + min(k, extra) : (k + 1) * size + min(k + 1, extra)] for k in range(blocks)]
+
+
+@pytest.mark.parametrize("n,blocks", [(1000, 16), (37, 5), (7, 7), (3, 1)])
+def test_blocks_share_the_costly_images_of_a_sorted_batch(n, blocks):
+    from b2p.scale.ray_engine import block_order
+
+    # a batch as imports order it: the boxed (costly, of uneven cost) images first, the unboxed ones after
+    boxed = max(1, n * 3 // 10)
+    costs = [float(1 + (i * 7919) % 97) if i < boxed else 0.0 for i in range(n)]
+    order = block_order(costs, blocks)
+    assert sorted(order) == list(range(n))  # every image once
+    cut = _ray_blocks(order, blocks)
+    totals = [sum(costs[i] for i in b) for b in cut]
+    top = sorted(range(n), key=lambda i: -costs[i])[:blocks]
+    assert all(len({*b} & {*top}) == 1 for b in cut)  # each block starts on one of the costliest
+    assert max(totals) - min(totals) <= max(costs)  # no block holds much more than another
+    contiguous = [sum(costs[i] for i in b) for b in _ray_blocks(list(range(n)), blocks)]
+    assert max(totals) <= max(contiguous) and (blocks == 1 or n < 2 * blocks or max(totals) < max(contiguous))
+
+
+def test_jobs_estimate_their_images_cost():
+    from b2p.dataset import Box, ImageRecord
+    from b2p.scale.engine import item_cost
+    from b2p.teach.base import TeachJob
+    from b2p.teach.grabcut import GrabCutTeacher
+
+    im = ImageRecord(1, "a.png", Path("a.png"), 50, 40, "train", "b", "0" * 64, False)
+    job = TeachJob(GrabCutTeacher())
+    assert item_cost(job, im) == 0.0  # no boxes, no teaching
+    im.boxes = [Box(1, 1, (2.0, 3.0, 10.0, 5.0)), Box(2, 1, (0.0, 0.0, 4.0, 4.0))]
+    assert item_cost(job, im) == 10 * 5 + 4 * 4
+    assert item_cost(object(), im) == 1.0  # a job without an estimate: every item alike

@@ -303,6 +303,9 @@ class FinalMaskJob:
     def setup(self) -> None:
         pass
 
+    def cost(self, im: ImageRecord) -> float:
+        return float(im.width * im.height)
+
     def run(self, im: ImageRecord) -> FinalMasks:
         probs = read_class_probabilities(self.probs_root, im)
         tl = None if self.teacher_root is None else read_label_map(label_map_path(self.teacher_root, im.batch, im.file_name), (im.height, im.width), self.num_classes)

@@ -86,6 +86,15 @@ class ImageJob(Protocol):
 
     def run(self, item: Any) -> Any: ...
 
+    # optional: `cost(item) -> float`, a cheap estimate of an item's work (pixels, say), by which an engine
+    # deals the items to its workers (ray_engine.block_order); without it every item counts alike
+
+
+def item_cost(job: ImageJob, item: Any) -> float:
+    """The job's estimate of `item`'s work (its `cost` method), 1 where it has none."""
+    cost = getattr(job, "cost", None)
+    return 1.0 if cost is None else float(cost(item))
+
 
 @dataclass
 class MapStats:

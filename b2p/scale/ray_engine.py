@@ -29,6 +29,7 @@ from b2p.scale.engine import (
     ImageJob,
     MapStats,
     cpu_count,
+    item_cost,
     oversubscription_warning,
 )
 
@@ -83,14 +84,15 @@ class RayEngine(Engine):
             return MapStats()
         import ray.data
 
-        rows = [{"i": i, "item": pickle.dumps(it)} for i, it in enumerate(items)]
         c = self.config
-        n = len(rows)
+        n = len(items)
+        blocks = block_count(n, self.workers)
+        rows = [{"i": i, "item": pickle.dumps(items[i])} for i in block_order([item_cost(job, it) for it in items], blocks)]
         # one block in flight per actor: the pool hands a block to whichever actor is free, so none sits on a
         # queue of blocks while another has run out (at the end of a run the idle one is stopped)
         sizes = {"min_size": 1, "max_size": self.workers} if self.autoscale else {"size": self.workers}
         pool = ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_WORKER)
-        ds = ray.data.from_items(rows, override_num_blocks=block_count(n, self.workers)).map_batches(
+        ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             MapWorker,
             batch_size=1,
             batch_format="numpy",
@@ -127,6 +129,29 @@ class RayEngine(Engine):
 def block_count(images: int, workers: int) -> int:
     """How many blocks `images` rows are cut into for a pool of `workers` actors (see BLOCKS_PER_WORKER)."""
     return max(1, min(images, MAX_BLOCKS, max(workers * BLOCKS_PER_WORKER, -(-images // MAX_BLOCK_IMAGES))))
+
+
+def block_order(costs: Sequence[float], blocks: int) -> list[int]:
+    """The items' indices in row order, for `blocks` blocks as Ray Data cuts rows (contiguous runs, the first
+    `len(costs) % blocks` one row longer), dealt so that the blocks' estimated costs are close and the costliest
+    items run first. Why: batches come sorted (by class, boxed images before unboxed ones) and an image's cost
+    varies a lot (GrabCut's with its boxes; an image without boxes costs almost nothing), so contiguous blocks
+    put the costly images in a few blocks, and one of them started last is run alone while the other workers
+    idle. The items by estimated cost, costliest first, are dealt in rounds over the blocks, each round in the
+    opposite direction (the block that got the costliest item of a round gets the cheapest of the next); the
+    items left over after the full rounds (the cheapest) go to the first blocks, which Ray Data makes longer.
+    Every block then holds one of the `blocks` costliest items, and the pool starts the blocks in order."""
+    n = len(costs)
+    by_cost = sorted(range(n), key=lambda i: (-costs[i], i))
+    dealt: list[list[int]] = [[] for _ in range(blocks)]
+    rounds = n // blocks
+    for r in range(rounds):
+        chunk = by_cost[r * blocks : (r + 1) * blocks]
+        for k, i in enumerate(chunk if r % 2 == 0 else chunk[::-1]):
+            dealt[k].append(i)
+    for k, i in enumerate(by_cost[rounds * blocks :]):
+        dealt[k].append(i)
+    return [i for block in dealt for i in block]
 
 
 class MapWorker:

@@ -68,6 +68,10 @@ class PredictJob:
             )
         self.loaded = (model, dev, arithmetic)
 
+    def cost(self, it) -> float:
+        """The network's (and the snap's) work grows with the image's pixels; 1 for an image not imported."""
+        return 1.0 if it.record is None else float(it.record.width * it.record.height)
+
     def run(self, it) -> ImagePrediction:
         from b2p.fileio import read_image
         from b2p.labels import encode_label_map

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from b2p.boxes import boxes_area
 from b2p.dataset import Batch, ImageRecord, check_image_unchanged, input_folders, load_batch
 from b2p.errors import B2PError
 from b2p.fileio import check_separate_folders, read_image, read_json, write_bytes_atomic, write_json_atomic, write_png_atomic
@@ -225,6 +226,10 @@ class TeachJob:
 
     def setup(self) -> None:
         self.teacher.setup()
+
+    def cost(self, im: ImageRecord) -> float:
+        """A teacher's work grows with the pixels it decides; an image without boxes costs next to nothing."""
+        return boxes_area(im.boxes_xyxy())
 
     def run(self, im: ImageRecord) -> tuple[bytes, list[dict], dict[str, int]]:
         before = self.teacher.counters()
