@@ -55,16 +55,31 @@ def parse_yaml(text: str, source: str | Path | None = None, what: str = "YAML fi
         raise B2PError(f"{what} is not valid YAML: {_yaml_problem(e)}", source) from None
 
 
+# parsed texts by content: one command reads params.yaml once per section it checks, and the pure parser
+# costs ~0.1 s a read (keyed by the text itself, so a file rewritten on disk is never served stale)
+_PARSED: dict[bytes, Any] = {}
+
+
 def read_yaml(path: str | Path, what: str = "YAML file", round_trip: bool = False) -> Any:
     """Read and parse a YAML file (None when it is empty); B2PError names the file on any problem."""
+    import copy
+    import hashlib
+
     path = Path(path)
     if not path.is_file():
         raise B2PError(f"{what} not found", path)
+    raw = path.read_bytes()
+    key = hashlib.sha256(raw).digest()
+    if not round_trip and key in _PARSED:
+        return copy.deepcopy(_PARSED[key])  # a copy: callers may change what they get
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not content
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not content
     except UnicodeDecodeError:
         raise B2PError(f"{what} is not UTF-8 text", path) from None
-    return parse_yaml(text, path, what, round_trip)
+    data = parse_yaml(text, path, what, round_trip)
+    if not round_trip:
+        _PARSED[key] = copy.deepcopy(data)
+    return data
 
 
 def read_yaml_for_editing(path: str | Path, what: str = "params file") -> Any:

@@ -26,19 +26,18 @@ if TYPE_CHECKING:
 SUMMARY_METRICS = ("miou", "anomaly_miou", "binary_iou", "binary_precision", "binary_recall", "binary_f1")
 
 
-def _new_figure(w: float, h: float, layout: str | None = None) -> Figure:
+def _new_figure(w: float, h: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h), dpi=100, layout=layout)
+    fig = Figure(figsize=(w, h), dpi=100)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path, tight: bool = False) -> None:
     buf = io.BytesIO()
-    # a constrained layout already fits its figure; "tight" would draw it a second time to measure it
-    fig.savefig(buf, format="png", bbox_inches=None if fig.get_layout_engine() is not None else "tight")
+    fig.savefig(buf, format="png", bbox_inches="tight" if tight else None)  # tight draws the figure twice
     write_bytes_atomic(path, buf.getvalue())
 
 
@@ -65,16 +64,22 @@ def per_class_iou_csv(result: EvalResult) -> str:
 def confusion_figure(matrix: np.ndarray, labels: Sequence[str], title: str) -> Figure:
     """Heatmap of the row-normalised matrix (share of each true class's pixels per predicted class)."""
     n = normalized_matrix(matrix)
-    size = 1.6 + 0.55 * len(labels)
-    fig = _new_figure(size + 1.2, size)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(n, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    # laid out in inches from the longest label (10 pt text is ~0.085 in a character) rather than by a
+    # "tight" box, which draws the figure twice: an evaluation draws one of these per source
+    cell, label_in = 0.55, 0.085 * max(len(str(x)) for x in labels)
+    grid = cell * len(labels)
+    left, bottom, top, bar = label_in + 0.6, 0.71 * label_in + 0.65, 0.45, 0.9
+    w, h = max(left + grid + bar, 0.1 * len(title) + 0.4), bottom + grid + top
+    fig = _new_figure(w, h)
+    ax = fig.add_axes((left / w, bottom / h, grid / w, grid / h))
+    cax = fig.add_axes(((left + grid + 0.12) / w, bottom / h, 0.15 / w, grid / h))
+    im = ax.imshow(n, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    fig.colorbar(im, cax=cax)
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("manual (truth)")
-    ax.set_title(title)
+    fig.suptitle(title, x=0.5, y=1 - 0.12 / h, va="top", fontsize=11)
     if len(labels) <= 12:
         for i in range(n.shape[0]):
             for j in range(n.shape[1]):
@@ -116,7 +121,7 @@ def write_plots(folder: str | Path, result: EvalResult) -> list[Path]:
         _save(confusion_figure(result.confusion[s.name], labels, f"{s.name}: confusion (rows sum to 1)"), p)
         written.append(p)
     p = folder / "summary.png"
-    _save(summary_figure(result), p)
+    _save(summary_figure(result), p, tight=True)  # its legend sits outside the axes
     written.append(p)
     _remove_stale(folder, "confusion_*.png", set(written))
     return written
@@ -162,14 +167,17 @@ def write_overlays(folder: str | Path, result: EvalResult, rank_source: str, wor
             lm = load_source_map(s, im, k)
             panels.append((overlay(image, lm), f"{s.name}  IoU {iou_of[(s.name, im.batch, im.file_name)]:.3f}"))
         aspect = im.height / max(1, im.width)
-        fig = _new_figure(3.2 * len(panels), 3.2 * aspect + 0.7, layout="constrained")
+        w, h = 3.2 * len(panels), 3.2 * aspect + 0.7
+        fig = _new_figure(w, h)
+        # fixed margins in inches (titles above, the legend below): a constrained layout measures every artist first
+        fig.subplots_adjust(left=0.1 / w, right=1 - 0.1 / w, top=1 - 0.3 / h, bottom=0.4 / h, wspace=0.15)
         for i, (arr, title) in enumerate(panels):
             ax = fig.add_subplot(1, len(panels), i + 1)
             ax.imshow(arr, interpolation="nearest")
             ax.set_title(title, fontsize=9)
             ax.axis("off")
         handles = _class_legend(result.classes.names)
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
         p = folder / overlay_name(rank, im.batch, im.file_name)
         _save(fig, p)
         written.append(p)

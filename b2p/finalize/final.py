@@ -142,7 +142,7 @@ def existing_probs_path(root: str | Path, im: ImageRecord) -> Path:
 
 def read_class_probabilities(root: str | Path, im: ImageRecord) -> np.ndarray:
     """(K+1)xHxW float32 class probabilities of the student, from its probs file."""
-    from b2p.student.predict import read_probs
+    from b2p.student.outputs import read_probs  # torch-free (b2p.student.predict imports torch)
 
     p = existing_probs_path(root, im)
     probs = read_probs(p)
@@ -173,7 +173,7 @@ def probs_header(path: Path) -> tuple[tuple[int, ...], list[str] | None]:
 def check_probs_file(root: str | Path, im: ImageRecord, class_names: list[str]) -> None:
     """Refuse, before any output is written, a probs file that is missing, not of the image's size, or of
     a model whose class ids mean other classes than the batches' (`check_class_lists`)."""
-    from b2p.student.checkpoint import check_class_lists
+    from b2p.labels import check_class_lists
 
     p = existing_probs_path(root, im)
     shape, names = probs_header(p)
