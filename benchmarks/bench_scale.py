@@ -1,6 +1,6 @@
 """Benchmark of the engines (b2p/scale): prints figures measured side by side in this one run; not a test.
 
-    python benchmarks/bench_scale.py [--images 200] [--teach-images 1000] [--epochs 1] [--out reports/benchmarks]
+    python benchmarks/bench_scale.py [--images 200] [--teach-images 1000] [--epochs 1] [--repeats 3] [--out reports/benchmarks]
 
 On Magnetic-Tile (/work/shared/datasets/magnetic-tile: boxes from its masks, `b2p masks-to-boxes`), images of
 the imported batch spread over it: `--teach-images` for teach (GrabCut is cheap per image: fewer would measure
@@ -8,7 +8,8 @@ the cluster's fixed costs), `--images` (a subset of those) for predict and train
   1. teach (GrabCut) and predict (a student trained for one epoch: real model, real cost) on the local engine
      (torch and OpenCV on 1 thread, the share one worker gets, and on every core), and on the Ray engine with
      1 and 2 workers of 1 CPU each, on one local Ray cluster started once (its start is timed apart: on an
-     existing `ray start` cluster it is not paid). Each engine's outputs are checked equal to the local ones;
+     existing `ray start` cluster it is not paid), in `--repeats` rounds (medians reported, every round
+     listed). Each engine's outputs are checked equal to the local ones;
   2. training on 1 vs 2 processes (`--processes`), same global batch.
 Figures: the speed-up of 2 workers over 1 (goal >= 1.7x) and over the 1-thread local run, the overhead of
 1 worker over the 1-thread local run (goal <= 10 %). Writes OUT/scale_cpu.json and OUT/scale_cpu.md.
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,7 +81,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_engines(work: Path, batch: Path, teach_batch_file: Path) -> dict:
+def bench_engines(work: Path, batch: Path, teach_batch_file: Path, repeats: int) -> dict:
     import ray
 
     from b2p.scale.engine import Engine, EngineConfig
@@ -100,33 +102,49 @@ def bench_engines(work: Path, batch: Path, teach_batch_file: Path) -> dict:
         items = items_from_batches([batch], "all", work / out, probs=True)
         return timed(lambda: run_prediction(work / "model", items, device="cpu", console=quiet, progress=False, engine=engine))
 
-    res: dict = {"teach": {}, "predict": {}}
+    res: dict = {"teach": {}, "predict": {}, "rounds": repeats}
+    runs: dict = {"teach": {}, "predict": {}}  # config -> seconds of every round
+
+    def record(stage: str, config: str, seconds: float) -> None:
+        runs[stage].setdefault(config, []).append(seconds)
+
+    threads(os.cpu_count() or 1)
     for stage, fn in (("teach", teach), ("predict", predict)):
-        threads(1)
-        res[stage]["local_1_thread"] = fn(f"{stage}_local1", Engine())
-        threads(os.cpu_count() or 1)
-        res[stage]["local_all_threads"] = fn(f"{stage}_local_all", Engine())
-    threads(1)
+        res[stage]["local_all_threads"] = fn(f"{stage}_local_all", Engine())  # once: for reference only
     t = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     res["ray_cluster_start_s"] = time.perf_counter() - t
     try:
-        for workers in (1, 2):
-            with open_engine(EngineConfig(name="ray", workers=workers)) as eng:
-                res["teach"][f"ray_{workers}"] = teach(f"teach_ray{workers}", eng)
-                res["predict"][f"ray_{workers}"] = predict(f"predict_ray{workers}", eng)
-            # a worker runs 1 torch thread: its maps are those of the 1-thread local run (torch's CPU arithmetic
-            # may round differently with another thread count)
-            res["teach"][f"ray_{workers}_same_files"] = same_tree(work / "teach_local1" / "mt", work / f"teach_ray{workers}" / "mt", ("provenance.json",))
-            res["predict"][f"ray_{workers}_same_files"] = same_tree(work / "predict_local1", work / f"predict_ray{workers}", ("predict.json",))
+        # rounds of every configuration one after the other: the machine's pace drifts over minutes, and a
+        # ratio within one round compares runs made under the same pace
+        for _ in range(repeats):
+            for stage, fn in (("teach", teach), ("predict", predict)):
+                threads(1)
+                record(stage, "local_1_thread", fn(f"{stage}_local1", Engine()))
+                for workers in (1, 2):
+                    with open_engine(EngineConfig(name="ray", workers=workers)) as eng:
+                        record(stage, f"ray_{workers}", fn(f"{stage}_ray{workers}", eng))
+                    # a worker runs 1 torch thread: its maps are those of the 1-thread local run (torch's CPU
+                    # arithmetic may round differently with another thread count)
+                    out = {"teach": ("mt", "provenance.json"), "predict": ("", "predict.json")}[stage]
+                    same = same_tree(work / f"{stage}_local1" / out[0], work / f"{stage}_ray{workers}" / out[0], (out[1],))
+                    key = f"ray_{workers}_same_files"
+                    res[stage][key] = res[stage].get(key, True) and same
     finally:
         ray.shutdown()
     res["predict"]["local_1_vs_all_threads_same_files"] = same_tree(work / "predict_local1", work / "predict_local_all", ("predict.json",))
     for stage in ("teach", "predict"):
-        r = res[stage]
-        r["speedup_2_over_1_worker"] = r["ray_1"] / r["ray_2"]
-        r["speedup_2_workers_over_local_1_thread"] = r["local_1_thread"] / r["ray_2"]
-        r["overhead_1_worker_over_local_1_thread"] = r["ray_1"] / r["local_1_thread"] - 1
+        r, t = res[stage], runs[stage]
+        r["seconds"] = t
+        for config, values in t.items():
+            r[config] = statistics.median(values)
+        speedup = [a / b for a, b in zip(t["ray_1"], t["ray_2"])]
+        overhead = [a / b - 1 for a, b in zip(t["ray_1"], t["local_1_thread"])]
+        r["speedup_2_over_1_worker_rounds"] = speedup
+        r["overhead_1_worker_over_local_1_thread_rounds"] = overhead
+        r["speedup_2_over_1_worker"] = statistics.median(speedup)
+        r["overhead_1_worker_over_local_1_thread"] = statistics.median(overhead)
+        r["speedup_2_workers_over_local_1_thread"] = statistics.median(a / b for a, b in zip(t["local_1_thread"], t["ray_2"]))
     return res
 
 
@@ -158,6 +176,8 @@ def write_report(out: Path, data: dict) -> None:
         f"{data['date']}, {data['machine']['cpu']}, {data['machine']['cores']} cores; load average before: "
         + ", ".join(f"{v:.2f}" for v in data["machine"]["load_before"]) + f", after: {', '.join(f'{v:.2f}' for v in data['load_after'])}.",
         f"Ray cluster start (once, not paid on a running cluster): {data['engines']['ray_cluster_start_s']:.1f} s.",
+        f"{data['engines']['rounds']} rounds of local 1 thread, Ray 1 worker, Ray 2 workers, one after the other: medians of the "
+        "rounds, and the ratios are medians of each round's own ratio (local on all cores: one run).",
         "",
         "| stage | local 1 thread (s) | local all cores (s) | Ray 1 worker (s) | Ray 2 workers (s) | 2 vs 1 worker | 1-worker overhead | same files as local 1 thread |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -167,6 +187,15 @@ def write_report(out: Path, data: dict) -> None:
         lines.append(
             f"| {stage} | {r['local_1_thread']:.1f} | {r['local_all_threads']:.1f} | {r['ray_1']:.1f} | {r['ray_2']:.1f} | "
             f"{r['speedup_2_over_1_worker']:.2f}x | {100 * r['overhead_1_worker_over_local_1_thread']:+.1f} % | {r['ray_1_same_files'] and r['ray_2_same_files']} |"
+        )
+    lines.append("")
+    for stage in ("teach", "predict"):
+        r = data["engines"][stage]
+        lines.append(
+            f"- {stage}, every round: 2 vs 1 worker " + ", ".join(f"{v:.2f}x" for v in r["speedup_2_over_1_worker_rounds"])
+            + "; 1-worker overhead " + ", ".join(f"{100 * v:+.1f} %" for v in r["overhead_1_worker_over_local_1_thread_rounds"])
+            + "; seconds (local 1 thread / Ray 1 / Ray 2) "
+            + ", ".join(f"{a:.1f} / {b:.1f} / {c:.1f}" for a, b, c in zip(r["seconds"]["local_1_thread"], r["seconds"]["ray_1"], r["seconds"]["ray_2"]))
         )
     t = data["training"]
     lines += [
@@ -186,6 +215,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--teach-images", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the engine runs; the report gives medians and every round")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks")
     a = ap.parse_args()
     info = machine()
@@ -196,7 +226,7 @@ def main() -> None:
         b2p("teach", "imported/mt.json", "--out", "teach_local", "--quiet", cwd=work)
         (work / "m.yaml").write_text("train:\n  epochs: 1\n  select: last\n")
         b2p("train", "--imported", "imported", "--teacher-root", "teach_local", "--out", "model", "--params", "m.yaml", cwd=work)
-        engines = bench_engines(work, batch, teach_set)
+        engines = bench_engines(work, batch, teach_set, a.repeats)
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "scale_cpu.partial.json").write_text(json.dumps(engines, indent=1))  # kept if training fails
         training = bench_training(work, a.epochs)
