@@ -1,7 +1,7 @@
 """The suite's rows against a user's own run of the same batch: prints and writes a comparison; not a test.
 
-    python benchmarks/as_a_user.py --root /work/shared/datasets/magnetic-tile [--seed 1] [--threads 2]
-        [--set recipe.train.epochs=2 ...] [--out reports/benchmarks]
+    python benchmarks/as_a_user.py --root /work/shared/datasets/magnetic-tile [--per-class 20] [--seed 1]
+        [--threads 2] [--set recipe.train.epochs=2 ...] [--out reports/benchmarks]
 
 1. `b2p suite --root ROOT` for one seed (no oracle), in a fresh copy of this project: boxes simulated from the
    dataset's masks (`b2p masks-to-boxes`: a COCO batch with the manual masks of a share of the images);
@@ -72,6 +72,19 @@ def edit_params(path: Path, changes: dict[str, object]) -> None:
     path.write_text(dump_params(data))
 
 
+def subset(root: Path, per_class: int, into: Path) -> Path:
+    """A copy of the folder dataset `root` (ROOT/<CLASS>/Imgs/NAME.jpg + NAME.png) with the first `per_class`
+    images (by name) of every class folder: a check in minutes instead of hours."""
+    out = into / f"{root.name}-{per_class}-per-class"
+    for imgs in sorted(root.glob("*/Imgs")):
+        stems = sorted({p.stem for p in imgs.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".bmp", ".tif", ".tiff")})[:per_class]
+        (out / imgs.parent.name / "Imgs").mkdir(parents=True)
+        for p in imgs.iterdir():
+            if p.stem in stems:
+                shutil.copy(p, out / imgs.parent.name / "Imgs" / p.name)
+    return out
+
+
 def main() -> None:
     from b2p.params import parse_yaml
     from b2p.pipeline.suite import dataset_name_of
@@ -81,12 +94,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of both runs (a user's dvc repro: every core)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for the suite; recipe.* also for the user's params.yaml")
+    ap.add_argument("--per-class", type=int, default=None, help="only the first N images (by name) of each class folder")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks")
     a = ap.parse_args()
-    root = a.root.resolve()
-    name = dataset_name_of(root)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     with tempfile.TemporaryDirectory() as tmp:
+        root = a.root.resolve() if a.per_class is None else subset(a.root.resolve(), a.per_class, Path(tmp) / "data")
+        name = dataset_name_of(root)
         suite_root = fresh_project(Path(tmp) / "suite")
         sets = [f"seeds=[{a.seed}]", "oracle_seeds=[]", *a.sets]
         print(f"suite on {name}, seed {a.seed} ...", flush=True)
@@ -104,6 +118,7 @@ def main() -> None:
         print("the same batch as a user would: b2p add-batch, dvc repro ...", flush=True)
         user_s = run(user, str(BIN / "dvc"), "repro", env=env)
         mine = {p.stem: json.loads(p.read_text()) for p in (user / "data" / "eval" / "metrics").glob("*.json")}
+        images = len(json.loads(coco.read_text())["images"])
 
     rows = []
     for source in [s for s in results.get("order", []) if s in mine] + sorted(set(mine) - set(results.get("order", []))):
@@ -116,7 +131,8 @@ def main() -> None:
         rows.append(row)
     diffs = [abs(r[m]["suite"] - r[m]["user"]) for r in rows for m in METRICS if r[m]["suite"] is not None and r[m]["user"] is not None]
     data = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "dataset": str(root), "name": name, "seed": a.seed,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "dataset": str(a.root), "per_class": a.per_class,
+        "name": name, "seed": a.seed, "images": images,
         "threads": a.threads, "sets": a.sets, "suite_seconds": suite_s, "user_repro_seconds": user_s, "rows": rows,
         "max_abs_difference": max(diffs) if diffs else None, "compared": len(diffs),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
@@ -130,6 +146,9 @@ def main() -> None:
         "",
         f"{data['date']}, commit {data['git']}, {data['machine']['cores']} cores, {a.threads} torch thread(s) in both runs; seed {a.seed}; "
         f"settings: {', '.join(a.sets) or 'the recipe as committed'}.",
+        f"Data: {a.root}" + (f", the first {a.per_class} images of each class folder" if a.per_class else "") + f"; the batch: {images} images.",
+        "Command: `python benchmarks/as_a_user.py --root " + str(a.root) + (f" --per-class {a.per_class}" if a.per_class else "")
+        + f" --seed {a.seed} --threads {a.threads}" + "".join(f" --set {s}" for s in a.sets) + "`.",
         f"Suite (one seed, no oracle, one stage at a time): {suite_s:.0f} s; the user's `dvc repro` (import to summary): {user_s:.0f} s.",
         f"Largest difference over {len(diffs)} figures: {fmt(data['max_abs_difference'])}.",
         "",
