@@ -158,3 +158,19 @@ def test_a_rule_over_two_keys_names_where_both_were_set(tmp_path):
     with pytest.raises(B2PError) as e:
         resolve("import", p, {"test": 0.6})
     assert f"{p}, command line --test: import: val + test must be at most 1" in str(e.value)
+
+
+def test_a_params_file_rewritten_on_disk_is_read_anew_and_callers_cannot_change_the_cache(tmp_path):
+    from b2p.params import read_yaml
+
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  epochs: 4\n")
+    first = read_yaml(p)
+    first["train"]["epochs"] = 99  # a caller changing what it got must not change the next read
+    assert read_yaml(p) == {"train": {"epochs": 4}}
+    p.write_text("train:\n  epochs: 8\n")  # same size, same second: only the content tells
+    assert read_yaml(p) == {"train": {"epochs": 8}}
+    p.write_text("train:\n  epochs: 8\n  epochs: 9\n")  # an error is raised on every read, never cached away
+    for _ in range(2):
+        with pytest.raises(B2PError, match="given twice"):
+            read_yaml(p)
