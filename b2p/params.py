@@ -55,8 +55,8 @@ def parse_yaml(text: str, source: str | Path | None = None, what: str = "YAML fi
         raise B2PError(f"{what} is not valid YAML: {_yaml_problem(e)}", source) from None
 
 
-# parsed texts by content: one command reads params.yaml once per section it checks, and the pure parser
-# costs ~0.1 s a read (keyed by the text itself, so a file rewritten on disk is never served stale)
+# parsed texts by content: one command reads params.yaml once per section it checks, and the pure-Python
+# parser is slow; keyed by the text itself, so a file rewritten on disk is never served stale
 _PARSED: dict[bytes, Any] = {}
 
 
