@@ -9,10 +9,16 @@ the cluster's fixed costs), `--images` (a subset of those) for predict and train
      (torch and OpenCV on 1 thread, the share one worker gets, and on every core), and on the Ray engine with
      1 and 2 workers of 1 CPU each, on one local Ray cluster started once (its start is timed apart: on an
      existing `ray start` cluster it is not paid), in `--repeats` rounds (medians reported, every round
-     listed). Each engine's outputs are checked equal to the local ones;
-  2. training on 1 vs 2 processes (`--processes`), same global batch.
+     listed). Each engine's outputs are checked equal to the local ones. In the same rounds, the machine's own
+     limit: 2 plain copies (no engine), 2 processes each running the local engine on 1 thread over the whole
+     batch side by side, timed from their start of work to the later one's end: twice the work in that time is
+     what any engine's 2 workers could reach on this machine (vCPUs that share a host core or its memory
+     bandwidth give less than 2x);
+  2. training on 1 process (on all cores, and on 1 thread: one rank's share) vs 2 processes (`--processes`),
+     same global batch.
 Figures: the speed-up of 2 workers over 1 (goal >= 1.7x) and over the 1-thread local run, the overhead of
-1 worker over the 1-thread local run (goal <= 10 %). Writes OUT/scale_cpu.json and OUT/scale_cpu.md.
+1 worker over the 1-thread local run (goal <= 10 %), and the plain copies' throughput over the 1-thread local
+run (the ceiling). Writes OUT/scale_cpu.json and OUT/scale_cpu.md.
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ sys.path.insert(0, str(REPO))
 DATASET = Path("/work/shared/datasets/magnetic-tile")
 
 
-def b2p(*args: str, cwd: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "b2p", *args], cwd=cwd, capture_output=True, text=True)
+def b2p(*args: str, cwd: Path, env: dict | None = None) -> None:
+    r = subprocess.run([sys.executable, "-m", "b2p", *args], cwd=cwd, capture_output=True, text=True, env=None if env is None else {**os.environ, **env})
     if r.returncode != 0:
         raise SystemExit(f"b2p {' '.join(args)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
 
@@ -73,6 +79,57 @@ def threads(n: int) -> None:
 def same_tree(a: Path, b: Path, skip: tuple[str, ...]) -> bool:
     files = lambda r: {p.relative_to(r).as_posix(): p.read_bytes() for p in r.rglob("*") if p.is_file() and p.name not in skip}  # noqa: E731
     return files(a) == files(b)
+
+
+# one plain copy of the ceiling: 1 thread, the local engine, the whole batch. Both start their work together
+# (each says "ready" after its imports, then waits for "go"), as a running pool's workers would; the work
+# timed is the local run's (predict's includes loading the model)
+PLAIN = """
+import json, sys, time
+from pathlib import Path
+import cv2, torch
+cv2.setNumThreads(1); torch.set_num_threads(1)
+stage, batch, out, model = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+if stage == "teach":
+    from b2p.teach.base import teach_batch
+    from b2p.teach.grabcut import GrabCutTeacher
+    run = lambda: teach_batch(batch, out, GrabCutTeacher(), progress=False)
+else:
+    from rich.console import Console
+    from b2p.student.predict import items_from_batches, run_prediction
+    items = items_from_batches([batch], "all", out, probs=True)
+    run = lambda: run_prediction(model, items, device="cpu", console=Console(quiet=True), progress=False)
+print("ready", flush=True)
+sys.stdin.readline()
+t = time.perf_counter()
+run()
+print(json.dumps({"seconds": time.perf_counter() - t}), flush=True)
+"""
+
+
+def plain_copies(stage: str, batch: Path, work: Path) -> list[float]:
+    """Seconds of work of each of 2 plain processes doing the same whole batch side by side (see PLAIN): twice
+    the work in the later one's time is what 2 cores give. Halves of a batch would measure how evenly it was
+    cut (GrabCut's cost per image varies a hundredfold), not the machine."""
+    procs = []
+    for k in (0, 1):
+        out = work / f"{stage}_plain{k}"
+        shutil.rmtree(out, ignore_errors=True)
+        args = [sys.executable, "-c", PLAIN, stage, str(batch), str(out), str(work / "model")]
+        procs.append(subprocess.Popen(args, cwd=work, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit(f"a plain {stage} process failed:\n{p.communicate()[1][-2000:]}")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    seconds = []
+    for p in procs:
+        stdout, stderr = p.communicate()  # closes stdin
+        if p.returncode != 0:
+            raise SystemExit(f"a plain {stage} process failed:\n{stderr[-2000:]}")
+        seconds.append(json.loads(stdout.strip().splitlines()[-1])["seconds"])
+    return seconds
 
 
 def timed(fn) -> float:
@@ -121,6 +178,9 @@ def bench_engines(work: Path, batch: Path, teach_batch_file: Path, repeats: int)
             for stage, fn in (("teach", teach), ("predict", predict)):
                 threads(1)
                 record(stage, "local_1_thread", fn(f"{stage}_local1", Engine()))
+                each = plain_copies(stage, {"teach": teach_batch_file, "predict": batch}[stage], work)
+                record(stage, "plain_2_copies", max(each))
+                runs[stage].setdefault("plain_2_copies_each", []).append(each)
                 for workers in (1, 2):
                     with open_engine(EngineConfig(name="ray", workers=workers)) as eng:
                         record(stage, f"ray_{workers}", fn(f"{stage}_ray{workers}", eng))
@@ -137,7 +197,8 @@ def bench_engines(work: Path, batch: Path, teach_batch_file: Path, repeats: int)
         r, t = res[stage], runs[stage]
         r["seconds"] = t
         for config, values in t.items():
-            r[config] = statistics.median(values)
+            if config != "plain_2_copies_each":
+                r[config] = statistics.median(values)
         speedup = [a / b for a, b in zip(t["ray_1"], t["ray_2"])]
         overhead = [a / b - 1 for a, b in zip(t["ray_1"], t["local_1_thread"])]
         r["speedup_2_over_1_worker_rounds"] = speedup
@@ -145,20 +206,27 @@ def bench_engines(work: Path, batch: Path, teach_batch_file: Path, repeats: int)
         r["speedup_2_over_1_worker"] = statistics.median(speedup)
         r["overhead_1_worker_over_local_1_thread"] = statistics.median(overhead)
         r["speedup_2_workers_over_local_1_thread"] = statistics.median(a / b for a, b in zip(t["local_1_thread"], t["ray_2"]))
+        ceiling = [2 * a / b for a, b in zip(t["local_1_thread"], t["plain_2_copies"])]
+        r["ceiling_2_plain_copies_over_local_1_thread_rounds"] = ceiling
+        r["ceiling_2_plain_copies_over_local_1_thread"] = statistics.median(ceiling)
     return res
 
 
 def bench_training(work: Path, epochs: int) -> dict:
+    """1 process on every core (how `b2p train` runs by default), 1 process on 1 thread (the share of one rank:
+    the base of the processes' scaling), 2 processes of 1 thread each."""
     params = work / "train.yaml"
     params.write_text(f"train:\n  epochs: {epochs}\n  batch_size: 4\n  crops_per_image: 2\n  select: last\n")
     out = {}
-    for n in (1, 2):
-        shutil.rmtree(work / f"m{n}", ignore_errors=True)
+    # a lone process sets no thread count of its own: OMP_NUM_THREADS is what torch then takes
+    for name, n, env in (("processes_1", 1, None), ("processes_1_one_thread", 1, {"OMP_NUM_THREADS": "1"}), ("processes_2", 2, None)):
+        shutil.rmtree(work / name, ignore_errors=True)
         t = time.perf_counter()
-        b2p("train", "--imported", "imported", "--teacher-root", "teach_local", "--out", f"m{n}", "--params", str(params), "--processes", str(n), cwd=work)
-        out[f"processes_{n}_s"] = time.perf_counter() - t
-        out[f"processes_{n}_final_train_loss"] = json.loads((work / f"m{n}" / "metrics.json").read_text())["final_train"]["train_loss"]
+        b2p("train", "--imported", "imported", "--teacher-root", "teach_local", "--out", name, "--params", str(params), "--processes", str(n), cwd=work, env=env)
+        out[f"{name}_s"] = time.perf_counter() - t
+        out[f"{name}_final_train_loss"] = json.loads((work / name / "metrics.json").read_text())["final_train"]["train_loss"]
     out["speedup_2_over_1"] = out["processes_1_s"] / out["processes_2_s"]
+    out["speedup_2_over_1_one_thread"] = out["processes_1_one_thread_s"] / out["processes_2_s"]
     return out
 
 
@@ -176,34 +244,44 @@ def write_report(out: Path, data: dict) -> None:
         f"{data['date']}, {data['machine']['cpu']}, {data['machine']['cores']} cores; load average before: "
         + ", ".join(f"{v:.2f}" for v in data["machine"]["load_before"]) + f", after: {', '.join(f'{v:.2f}' for v in data['load_after'])}.",
         f"Ray cluster start (once, not paid on a running cluster): {data['engines']['ray_cluster_start_s']:.1f} s.",
-        f"{data['engines']['rounds']} rounds of local 1 thread, Ray 1 worker, Ray 2 workers, one after the other: medians of the "
-        "rounds, and the ratios are medians of each round's own ratio (local on all cores: one run).",
+        f"{data['engines']['rounds']} rounds of local 1 thread, 2 plain copies, Ray 1 worker, Ray 2 workers, one after the other: "
+        "medians of the rounds, and the ratios are medians of each round's own ratio (local on all cores: one run).",
+        "2 plain copies: no engine, 2 processes each running the local engine on 1 thread over the whole batch, side by side; "
+        "the later one's seconds of work. Twice the 1-thread local run's work in that time is this machine's ceiling for any "
+        "engine's 2 workers.",
         "",
-        "| stage | local 1 thread (s) | local all cores (s) | Ray 1 worker (s) | Ray 2 workers (s) | 2 vs 1 worker | 1-worker overhead | same files as local 1 thread |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| stage | local 1 thread (s) | local all cores (s) | 2 plain copies (s) | Ray 1 worker (s) | Ray 2 workers (s) | 2 vs 1 worker | ceiling: 2 plain copies' throughput vs local 1 thread | 1-worker overhead | same files as local 1 thread |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for stage in ("teach", "predict"):
         r = data["engines"][stage]
         lines.append(
-            f"| {stage} | {r['local_1_thread']:.1f} | {r['local_all_threads']:.1f} | {r['ray_1']:.1f} | {r['ray_2']:.1f} | "
-            f"{r['speedup_2_over_1_worker']:.2f}x | {100 * r['overhead_1_worker_over_local_1_thread']:+.1f} % | {r['ray_1_same_files'] and r['ray_2_same_files']} |"
+            f"| {stage} | {r['local_1_thread']:.1f} | {r['local_all_threads']:.1f} | {r['plain_2_copies']:.1f} | {r['ray_1']:.1f} | {r['ray_2']:.1f} | "
+            f"{r['speedup_2_over_1_worker']:.2f}x | {r['ceiling_2_plain_copies_over_local_1_thread']:.2f}x | "
+            f"{100 * r['overhead_1_worker_over_local_1_thread']:+.1f} % | {r['ray_1_same_files'] and r['ray_2_same_files']} |"
         )
     lines.append("")
     for stage in ("teach", "predict"):
         r = data["engines"][stage]
         lines.append(
             f"- {stage}, every round: 2 vs 1 worker " + ", ".join(f"{v:.2f}x" for v in r["speedup_2_over_1_worker_rounds"])
+            + "; ceiling " + ", ".join(f"{v:.2f}x" for v in r["ceiling_2_plain_copies_over_local_1_thread_rounds"])
             + "; 1-worker overhead " + ", ".join(f"{100 * v:+.1f} %" for v in r["overhead_1_worker_over_local_1_thread_rounds"])
-            + "; seconds (local 1 thread / Ray 1 / Ray 2) "
-            + ", ".join(f"{a:.1f} / {b:.1f} / {c:.1f}" for a, b, c in zip(r["seconds"]["local_1_thread"], r["seconds"]["ray_1"], r["seconds"]["ray_2"]))
+            + "; seconds (local 1 thread / plain copies, each / Ray 1 / Ray 2) "
+            + ", ".join(
+                f"{a:.1f} / {e[0]:.1f}, {e[1]:.1f} / {b:.1f} / {c:.1f}"
+                for a, e, b, c in zip(r["seconds"]["local_1_thread"], r["seconds"]["plain_2_copies_each"], r["seconds"]["ray_1"], r["seconds"]["ray_2"])
+            )
         )
     t = data["training"]
     lines += [
         "",
         f"Predict, local on 1 thread vs on all cores: the same files: {data['engines']['predict']['local_1_vs_all_threads_same_files']}.",
         "",
-        f"Training ({data['epochs']} epochs, global batch 4): 1 process {t['processes_1_s']:.1f} s, 2 processes {t['processes_2_s']:.1f} s "
-        f"({t['speedup_2_over_1']:.2f}x; final train loss {t['processes_1_final_train_loss']:.6f} vs {t['processes_2_final_train_loss']:.6f}).",
+        f"Training ({data['epochs']} epochs, global batch 4, process start included): 1 process on all cores {t['processes_1_s']:.1f} s, "
+        f"1 process on 1 thread {t['processes_1_one_thread_s']:.1f} s, 2 processes of 1 thread {t['processes_2_s']:.1f} s "
+        f"({t['speedup_2_over_1']:.2f}x over the first, {t['speedup_2_over_1_one_thread']:.2f}x over the second; final train loss "
+        f"{t['processes_1_final_train_loss']:.6f}, {t['processes_1_one_thread_final_train_loss']:.6f}, {t['processes_2_final_train_loss']:.6f}).",
         "",
     ]
     (out / "scale_cpu.md").write_text("\n".join(lines))
