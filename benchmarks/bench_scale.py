@@ -110,7 +110,7 @@ print(json.dumps({"seconds": time.perf_counter() - t}), flush=True)
 def plain_copies(stage: str, batch: Path, work: Path) -> list[float]:
     """Seconds of work of each of 2 plain processes doing the same whole batch side by side (see PLAIN): twice
     the work in the later one's time is what 2 cores give. Halves of a batch would measure how evenly it was
-    cut (GrabCut's cost per image varies a hundredfold), not the machine."""
+    cut (GrabCut's cost grows with an image's boxes), not the machine."""
     procs = []
     for k in (0, 1):
         out = work / f"{stage}_plain{k}"
